@@ -1,0 +1,374 @@
+"""Server-side merging of client LoRA adapter states into one global adapter, and what the merge costs."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# PEFT's `get_peft_model_state_dict` strips the adapter name, so a module's factors end like this.
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's trained adapter and how much it counts in the merge.
+
+    state: PEFT adapter state dict `{key: tensor}` (as `get_peft_model_state_dict` returns it).
+    scaling: lora_alpha / r of this client's adapter, the factor PEFT applies to `B @ A`.
+    weight: unnormalised weight, the number of training examples the client used. Never the number
+        of batches: that over-weights clients with small batch sizes or a short last batch.
+    """
+
+    state: Mapping[str, torch.Tensor]
+    scaling: float
+    weight: float
+
+    def __post_init__(self) -> None:
+        if not _positive_number(self.scaling):
+            raise ValueError(f"scaling must be a finite number > 0 (lora_alpha / r), got {self.scaling!r}")
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The merged adapter and how far it is from the exact weighted sum of the clients' updates."""
+
+    state: dict[str, torch.Tensor]  # same keys as the inputs, their dtype, on CPU, contiguous
+    rank: int  # r of the result: what adapter_config.json must say
+    alpha: float  # lora_alpha of the result; scaling = alpha / rank
+    error: float  # ||ΔW_agg − Σ w_i ΔW_i||_F / ||Σ w_i ΔW_i||_F over all LoRA modules; 0.0 if target is 0
+    module_errors: dict[str, float]  # the same ratio per LoRA module prefix
+    # Both errors describe the float64 merge, before the cast back to the inputs' dtype (for float32
+    # that cast moves the product by ~1e-7 relative, far below any error worth reporting).
+
+
+def normalise_weights(weights: Sequence[float]) -> np.ndarray:
+    """Client weights scaled to sum to 1: `w_i = n_i / Σ_j n_j`, in float64.
+
+    `n_i` should be training examples (not batches). Raises ValueError if there are no weights or
+    any weight is not a finite number > 0: a zero-example client has no update to contribute and
+    must be dropped by the caller, not silently given weight 0.
+    """
+    if len(weights) == 0:
+        raise ValueError("no client weights to normalise: need at least one client")
+    for i, x in enumerate(weights):
+        if not _positive_number(x):
+            raise ValueError(f"client {i}: weight must be a finite number > 0 (training examples), got {x!r}")
+    w = np.asarray(weights, dtype=np.float64)
+    # Divide by the largest first so that huge counts cannot overflow the sum.
+    w = w / w.max()
+    return w / w.sum()
+
+
+def lora_modules(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """LoRA modules of an adapter state: `{prefix: (A key, B key)}`, in the state's key order.
+
+    A module is the common prefix of `<prefix>.lora_A.weight` and `<prefix>.lora_B.weight`. Every
+    other key (classification head, `lora_magnitude_vector` of DoRA, embeddings' `lora_embedding_*`)
+    is not a module here. Raises ValueError if an A key has no B key or vice versa.
+    """
+    a_keys = {k[: -len(_A_SUFFIX)]: k for k in state if k.endswith(_A_SUFFIX)}
+    b_keys = {k[: -len(_B_SUFFIX)]: k for k in state if k.endswith(_B_SUFFIX)}
+    for prefix in a_keys.keys() - b_keys.keys():
+        raise ValueError(f"LoRA module {prefix!r} has {a_keys[prefix]!r} but no {prefix + _B_SUFFIX!r}")
+    for prefix in b_keys.keys() - a_keys.keys():
+        raise ValueError(f"LoRA module {prefix!r} has {b_keys[prefix]!r} but no {prefix + _A_SUFFIX!r}")
+    return {prefix: (key, b_keys[prefix]) for prefix, key in a_keys.items()}
+
+
+def lora_rank(state: Mapping[str, torch.Tensor]) -> int:
+    """The rank r shared by every LoRA module (rows of A = columns of B).
+
+    Raises ValueError if the state has no LoRA module, if a module's A and B do not multiply, or if
+    modules disagree (an adapter made with PEFT's `rank_pattern`): one adapter_config `r` cannot
+    describe it.
+    """
+    ranks: dict[str, int] = {}
+    for prefix, (a_key, b_key) in lora_modules(state).items():
+        ranks[prefix] = _module_rank(prefix, state[a_key], state[b_key])
+    if not ranks:
+        raise ValueError(f"no LoRA modules: no key ends in {_A_SUFFIX!r}")
+    distinct = sorted(set(ranks.values()))
+    if len(distinct) > 1:
+        example = {r: next(p for p, q in ranks.items() if q == r) for r in distinct}
+        raise ValueError(f"LoRA modules disagree on the rank: {distinct}, e.g. {example}")
+    return distinct[0]
+
+
+def aggregate_svd(clients: Sequence[ClientUpdate], rank: int, alpha: float) -> AggregateResult:
+    """Best rank-`rank` approximation of the weighted sum of the clients' updates, per LoRA module.
+
+    Target `ΔW = Σ_i w_i s_i B_i A_i` (w_i normalised example counts, s_i the client's scaling),
+    truncated by SVD to rank R = `rank` and written as `s B A` with `s = alpha / R`. The d_out x d_in
+    matrix is never formed: with `Bc = [w_1 s_1 B_1 … w_K s_K B_K]`, `Ac = [A_1; …; A_K]`,
+    `Bc = Q_b R_b`, `Ac^T = Q_a R_a` and `R_b R_a^T = U Σ V^T`, the result is
+    `B = Q_b U_R Σ_R / s`, `A = V_R^T Q_a^T` — O(d (Σr)^2) instead of O(d^3); clients may have
+    different ranks and scalings. Maths in float64, cast back to the inputs' dtype. The relative
+    error is `sqrt(Σ_{j>R} σ_j^2 / Σ_j σ_j^2)` (modules combined by summing both sums).
+
+    Caveat: truncation (R < Σ r_i) loses the tail singular directions; the reported error says how
+    much. When R exceeds Σ r_i (nothing to truncate; R must still fit min(d_out, d_in)), the result has
+    exactly R rows/columns so that adapter_config's `r` is right: B gets zero columns and A gets
+    extra rows orthonormal to the kept ones. Not zero rows: a zero row of A together with a zero
+    column of B gets zero gradient in the next round of training and would stay dead forever.
+    A's rows are orthonormal, so B carries the magnitude; the next round's training starts from that.
+    Dense (non-LoRA) keys get the weighted mean `Σ_i w_i x_i`.
+    """
+    _check_rank_alpha(rank, alpha)
+    checked = _check_clients(clients)
+    for prefix, (d_out, d_in) in checked.module_dims.items():
+        if rank > min(d_out, d_in):
+            raise ValueError(
+                f"rank {rank} is larger than LoRA module {prefix!r} allows: "
+                f"d_out x d_in = {d_out} x {d_in}, so rank <= {min(d_out, d_in)}"
+            )
+    scaling = alpha / rank
+    coeffs = [float(w) * c.scaling for w, c in zip(checked.weights, clients, strict=True)]
+
+    state: dict[str, torch.Tensor] = {}
+    sq_tail: dict[str, float] = {}
+    sq_total: dict[str, float] = {}
+    for prefix, (a_key, b_key) in checked.modules.items():
+        bs = [_to64(c.state[b_key]) for c in clients]
+        as_ = [_to64(c.state[a_key]) for c in clients]
+        b, a, sq_tail[prefix], sq_total[prefix] = _truncated_factors(bs, as_, coeffs, rank)
+        state[a_key] = a.to(checked.dtypes[a_key]).contiguous()
+        state[b_key] = (b / scaling).to(checked.dtypes[b_key]).contiguous()
+    for key in checked.dense_keys:
+        state[key] = _weighted_mean(clients, key, checked.weights, checked.dtypes[key])
+    return _result(checked, state, rank, float(alpha), sq_tail, sq_total)
+
+
+def aggregate_naive(
+    clients: Sequence[ClientUpdate], rank: int | None = None, alpha: float | None = None
+) -> AggregateResult:
+    """Average each factor separately: `B = Σ_i w_i B_i`, `A = Σ_i w_i A_i` (the reference's `--skip_svd`).
+
+    Needs every client at the same rank and scaling; the result keeps them (`rank`/`alpha`, if
+    given, must match). Dense (non-LoRA) keys get the weighted mean `Σ_i w_i x_i`, in float64.
+
+    Caveat: the mean of products is not the product of means, so `s B A ≠ Σ_i w_i s B_i A_i` in
+    general; the reported error measures the gap. It is computed in factored form, never forming
+    the d_out x d_in matrix: `s B A − Σ_i w_i s B_i A_i = X Y` with `X = [s B, −w_1 s B_1, …]`,
+    `Y = [A; A_1; …]`, and `||X Y||_F = ||R_x R_y^T||_F` from the QRs `X = Q_x R_x`, `Y^T = Q_y R_y`
+    (more accurate than the trace of Gram matrices when the gap is tiny).
+    """
+    checked = _check_clients(clients)
+    ranks = [lora_rank(c.state) for c in clients]
+    if len(set(ranks)) > 1:
+        raise ValueError(f"naive averaging needs one rank for all clients, got ranks {ranks}: use svd")
+    scalings = [c.scaling for c in clients]
+    if not all(math.isclose(s, scalings[0], rel_tol=1e-9) for s in scalings):
+        raise ValueError(f"naive averaging needs one scaling for all clients, got {scalings}: use svd")
+    r, s = ranks[0], scalings[0]
+    if rank is not None and rank != r:
+        raise ValueError(f"naive averaging keeps the clients' rank {r}, got rank={rank}: use svd to change r")
+    if alpha is not None and not math.isclose(alpha, s * r, rel_tol=1e-9):
+        raise ValueError(
+            f"naive averaging keeps the clients' lora_alpha {s * r:g}, got alpha={alpha!r}: "
+            "use svd to change it"
+        )
+
+    state: dict[str, torch.Tensor] = {}
+    sq_err: dict[str, float] = {}
+    sq_target: dict[str, float] = {}
+    w = [float(x) for x in checked.weights]
+    for prefix, (a_key, b_key) in checked.modules.items():
+        bs = [_to64(c.state[b_key]) for c in clients]
+        as_ = [_to64(c.state[a_key]) for c in clients]
+        b_mean = sum(wi * b for wi, b in zip(w, bs, strict=True))
+        a_mean = sum(wi * a for wi, a in zip(w, as_, strict=True))
+        target_b = [wi * s * b for wi, b in zip(w, bs, strict=True)]
+        sq_err[prefix] = _frobenius_sq(
+            torch.cat([s * b_mean, *(-tb for tb in target_b)], dim=1), torch.cat([a_mean, *as_], dim=0)
+        )
+        sq_target[prefix] = _frobenius_sq(torch.cat(target_b, dim=1), torch.cat(as_, dim=0))
+        state[a_key] = a_mean.to(checked.dtypes[a_key]).contiguous()
+        state[b_key] = b_mean.to(checked.dtypes[b_key]).contiguous()
+    for key in checked.dense_keys:
+        state[key] = _weighted_mean(clients, key, checked.weights, checked.dtypes[key])
+    out_alpha = float(alpha) if alpha is not None else s * r
+    return _result(checked, state, r, out_alpha, sq_err, sq_target)
+
+
+AGGREGATORS: dict[str, Callable[..., AggregateResult]] = {"svd": aggregate_svd, "naive": aggregate_naive}
+
+
+def aggregate(method: str, clients: Sequence[ClientUpdate], *, rank: int, alpha: float) -> AggregateResult:
+    """Run the aggregator registered as `method` in AGGREGATORS (see each one's docstring for its maths)."""
+    try:
+        fn = AGGREGATORS[method]
+    except KeyError:
+        raise ValueError(f"unknown aggregation {method!r}: choose one of {sorted(AGGREGATORS)}") from None
+    return fn(clients, rank=rank, alpha=alpha)
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the checks established about a list of clients, for the aggregators to use."""
+
+    weights: np.ndarray  # normalised, float64
+    keys: list[str]  # client 0's key order, kept in the output
+    modules: dict[str, tuple[str, str]]  # prefix -> (A key, B key)
+    module_dims: dict[str, tuple[int, int]]  # prefix -> (d_out, d_in)
+    dense_keys: list[str]
+    dtypes: dict[str, torch.dtype]  # output dtype per key
+
+
+def _positive_number(x: object) -> bool:
+    """A real, finite number > 0 (bools and strings are not numbers here)."""
+    real = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+    return real and math.isfinite(x) and x > 0
+
+
+def _check_rank_alpha(rank: int, alpha: float) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if not _positive_number(alpha):
+        raise ValueError(f"alpha (lora_alpha) must be a finite number > 0, got {alpha!r}")
+
+
+def _module_rank(prefix: str, a: torch.Tensor, b: torch.Tensor) -> int:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise ValueError(
+            f"LoRA module {prefix!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+            "are not (r x d_in) and (d_out x r)"
+        )
+    return a.shape[0]
+
+
+def _check_clients(clients: Sequence[ClientUpdate]) -> _Checked:
+    """Keys, dtypes and shapes agree across clients; every message names the client and the key."""
+    if len(clients) == 0:
+        raise ValueError("no clients to aggregate")
+    keys = list(clients[0].state)
+    key_set = set(keys)
+    for i, c in enumerate(clients):
+        other = set(c.state)
+        if other != key_set:
+            missing, extra = sorted(key_set - other), sorted(other - key_set)
+            raise ValueError(
+                f"client {i} has different keys from client 0: missing {missing[:3]}, extra {extra[:3]}"
+                f" ({len(missing)} missing, {len(extra)} extra)"
+            )
+        for key, t in c.state.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"client {i}: {key!r} is {kind}; adapter tensors must be floating point")
+
+    modules = lora_modules(clients[0].state)
+    if not modules:
+        raise ValueError(f"client 0 has no LoRA modules: no key ends in {_A_SUFFIX!r}")
+    module_dims: dict[str, tuple[int, int]] = {}
+    for prefix, (a_key, b_key) in modules.items():
+        for i, c in enumerate(clients):
+            a, b = c.state[a_key], c.state[b_key]
+            _module_rank(f"{prefix} (client {i})", a, b)
+            dims = (b.shape[0], a.shape[1])
+            if i == 0:
+                module_dims[prefix] = dims
+            elif dims != module_dims[prefix]:
+                raise ValueError(
+                    f"LoRA module {prefix!r}: client {i} has d_out x d_in = {dims[0]} x {dims[1]}, "
+                    f"client 0 has {module_dims[prefix][0]} x {module_dims[prefix][1]}"
+                )
+
+    lora_keys = {k for pair in modules.values() for k in pair}
+    dense_keys = [k for k in keys if k not in lora_keys]
+    for key in dense_keys:
+        shape = clients[0].state[key].shape
+        for i, c in enumerate(clients):
+            if c.state[key].shape != shape:
+                raise ValueError(
+                    f"client {i}: {key!r} has shape {tuple(c.state[key].shape)}, client 0 has {tuple(shape)}"
+                )
+
+    weights = normalise_weights([c.weight for c in clients])
+    # Mixed precisions across clients resolve to the wider dtype, so nothing is rounded twice.
+    dtypes = {k: functools.reduce(torch.promote_types, (c.state[k].dtype for c in clients)) for k in keys}
+    return _Checked(weights, keys, modules, module_dims, dense_keys, dtypes)
+
+
+# --- maths --------------------------------------------------------------------------------------
+
+
+def _to64(t: torch.Tensor) -> torch.Tensor:
+    # May return `t` itself (already float64 on CPU): callers only read it, never write in place.
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def _weighted_mean(
+    clients: Sequence[ClientUpdate], key: str, weights: np.ndarray, dtype: torch.dtype
+) -> torch.Tensor:
+    acc = torch.zeros(clients[0].state[key].shape, dtype=torch.float64)
+    for w, c in zip(weights, clients, strict=True):
+        acc += float(w) * _to64(c.state[key])
+    return acc.to(dtype).contiguous()
+
+
+def _truncated_factors(
+    bs: list[torch.Tensor], as_: list[torch.Tensor], coeffs: list[float], rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Rank-`rank` factors (B, A) of `Σ_i coeffs_i B_i A_i` with orthonormal rows of A, plus the
+    squared Frobenius norms of the discarded part and of the whole target."""
+    b_cat = torch.cat([c * b for c, b in zip(coeffs, bs, strict=True)], dim=1)  # d_out x Σr
+    a_cat = torch.cat(as_, dim=0)  # Σr x d_in
+    q_b, r_b = torch.linalg.qr(b_cat)  # reduced: d_out x k_b, k_b x Σr
+    q_a, r_a = torch.linalg.qr(a_cat.mT)  # reduced: d_in x k_a, k_a x Σr
+    u, sigma, vh = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
+    k = min(rank, sigma.numel())
+    b = (q_b @ u[:, :k]) * sigma[:k]
+    a = vh[:k] @ q_a.mT
+    sq_sigma = sigma.square()
+    tail, total = float(sq_sigma[k:].sum()), float(sq_sigma.sum())
+    if k < rank:
+        # Keep exactly `rank` rows: zero columns of B (so the product is unchanged) and live rows of A.
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
+        a = torch.cat([a, _orthonormal_complement_rows(a, rank - k)], dim=0)
+    return b, a, tail, total
+
+
+def _orthonormal_complement_rows(a: torch.Tensor, m: int) -> torch.Tensor:
+    """`m` orthonormal rows, orthogonal to the (orthonormal) rows of `a`; needs rows(a) + m <= cols(a).
+
+    Deterministic: Householder QR of `[a^T, e_1 … e_n]` yields orthonormal columns whatever the
+    candidates' rank, and its first rows(a) columns span a's rows, so the next `m` are the complement.
+    """
+    k, d = a.shape
+    n = min(d - k, k + m)  # k + m identity columns: at least m of them survive projection
+    candidates = torch.cat([a.mT, torch.eye(d, n, dtype=a.dtype)], dim=1)
+    q, _ = torch.linalg.qr(candidates)
+    return q[:, k : k + m].mT.contiguous()
+
+
+def _frobenius_sq(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||X Y||_F^2 without forming X Y: X = Q_x R_x and Y^T = Q_y R_y give ||X Y|| = ||R_x R_y^T||."""
+    _, r_x = torch.linalg.qr(x)
+    _, r_y = torch.linalg.qr(y.mT)
+    return float((r_x @ r_y.mT).square().sum())
+
+
+def _result(
+    checked: _Checked,
+    state: dict[str, torch.Tensor],
+    rank: int,
+    alpha: float,
+    sq_err: dict[str, float],
+    sq_target: dict[str, float],
+) -> AggregateResult:
+    def ratio(num: float, den: float) -> float:
+        # A zero target (all B = 0, as right after LoRA init) is reproduced exactly: error 0, not NaN.
+        return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+    module_errors = {p: ratio(sq_err[p], sq_target[p]) for p in checked.modules}
+    error = ratio(sum(sq_err.values()), sum(sq_target.values()))
+    ordered = {k: state[k] for k in checked.keys}
+    return AggregateResult(ordered, int(rank), alpha, error, module_errors)

@@ -1,0 +1,272 @@
+"""Single-machine workflows: centralised LoRA (`train`), full fine-tuning / zero-shot (`baseline`), `eval`."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora_cli import atomic
+from fedlora_cli.config import BaselineConfig, EvalConfig, ModelSpec, TrainConfig
+from fedlora_cli.errors import InputError
+from fedlora_cli.evaluation import EvalResult, evaluate
+from fedlora_cli.features import TaskData, load_task_data
+from fedlora_cli.modeling import (
+    LoraModel,
+    count_parameters,
+    head_num_labels,
+    load_base_model,
+    load_tokenizer,
+    read_adapter,
+    resolve_device,
+    resolve_precision,
+    save_adapter,
+)
+from fedlora_cli.progress import NullProgress, Progress
+from fedlora_cli.runs import METRICS, claim_run_dir, run_path, run_record, write_record
+from fedlora_cli.tasks import GlueTask
+from fedlora_cli.training import TrainResult, train_model
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a single-machine command produced; the CLI renders it."""
+
+    task: str
+    run_dir: Path | None
+    metrics: dict[str, float]
+    evaluation: EvalResult | None
+    training: TrainResult | None = None
+    adapter_dir: Path | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)
+    precision: str = "fp32"
+    device: str = "cpu"
+
+
+def _train_and_eval_metrics(training: TrainResult | None, evaluation: EvalResult | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if training is not None:
+        out["train"] = {
+            "loss": training.loss,
+            "last_loss": training.last_loss,
+            "steps": training.steps,
+            "examples": training.examples,
+            "seconds": training.seconds,
+            "samples_per_second": training.samples_per_second,
+            "tokens_per_second": training.tokens_per_second,
+            "padded_tokens_per_second": training.padded_tokens_per_second,
+            "real_tokens": training.real_tokens,
+            "padded_tokens": training.padded_tokens,
+            "precision": training.precision,
+            "peak_memory_mb": training.peak_memory_mb,
+        }
+    if evaluation is not None:
+        out["eval"] = {
+            **evaluation.metrics,
+            "per_split": evaluation.per_split,
+            "examples": evaluation.examples,
+            "seconds": evaluation.seconds,
+            "samples_per_second": evaluation.samples_per_second,
+        }
+    return out
+
+
+class _RunFolder:
+    """Claims a run folder and removes it again if the run fails before finishing (nothing half-written)."""
+
+    def __init__(self, path: Path, overwrite: bool) -> None:
+        self.path = path
+        self.created = not path.exists()
+        claim_run_dir(path, overwrite=overwrite)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, exc_type, *rest: object) -> None:
+        if exc_type is not None and self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _check_adapter_task(adapter, task: GlueTask, path: str) -> str | None:
+    """Refuse an adapter whose head cannot serve `task`; return a note if it was trained on another task."""
+    n = head_num_labels(adapter.state)
+    if n is not None and n != task.num_labels:
+        raise InputError(
+            f"adapter {path} has a head with {n} output(s) but task {task.name} needs {task.num_labels}: "
+            f"it was trained for another task"
+        )
+    trained_for = adapter.meta.get("task")
+    if trained_for and trained_for != task.name:
+        return f"note: adapter {path} was trained on {trained_for}, used here for {task.name}"
+    return None
+
+
+def load_model_and_data(
+    model_spec: ModelSpec, data_spec, seed: int, *, train: bool, progress: Progress
+) -> tuple[Any, TaskData, Any]:
+    """The pieces every workflow starts from: base model (seeded head), tokenizer, tokenized splits."""
+    task = data_spec.glue_task
+    tokenizer = load_tokenizer(model_spec)
+    data = load_task_data(
+        data_spec, tokenizer, train=train, hub_cache_dir=model_spec.cache_dir, progress=progress
+    )
+    base = load_base_model(model_spec, task, seed)
+    return base, data, tokenizer
+
+
+def run_train(
+    config: TrainConfig, *, progress: Progress | None = None, argv: list[str] | None = None
+) -> RunResult:
+    """Centralised LoRA: train the adapter (A/B and the head) on the whole training split, evaluate, save."""
+    progress = progress or NullProgress()
+    task = config.data.glue_task
+    device = resolve_device(config.model.device)
+    precision = resolve_precision(config.train.precision, device)
+    init = read_adapter(config.init_adapter) if config.init_adapter else None
+    if init is not None and (note := _check_adapter_task(init, task, config.init_adapter)):
+        progress.log(note)
+    base, data, _ = load_model_and_data(
+        config.model, config.data, config.train.seed, train=True, progress=progress
+    )
+    lora_spec = init.lora if init is not None else config.lora
+    model = LoraModel(base, lora_spec, device, base_name=config.model.resolved)
+    if init is not None:
+        model.load_state(init.state, init.lora)
+    trainable, total = count_parameters(model.module)
+    out = run_path(config.output, task.name, config.model.short_name, prefix="train-")
+    progress.log(
+        f"{task.name}: {len(data.train)} training examples, {len(data.train) and -(-len(data.train) // config.train.batch_size)} "
+        f"steps/epoch; LoRA r={lora_spec.r} alpha={lora_spec.alpha:g} on {','.join(lora_spec.target_modules)}: "
+        f"{trainable:,} trainable of {total:,} parameters; {device.type}, {precision}"
+    )
+    with _RunFolder(out, config.output.overwrite) as run_dir:
+        record = run_record(
+            command="train",
+            config=config,
+            argv=argv,
+            seeds={"seed": config.train.seed},
+            extra={"data_fingerprints": data.fingerprints, "sizes": data.sizes, "device": str(device)},
+        )
+        write_record(run_dir, record)
+        training = train_model(
+            model.module, data.train, config.train, device=device, precision=precision,
+            seed=config.train.seed, progress=progress, description="training",
+        )  # fmt: skip
+        evaluation = (
+            evaluate(model.module, task, data.evals, config.eval_batch_size, device, precision)
+            if config.do_eval
+            else None
+        )
+        adapter_dir = (
+            Path(config.adapter_output_dir).expanduser() if config.adapter_output_dir else run_dir / "adapter"
+        )
+        meta = {"task": task.name, "label_names": list(task.label_names), "origin": "train"}
+        save_adapter(adapter_dir, model.state(), lora_spec, base_model=config.model.resolved, meta=meta)
+        metrics = _train_and_eval_metrics(training, evaluation)
+        metrics["adapter"] = str(adapter_dir)
+        atomic.write_json(run_dir / METRICS, metrics)
+    return RunResult(
+        task=task.name,
+        run_dir=run_dir,
+        metrics=evaluation.metrics if evaluation else {},
+        evaluation=evaluation,
+        training=training,
+        adapter_dir=adapter_dir,
+        trainable_params=trainable,
+        total_params=total,
+        sizes=data.sizes,
+        precision=precision,
+        device=str(device),
+    )
+
+
+def run_baseline(
+    config: BaselineConfig, *, progress: Progress | None = None, argv: list[str] | None = None
+) -> RunResult:
+    """Full fine-tuning of every weight (the upper reference point), or zero-shot evaluation."""
+    progress = progress or NullProgress()
+    task = config.data.glue_task
+    device = resolve_device(config.model.device)
+    precision = resolve_precision(config.train.precision, device)
+    base, data, tokenizer = load_model_and_data(
+        config.model, config.data, config.train.seed, train=config.do_train, progress=progress
+    )
+    base.to(device)
+    trainable, total = count_parameters(base)
+    mode = "full fine-tuning" if config.do_train else "zero-shot evaluation (untrained head)"
+    progress.log(f"{task.name}: {mode}; {total:,} parameters; {device.type}, {precision}")
+    out = run_path(config.output, task.name, config.model.short_name, prefix="baseline-")
+    with _RunFolder(out, config.output.overwrite) as run_dir:
+        record = run_record(
+            command="baseline",
+            config=config,
+            argv=argv,
+            seeds={"seed": config.train.seed},
+            extra={"data_fingerprints": data.fingerprints, "sizes": data.sizes, "device": str(device)},
+        )
+        write_record(run_dir, record)
+        training = None
+        if config.do_train:
+            training = train_model(
+                base, data.train, config.train, device=device, precision=precision,
+                seed=config.train.seed, progress=progress, description="full fine-tuning",
+            )  # fmt: skip
+        evaluation = evaluate(base, task, data.evals, config.eval_batch_size, device, precision)
+        if config.save_model:
+            with atomic.staged_dir(run_dir / "model") as tmp:
+                base.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+        metrics = _train_and_eval_metrics(training, evaluation)
+        atomic.write_json(run_dir / METRICS, metrics)
+    return RunResult(
+        task=task.name,
+        run_dir=run_dir,
+        metrics=evaluation.metrics,
+        evaluation=evaluation,
+        training=training,
+        trainable_params=trainable if config.do_train else 0,
+        total_params=total,
+        sizes=data.sizes,
+        precision=precision,
+        device=str(device),
+    )
+
+
+def run_eval(config: EvalConfig, *, progress: Progress | None = None) -> RunResult:
+    """An adapter (LoRA A/B and its head) on the task's dev split(s); without one, the plain model."""
+    progress = progress or NullProgress()
+    task = config.data.glue_task
+    device = resolve_device(config.model.device)
+    precision = resolve_precision(config.precision, device)
+    adapter = read_adapter(config.adapter) if config.adapter else None
+    if adapter is not None and (note := _check_adapter_task(adapter, task, config.adapter)):
+        progress.log(note)
+    base, data, _ = load_model_and_data(
+        config.model, config.data, config.seed, train=False, progress=progress
+    )
+    if adapter is not None:
+        lora = LoraModel(base, adapter.lora, device, base_name=config.model.resolved)
+        lora.load_state(adapter.state, adapter.lora)
+        model = lora.module
+    else:
+        model = base.to(device)
+    evaluation = evaluate(model, task, data.evals, config.eval_batch_size, device, precision)
+    if config.output_json:
+        atomic.write_json(
+            Path(config.output_json).expanduser(),
+            {"task": task.name, "adapter": config.adapter, "model": config.model.name, **evaluation.metrics,
+             "per_split": evaluation.per_split, "examples": evaluation.examples},
+        )  # fmt: skip
+    return RunResult(
+        task=task.name,
+        run_dir=None,
+        metrics=evaluation.metrics,
+        evaluation=evaluation,
+        adapter_dir=Path(config.adapter) if config.adapter else None,
+        sizes=data.sizes,
+        precision=precision,
+        device=str(device),
+    )

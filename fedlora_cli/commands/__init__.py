@@ -1,0 +1,1 @@
+"""One module per subcommand: options -> frozen config -> one core call -> Rich output."""

@@ -1,0 +1,182 @@
+"""Load a GLUE split as plain columns: from the hub through `datasets`, or from a local GLUE folder.
+
+No torch here: sharding needs labels only and must stay fast. Tokenization lives in features.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.tasks import HUB_DATASET, GlueTask, get_task
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+@dataclass(frozen=True)
+class RawSplit:
+    """One split of a task as columns: the task's text fields, `label`, and any extras (MNLI's genre)."""
+
+    task: str
+    split: str
+    columns: dict[str, list]
+    source: str  # "hub" or the file read
+
+    def __len__(self) -> int:
+        return len(self.columns["label"])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class ids (int64), or scores (float64) for regression."""
+        dtype = np.float64 if get_task(self.task).is_regression else np.int64
+        return np.asarray(self.columns["label"], dtype=dtype)
+
+    def texts(self, field: str) -> list[str]:
+        return self.columns[field]
+
+    def head(self, n: int | None) -> RawSplit:
+        """The first n examples, in order (HF run_glue's `--max_*_samples`)."""
+        if n is None or n >= len(self):
+            return self
+        return RawSplit(self.task, self.split, {k: v[:n] for k, v in self.columns.items()}, self.source)
+
+    def fingerprint(self) -> str:
+        """sha256 over the task, the text fields and labels, in order: identifies the data, not the file."""
+        task = get_task(self.task)
+        h = hashlib.sha256(f"{task.name}\n".encode())
+        for field in (*task.text_fields, "label"):
+            h.update(json.dumps(self.columns[field], ensure_ascii=False).encode("utf-8"))
+        return h.hexdigest()
+
+
+def load_split(
+    task: str | GlueTask,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | None = None,
+    max_samples: int | None = None,
+) -> RawSplit:
+    """A split from `data_dir` (original GLUE layout) if given, else from the hub (or its cache)."""
+    task = get_task(task) if isinstance(task, str) else task
+    if split != "train" and split not in task.eval_splits:
+        raise InputError(
+            f"task {task.name} has no split {split!r}: use train or {', '.join(task.eval_splits)}"
+        )
+    raw = read_local_split(task, split, data_dir) if data_dir else load_hub_split(task, split, cache_dir)
+    return raw.head(max_samples)
+
+
+# ---------------------------------------------------------------------------------------------------
+# local GLUE files
+
+
+def local_file(task: GlueTask, split: str, data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir).expanduser() / task.local.folder / task.local.files[split]
+
+
+def read_local_split(task: GlueTask, split: str, data_dir: str | os.PathLike) -> RawSplit:
+    """Parse one GLUE TSV file in file order: quoting off (sentences contain quotes), BOM stripped."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise InputError(f"--data-dir {data_dir} does not exist or is not a folder")
+    path = local_file(task, split, root)
+    if not path.is_file():
+        expected = ", ".join(f"{task.local.folder}/{f}" for f in task.local.files.values())
+        raise InputError(
+            f"{path} not found: --data-dir must hold the original GLUE layout ({expected}); "
+            f"or leave --data-dir out to use the hub"
+        )
+    layout = task.local
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise InputError(f"{path} is empty")
+
+    first_line = 1
+    if layout.has_header:
+        header = rows[0]
+        rows = rows[1:]
+        first_line = 2
+        wanted = {**layout.columns, "label": layout.label_column, **layout.extra_columns}
+        missing = [str(c) for c in wanted.values() if c not in header]
+        if missing:
+            raise InputError(
+                f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(header)}): "
+                f"is it the {task.local.folder} file of the original GLUE layout?"
+            )
+        position = {name: header.index(col) for name, col in wanted.items()}
+    else:
+        position = {**layout.columns, "label": layout.label_column, **layout.extra_columns}
+    width = max(position.values()) + 1
+
+    columns: dict[str, list] = {name: [] for name in position}
+    skipped = 0
+    for line_no, row in enumerate(rows, start=first_line):
+        if not row:  # trailing blank line
+            continue
+        if len(row) < width:
+            raise InputError(
+                f"{path}:{line_no}: expected at least {width} tab-separated fields, got {len(row)}"
+            )
+        raw_label = row[position["label"]].strip()
+        if raw_label == "-":  # MNLI-style "no gold label": not a training or eval example
+            skipped += 1
+            continue
+        label = _parse_label(task, raw_label, path, line_no)
+        for name, pos in position.items():
+            columns[name].append(label if name == "label" else row[pos])
+    return RawSplit(task.name, split, columns, str(path))
+
+
+def _parse_label(task: GlueTask, raw: str, path: Path, line_no: int) -> int | float:
+    if task.is_regression:
+        try:
+            return float(raw)
+        except ValueError:
+            raise InputError(f"{path}:{line_no}: score {raw!r} is not a number") from None
+    if raw in task.label_names:  # MNLI / RTE / QNLI spell labels out; map to the hub's ids
+        return task.label_names.index(raw)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value < task.num_labels:
+        names = ", ".join(task.label_names)
+        raise InputError(
+            f"{path}:{line_no}: label {raw!r} is neither 0..{task.num_labels - 1} nor one of {names}"
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# the hub
+
+
+def load_hub_split(task: GlueTask, split: str, cache_dir: str | None = None) -> RawSplit:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise FedloraError(f"the `datasets` package is needed to read GLUE from the hub: {e}") from None
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, task.name, split=split, cache_dir=cache_dir)
+    except Exception as e:  # offline, not cached, network errors: all lead to the same advice
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FedloraError(
+            f"GLUE task {task.name} ({split}) is not in the cache and the hub could not be reached "
+            f"({reason}): run `fedlora download --task {task.name}` on a machine with internet, "
+            f"or pass --data-dir DIR with the original GLUE files"
+        ) from None
+    wanted = [*task.text_fields, "label", *(c for c in ("genre",) if c in ds.column_names)]
+    columns = {name: list(ds[name]) for name in wanted}
+    return RawSplit(task.name, split, columns, "hub")

