@@ -241,7 +241,7 @@ class ShardConfig:
     clients: int  # K
     mode: str = "iid"
     seed: int = 42
-    out: str = "shards"
+    out: str | None = None  # None: shards/<task>_<mode>_k<clients>
     data_dir: str | None = None  # original GLUE layout; None: the hub
     cache_dir: str | None = None  # Hugging Face cache for hub datasets
     max_train_samples: int | None = None  # shard only the first N training examples
@@ -264,3 +264,122 @@ class ShardConfig:
         _check(self.min_size >= 1, f"--min-size must be >= 1, got {self.min_size}")
         mts = self.max_train_samples
         _check(mts is None or mts >= 1, f"--max-train-samples must be >= 1, got {mts}")
+        _check(self.out is None or bool(self.out.strip()), "--out must name a folder")
+        plot_ok = self.plot is None or Path(self.plot).suffix.lower() in (".png", ".pdf", ".svg")
+        _check(plot_ok, f"--plot must end in .png, .pdf or .svg, got {self.plot!r}")
+
+    @property
+    def out_dir(self) -> str:
+        """--out, or a folder named after what it holds, so runs of different splits never collide."""
+        return self.out or f"shards/{self.task}_{self.mode}_k{self.clients}"
+
+
+ENGINES = ("local", "flower")
+
+
+@dataclass(frozen=True)
+class AggregationSpec:
+    """How client adapters become one: `svd` (truncated average of ΔW) or `naive` (mean of A and of B)."""
+
+    method: str = "svd"
+    rank: int | None = None  # svd: rank R of the result; None = the clients' LoRA rank
+    alpha: float | None = None  # lora_alpha of the result; None = R (scaling 1), as the reference
+
+    def __post_init__(self) -> None:
+        _check(
+            self.method in AGGREGATIONS,
+            f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.method!r}",
+        )
+        _check(self.rank is None or self.rank >= 1, f"--svd-rank must be >= 1, got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+
+    def resolved_rank(self, client_rank: int) -> int:
+        return self.rank if self.rank is not None else client_rank
+
+    def resolved_alpha(self, client_rank: int) -> float:
+        return self.alpha if self.alpha is not None else float(self.resolved_rank(client_rank))
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """`fedlora rounds`: multi-round FedAvg of LoRA adapters over shards."""
+
+    data: DataSpec
+    shards: str  # folder of client_<i>.json manifests
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=1.0))  # epochs = local epochs
+    aggregation: AggregationSpec = field(default_factory=AggregationSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    rounds: int = 5
+    init_adapter: str | None = None  # the round-1 global adapter; None: fresh LoRA from the seed
+    resume: bool = False
+    eval_each_round: bool = True  # evaluate the global adapter after every round (always after the last)
+    eval_clients: bool = False  # also evaluate each client's adapter (costly: one dev pass per client)
+    eval_batch_size: int = 64
+    clients_per_round: int | None = None  # sample this many clients per round (seeded); None: all
+    fraction_fit: float | None = None  # or this share of the clients (at least one)
+    engine: str = "local"  # local: one process; flower: Flower's simulation engine
+    min_clients: int | None = None  # a round needs this many replies (default: all selected)
+    client_cpus: float = 1.0  # flower engine: CPUs per virtual client
+    client_gpus: float = 0.0  # flower engine: GPU share per virtual client
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        _check(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        cpr, ff = self.clients_per_round, self.fraction_fit
+        _check(cpr is None or cpr >= 1, f"--clients-per-round must be >= 1, got {cpr}")
+        _check(ff is None or 0 < ff <= 1, f"--fraction-fit must be in (0, 1], got {ff}")
+        _check(cpr is None or ff is None, "give --clients-per-round or --fraction-fit, not both")
+        _check(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        _check(
+            self.min_clients is None or self.min_clients >= 1,
+            f"--min-clients must be >= 1, got {self.min_clients}",
+        )
+        _check(self.client_cpus > 0, f"--client-cpus must be > 0, got {self.client_cpus}")
+        _check(self.client_gpus >= 0, f"--client-gpus must be >= 0, got {self.client_gpus}")
+        if self.resume:
+            named = self.output.run_name is not None or self.output.output_dir is not None
+            _check(named, "--resume needs the --run-name (or --output-dir) of the run to continue")
+
+    def clients_in_round(self, total: int) -> int:
+        """How many of `total` clients train each round."""
+        if self.clients_per_round is not None:
+            return min(self.clients_per_round, total)
+        if self.fraction_fit is not None:
+            return max(1, round(self.fraction_fit * total))
+        return total
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """`fedlora merge`: one-shot FedAvg of adapters that already exist."""
+
+    adapters: tuple[str, ...]
+    save_adapter: str
+    weights: tuple[float, ...] | None = None  # explicit client weights
+    shard_manifests: tuple[str, ...] | None = None  # or example counts from client_<i>.json files
+    aggregation: AggregationSpec = field(default_factory=AggregationSpec)
+    task: str | None = None  # check the adapters' heads against this task
+    model: str | None = None  # check the adapters against this base model (shapes)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+        _check(len(self.adapters) >= 1, "--adapters needs at least one adapter folder")
+        if self.task is not None:
+            object.__setattr__(self, "task", get_task(self.task).name)
+        _check(
+            self.weights is None or self.shard_manifests is None,
+            "give --weights or --shard-manifests, not both",
+        )
+        for name, values in (("--weights", self.weights), ("--shard-manifests", self.shard_manifests)):
+            if values is not None:
+                object.__setattr__(self, name.strip("-").replace("-", "_"), tuple(values))
+                _check(
+                    len(values) == len(self.adapters),
+                    f"{name} has {len(values)} values for {len(self.adapters)} adapters",
+                )
+        if self.weights is not None:
+            bad = [w for w in self.weights if not w > 0]
+            _check(not bad, f"--weights must all be > 0, got {bad[0] if bad else ''}")

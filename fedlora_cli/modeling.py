@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ def _quiet_transformers() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # PEFT calls a transformers API that transformers 5 deprecated; the warning is not the user's business.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def seed_everything(seed: int) -> None:
@@ -147,15 +150,15 @@ class LoraModel:
     """
 
     def __init__(
-        self, base: torch.nn.Module, spec: LoraSpec, device: torch.device, base_name: str = ""
+        self, base: torch.nn.Module, spec: LoraSpec, device: torch.device, base_name: str | None = None
     ) -> None:
         from peft import get_peft_model
 
         self.device = device
-        self.base_name = base_name
+        self.base_name = base_name or getattr(base.config, "name_or_path", None) or None
         self._slots: dict[LoraSpec, str] = {spec: "default"}
         try:
-            self.peft = get_peft_model(base, lora_config(spec, base_name))
+            self.peft = get_peft_model(base, lora_config(spec, self.base_name))
         except ValueError as e:
             raise InputError(
                 f"cannot attach LoRA to --target-modules {','.join(spec.target_modules)}: {e}"
@@ -265,10 +268,12 @@ def save_adapter(
     *,
     base_model: str | None,
     meta: dict[str, Any] | None = None,
+    extra_json: dict[str, Any] | None = None,
 ) -> int:
     """Write a PEFT adapter folder atomically; returns the size of the weights file in bytes.
 
-    `PeftModel.from_pretrained(base, path)` opens it without fedlora.
+    `PeftModel.from_pretrained(base, path)` opens it without fedlora. `extra_json` maps file names
+    to objects written as JSON beside it, inside the same atomic step.
     """
     from safetensors.torch import save_file
 
@@ -278,6 +283,8 @@ def save_adapter(
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         description = {"fedlora_version": __version__, **(meta or {})}
         (tmp / ADAPTER_META).write_text(atomic.dumps_json(description))
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(atomic.dumps_json(obj))
         size = (tmp / ADAPTER_WEIGHTS).stat().st_size
     return size
 

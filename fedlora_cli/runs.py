@@ -108,3 +108,64 @@ def read_history(folder: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the federated run tree: round_NNN/client_NNN/adapter, round_NNN/global/adapter, final/adapter
+
+ADAPTER_DIR = "adapter"
+
+
+class RoundTree:
+    """Paths and completeness rules of a `rounds` run folder (DESIGN.md §5).
+
+    A round is complete once `round_NNN/global/metrics.json` exists: it is written last, after the
+    global adapter, so a crash at any point leaves the round incomplete and `--resume` redoes it.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def round_dir(self, round_no: int) -> Path:
+        return self.root / f"round_{round_no:03d}"
+
+    def client_dir(self, round_no: int, client_id: int) -> Path:
+        return self.round_dir(round_no) / f"client_{client_id:03d}"
+
+    def global_dir(self, round_no: int) -> Path:
+        return self.round_dir(round_no) / "global"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.root / "final"
+
+    def is_complete(self, round_no: int) -> bool:
+        g = self.global_dir(round_no)
+        return (g / METRICS).is_file() and (g / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+
+    def last_complete_round(self) -> int:
+        """Highest r such that rounds 1..r are all complete (0 if none)."""
+        r = 0
+        while self.is_complete(r + 1):
+            r += 1
+        return r
+
+    def discard_after(self, round_no: int) -> list[Path]:
+        """Remove the folders of rounds after `round_no` (incomplete leftovers of an interruption)."""
+        import shutil
+
+        removed = []
+        for entry in sorted(self.root.glob("round_*")):
+            try:
+                number = int(entry.name.removeprefix("round_"))
+            except ValueError:
+                continue
+            if number > round_no and entry.is_dir():
+                shutil.rmtree(entry)
+                removed.append(entry)
+        final = self.final_dir
+        if final.exists():
+            shutil.rmtree(final)
+            removed.append(final)
+        atomic.remove_stale_temporaries(self.root)
+        return removed
