@@ -9,6 +9,9 @@ from fedlora_cli.commands import _common as c
 from fedlora_cli.commands.baseline import baseline
 from fedlora_cli.commands.download import download
 from fedlora_cli.commands.eval import eval_command
+from fedlora_cli.commands.merge import merge
+from fedlora_cli.commands.rounds import rounds
+from fedlora_cli.commands.shard import shard
 from fedlora_cli.commands.train import train
 
 app = typer.Typer(
@@ -29,6 +32,9 @@ _COMMANDS = [
     ("train", train, SINGLE),
     ("baseline", baseline, SINGLE),
     ("eval", eval_command, SINGLE),
+    ("shard", shard, FEDERATED),
+    ("rounds", rounds, FEDERATED),
+    ("merge", merge, FEDERATED),
 ]
 for _name, _fn, _panel in _COMMANDS:
     app.command(_name, cls=c.FedloraCommand, rich_help_panel=_panel)(_fn)

@@ -341,7 +341,7 @@ def prepare(
     base, data, _ = load_model_and_data(
         config.model, config.data, config.train.seed, train=True, progress=progress
     )
-    validate_shards(shards, task.name, len(data.train))
+    validate_shards(shards, task.name, len(data.train), train_fingerprint=data.fingerprints["train"])
     first_lora = init.lora if init is not None else config.lora
     model = LoraModel(base, first_lora, device, base_name=config.model.resolved)
     if init is not None:

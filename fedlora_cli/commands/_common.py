@@ -34,7 +34,10 @@ def err_console():
 
 
 def print_error(message: str) -> None:
-    err_console().print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    from rich.markup import escape
+
+    # The message is plain text (it may hold `fedlora[plot]` or paths with brackets): escape it.
+    err_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,6 +51,7 @@ LEGACY_FLAGS: dict[str, str | tuple[str, str]] = {
     "--per_device_train_batch_size": "--batch-size",
     "--per_device_eval_batch_size": "--eval-batch-size",
     "--num_train_epochs": "--epochs",
+    "--num_clients": "--clients",
     "--do_train": "--train",
     "--do_eval": "--eval",
     "--skip_svd": ("--aggregation", "naive"),

@@ -31,6 +31,7 @@ def rounds(
     cache_dir: c.CacheDirOpt = None,
     device: c.DeviceOpt = c._MODEL.device,
     max_seq_length: c.MaxSeqLenOpt = c._DATA.max_seq_length,
+    max_train_samples: c.MaxTrainOpt = None,
     max_eval_samples: c.MaxEvalOpt = None,
     num_rounds: Annotated[int, typer.Option("--rounds", help="communication rounds")] = _R.rounds,
     local_epochs: Annotated[
@@ -103,7 +104,7 @@ def rounds(
     """Federated rounds: each client trains LoRA A/B and the head on its shard, the server averages them."""
     config = c.build(
         lambda: RoundsConfig(
-            data=DataSpec(task, data_dir, max_seq_length, None, max_eval_samples),
+            data=DataSpec(task, data_dir, max_seq_length, max_train_samples, max_eval_samples),
             shards=shards,
             model=ModelSpec(c.resolve_model(model, model_size), cache_dir, device),
             lora=LoraSpec(

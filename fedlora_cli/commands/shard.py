@@ -1,0 +1,154 @@
+"""`fedlora shard`: split a task's training set across K clients, in the reference's manifest format."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from fedlora_cli.commands import _common as c
+from fedlora_cli.config import SHARD_MODES, ShardConfig
+
+if TYPE_CHECKING:
+    from fedlora_cli.sharding import ShardResult
+
+_SHARD = ShardConfig(task="sst2", clients=1)  # the defaults, from the one place they are set
+MAX_ROWS = 40  # a longer table shows its head and tail; summary.json has every client
+
+
+def _complete_mode(incomplete: str) -> list[str]:
+    return [m for m in SHARD_MODES if m.startswith(incomplete)]
+
+
+def shard(
+    task: c.TaskOpt,
+    clients: Annotated[int, typer.Option("--clients", "-k", help="number of clients K", show_default=False)],
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="iid (stratified), overlap, category, category_overlap, dirichlet (label skew) or "
+            "quantity (size skew)",
+            autocompletion=_complete_mode,
+        ),
+    ] = _SHARD.mode,
+    seed: Annotated[
+        int, typer.Option("--seed", help="seeds the split: same seed, same shards")
+    ] = _SHARD.seed,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out", help="folder for client_<i>.json + summary.json \\[default: shards/<task>_<mode>_k<K>]"
+        ),
+    ] = None,
+    data_dir: c.DataDirOpt = None,
+    cache_dir: c.CacheDirOpt = None,
+    max_train_samples: c.MaxTrainOpt = None,
+    overlap_ratio: Annotated[
+        float,
+        typer.Option(
+            "--overlap-ratio", help="overlap modes: share of each client's data from a shared pool, in [0, 1)"
+        ),
+    ] = _SHARD.overlap_ratio,
+    category_key: Annotated[
+        str,
+        typer.Option("--category-key", help="category modes: label, genre (MNLI, STS-B) or another column"),
+    ] = _SHARD.category_key,
+    dirichlet_alpha: Annotated[
+        float,
+        typer.Option(
+            "--dirichlet-alpha", help="dirichlet / quantity: concentration > 0; smaller = more skew"
+        ),
+    ] = _SHARD.dirichlet_alpha,
+    min_size: Annotated[
+        int, typer.Option("--min-size", help="every client gets at least this many examples")
+    ] = _SHARD.min_size,
+    bin_stsb: Annotated[
+        bool, typer.Option("--bin-stsb/--no-bin-stsb", help="STS-B: stratify by 0.2-wide score bins")
+    ] = _SHARD.bin_stsb,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing shard folder at --out")] = False,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot", help="also draw the per-client label distribution to FILE.png (needs fedlora\\[plot])"
+        ),
+    ] = None,
+) -> None:
+    """Split the training set across K clients: iid, overlapping, by category, or Dirichlet-skewed."""
+    config = c.build(
+        lambda: ShardConfig(
+            task=task,
+            clients=clients,
+            mode=mode,
+            seed=seed,
+            out=out,
+            data_dir=data_dir,
+            cache_dir=cache_dir,
+            max_train_samples=max_train_samples,
+            overlap_ratio=overlap_ratio,
+            category_key=category_key,
+            dirichlet_alpha=dirichlet_alpha,
+            min_size=min_size,
+            bin_stsb=bin_stsb,
+            force=force,
+            plot=plot,
+        )
+    )
+    from fedlora_cli.progress import RichProgress
+    from fedlora_cli.sharding import run_shard
+
+    with RichProgress(c.err_console(), transient=True) as progress:
+        result = run_shard(config, progress=progress)
+    show_shard_result(result, config)
+
+
+def _labels_cell(counts: dict[str, Any], regression: bool) -> str:
+    if regression:
+        if counts.get("min") is None:
+            return "-"
+        return f"{counts['min']:.2f}-{counts['max']:.2f}, mean {counts['mean']:.2f}"
+    return " · ".join(f"{name} {n:,}" for name, n in counts.items())
+
+
+def show_shard_result(result: ShardResult, config: ShardConfig) -> None:
+    """The per-client table, the notes, and where the shards went."""
+    from rich.table import Table
+
+    k = result.clients
+    title = f"fedlora shard: {result.task}, {result.mode}, {k} clients, seed {config.seed}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("client", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("score range" if result.is_regression else "labels")
+    if result.client_categories is not None:
+        table.add_column(config.category_key)
+    rows = list(range(k))
+    if k > MAX_ROWS:
+        rows = rows[: MAX_ROWS - 5] + [-1] + rows[-5:]
+        table.caption = f"{k - MAX_ROWS + 1} clients not shown: all are in summary.json"
+    for i in rows:
+        if i < 0:
+            table.add_row("…", "", "", "", *([""] if result.client_categories is not None else []))
+            continue
+        cells = [
+            str(i + 1),
+            f"{result.sizes[i]:,}",
+            f"{100 * result.sizes[i] / result.total_train:.1f}%",
+            _labels_cell(result.label_counts[i], result.is_regression),
+        ]
+        if result.client_categories is not None:
+            cells.append(", ".join(result.client_categories[i]))
+        table.add_row(*cells)
+    out = c.console()
+    out.print(table)
+    for note in result.notes:
+        out.print(f"note: {note}", highlight=False)
+    out.print(
+        f"{result.total_train:,} examples split in {result.seconds:.3f} s "
+        f"(data loaded in {result.load_seconds:.2f} s, written in {result.write_seconds:.2f} s)",
+        highlight=False,
+    )
+    out.print(f"shards: {result.out}", highlight=False, soft_wrap=True)
+    if result.plot is not None:
+        out.print(f"plot: {result.plot}", highlight=False, soft_wrap=True)

@@ -1,0 +1,24 @@
+"""Project hygiene: the README's test command is what CI runs; the CLI's start-up stays light."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_starts_with_install_and_test_and_ci_runs_that_test_command():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S)
+    assert block is not None and readme.index("```bash") < readme.index("## ")
+    commands = [line for line in block.group(1).splitlines() if line.strip()]
+    assert len(commands) == 2 and commands[0].startswith("pip install")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci, f"{commands[1]!r} is not what .ci/run runs"
+    assert ci.index('pip install --quiet "torch==2.13.0"') < ci.index("pip install --quiet -e")
+
+
+def test_torch_is_not_pinned_to_one_version():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'"torch>=[\d.]+"', pyproject) and "torch==" not in pyproject
