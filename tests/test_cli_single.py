@@ -181,6 +181,18 @@ def test_adapter_for_another_label_count_or_model_is_refused(trained, tiny_model
         "eval", "--task", "sst2", "--model", wide, "--data-dir", glue_dir, "--adapter", out / "adapter"
     )
     one_error_line(result, 2, "another base model")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["qkv_proj"]  # a module this encoder does not have
+    (foreign / "adapter_config.json").write_text(json.dumps(cfg))
+    (foreign / "adapter_model.safetensors").write_bytes(
+        (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    )
+    result = run(
+        "eval", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--adapter", foreign
+    )
+    one_error_line(result, 2, "cannot attach LoRA to --target-modules qkv_proj")
     bad = tmp_path / "pickled"
     bad.mkdir()
     (bad / "adapter_config.json").write_text((out / "adapter" / "adapter_config.json").read_text())

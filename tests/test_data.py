@@ -103,3 +103,29 @@ def test_missing_data_dir_and_files_say_what_to_do(tmp_path, glue_dir):
 def test_real_glue_row_counts_match_the_hub(task, train, dev):
     assert len(load_split(task, "train", data_dir=SHARED_GLUE)) == train
     assert len(load_split(task, "validation", data_dir=SHARED_GLUE)) == dev
+
+
+def test_hub_split_maps_columns_and_offline_failure_says_what_to_do(monkeypatch):
+    import datasets
+
+    from fedlora_cli.errors import FedloraError
+
+    seen = {}
+
+    def fake_load_dataset(path, name, split, cache_dir=None):
+        seen.update(path=path, name=name, split=split)
+        return datasets.Dataset.from_dict(
+            {"premise": ["a b", "c"], "hypothesis": ["d", "e f"], "label": [2, 0], "idx": [0, 1]}
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    raw = load_split("mnli", "validation_matched", max_samples=1)
+    assert seen == {"path": "nyu-mll/glue", "name": "mnli", "split": "validation_matched"}
+    assert raw.source == "hub" and raw.columns == {"premise": ["a b"], "hypothesis": ["d"], "label": [2]}
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FedloraError, match=r"fedlora download --task rte.*--data-dir"):
+        load_split("rte", "train")
