@@ -11,7 +11,7 @@ from fedlora_cli import atomic
 from fedlora_cli.config import BaselineConfig, EvalConfig, ModelSpec, TrainConfig
 from fedlora_cli.errors import InputError
 from fedlora_cli.evaluation import EvalResult, evaluate
-from fedlora_cli.features import TaskData, load_task_data
+from fedlora_cli.features import TaskData, load_task_data, steps_per_epoch
 from fedlora_cli.modeling import (
     LoraModel,
     count_parameters,
@@ -24,7 +24,7 @@ from fedlora_cli.modeling import (
     save_adapter,
 )
 from fedlora_cli.progress import NullProgress, Progress
-from fedlora_cli.runs import METRICS, claim_run_dir, run_path, run_record, write_record
+from fedlora_cli.runs import METRICS, RUN_ENTRIES, claim_run_dir, run_path, run_record, write_record
 from fedlora_cli.tasks import GlueTask
 from fedlora_cli.training import TrainResult, train_model
 
@@ -75,19 +75,26 @@ def _train_and_eval_metrics(training: TrainResult | None, evaluation: EvalResult
 
 
 class _RunFolder:
-    """Claims a run folder and removes it again if the run fails before finishing (nothing half-written)."""
+    """Claims a run folder; if the run fails, removes what it wrote (nothing half-written stays)."""
 
     def __init__(self, path: Path, overwrite: bool) -> None:
         self.path = path
-        self.created = not path.exists()
-        claim_run_dir(path, overwrite=overwrite)
+        claim_run_dir(path, overwrite=overwrite)  # empty now, whether new or overwritten
 
     def __enter__(self) -> Path:
         return self.path
 
     def __exit__(self, exc_type, *rest: object) -> None:
-        if exc_type is not None and self.created:
-            shutil.rmtree(self.path, ignore_errors=True)
+        if exc_type is None:
+            return
+        for name in RUN_ENTRIES:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            elif target.exists():
+                target.unlink()
+        if not any(self.path.iterdir()):
+            self.path.rmdir()
 
 
 def _check_adapter_task(adapter, task: GlueTask, path: str) -> str | None:
@@ -138,8 +145,8 @@ def run_train(
     trainable, total = count_parameters(model.module)
     out = run_path(config.output, task.name, config.model.short_name, prefix="train-")
     progress.log(
-        f"{task.name}: {len(data.train)} training examples, {len(data.train) and -(-len(data.train) // config.train.batch_size)} "
-        f"steps/epoch; LoRA r={lora_spec.r} alpha={lora_spec.alpha:g} on {','.join(lora_spec.target_modules)}: "
+        f"{task.name}: {len(data.train):,} training examples, "
+        f"{steps_per_epoch(len(data.train), config.train.batch_size)} steps/epoch; LoRA r={lora_spec.r} alpha={lora_spec.alpha:g} on {','.join(lora_spec.target_modules)}: "
         f"{trainable:,} trainable of {total:,} parameters; {device.type}, {precision}"
     )
     with _RunFolder(out, config.output.overwrite) as run_dir:

@@ -33,14 +33,37 @@ def run_path(output: OutputSpec, task: str, model_short: str, prefix: str = "") 
     return Path(output.root).expanduser() / f"{task}_{model_short}" / name
 
 
+# What a single-machine run writes; --overwrite removes these and nothing else.
+RUN_ENTRIES = {RUN_RECORD, METRICS, "adapter", "model"}
+
+
 def claim_run_dir(path: Path, *, overwrite: bool, what: str = "--run-name / --output-dir") -> Path:
-    """Create the run folder, refusing to mix a new run into an old one unless asked to overwrite."""
+    """Create the run folder, refusing to mix a new run into an old one unless asked to overwrite.
+
+    Overwriting only ever deletes what a run writes: a folder holding anything else is refused, so a
+    mistyped `--output-dir ~ --overwrite` cannot wipe a directory.
+    """
+    import shutil
+
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder: choose another {what}")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if entries and not overwrite:
         raise InputError(
             f"{path} already holds a run: choose another {what}, or pass --overwrite to replace it"
         )
+    foreign = [e for e in entries if e not in RUN_ENTRIES]
+    if foreign:
+        raise InputError(
+            f"{path} holds files that are not a fedlora run ({', '.join(foreign[:3])}): --overwrite "
+            f"refuses to delete them; choose another {what}"
+        )
+    for name in entries:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -223,6 +223,13 @@ def test_failed_training_leaves_nothing_and_existing_runs_are_kept(
     )
     one_error_line(result, 2, "--overwrite")
     assert (out / "run.json").read_text() == before
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    result = run("train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--output-dir", precious,
+                 "--overwrite")  # fmt: skip
+    one_error_line(result, 2, "not a fedlora run")
+    assert (precious / "thesis.tex").read_text() == "years of work"
 
 
 def test_download_offline_fails_cleanly():
