@@ -323,6 +323,7 @@ class RoundsConfig:
     min_clients: int | None = None  # a round needs this many replies (default: all selected)
     client_cpus: float = 1.0  # flower engine: CPUs per virtual client
     client_gpus: float = 0.0  # flower engine: GPU share per virtual client
+    round_timeout: float | None = None  # flower engine: seconds to wait for a round's replies; None: all
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
@@ -338,6 +339,8 @@ class RoundsConfig:
         )
         _check(self.client_cpus > 0, f"--client-cpus must be > 0, got {self.client_cpus}")
         _check(self.client_gpus >= 0, f"--client-gpus must be >= 0, got {self.client_gpus}")
+        rt = self.round_timeout
+        _check(rt is None or rt > 0, f"--round-timeout must be > 0 seconds, got {rt}")
         if self.resume:
             named = self.output.run_name is not None or self.output.output_dir is not None
             _check(named, "--resume needs the --run-name (or --output-dir) of the run to continue")

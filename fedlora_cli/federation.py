@@ -36,10 +36,12 @@ from fedlora_cli.tasks import GlueTask
 from fedlora_cli.training import train_model
 
 # Config keys that may change between a run and its resumption: where it is written, how the work is
-# spread, what is evaluated, and how many rounds there are in all (each round's clients and seeds do
-# not depend on the total, so extending a run gives what running longer from the start would).
+# spread (engine, resources, fault tolerance: both engines give the same rounds), what is evaluated, and
+# how many rounds there are in all (each round's clients and seeds do not depend on the total, so
+# extending a run gives what running longer from the start would).
 RESUME_FREE_KEYS = {
     "output", "resume", "rounds", "client_cpus", "client_gpus", "eval_batch_size", "eval_each_round", "eval_clients",
+    "engine", "min_clients", "round_timeout",
 }  # fmt: skip
 
 
@@ -97,10 +99,11 @@ class ClientReport:
     seed: int
     train: dict[str, Any]
     eval: dict[str, float] | None = None
+    wire_bytes: int | None = None  # size of the record that actually carried the state (Flower), if known
 
     @property
     def num_bytes(self) -> int:
-        return state_bytes(self.state)
+        return self.wire_bytes if self.wire_bytes is not None else state_bytes(self.state)
 
     def summary(self) -> dict[str, Any]:
         return {"client": self.client_id, "examples": self.examples, "seed": self.seed, "bytes_up": self.num_bytes,
@@ -413,7 +416,7 @@ def _loop(s: Setup, progress: Progress) -> RoundsResult:
         row["bytes_written"] += written
         row["seconds"]["wall"] = time.perf_counter() - wall
         s.recorder.complete_round(row)
-        progress.advance("rounds", 1, info=_round_info(row, s.task))
+        progress.advance("rounds", 1, info=round_info(row, s.task))
     progress.stop("rounds")
     final = s.recorder.finish(global_adapter, {"round": config.rounds, **metrics})
     return RoundsResult(s.run_dir, final, s.recorder.history, metrics, s.start_round,
@@ -479,7 +482,8 @@ def finish_round(
     return row, new_global, evaluation if evaluation is not None else {}
 
 
-def _round_info(row: dict[str, Any], task: GlueTask) -> str:
+def round_info(row: dict[str, Any], task: GlueTask) -> str:
+    """The short status of a finished round shown beside the progress bar (both engines)."""
     ev = row.get("eval") or {}
     metric = f"{task.main_metric} {ev[task.main_metric]:.4f} · " if task.main_metric in ev else ""
     return f"{metric}loss {row['train_loss']:.4f} · agg err {row['aggregation']['error']:.3f}"

@@ -100,6 +100,13 @@ def rounds(
     client_gpus: Annotated[
         float, typer.Option("--client-gpus", help="flower: GPU share per virtual client")
     ] = _R.client_gpus,
+    round_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--round-timeout",
+            help="flower: seconds to wait for a round's replies; later ones count as failed \\[default: wait for all]",
+        ),
+    ] = None,
 ) -> None:
     """Federated rounds: each client trains LoRA A/B and the head on its shard, the server averages them."""
     config = c.build(
@@ -134,6 +141,7 @@ def rounds(
             min_clients=min_clients,
             client_cpus=client_cpus,
             client_gpus=client_gpus,
+            round_timeout=round_timeout,
         )
     )
     from fedlora_cli.federation import run_rounds

@@ -1,0 +1,296 @@
+"""The ClientApp: one client's turn of `fedlora rounds` (`federation.train_client`) behind Flower's Message API.
+
+Every message carries the server's resolved settings (a "run-config" ConfigRecord: Flower's
+`run_simulation` hands apps no run config, and this way clients always train with exactly the
+server's options). The SuperNode's node config says which shard the node serves and where its
+node-local files are:
+
+- `partition-id` (set by Flower's simulation): the i-th client of the run config's `shards` folder;
+- `shard-manifest='/abs/client_3.json'`: that manifest (client id from the file name, or `client-id`);
+- `client-id=3` (with the run config's `shards`, or a node-local `shards='/abs/folder'`);
+- `data-dir`, `model`, `device`: node-local replacements for the run config's `data.data-dir`,
+  `model.name` and `model.device`.
+
+The base model and the tokenized data are built once per process and kept (a Ray actor in simulation
+serves many rounds); Flower's deployment runtime starts a fresh process per message, where the
+tokenized data still comes from fedlora's disk cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from fedlora_cli.config import RoundsConfig
+from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.flower import codec
+from fedlora_cli.flower.codec import ARRAYS, CONFIG, IDENTITY, METRICS, REPORT, RUN_CONFIG
+
+app = ClientApp()
+
+# Test hook, harmless elsewhere: "2" makes client 2 fail every round, "2@3" only in round 3 (comma-separated).
+FAIL_ENV = "FEDLORA_TEST_FAIL_CLIENTS"
+
+
+# ---------------------------------------------------------------------------------------------------
+# handlers: thin, each one core call
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who am I: the client id this node serves, its example count and a fingerprint of its indices."""
+
+    def answer() -> Message:
+        config = node_config(settings(msg), context.node_config)
+        shard = read_shard(config, context.node_config)
+        return Message(RecordDict({IDENTITY: ConfigRecord(shard.identity())}), reply_to=msg)
+
+    return _answer(msg, answer)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the global adapter, train it on this node's shard with the (round, client) seed, reply."""
+
+    def answer() -> Message:
+        from fedlora_cli.federation import GlobalAdapter, train_client
+
+        config = node_config(settings(msg), context.node_config)
+        shard = read_shard(config, context.node_config)
+        meta = msg.content.config_records[CONFIG]
+        round_no = int(meta["server-round"])
+        if "client-id" in meta and int(meta["client-id"]) != shard.client_id:
+            raise InputError(f"this node serves client {shard.client_id}, not client {meta['client-id']}")
+        _test_hook(shard.client_id, round_no)
+        lora = codec.lora_from_config(meta)
+        worker = _worker(config, lora)
+        worker.check(shard)
+        broadcast = GlobalAdapter(codec.arrays_to_state(msg.content.array_records[ARRAYS]), lora)
+        report = train_client(
+            worker.model, worker.data, shard.indices, broadcast, config.train,
+            client_id=shard.client_id, round_no=round_no, run_seed=config.train.seed, device=worker.device,
+            precision=worker.precision, task=worker.task if config.eval_clients else None,
+            eval_batch_size=config.eval_batch_size,
+        )  # fmt: skip
+        content = RecordDict({
+            ARRAYS: codec.state_to_arrays(report.state),
+            METRICS: MetricRecord({"num-examples": report.examples, "train-loss": float(report.train["loss"])}),
+            REPORT: codec.report_to_config(report.client_id, report.examples, report.seed, report.train, report.eval),
+        })  # fmt: skip
+        return Message(content, reply_to=msg)
+
+    return _answer(msg, answer)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received adapter on this node's dev split(s) (federated evaluation)."""
+
+    def answer() -> Message:
+        from fedlora_cli.evaluation import evaluate as evaluate_model
+
+        config = node_config(settings(msg), context.node_config)
+        lora = codec.lora_from_config(msg.content.config_records[CONFIG])
+        worker = _worker(config, lora)
+        worker.model.load_state(codec.arrays_to_state(msg.content.array_records[ARRAYS]), lora)
+        result = evaluate_model(worker.model.module, worker.task, worker.data.evals, config.eval_batch_size,
+                                worker.device, worker.precision)  # fmt: skip
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics["num-examples"] = int(result.examples)
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return _answer(msg, answer)
+
+
+def _answer(msg: Message, make_reply: Callable[[], Message]) -> Message:
+    """Expected failures go back as an error reply with the one-line message; bugs propagate to Flower."""
+    try:
+        return make_reply()
+    except FedloraError as e:
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(e)), reply_to=msg)
+
+
+def _test_hook(client_id: int, round_no: int) -> None:
+    for entry in filter(None, (e.strip() for e in os.environ.get(FAIL_ENV, "").split(","))):
+        client, _, only_round = entry.partition("@")
+        if client == str(client_id) and (not only_round or only_round == str(round_no)):
+            raise FedloraError(
+                f"client {client_id} failed on purpose in round {round_no} ({FAIL_ENV} is set)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# settings: the server's run config, then this node's replacements
+
+
+def settings(msg: Message) -> RoundsConfig:
+    """The server's RoundsConfig, from the message."""
+    record = msg.content.config_records.get(RUN_CONFIG)
+    if record is None:
+        raise InputError("the message carries no fedlora run config: is the ServerApp fedlora's?")
+    try:
+        return codec.from_run_config(dict(record))
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def node_config(config: RoundsConfig, node: Mapping[str, Any]) -> RoundsConfig:
+    """Apply the node config's node-local paths and device."""
+    data, model = config.data, config.model
+    try:
+        if node.get("data-dir"):
+            data = replace(data, data_dir=str(node["data-dir"]))
+        if node.get("model"):
+            model = replace(model, name=str(node["model"]))
+        if node.get("device"):
+            model = replace(model, device=str(node["device"]))
+    except ValueError as e:
+        raise InputError(f"node config: {e}") from None
+    return replace(config, data=data, model=model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# which shard this node serves
+
+
+@dataclass(frozen=True)
+class Shard:
+    client_id: int
+    indices: np.ndarray
+    task: str | None  # the manifest's "dataset"
+    source: str  # the manifest or folder it was read from (for messages)
+
+    @property
+    def fingerprint(self) -> str:
+        from fedlora_cli.sharding import shard_fingerprint
+
+        return shard_fingerprint([self.client_id], [self.indices])
+
+    def identity(self) -> dict[str, Any]:
+        return {"client-id": self.client_id, "num-examples": int(len(self.indices)),
+                "fingerprint": self.fingerprint, "dataset": self.task or ""}  # fmt: skip
+
+
+_SHARDS: dict[tuple, Shard] = {}
+
+
+def read_shard(config: RoundsConfig, node: Mapping[str, Any]) -> Shard:
+    """The shard named by the node config (cached per process)."""
+    key = tuple(str(node.get(k, "")) for k in ("shard-manifest", "client-id", "partition-id", "shards"))
+    key += (config.shards,)
+    if key not in _SHARDS:
+        _SHARDS[key] = _read_shard(config, node)
+    return _SHARDS[key]
+
+
+def _read_shard(config: RoundsConfig, node: Mapping[str, Any]) -> Shard:
+    from fedlora_cli.sharding import CLIENT_FILE, read_shards
+
+    explicit = node.get("client-id")
+    manifest = node.get("shard-manifest")
+    if manifest:
+        path = Path(str(manifest)).expanduser()
+        if explicit is None:
+            m = CLIENT_FILE.match(path.name)
+            if not m:
+                raise InputError(f"node config: cannot tell the client id from {path.name}: name the "
+                                 f"manifest client_<i>.json or add client-id=<i>")  # fmt: skip
+            explicit = m.group(1)
+        indices, task = _read_manifest(path)
+        return Shard(_int("client-id", explicit), indices, task, str(path))
+    folder = node.get("shards") or config.shards
+    if not folder:
+        raise InputError("node config: give shard-manifest='/path/client_<i>.json' (or partition-id / "
+                         "client-id with the run config's shards folder)")  # fmt: skip
+    shards = read_shards(str(folder))
+    if explicit is not None:
+        client_id = _int("client-id", explicit)
+        if client_id not in shards.client_ids:
+            raise InputError(f"node config: client-id {client_id} is not in {folder} "
+                             f"(clients {shards.client_ids[0]}..{shards.client_ids[-1]})")  # fmt: skip
+        position = shards.client_ids.index(client_id)
+    elif "partition-id" in node:
+        position = _int("partition-id", node["partition-id"])
+        if not 0 <= position < len(shards.client_ids):
+            raise InputError(f"node config: partition-id {position}, but {folder} has "
+                             f"{len(shards.client_ids)} clients")  # fmt: skip
+    else:
+        raise InputError("node config: give shard-manifest, client-id or partition-id")
+    return Shard(shards.client_ids[position], shards.clients[position], shards.task, str(shards.directory))
+
+
+def _int(name: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"node config: {name} must be a whole number, got {value!r}") from None
+
+
+def _read_manifest(path: Path) -> tuple[np.ndarray, str | None]:
+    """One reference-format manifest: {"dataset": task, "indices": [...]}."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"node config: shard-manifest {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"node config: cannot read shard-manifest {path} ({e})") from None
+    values = data.get("indices") if isinstance(data, dict) else None
+    if not isinstance(values, list) or any(type(v) is not int or v < 0 for v in values):
+        raise InputError(f'{path} is not a shard manifest: expected {{"dataset": task, "indices": [...]}} '
+                         f"with non-negative integer indices")  # fmt: skip
+    return np.asarray(values, dtype=np.int64), data.get("dataset")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model and data, built once per process
+
+
+@dataclass
+class _Worker:
+    model: Any  # modeling.LoraModel
+    data: Any  # features.TaskData
+    task: Any  # tasks.GlueTask
+    device: Any
+    precision: str
+    checked: set[tuple[int, str]]
+
+    def check(self, shard: Shard) -> None:
+        """The shard fits this node's training data (task, index range, not empty); once per shard."""
+        from fedlora_cli.sharding import ShardSet, validate_shards
+
+        if (shard.client_id, shard.fingerprint) in self.checked:
+            return
+        one = ShardSet(
+            Path(shard.source), [shard.indices], [shard.client_id], shard.task, None, shard.fingerprint
+        )
+        validate_shards(one, self.task.name, len(self.data.train))
+        self.checked.add((shard.client_id, shard.fingerprint))
+
+
+_WORKERS: dict[tuple, _Worker] = {}
+
+
+def _worker(config: RoundsConfig, lora: Any) -> _Worker:
+    from fedlora_cli.centralised import load_model_and_data
+    from fedlora_cli.modeling import LoraModel, resolve_device, resolve_precision
+    from fedlora_cli.progress import NullProgress
+
+    key = (config.model, config.data, config.train.seed, config.train.precision)
+    if key not in _WORKERS:
+        _WORKERS.clear()  # one base model per process
+        device = resolve_device(config.model.device)
+        precision = resolve_precision(config.train.precision, device)
+        base, data, _ = load_model_and_data(config.model, config.data, config.train.seed, train=True,
+                                            progress=NullProgress())  # fmt: skip
+        model = LoraModel(base, lora, device, base_name=config.model.resolved)
+        _WORKERS[key] = _Worker(model, data, config.data.glue_task, device, precision, set())
+    return _WORKERS[key]

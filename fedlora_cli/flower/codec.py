@@ -1,0 +1,225 @@
+"""What crosses Flower's wire: adapter states as ArrayRecords, LoRA shapes and reports as ConfigRecords,
+and `RoundsConfig` as Flower's flat run config.
+
+The run config is derived from the `RoundsConfig` dataclasses, so the defaults in pyproject.toml's
+`[tool.flwr.app.config]`, the CLI's and the Flower apps' are one set (a test checks pyproject.toml).
+Keys are the field names in kebab-case, nested specs under their section: `rounds`,
+`train.learning-rate`, `lora.r`. Flower's config values cannot be None, so None is written as "";
+tuples (target modules) as a comma-separated string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fedlora_cli.config import DataSpec, LoraSpec, RoundsConfig
+
+RunConfig = dict[str, bool | int | float | str]
+
+# Record names inside a message's RecordDict (ARRAYS and CONFIG are FedAvg's defaults).
+ARRAYS = "arrays"  # ArrayRecord: the adapter state (broadcast, or a client's update)
+CONFIG = "config"  # ConfigRecord: server-round, client-id and the adapter's LoRA shape
+RUN_CONFIG = "run-config"  # ConfigRecord: the server's resolved settings (to_run_config)
+METRICS = "metrics"  # MetricRecord: num-examples (the FedAvg weight) and the training loss
+REPORT = "report"  # ConfigRecord: the rest of a client's report (report_to_config)
+IDENTITY = "identity"  # ConfigRecord: a QUERY answer, the client a node serves
+
+# ---------------------------------------------------------------------------------------------------
+# RoundsConfig <-> run config
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _is_spec(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _encode(value: Any) -> bool | int | float | str:
+    if value is None:
+        return ""
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot put {type(value).__name__} into a Flower run config")
+
+
+def _decode(key: str, value: Any, tp: Any) -> Any:
+    """One run-config value back to the field's Python type; ValueError names the key."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X]
+        if value == "":
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _decode(key, value, inner[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"run config {key} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"run config {key} must be a number, got {value!r}")
+        try:
+            number = float(value) if tp is float else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"run config {key} must be a number, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != number:
+            raise ValueError(f"run config {key} must be a whole number, got {value!r}")
+        return number
+    if typing.get_origin(tp) is tuple:
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    return str(value)
+
+
+def to_run_config(config: RoundsConfig) -> RunConfig:
+    """A `RoundsConfig` as Flower's flat run config (what `[tool.flwr.app.config]` holds)."""
+    out: RunConfig = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            for g in dataclasses.fields(value):
+                out[f"{f.name}.{_kebab(g.name)}"] = _encode(getattr(value, g.name))
+        else:
+            out[_kebab(f.name)] = _encode(value)
+    return out
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> RoundsConfig:
+    """Build a `RoundsConfig` from a run config; missing keys take the dataclass defaults.
+
+    Bad values raise ValueError naming the key (the config's own checks run too); unknown keys
+    are ignored with a warning, so a run config written by a newer fedlora still loads.
+    """
+    known: set[str] = set()
+    top: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(RoundsConfig)}
+    for name, tp in _hints(RoundsConfig).items():
+        if _is_spec(tp):
+            section: dict[str, Any] = {}
+            for sub, sub_tp in _hints(tp).items():
+                key = f"{name}.{_kebab(sub)}"
+                known.add(key)
+                if key in run_config:
+                    section[sub] = _decode(key, run_config[key], sub_tp)
+            if tp is DataSpec:
+                if "task" not in section:
+                    raise ValueError("the run config needs data.task (a GLUE task, e.g. sst2)")
+                top[name] = DataSpec(**section)
+            elif section:
+                # Start from RoundsConfig's own default for the section (its TrainSpec has 1 local
+                # epoch, not TrainSpec's 3), then apply the keys given.
+                factory = fields[name].default_factory
+                base = factory() if factory is not dataclasses.MISSING else tp()
+                top[name] = dataclasses.replace(base, **section)
+        else:
+            key = _kebab(name)
+            known.add(key)
+            if key in run_config:
+                top[name] = _decode(key, run_config[key], tp)
+    unknown = sorted(set(run_config) - known)
+    if unknown:
+        warnings.warn(f"ignoring unknown run config keys {unknown}", stacklevel=2)
+    top.setdefault("shards", "")
+    return RoundsConfig(**top)
+
+
+def default_run_config() -> RunConfig:
+    """The CLI's defaults (`fedlora rounds` with only --task sst2), as pyproject.toml declares them."""
+    return to_run_config(RoundsConfig(data=DataSpec(task="sst2"), shards=""))
+
+
+def run_config_overrides(config: RoundsConfig) -> RunConfig:
+    """The keys where `config` differs from the defaults: what `flwr run --run-config` would need."""
+    defaults, mine = default_run_config(), to_run_config(config)
+    return {k: v for k, v in mine.items() if defaults.get(k) != v}
+
+
+def toml_value(value: bool | int | float | str) -> str:
+    """A run-config value in TOML syntax (for docs, pyproject.toml and `--run-config`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# ---------------------------------------------------------------------------------------------------
+# adapter state <-> ArrayRecord, LoraSpec <-> ConfigRecord
+
+
+def state_to_arrays(state: Mapping[str, Any]) -> ArrayRecord:
+    """An adapter state dict (PEFT keys, CPU tensors) as an ArrayRecord: numpy .npy bytes, no pickle."""
+    return ArrayRecord.from_torch_state_dict(dict(state))
+
+
+def arrays_to_state(arrays: ArrayRecord) -> dict[str, Any]:
+    """Back to `{key: torch.Tensor}`, keys in the order they were sent."""
+    return dict(arrays.to_torch_state_dict())
+
+
+def lora_to_config(spec: LoraSpec) -> dict[str, Any]:
+    return {
+        "lora-r": spec.r,
+        "lora-alpha": float(spec.alpha),
+        "lora-dropout": float(spec.dropout),
+        "lora-target-modules": list(spec.target_modules),
+    }
+
+
+def lora_from_config(record: Mapping[str, Any]) -> LoraSpec:
+    return LoraSpec(
+        r=int(record["lora-r"]),
+        alpha=float(record["lora-alpha"]),
+        dropout=float(record["lora-dropout"]),
+        target_modules=tuple(record["lora-target-modules"]),
+    )
+
+
+def run_config_record(config: RoundsConfig) -> ConfigRecord:
+    """The server's resolved settings, sent with every message so clients train exactly those."""
+    return ConfigRecord(to_run_config(config))
+
+
+# ---------------------------------------------------------------------------------------------------
+# a client's report (ClientReport without the state) <-> ConfigRecord
+
+_EVAL_PREFIX = "eval."
+
+
+def report_to_config(client_id: int, examples: int, seed: int, train: Mapping[str, Any],
+                     evaluation: Mapping[str, float] | None) -> ConfigRecord:  # fmt: skip
+    record: dict[str, Any] = {"client-id": client_id, "examples": examples, "seed": int(seed)}
+    record.update({f"train.{k}": v for k, v in train.items()})
+    record.update({f"{_EVAL_PREFIX}{k}": float(v) for k, v in (evaluation or {}).items()})
+    return ConfigRecord(record)
+
+
+def report_from_config(record: Mapping[str, Any]) -> dict[str, Any]:
+    """`client_id`, `examples`, `seed`, `train` and `eval` (None when the client did not evaluate)."""
+    train = {k.removeprefix("train."): v for k, v in record.items() if k.startswith("train.")}
+    evaluation = {
+        k.removeprefix(_EVAL_PREFIX): float(v) for k, v in record.items() if k.startswith(_EVAL_PREFIX)
+    }
+    return {
+        "client_id": int(record["client-id"]),
+        "examples": int(record["examples"]),
+        "seed": int(record["seed"]),
+        "train": train,
+        "eval": evaluation or None,
+    }

@@ -1,0 +1,458 @@
+"""The ServerApp: `fedlora rounds` on Flower. Flower's `Strategy.start` drives the rounds and carries the
+messages; selection, aggregation, evaluation and the run tree are `federation`'s, as in engine `local`.
+
+A run: `federation.prepare` (data, model, run folder; --resume) -> a QUERY to every SuperNode (which
+client does it serve?) -> per round, `FedloraStrategy.configure_train` sends the global adapter to
+the nodes of the clients `select_clients` picked, and `aggregate_train` turns the replies into
+`ClientReport`s, tolerates failures down to --min-clients, and calls `finish_round` -> final adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedlora_cli.config import RoundsConfig
+from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.flower import codec
+from fedlora_cli.flower.codec import ARRAYS, CONFIG, IDENTITY, REPORT, RUN_CONFIG
+from fedlora_cli.progress import Progress
+
+app = ServerApp()
+POLL_SECONDS = 0.25  # how often replies are pulled (Flower's HTTP grid waits 3 s between pulls)
+_log = logging.getLogger("flwr")
+
+
+class RoundFailed(FedloraError):
+    """Fewer than --min-clients replied: complete rounds are kept and --resume continues after them."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment (`flwr run .`): settings from the run config, progress as Flower log lines."""
+    try:
+        config = replace(codec.from_run_config(context.run_config), engine="flower")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    overrides = codec.run_config_overrides(config)
+    argv = [
+        "flwr",
+        "run",
+        ".",
+        "--run-config",
+        " ".join(f"{k}={codec.toml_value(v)}" for k, v in overrides.items()),
+    ]
+    run_server(grid, config, progress=LogProgress(), argv=argv, resume_hint=flwr_resume_hint(config))
+
+
+def flwr_resume_hint(config: RoundsConfig) -> Callable[[Path], str]:
+    def hint(run_dir: Path) -> str:
+        where = (f"output.output-dir={codec.toml_value(config.output.output_dir)}" if config.output.output_dir
+                 else f"output.run-name={codec.toml_value(run_dir.name)}")  # fmt: skip
+        return f"`flwr run . --run-config 'resume=true {where}'` (same other settings)"
+
+    return hint
+
+
+# ---------------------------------------------------------------------------------------------------
+# one run
+
+
+def run_server(
+    grid: Grid,
+    config: RoundsConfig,
+    *,
+    progress: Progress,
+    argv: list[str] | None,
+    resume_hint: Callable[[Path], str],
+    abort: threading.Event | None = None,
+    on_prepared: Callable[[Path], None] | None = None,
+) -> Any:
+    """All rounds of a run over the SuperNodes of `grid`; returns a `federation.RoundsResult`."""
+    from fedlora_cli.federation import RoundsResult, prepare
+    from fedlora_cli.sharding import read_shards
+
+    if not config.shards:
+        raise InputError("the run config needs shards: the folder of client_<i>.json made by `fedlora shard`")
+    clients = len(read_shards(config.shards).client_ids)
+    per_round = config.clients_in_round(clients)
+    if config.min_clients is not None and config.min_clients > per_round:
+        raise InputError(
+            f"--min-clients {config.min_clients} is more than the {per_round} clients selected per round"
+        )
+    grid = PollingGrid(grid, abort)
+    setup = prepare(config, progress=progress, argv=argv)
+    if on_prepared is not None:
+        on_prepared(setup.run_dir)
+    nodes = identify_clients(grid, setup.shards, config, progress)
+    strategy = FedloraStrategy(setup, nodes, progress=progress, resume_hint=resume_hint)
+    progress.start("rounds", "rounds", total=config.rounds)
+    progress.advance("rounds", setup.start_round)
+    remaining = config.rounds - setup.start_round
+    if remaining > 0:
+        strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout)  # type: ignore[arg-type]  # None: wait for all
+    progress.stop("rounds")
+    final = setup.recorder.finish(strategy.global_adapter, {"round": config.rounds, **strategy.metrics})
+    return RoundsResult(setup.run_dir, final, setup.recorder.history, strategy.metrics, setup.start_round,
+                        clients, setup.task.main_metric)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# who serves which client
+
+
+def identify_clients(
+    grid: PollingGrid, shards: Any, config: RoundsConfig, progress: Progress
+) -> dict[int, int]:
+    """Ask every SuperNode which client it serves (a QUERY message); returns {client id: node id}.
+
+    Waits until every client of `shards` is served, or --round-timeout passes (then the missing clients
+    count as failed whenever they are selected). A node that serves a client with other indices than
+    the server's manifest, or the same client as another node, is a setup error.
+    """
+    deadline = None if config.round_timeout is None else time.monotonic() + config.round_timeout
+    served: dict[int, int] = {}
+    asked: set[int] = set()
+    said_waiting = False
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        asked.update(new)
+        for cid, node in query_nodes(grid, new, shards, config).items():
+            if cid in served:
+                raise InputError(
+                    f"SuperNodes {served[cid]} and {node} both serve client {cid}: give each its own shard"
+                )
+            served[cid] = node
+        if len(served) == len(shards.client_ids) or (deadline is not None and time.monotonic() > deadline):
+            break
+        if not said_waiting:
+            progress.log(f"waiting for SuperNodes: {len(served)} of {len(shards.client_ids)} clients served")
+            said_waiting = True
+        grid.wait(1.0)
+    missing = sorted(set(shards.client_ids) - set(served))
+    if missing:
+        progress.log(
+            f"no SuperNode serves client(s) {', '.join(map(str, missing))}: they count as failed when selected"
+        )
+    return served
+
+
+def query_nodes(grid: Grid, nodes: list[int], shards: Any, config: RoundsConfig) -> dict[int, int]:
+    """One QUERY to each of `nodes`; {client id: node id} of those that answered, checked against `shards`."""
+    from fedlora_cli.sharding import shard_fingerprint
+
+    if not nodes:
+        return {}
+    expected = {
+        cid: shard_fingerprint([cid], [idx])
+        for cid, idx in zip(shards.client_ids, shards.clients, strict=True)
+    }
+    record = codec.run_config_record(config)
+    messages = [
+        Message(RecordDict({RUN_CONFIG: record}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in nodes
+    ]
+    found: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise InputError(f"SuperNode {node} cannot serve a client: {one_line(reply.error.reason)}")
+        identity = reply.content.config_records[IDENTITY]
+        cid = int(identity["client-id"])
+        if cid not in expected:
+            raise InputError(f"SuperNode {node} serves client {cid}, which is not in {shards.directory}")
+        if identity["fingerprint"] != expected[cid]:
+            raise InputError(
+                f"SuperNode {node} serves client {cid} with other indices than {shards.directory}/"
+                f"client_{cid}.json: give every node its manifest from the same `fedlora shard` run"
+            )
+        if cid in found:
+            raise InputError(
+                f"SuperNodes {found[cid]} and {node} both serve client {cid}: give each its own shard"
+            )
+        found[cid] = node
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# the strategy
+
+
+class FedloraStrategy(FedAvg):
+    """FedAvg as fedlora does it: seeded client selection, example-count weights, `svd`/`naive` aggregation
+    of LoRA factors (`federation.aggregate_round`, never Flower's `aggregate_arrayrecords`), server-side
+    evaluation and the run tree, all through `federation.finish_round`.
+    """
+
+    def __init__(self, setup: Any, nodes: dict[int, int], *, progress: Progress,
+                 resume_hint: Callable[[Path], str]) -> None:  # fmt: skip
+        config = setup.config
+        self.client_ids: list[int] = list(setup.shards.client_ids)
+        self.per_round = config.clients_in_round(len(self.client_ids))
+        self.need = min(config.min_clients or self.per_round, self.per_round)
+        super().__init__(fraction_train=self.per_round / len(self.client_ids), min_train_nodes=self.need,
+                         min_available_nodes=self.need, weighted_by_key="num-examples",
+                         arrayrecord_key=ARRAYS, configrecord_key=CONFIG)  # fmt: skip
+        self.setup = setup
+        self.nodes = nodes  # client id -> node id
+        self.progress = progress
+        self.resume_hint = resume_hint
+        if setup.start_round:
+            self.global_adapter = setup.recorder.load_global(setup.start_round)
+        else:
+            self.global_adapter = setup.initial
+        last = setup.recorder.history[-1] if setup.recorder.history else {}
+        self.metrics: dict[str, float] = dict(last.get("eval") or {})
+        self._round: dict[str, Any] = {}
+
+    def summary(self) -> None:
+        _log.info("fedlora: %d of %d clients per round (need %d replies), aggregation %s",
+                  self.per_round, len(self.client_ids), self.need, self.setup.config.aggregation.method)  # fmt: skip
+
+    def global_arrays(self) -> ArrayRecord:
+        return codec.state_to_arrays(self.global_adapter.state)
+
+    def round_no(self, server_round: int) -> int:
+        return self.setup.start_round + server_round  # Flower counts the rounds of this call from 1
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:  # fmt: skip
+        """Send the global adapter (and its LoRA shape) to the nodes of this round's selected clients."""
+        from fedlora_cli.federation import select_clients
+
+        round_no = self.round_no(server_round)
+        started = time.perf_counter()
+        cfg = self.setup.config
+        selected = select_clients(self.client_ids, self.per_round, cfg.train.seed, round_no)
+        if any(c not in self.nodes for c in selected):
+            self.nodes.update(_late_nodes(grid, self.nodes, self.setup.shards, cfg))
+        broadcast = self.global_arrays()
+        run_config = codec.run_config_record(cfg)
+        lora = codec.lora_to_config(self.global_adapter.lora)
+        messages, sent, unserved = [], {}, []
+        for cid in selected:
+            node = self.nodes.get(cid)
+            if node is None:
+                unserved.append(cid)
+                continue
+            meta = ConfigRecord({"server-round": round_no, "client-id": cid, **lora})
+            content = RecordDict({ARRAYS: broadcast, CONFIG: meta, RUN_CONFIG: run_config})
+            messages.append(
+                Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_no))
+            )
+            sent[node] = cid
+        self._round = {"started": started, "selected": selected, "sent": sent, "unserved": unserved,
+                       "bytes_down": broadcast.count_bytes() * len(messages)}  # fmt: skip
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
+        """Replies -> ClientReports -> `federation.finish_round` (aggregate, evaluate, save); record the round."""
+        from fedlora_cli.federation import finish_round, round_info
+
+        round_no, r, s = self.round_no(server_round), self._round, self.setup
+        ok, failed = sort_replies(r["sent"], replies, s.config.round_timeout)
+        failed += [
+            {"client": c, "node": None, "reason": "no SuperNode serves this client"} for c in r["unserved"]
+        ]
+        reports = []
+        for cid, msg in ok:
+            report = self._report(cid, msg)
+            if isinstance(report, str):
+                failed.append({"client": cid, "node": msg.metadata.src_node_id, "reason": report})
+            else:
+                reports.append(report)
+        failed.sort(key=lambda f: f["client"])
+        if len(reports) < self.need:
+            done = s.recorder.tree.last_complete_round()
+            detail = "; ".join(f"client {f['client']}: {f['reason'][:160]}" for f in failed)
+            raise RoundFailed(
+                f"round {round_no}: {len(reports)} of {len(r['selected'])} selected clients replied but "
+                f"{self.need} are needed (--min-clients) — {detail}. Rounds 1..{done} of {s.run_dir} are "
+                f"kept: fix the clients and continue with {self.resume_hint(s.run_dir)}"
+            )
+        reports.sort(key=lambda rep: rep.client_id)  # the order engine local aggregates in
+        io_seconds, written = 0.0, 0
+        for report in reports:
+            t = time.perf_counter()
+            written += s.recorder.save_client(round_no, report, self.global_adapter.lora)
+            io_seconds += time.perf_counter() - t
+        row, self.global_adapter, self.metrics = finish_round(s, round_no, reports, self.global_adapter,
+                                                              r["bytes_down"], failed)  # fmt: skip
+        row["seconds"]["io"] += io_seconds
+        row["bytes_written"] += written
+        row["seconds"]["wall"] = time.perf_counter() - r["started"]
+        s.recorder.complete_round(row)
+        self.progress.advance(
+            "rounds", 1, info=round_info(row, s.task) + (f" · {len(failed)} failed" if failed else "")
+        )
+        summary = {
+            "train-loss": float(row["train_loss"]),
+            "aggregation-error": float(row["aggregation"]["error"]),
+        }
+        return self.global_arrays(), MetricRecord(summary)
+
+    def _report(self, client_id: int, msg: Message) -> Any:
+        """A reply as a ClientReport, or the reason it cannot be used."""
+        from fedlora_cli.federation import ClientReport
+
+        try:
+            arrays = msg.content.array_records[ARRAYS]
+            info = codec.report_from_config(msg.content.config_records[REPORT])
+        except (KeyError, ValueError, TypeError) as e:
+            return f"malformed reply ({e})"
+        if info["client_id"] != client_id:
+            return f"the reply is for client {info['client_id']}"
+        state = codec.arrays_to_state(arrays)
+        reference = self.global_adapter.state
+        if set(state) != set(reference) or any(
+            tuple(state[k].shape) != tuple(v.shape) for k, v in reference.items()
+        ):
+            return "the reply's adapter does not match the broadcast adapter (keys or shapes)"
+        return ClientReport(client_id, state, info["examples"], info["seed"], info["train"], info["eval"],
+                            wire_bytes=arrays.count_bytes())  # fmt: skip
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:  # fmt: skip
+        """The global adapter is evaluated on the server's dev split in `finish_round`, as engine local does."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+
+def _late_nodes(grid: Grid, known: dict[int, int], shards: Any, config: RoundsConfig) -> dict[int, int]:
+    """Identify SuperNodes that connected after the start (a node that restarted gets a new id)."""
+    fresh = [n for n in grid.get_node_ids() if n not in set(known.values())]
+    try:
+        found = query_nodes(grid, fresh, shards, replace(config, round_timeout=config.round_timeout or 60.0))
+    except InputError as e:
+        _log.warning("fedlora: ignoring newly connected SuperNodes: %s", e)
+        return {}
+    return {c: n for c, n in found.items() if c not in known}
+
+
+def sort_replies(sent: dict[int, int], replies: Iterable[Message],
+                 timeout: float | None) -> tuple[list[tuple[int, Message]], list[dict[str, Any]]]:  # fmt: skip
+    """Split a round's replies into (client id, reply) pairs and failures {client, node, reason}.
+
+    `sent` maps node id -> client id. Error replies and nodes with no reply (timed out) are failures.
+    """
+    ok: list[tuple[int, Message]] = []
+    failed: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if node not in sent or node in seen:
+            continue
+        seen.add(node)
+        if msg.has_error():
+            failed.append({"client": sent[node], "node": node, "reason": one_line(msg.error.reason)})
+        else:
+            ok.append((sent[node], msg))
+    for node, cid in sent.items():
+        if node not in seen:
+            reason = f"no reply within {timeout:g} s (--round-timeout)" if timeout is not None else "no reply"
+            failed.append({"client": cid, "node": node, "reason": reason})
+    return sorted(ok, key=lambda p: p[0]), sorted(failed, key=lambda f: f["client"])
+
+
+def one_line(reason: str | None) -> str:
+    """Flower's error reasons can be multi-line tracebacks; keep the last meaningful line."""
+    lines = [line.strip() for line in (reason or "unknown error").splitlines() if line.strip()]
+    text = lines[-1] if lines else "unknown error"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------
+# plumbing
+
+
+class PollingGrid(Grid):
+    """The run's Grid with a faster reply poll and a stop switch (Ctrl-C in a simulation).
+
+    `send_and_receive` is Flower's own loop over `push_messages` / `pull_messages`, pulling every
+    POLL_SECONDS instead of the HTTP grid's 3 s, and giving up when `abort` is set.
+    """
+
+    def __init__(self, grid: Grid, abort: threading.Event | None = None) -> None:
+        self.grid = grid
+        self.abort = abort or threading.Event()
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:  # fmt: skip
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def wait(self, seconds: float) -> None:
+        self._check()
+        if self.abort.wait(seconds):
+            self._check()
+
+    def _check(self) -> None:
+        if self.abort.is_set():
+            from fedlora_cli.federation import Interrupted
+
+            raise Interrupted("interrupted")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            self.wait(POLL_SECONDS)
+        return replies
+
+
+class LogProgress:
+    """Progress as Flower log lines, which `flwr run --stream` and `flwr log <run-id>` show."""
+
+    def __init__(self) -> None:
+        self.done, self.total = 0, 0
+
+    def start(self, key: str, description: str, total: int | None = None) -> None:
+        if key == "rounds":
+            self.done, self.total = 0, total or 0
+
+    def advance(self, key: str, n: int = 1, info: str | None = None) -> None:
+        if key == "rounds":
+            self.done += n
+            if info:
+                _log.info("fedlora: round %d/%d: %s", self.done, self.total, info)
+
+    def stop(self, key: str) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        _log.info("fedlora: %s", message)

@@ -1,0 +1,191 @@
+"""`fedlora rounds --engine flower`: the ServerApp and ClientApp on Flower's simulation engine (Ray).
+
+One virtual SuperNode per shard (node i serves the i-th client of --shards), each ClientApp call in a
+Ray actor with --client-cpus / --client-gpus. Everything runs in the current environment: nothing is
+installed at run time and telemetry is off. Flower's and Ray's log output is kept off the terminal;
+a failure comes back as one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedlora_cli.config import RoundsConfig
+from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.flower import require_flower
+from fedlora_cli.progress import NullProgress, Progress
+
+
+def run_flower_simulation(
+    config: RoundsConfig, *, progress: Progress | None = None, argv: list[str] | None = None
+) -> Any:
+    """Run `fedlora rounds` on Flower's simulation engine; returns the same `federation.RoundsResult`."""
+    _telemetry_off()
+    require_flower()  # before anything imports flwr: a missing extra is one line, exit 2
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedlora_cli.federation import Interrupted
+    from fedlora_cli.flower import client_app
+    from fedlora_cli.flower.server_app import run_server
+    from fedlora_cli.runs import RoundTree
+    from fedlora_cli.sharding import read_shards
+
+    progress = progress or NullProgress()
+    _check_resources(config)
+    num_nodes = len(read_shards(config.shards).client_ids)
+    abort = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def resume_hint(run_dir: Path) -> str:
+        where = f"--output-dir {run_dir}" if config.output.output_dir else f"--run-name {run_dir.name}"
+        return f"`fedlora rounds … {where} --resume`"
+
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        outcome["thread"] = threading.current_thread()
+        outcome["result"] = run_server(
+            grid, config, progress=progress, argv=argv, resume_hint=resume_hint, abort=abort,
+            on_prepared=lambda run_dir: outcome.__setitem__("run_dir", run_dir),
+        )  # fmt: skip
+
+    backend = {
+        "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
+    }
+
+    def interrupted() -> Interrupted:
+        run_dir = outcome.get("run_dir")
+        if run_dir is None:
+            return Interrupted("interrupted before the first round started")
+        done = RoundTree(run_dir).last_complete_round()
+        return Interrupted(
+            f"interrupted; rounds 1..{done} of {run_dir} are complete: continue with {resume_hint(run_dir)}"
+        )
+
+    with _quiet_flower() as flower_errors, _ctrl_c_sets(abort):
+        try:
+            run_simulation(server_app=server, client_app=client_app.app, num_supernodes=num_nodes,
+                           backend_config=backend)  # fmt: skip
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
+            abort.set()
+            thread = outcome.get("thread")
+            if thread is not None:
+                thread.join(timeout=60)
+            raise interrupted() from None
+        except FedloraError:
+            if abort.is_set():
+                raise interrupted() from None
+            raise
+        except Exception as e:  # Flower wraps what went wrong (twice): say what the innermost error says
+            root = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            text = str(root).strip().splitlines()[0] if str(root).strip() else ""
+            reason = (
+                f"{type(root).__name__}: {text}" if text else (flower_errors.last() or type(root).__name__)
+            )
+            raise FedloraError(f"the Flower simulation failed: {reason}") from e
+    if "result" not in outcome:
+        raise FedloraError(
+            f"the Flower simulation ended without a result: {flower_errors.last() or 'no error logged'}"
+        )
+    return outcome["result"]
+
+
+def _telemetry_off() -> None:
+    """Flower reads FLWR_TELEMETRY_ENABLED once, when flwr is first imported (Ray's workers inherit it)."""
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    telemetry = sys.modules.get("flwr.supercore.telemetry")
+    if telemetry is not None:  # flwr was imported before this call (library use)
+        telemetry.FLWR_TELEMETRY_ENABLED = "0"
+
+
+def _check_resources(config: RoundsConfig) -> None:
+    """Ray cannot place a virtual client that asks for more than the machine has: say so before it hangs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if config.client_cpus > cpus:
+        raise InputError(f"--client-cpus {config.client_cpus:g}: this machine has {cpus} CPUs, so no virtual "
+                         f"client would fit; use --client-cpus {cpus} or less")  # fmt: skip
+    if config.client_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise InputError(
+                f"--client-gpus {config.client_gpus:g}: this machine has no GPU; use --client-gpus 0"
+            )
+        if config.client_gpus > gpus:
+            raise InputError(f"--client-gpus {config.client_gpus:g}: this machine has {gpus} GPU(s); give each "
+                             f"virtual client at most {gpus} (0.5 = two clients per GPU)")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
+    """Ctrl-C asks the ServerApp to stop at its next wait, so Flower and Ray shut down in order (a
+    KeyboardInterrupt inside Flower's engine can leave a thread waiting on Ray forever); a second
+    Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if abort.is_set():
+            raise KeyboardInterrupt
+        abort.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _ErrorLog(logging.Handler):
+    """Keeps Flower's error records (first line each) instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().strip()
+        if text and not text.startswith("Traceback"):
+            self.lines.append(text.splitlines()[0][:300])
+
+    def last(self) -> str | None:
+        return self.lines[-1] if self.lines else None
+
+
+@contextlib.contextmanager
+def _quiet_flower() -> Iterator[_ErrorLog]:
+    """Flower logs every step at INFO and deprecation notices at WARNING: keep them off the terminal."""
+    logger = logging.getLogger("flwr")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    errors = _ErrorLog()
+    logger.handlers = [errors]
+    logger.propagate = False
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # Ray's notice that it will stop hiding GPUs from num_gpus=0 actors: not the user's business.
+            warnings.filterwarnings(
+                "ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning
+            )
+            yield errors
+    finally:
+        logger.setLevel(saved[0])
+        logger.handlers = saved[1]
+        logger.propagate = saved[2]

@@ -1,0 +1,464 @@
+"""`fedlora rounds` on Flower: the same rounds as engine local, in simulation and on a loopback SuperLink."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr", reason="the `flower` extra is not installed")
+
+from test_cli_single import one_error_line, run  # noqa: E402
+from test_rounds import write_manifests  # noqa: E402
+
+from fedlora_cli.config import DataSpec, LoraSpec, RoundsConfig  # noqa: E402
+from fedlora_cli.flower import codec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--local-epochs", "1", "--learning-rate", "2e-2", "--precision", "fp32", "--max-eval-samples", "100"]
+ADAPTER_FILES = [
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/fedlora_adapter.json",
+]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Ray runs each virtual client with one CPU (OMP_NUM_THREADS=1): give engine local the same, so
+    float reductions happen in the same order and the adapters agree to the last bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def files_of(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
+def expected_files(rounds: int, clients: list[int]) -> list[str]:
+    out = ["history.jsonl", "run.json", *(f"final/{f}" for f in [*ADAPTER_FILES, "metrics.json"])]
+    for r in range(1, rounds + 1):
+        for who in [*(f"client_{c:03d}" for c in clients), "global"]:
+            out += [f"round_{r:03d}/{who}/{f}" for f in [*ADAPTER_FILES, "metrics.json"]]
+    return sorted(out)
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        rel = ((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp_min(1e-12)).item()
+        assert rel <= rtol, (k, rel)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    order = np.random.default_rng(0).permutation(600).tolist()
+    return write_manifests(
+        tmp_path_factory.mktemp("shards") / "k3", [order[:60], order[60:140], order[140:240]]
+    )
+
+
+def rounds_args(model, glue, shards, root, name, *extra):
+    return ["rounds", "--task", "sst2", "--model", model, "--data-dir", glue, "--shards", shards,
+            "--output-root", root, "--run-name", name, "--rounds", "2", *FAST, *extra]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# codec and configuration
+
+
+def test_run_config_round_trips_every_kind_of_field():
+    config = RoundsConfig(
+        data=DataSpec("SST-2", "/data/glue", 64, None, 100),
+        shards="/s/k3",
+        lora=LoraSpec(4, 8.0, 0.0, ("query", "key", "value")),
+        rounds=3,
+        eval_each_round=False,
+        clients_per_round=2,
+        min_clients=1,
+        round_timeout=30.5,
+        engine="flower",
+    )
+    flat = codec.to_run_config(config)
+    assert flat["data.task"] == "sst2" and flat["data.max-train-samples"] == "" and flat["lora.alpha"] == 8.0
+    assert flat["lora.target-modules"] == "query,key,value" and flat["round-timeout"] == 30.5
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+    assert codec.from_run_config(flat) == config
+    # Flower's --run-config gives TOML types: ints for floats are fine, section defaults are RoundsConfig's
+    partial = codec.from_run_config({"data.task": "rte", "lora.alpha": 32, "train.learning-rate": 0.001})
+    assert partial.lora.alpha == 32.0 and partial.train.epochs == 1.0 and partial.train.learning_rate == 0.001
+    with pytest.raises(ValueError, match="rounds must be a number"):
+        codec.from_run_config({"data.task": "sst2", "rounds": "many"})
+    with pytest.raises(ValueError, match="data.task"):
+        codec.from_run_config({"rounds": 2})
+    with pytest.warns(UserWarning, match="train.lr"):
+        codec.from_run_config({"data.task": "sst2", "train.lr": 0.1})
+
+
+def test_adapter_state_lora_and_report_round_trip_exactly():
+    state = {
+        "a.lora_A.weight": torch.randn(4, 16),
+        "a.lora_B.weight": torch.zeros(16, 4),
+        "head.bias": torch.randn(2),
+    }
+    arrays = codec.state_to_arrays(state)
+    back = codec.arrays_to_state(arrays)
+    assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
+    assert arrays.count_bytes() > sum(t.numel() * 4 for t in state.values())  # payload + .npy headers + keys
+    spec = LoraSpec(8, 16.0, 0.1, ("query", "value"))
+    assert codec.lora_from_config(codec.lora_to_config(spec)) == spec
+    train = {"loss": 0.5, "steps": 3, "order": "ab12"}
+    record = codec.report_to_config(3, 60, 2**32 - 1, train, {"accuracy": 0.75})
+    assert codec.report_from_config(record) == {"client_id": 3, "examples": 60, "seed": 2**32 - 1,
+                                                "train": train, "eval": {"accuracy": 0.75}}  # fmt: skip
+
+
+def test_pyproject_declares_the_app_with_the_cli_defaults():
+    import tomllib  # Python 3.11+, as Flower itself
+    from flwr.clientapp import ClientApp
+    from flwr.common.config import flatten_dict
+    from flwr.serverapp import ServerApp
+    from typer.main import get_command
+
+    from fedlora_cli.app import app as cli
+    from fedlora_cli.flower import client_app, server_app
+
+    flwr_app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert flwr_app["components"] == {"serverapp": "fedlora_cli.flower.server_app:app",
+                                      "clientapp": "fedlora_cli.flower.client_app:app"}  # fmt: skip
+    assert isinstance(server_app.app, ServerApp) and isinstance(client_app.app, ClientApp)
+    declared, defaults = flatten_dict(flwr_app["config"]), codec.default_run_config()
+    assert sorted(declared) == sorted(defaults)
+    for key, value in defaults.items():
+        assert declared[key] == value and type(declared[key]) is type(value), key
+    # ... and they are the CLI's: each option's default, as the run config writes it
+    options = {"--rounds": "rounds", "--local-epochs": "train.epochs", "--batch-size": "train.batch-size",
+               "--learning-rate": "train.learning-rate", "--weight-decay": "train.weight-decay",
+               "--warmup-ratio": "train.warmup-ratio", "--max-grad-norm": "train.max-grad-norm",
+               "--precision": "train.precision", "--seed": "train.seed", "--lora-r": "lora.r",
+               "--lora-alpha": "lora.alpha", "--lora-dropout": "lora.dropout", "--aggregation": "aggregation.method",
+               "--svd-rank": "aggregation.rank", "--alpha": "aggregation.alpha", "--max-seq-length": "data.max-seq-length",
+               "--max-eval-samples": "data.max-eval-samples", "--data-dir": "data.data-dir", "--device": "model.device",
+               "--eval-each-round": "eval-each-round", "--eval-clients": "eval-clients",
+               "--eval-batch-size": "eval-batch-size", "--clients-per-round": "clients-per-round",
+               "--fraction-fit": "fraction-fit", "--init-adapter": "init-adapter", "--output-root": "output.root",
+               "--run-name": "output.run-name", "--output-dir": "output.output-dir", "--engine": "engine",
+               "--min-clients": "min-clients", "--client-cpus": "client-cpus", "--client-gpus": "client-gpus",
+               "--round-timeout": "round-timeout", "--resume": "resume"}  # fmt: skip
+    params = {p.opts[0]: p for p in get_command(cli).commands["rounds"].params if getattr(p, "opts", None)}
+    assert set(options) <= set(params)
+    for flag, key in options.items():
+        assert codec._encode(params[flag].default) == declared[key], flag
+
+
+def test_help_imports_neither_torch_nor_flower():
+    code = "import fedlora_cli.app, sys; print([m for m in ('torch', 'flwr', 'ray') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_without_flower_the_engine_says_how_to_install_it(
+    tiny_model, glue_dir, shards, tmp_path, monkeypatch
+):
+    for name in [m for m in sys.modules if m == "flwr" or m.startswith("flwr.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "flwr", None)  # `import flwr` now raises ImportError
+    result = run(*rounds_args(tiny_model, glue_dir, shards, tmp_path, "x", "--engine", "flower"))
+    one_error_line(result, 2, "--engine flower needs Flower: pip install 'fedlora[flower]'")
+    assert not list(tmp_path.iterdir())  # nothing was started
+    one_error_line(run(*rounds_args(tiny_model, glue_dir, shards, tmp_path, "x", "--round-timeout", "0")), 2,
+                   "--round-timeout must be > 0")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pieces of the apps, without a Flower runtime
+
+
+def fake_message(src: int, dst: int, kind: str, content=None, error=None, reply_to: str = ""):
+    from flwr.app import Message, Metadata, RecordDict
+
+    meta = Metadata(run_id=1, message_id=f"m{src}-{dst}-{kind}", src_node_id=src, dst_node_id=dst,
+                    reply_to_message_id=reply_to, group_id="1", created_at=time.time(), ttl=60.0,
+                    message_type=kind)  # fmt: skip
+    if error is not None:
+        return Message(error=error, metadata=meta)
+    return Message(content=content if content is not None else RecordDict(), metadata=meta)
+
+
+def test_failed_and_missing_replies_are_failures_with_their_reason():
+    from flwr.app import Error
+
+    from fedlora_cli.flower.server_app import sort_replies
+
+    sent = {10: 1, 11: 2, 12: 3}  # node -> client
+    replies = [
+        fake_message(
+            11, 0, "train", error=Error(2, "Traceback (most recent call last):\n  ...\nValueError: bad shard")
+        ),
+        fake_message(10, 0, "train"),
+        fake_message(99, 0, "train"),  # not sent this round: ignored
+    ]
+    ok, failed = sort_replies(sent, replies, timeout=5.0)
+    assert [c for c, _ in ok] == [1]
+    assert failed == [
+        {"client": 2, "node": 11, "reason": "ValueError: bad shard"},
+        {"client": 3, "node": 12, "reason": "no reply within 5 s (--round-timeout)"},
+    ]
+
+
+def test_client_app_answers_query_and_evaluate_and_reports_bad_node_config(tiny_model, glue_dir, shards):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedlora_cli.flower import client_app
+    from fedlora_cli.modeling import LoraModel, load_base_model
+    from fedlora_cli.sharding import read_shards, shard_fingerprint
+
+    config = codec.from_run_config({"data.task": "sst2", "data.data-dir": str(glue_dir), "shards": str(shards),
+                                    "model.name": str(tiny_model), "train.precision": "fp32",
+                                    "data.max-eval-samples": 50})  # fmt: skip
+    run_config = codec.run_config_record(config)
+
+    def context(node_config):
+        return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+
+    reply = client_app.app(fake_message(0, 5, "query", RecordDict({codec.RUN_CONFIG: run_config})),
+                           context({"partition-id": 1}))  # fmt: skip
+    identity = reply.content.config_records[codec.IDENTITY]
+    s = read_shards(shards)
+    assert identity["client-id"] == 2 and identity["num-examples"] == 80
+    assert identity["fingerprint"] == shard_fingerprint([2], [s.clients[1]])
+    by_manifest = client_app.app(fake_message(0, 5, "query", RecordDict({codec.RUN_CONFIG: run_config})),
+                                 context({"shard-manifest": str(shards / "client_3.json")}))  # fmt: skip
+    assert by_manifest.content.config_records[codec.IDENTITY]["client-id"] == 3
+
+    bad = client_app.app(fake_message(0, 5, "query", RecordDict({codec.RUN_CONFIG: run_config})),
+                         context({"partition-id": 7}))  # fmt: skip
+    assert bad.has_error() and bad.error.reason == f"node config: partition-id 7, but {shards} has 3 clients"
+
+    lora = LoraSpec()
+    state = LoraModel(
+        load_base_model(config.model, config.data.glue_task, 0), lora, torch.device("cpu")
+    ).state()
+    content = RecordDict({codec.ARRAYS: codec.state_to_arrays(state), codec.RUN_CONFIG: run_config,
+                          codec.CONFIG: ConfigRecord({"server-round": 1, **codec.lora_to_config(lora)})})  # fmt: skip
+    evaluated = client_app.app(fake_message(0, 5, "evaluate", content), context({"partition-id": 0}))
+    metrics = evaluated.content.metric_records[codec.METRICS]
+    assert metrics["num-examples"] == 50 and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flower's simulation engine
+
+
+@pytest.fixture(scope="module")
+def local_and_flower(tiny_model, glue_dir, shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    with one_thread():
+        local = run(*rounds_args(tiny_model, glue_dir, shards, root, "local"))
+    assert local.exit_code == 0, local.stderr
+    flower = run(*rounds_args(tiny_model, glue_dir, shards, root, "flower", "--engine", "flower"))
+    assert flower.exit_code == 0, flower.stderr
+    return root / "sst2_tiny-roberta" / "local", root / "sst2_tiny-roberta" / "flower", flower
+
+
+def test_flower_simulation_writes_the_same_run_tree_and_final_adapter_as_local(local_and_flower):
+    local, flower, result = local_and_flower
+    assert files_of(flower) == files_of(local) == expected_files(2, [1, 2, 3])
+    assert_same_adapter(final_state(local), final_state(flower))
+    for a, b in zip(history(local), history(flower), strict=True):
+        assert a["clients"] == b["clients"] == [1, 2, 3] and b["failed"] == []
+        pick = ("client", "examples", "seed", "order")
+        assert [{k: c[k] for k in pick} for c in a["client_metrics"]] == [
+            {k: c[k] for k in pick} for c in b["client_metrics"]
+        ]
+        assert b["aggregation"]["error"] == pytest.approx(a["aggregation"]["error"], rel=1e-4, abs=1e-7)
+        # bytes from the records actually sent: the payload plus .npy headers and keys
+        assert b["bytes_down"] > a["bytes_down"] > 0 and b["bytes_up"] > a["bytes_up"] > 0
+    record = json.loads((flower / "run.json").read_text())
+    assert record["config"]["engine"] == "flower" and "--engine" in record["argv"]
+    assert "final adapter" in result.stdout and "Traceback" not in result.stderr
+    assert "INFO" not in result.stderr  # Flower's log lines stay off the terminal
+
+
+def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_resumably(
+    tiny_model, glue_dir, shards, tmp_path, monkeypatch
+):
+    from fedlora_cli.flower.client_app import FAIL_ENV
+
+    args = rounds_args(
+        tiny_model, glue_dir, shards, tmp_path, "faults", "--engine", "flower", "--min-clients", "2"
+    )
+    monkeypatch.setenv(FAIL_ENV, "2@1,2@2,3@2")  # round 1: one of three fails; round 2: two fail
+    first = run(*args)
+    message = one_error_line(first, 1, "round 2: 1 of 3 selected clients replied but 2 are needed")
+    assert "client 3 failed on purpose" in message and "--run-name faults --resume" in message
+    run_dir = tmp_path / "sst2_tiny-roberta" / "faults"
+    rows = history(run_dir)
+    assert [r["round"] for r in rows] == [1] and rows[0]["clients"] == [1, 3]
+    assert [(f["client"], "failed on purpose" in f["reason"]) for f in rows[0]["failed"]] == [(2, True)]
+    assert rows[0]["examples"] == 60 + 100 and not (run_dir / "round_002" / "global").exists()
+
+    monkeypatch.delenv(FAIL_ENV)
+    again = run(*args, "--resume")
+    assert again.exit_code == 0, again.stderr
+    assert "resumed after round 1" in again.stdout
+    rows = history(run_dir)
+    assert (
+        [r["round"] for r in rows] == [1, 2] and rows[1]["clients"] == [1, 2, 3] and rows[1]["failed"] == []
+    )
+    assert files_of(run_dir) == sorted(set(expected_files(2, [1, 2, 3])) - {
+        f"round_001/client_002/{f}" for f in [*ADAPTER_FILES, "metrics.json"]})  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# deployment: a SuperLink and two SuperNodes on loopback, `flwr run .`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def executable(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, glue_dir, tmp_path):
+    psutil = pytest.importorskip("psutil")  # comes with flwr[simulation] (Ray)
+    order = np.random.default_rng(1).permutation(600).tolist()
+    shards = write_manifests(tmp_path / "shards", [order[:40], order[40:100]])
+    runs = tmp_path / "runs"
+    link_port, node_ports = free_port(), [free_port(), free_port()]
+    started: list[subprocess.Popen] = []
+    seen: dict[int, psutil.Process] = {}  # every process started, directly or by Flower (superexec, apps)
+
+    def env_for(role: str) -> dict[str, str]:
+        home = tmp_path / role  # each "machine" its own HOME / FLWR_HOME: the user's ~/.flwr is untouched
+        home.mkdir(exist_ok=True)
+        return {**os.environ, "HOME": str(home), "FLWR_HOME": str(home / ".flwr"), "FLWR_TELEMETRY_ENABLED": "0",
+                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+
+    def start(role: str, *cmd: str) -> None:
+        log = open(tmp_path / f"{role}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(list(cmd), env=env_for(role), stdout=log, stderr=subprocess.STDOUT,
+                                cwd=tmp_path, start_new_session=True)  # own process group  # fmt: skip
+        log.close()
+        started.append(proc)
+
+    def track() -> None:
+        for proc in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p = psutil.Process(proc.pid)
+                for q in [p, *p.children(recursive=True)]:
+                    seen.setdefault(q.pid, q)
+
+    def logs() -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(tmp_path.glob("*.log"))
+        )
+
+    deadline = time.monotonic() + 170
+    try:
+        start("link", executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+              "--host", "127.0.0.1", "--port", str(link_port))  # fmt: skip
+        for i, port in enumerate(node_ports, start=1):
+            node_config = f"shard-manifest='{shards / f'client_{i}.json'}' data-dir='{glue_dir}'"
+            start(f"node{i}", executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                  "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config)  # fmt: skip
+        wait_for_port(link_port, deadline)
+        cli_home = tmp_path / "cli" / ".flwr"
+        cli_home.mkdir(parents=True)
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+        )
+        overrides = {"shards": str(shards), "rounds": 2, "data.task": "sst2", "data.data-dir": str(glue_dir),
+                     "data.max-eval-samples": 100, "model.name": str(tiny_model), "train.learning-rate": 0.02,
+                     "train.precision": "fp32", "output.root": str(runs), "output.run-name": "loopback"}  # fmt: skip
+        run_toml = tmp_path / "run.toml"
+        run_toml.write_text("".join(f"{k} = {codec.toml_value(v)}\n" for k, v in overrides.items()))
+        submitted = subprocess.run([executable("flwr"), "run", str(ROOT), "loopback", "--run-config", str(run_toml)],
+                                   env=env_for("cli"), capture_output=True, text=True, timeout=90)  # fmt: skip
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        run_dir = runs / "sst2_tiny-roberta" / "loopback"
+        final = run_dir / "final" / "metrics.json"
+        while not final.exists():
+            track()
+            assert time.monotonic() < deadline, f"no final adapter in time\n{logs()}"
+            assert all(p.poll() is None for p in started), f"a Flower process exited\n{logs()}"
+            time.sleep(0.5)
+
+        assert files_of(run_dir) == expected_files(2, [1, 2])
+        rows = history(run_dir)
+        assert [r["round"] for r in rows] == [1, 2] and all(
+            r["clients"] == [1, 2] and r["failed"] == [] for r in rows
+        )
+        assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["config"]["engine"] == "flower" and record["argv"][:2] == ["flwr", "run"]
+        # the same rounds as engine local with the same seed (one thread each, as the SuperNodes had)
+        with one_thread():
+            local = run("rounds", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--shards", shards,
+                        "--rounds", "2", "--learning-rate", "0.02", "--precision", "fp32", "--max-eval-samples", "100",
+                        "--output-root", tmp_path / "local", "--run-name", "local")  # fmt: skip
+        assert local.exit_code == 0, local.stderr
+        assert_same_adapter(
+            final_state(tmp_path / "local" / "sst2_tiny-roberta" / "local"), final_state(run_dir)
+        )
+    finally:
+        track()
+        for proc in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for p in seen.values():  # Flower starts its SuperExec and app processes in sessions of their own
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=15)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        for proc in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+        def running(p) -> bool:
+            try:
+                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        assert not [p.pid for p in seen.values() if running(p)], "processes left running"
