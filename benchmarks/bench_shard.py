@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +23,13 @@ from pathlib import Path
 import numpy as np
 
 # Run as a script from a checkout: make the package importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _shared import GLUE  # noqa: E402  (puts the repository on sys.path)
 
 from fedlora_cli.config import SHARD_MODES, ShardConfig  # noqa: E402
 from fedlora_cli.data import load_split  # noqa: E402
 from fedlora_cli.sharding import make_client_splits, run_shard  # noqa: E402
 
-DEFAULT_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+DEFAULT_GLUE = GLUE
 SST2_TRAIN, SST2_POSITIVE = 67_349, 37_569
 
 

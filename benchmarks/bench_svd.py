@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-import torch
 
 # Run as a script from a checkout: make the package importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _shared  # noqa: E402, F401  (puts the repository on sys.path)
+import torch
 
 from fedlora_cli.aggregation import ClientUpdate, aggregate_svd, normalise_weights  # noqa: E402
 

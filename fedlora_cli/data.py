@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.errors import FedloraError, InputError, first_line
 from fedlora_cli.tasks import HUB_DATASET, GlueTask, get_task
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -101,11 +101,11 @@ def read_local_split(task: GlueTask, split: str, data_dir: str | os.PathLike) ->
     if not rows:
         raise InputError(f"{path} is empty")
 
-    first_line = 1
+    data_start = 1
     if layout.has_header:
         header = rows[0]
         rows = rows[1:]
-        first_line = 2
+        data_start = 2
         wanted = {**layout.columns, "label": layout.label_column, **layout.extra_columns}
         missing = [str(c) for c in wanted.values() if c not in header]
         if missing:
@@ -120,7 +120,7 @@ def read_local_split(task: GlueTask, split: str, data_dir: str | os.PathLike) ->
 
     columns: dict[str, list] = {name: [] for name in position}
     skipped = 0
-    for line_no, row in enumerate(rows, start=first_line):
+    for line_no, row in enumerate(rows, start=data_start):
         if not row:  # trailing blank line
             continue
         if len(row) < width:
@@ -171,7 +171,7 @@ def load_hub_split(task: GlueTask, split: str, cache_dir: str | None = None) -> 
     try:
         ds = datasets.load_dataset(HUB_DATASET, task.name, split=split, cache_dir=cache_dir)
     except Exception as e:  # offline, not cached, network errors: all lead to the same advice
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise FedloraError(
             f"GLUE task {task.name} ({split}) is not in the cache and the hub could not be reached "
             f"({reason}): run `fedlora download --task {task.name}` on a machine with internet, "

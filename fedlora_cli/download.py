@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora_cli.config import ModelSpec
-from fedlora_cli.errors import FedloraError
+from fedlora_cli.errors import FedloraError, first_line
 from fedlora_cli.progress import NullProgress, Progress
 from fedlora_cli.tasks import HUB_DATASET, get_task
 
@@ -31,7 +31,7 @@ def download_model(name: str, cache_dir: str | None) -> Downloaded:
     try:
         path = Path(snapshot_download(spec.resolved, cache_dir=cache_dir, allow_patterns=MODEL_FILES))
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise FedloraError(
             f"cannot download model {name!r} ({spec.resolved}): {reason}. This needs internet access "
             f"to the Hugging Face hub (and HF_HUB_OFFLINE unset)"
@@ -54,7 +54,7 @@ def download_task(name: str, cache_dir: str | None) -> Downloaded:
     try:
         ds = datasets.load_dataset(HUB_DATASET, task.name, cache_dir=cache_dir)
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise FedloraError(
             f"cannot download GLUE task {task.name}: {reason}. This needs internet access to the "
             f"Hugging Face hub; offline, use --data-dir with the original GLUE files instead"

@@ -13,3 +13,9 @@ class InputError(FedloraError):
     """Bad input (paths, files, incompatible adapters): exit code 2, like a usage error."""
 
     exit_code = 2
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type): enough to quote inside a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

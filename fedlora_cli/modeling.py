@@ -15,7 +15,7 @@ import torch
 
 from fedlora_cli import __version__, atomic
 from fedlora_cli.config import LoraSpec, ModelSpec
-from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.errors import FedloraError, InputError, first_line
 from fedlora_cli.tasks import GlueTask
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -81,7 +81,7 @@ def _load_pretrained(loader: Any, spec: ModelSpec, what: str, **kwargs: Any) -> 
         return loader.from_pretrained(spec.resolved, cache_dir=spec.cache_dir, **kwargs)
     except OSError as e:
         if spec.is_local:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first = first_line(e)
             raise InputError(f"--model {name}: cannot read the {what} from the folder ({first})") from None
         raise FedloraError(
             f"model {name!r} ({what}) is not in the cache and the hub cannot be reached: run "

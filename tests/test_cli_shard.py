@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import clitools
 import numpy as np
 import pytest
+from clitools import one_error_line
 from conftest import SHARED_GLUE
-from typer.testing import CliRunner
 
 from fedlora_cli.app import app
 from fedlora_cli.config import ShardConfig
@@ -20,7 +21,7 @@ from fedlora_cli.data import load_split
 from fedlora_cli.errors import InputError
 from fedlora_cli.sharding import read_shards, run_shard, validate_shards
 
-runner = CliRunner()
+runner = clitools.runner
 REFERENCE_KEYS = {"client_indices", "size_per_client", "total_train", "task", "mode", "meta"}
 needs_glue = pytest.mark.skipif(
     not (SHARED_GLUE / "SST-2" / "train.tsv").is_file(), reason="no ../shared GLUE"
@@ -28,18 +29,7 @@ needs_glue = pytest.mark.skipif(
 
 
 def run(*args: str | Path):
-    return runner.invoke(app, ["shard", *map(str, args)])
-
-
-def one_error_line(result, code: int, pattern: str) -> str:
-    """The contract for bad input: the exit code, one `error:` line saying what to do, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    flat = " ".join(result.stderr.split())
-    assert pattern.lower() in flat.lower(), flat
-    return flat
+    return clitools.run("shard", *args)
 
 
 def check_shards(out: Path, task: str, k: int, n: int, *, partition: bool = True) -> dict:

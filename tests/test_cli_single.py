@@ -10,27 +10,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from clitools import one_error_line, run
 
-from fedlora_cli.app import app
-
-runner = CliRunner()
 FAST = ["--epochs", "5", "--learning-rate", "1e-2", "--precision", "fp32"]
-
-
-def run(*args: str, env: dict | None = None):
-    return runner.invoke(app, [str(a) for a in args], env=env)
-
-
-def one_error_line(result, code: int, pattern: str) -> str:
-    """The contract for bad input: the exit code, one `error:` line saying what to do, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    flat = " ".join(result.stderr.split())
-    assert pattern.lower() in flat.lower(), flat
-    return flat
 
 
 @pytest.fixture(scope="module")

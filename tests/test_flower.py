@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("flwr", reason="the `flower` extra is not installed")
 
-from test_cli_single import one_error_line, run  # noqa: E402
+from clitools import one_error_line, run  # noqa: E402
 from test_rounds import write_manifests  # noqa: E402
 
 from fedlora_cli.config import DataSpec, LoraSpec, RoundsConfig  # noqa: E402

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clitools import one_error_line, run
 from safetensors.torch import load_file
-from test_cli_single import one_error_line, run
 
 from fedlora_cli.federation import derive_seed, select_clients
 
