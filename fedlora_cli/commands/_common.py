@@ -169,6 +169,14 @@ def resolve_model(model: str | None, model_size: str | None) -> str:
     return ModelSpec().name
 
 
+def model_spec(model: str | None, model_size: str | None, cache_dir: str | None, device: str) -> ModelSpec:
+    return ModelSpec(resolve_model(model, model_size), cache_dir, device)
+
+
+def lora_spec(r: int, alpha: float, dropout: float, target_modules: Sequence[str] | None) -> LoraSpec:
+    return LoraSpec(r, alpha, dropout, split_list(target_modules) or LoraSpec().target_modules)
+
+
 def split_list(values: Sequence[str] | None) -> tuple[str, ...]:
     """`--target-modules query,value` and `--target-modules query --target-modules value` alike."""
     out: list[str] = []

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fedlora_cli.commands import _common as c
-from fedlora_cli.config import BaselineConfig, DataSpec, ModelSpec, OutputSpec, TrainSpec
+from fedlora_cli.config import BaselineConfig, DataSpec, OutputSpec, TrainSpec
 
 _BASE_TRAIN = BaselineConfig(data=c._DATA).train  # full fine-tuning wants a smaller learning rate than LoRA
 
@@ -50,7 +50,7 @@ def baseline(
     config = c.build(
         lambda: BaselineConfig(
             data=DataSpec(task, data_dir, max_seq_length, max_train_samples, max_eval_samples),
-            model=ModelSpec(c.resolve_model(model, model_size), cache_dir, device),
+            model=c.model_spec(model, model_size, cache_dir, device),
             train=TrainSpec(
                 epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_grad_norm, precision, seed
             ),

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fedlora_cli.commands import _common as c
-from fedlora_cli.config import DataSpec, EvalConfig, ModelSpec
+from fedlora_cli.config import DataSpec, EvalConfig
 
 
 def eval_command(
@@ -34,7 +34,7 @@ def eval_command(
     config = c.build(
         lambda: EvalConfig(
             data=DataSpec(task, data_dir, max_seq_length, None, max_eval_samples),
-            model=ModelSpec(c.resolve_model(model, model_size), cache_dir, device),
+            model=c.model_spec(model, model_size, cache_dir, device),
             adapter=adapter,
             eval_batch_size=eval_batch_size,
             precision=precision,

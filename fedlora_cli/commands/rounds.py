@@ -10,8 +10,6 @@ from fedlora_cli.commands import _common as c
 from fedlora_cli.config import (
     AggregationSpec,
     DataSpec,
-    LoraSpec,
-    ModelSpec,
     OutputSpec,
     RoundsConfig,
     TrainSpec,
@@ -113,10 +111,8 @@ def rounds(
         lambda: RoundsConfig(
             data=DataSpec(task, data_dir, max_seq_length, max_train_samples, max_eval_samples),
             shards=shards,
-            model=ModelSpec(c.resolve_model(model, model_size), cache_dir, device),
-            lora=LoraSpec(
-                lora_r, lora_alpha, lora_dropout, c.split_list(target_modules) or LoraSpec().target_modules
-            ),
+            model=c.model_spec(model, model_size, cache_dir, device),
+            lora=c.lora_spec(lora_r, lora_alpha, lora_dropout, target_modules),
             train=TrainSpec(
                 local_epochs,
                 batch_size,

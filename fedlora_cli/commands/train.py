@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fedlora_cli.commands import _common as c
-from fedlora_cli.config import DataSpec, LoraSpec, ModelSpec, OutputSpec, TrainConfig, TrainSpec
+from fedlora_cli.config import DataSpec, OutputSpec, TrainConfig, TrainSpec
 
 
 def train(
@@ -56,10 +56,8 @@ def train(
     config = c.build(
         lambda: TrainConfig(
             data=DataSpec(task, data_dir, max_seq_length, max_train_samples, max_eval_samples),
-            model=ModelSpec(c.resolve_model(model, model_size), cache_dir, device),
-            lora=LoraSpec(
-                lora_r, lora_alpha, lora_dropout, c.split_list(target_modules) or LoraSpec().target_modules
-            ),
+            model=c.model_spec(model, model_size, cache_dir, device),
+            lora=c.lora_spec(lora_r, lora_alpha, lora_dropout, target_modules),
             train=TrainSpec(
                 epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_grad_norm, precision, seed
             ),
