@@ -141,22 +141,33 @@ def _deal_round_robin(
 def _stratified_counts(rng: np.random.Generator, n_g: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Counts c[g, k] with row sums n_g, column sums `sizes`, each the floor or ceil of n_g·s_k/N.
 
-    Start from the floors (exact integer arithmetic); the leftover 0/1 matrix has known row and column
-    sums and exists because the fractional parts are a solution, so filling each row into the columns
-    with the largest remaining deficit (Ryser's construction) always completes it. Ties: larger
-    fractional part first, then at random.
+    Start from the floors (exact integer arithmetic). What is left is a 0/1 matrix with known row and
+    column sums that may hold a 1 only where the share has a fractional part; the fractional parts
+    themselves are a fractional solution, so an integral one exists and a maximum flow finds it
+    (rows -> allowed cells -> columns). Columns are visited in a random order, so which clients get
+    the extra examples is drawn by the seed, not by their numbers.
     """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_flow
+
     n = int(n_g.sum())
+    groups, k = len(n_g), len(sizes)
     exact = np.outer(n_g, sizes)
     counts, remainder = exact // n, exact % n
+    row_left = n_g - counts.sum(axis=1)
     col_left = sizes - counts.sum(axis=0)
-    tiebreak = rng.random(len(sizes))
-    for g, r in enumerate((n_g - counts.sum(axis=1)).tolist()):
-        if r:
-            pick = np.lexsort((tiebreak, -remainder[g], -col_left))[:r]
-            counts[g, pick] += 1
-            col_left[pick] -= 1
-    if col_left.any() or (counts < 0).any():  # a bug, not bad input
+    if row_left.any():
+        perm = rng.permutation(k)
+        rows, cols = np.nonzero(remainder[:, perm] > 0)
+        sink = groups + k + 1  # nodes: 0 source, 1..G strata, G+1..G+K clients (permuted), sink
+        src = np.concatenate([np.zeros(groups, dtype=np.int64), 1 + rows, groups + 1 + np.arange(k)])
+        dst = np.concatenate([1 + np.arange(groups), groups + 1 + cols, np.full(k, sink)])
+        cap = np.concatenate([row_left, np.ones(len(rows), dtype=np.int64), col_left[perm]]).astype(np.int32)
+        graph = csr_matrix((cap, (src, dst)), shape=(sink + 1, sink + 1))
+        flow = maximum_flow(graph, 0, sink).flow
+        extra = flow[1 : groups + 1, groups + 1 : groups + k + 1].toarray() > 0
+        counts[:, perm] += extra
+    if (counts.sum(axis=0) != sizes).any() or (counts.sum(axis=1) != n_g).any():  # a bug, not bad input
         raise AssertionError("stratified allocation failed")
     return counts
 

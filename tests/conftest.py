@@ -17,6 +17,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from fixtures import build_tokenizer_and_model, write_glue_dir  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (set HYPOTHESIS_PROFILE=explore to search anew):
+# a red CI must mean a change broke something, not that a new random example turned up.
+settings.register_profile("ci", derandomize=True, deadline=None, database=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SHARED = Path(os.environ.get("FEDLORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 SHARED_GLUE = SHARED / "data" / "glue"
