@@ -9,13 +9,12 @@ from typing import Any
 
 from fedlora_cli import atomic
 from fedlora_cli.config import BaselineConfig, EvalConfig, ModelSpec, TrainConfig
-from fedlora_cli.errors import InputError
 from fedlora_cli.evaluation import EvalResult, evaluate
 from fedlora_cli.features import TaskData, load_task_data, steps_per_epoch
 from fedlora_cli.modeling import (
     LoraModel,
+    check_adapter_task,
     count_parameters,
-    head_num_labels,
     load_base_model,
     load_tokenizer,
     read_adapter,
@@ -25,7 +24,6 @@ from fedlora_cli.modeling import (
 )
 from fedlora_cli.progress import NullProgress, Progress
 from fedlora_cli.runs import METRICS, RUN_ENTRIES, claim_run_dir, run_path, run_record, write_record
-from fedlora_cli.tasks import GlueTask
 from fedlora_cli.training import TrainResult, train_model
 
 
@@ -97,20 +95,6 @@ class _RunFolder:
             self.path.rmdir()
 
 
-def _check_adapter_task(adapter, task: GlueTask, path: str) -> str | None:
-    """Refuse an adapter whose head cannot serve `task`; return a note if it was trained on another task."""
-    n = head_num_labels(adapter.state)
-    if n is not None and n != task.num_labels:
-        raise InputError(
-            f"adapter {path} has a head with {n} output(s) but task {task.name} needs {task.num_labels}: "
-            f"it was trained for another task"
-        )
-    trained_for = adapter.meta.get("task")
-    if trained_for and trained_for != task.name:
-        return f"note: adapter {path} was trained on {trained_for}, used here for {task.name}"
-    return None
-
-
 def _write_record(run_dir: Path, command: str, config, argv, data: TaskData, device, precision: str) -> None:
     record = run_record(
         command=command,
@@ -149,7 +133,7 @@ def run_train(
     device = resolve_device(config.model.device)
     precision = resolve_precision(config.train.precision, device)
     init = read_adapter(config.init_adapter) if config.init_adapter else None
-    if init is not None and (note := _check_adapter_task(init, task, config.init_adapter)):
+    if init is not None and (note := check_adapter_task(init, task, config.init_adapter)):
         progress.log(note)
     base, data, _ = load_model_and_data(
         config.model, config.data, config.train.seed, train=True, progress=progress
@@ -251,7 +235,7 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None) -> RunResu
     device = resolve_device(config.model.device)
     precision = resolve_precision(config.precision, device)
     adapter = read_adapter(config.adapter) if config.adapter else None
-    if adapter is not None and (note := _check_adapter_task(adapter, task, config.adapter)):
+    if adapter is not None and (note := check_adapter_task(adapter, task, config.adapter)):
         progress.log(note)
     base, data, _ = load_model_and_data(
         config.model, config.data, config.seed, train=False, progress=progress

@@ -7,7 +7,7 @@ into a usage error (exit 2). Nothing here imports torch, so `fedlora --help` sta
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -226,10 +226,6 @@ def to_dict(config: Any) -> dict[str, Any]:
     return clean(asdict(config))
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
-
-
 SHARD_MODES = ("iid", "overlap", "category", "category_overlap", "dirichlet", "quantity")
 
 
@@ -376,13 +372,12 @@ class MergeConfig:
             self.weights is None or self.shard_manifests is None,
             "give --weights or --shard-manifests, not both",
         )
-        for name, values in (("--weights", self.weights), ("--shard-manifests", self.shard_manifests)):
+        for name, attr in (("--weights", "weights"), ("--shard-manifests", "shard_manifests")):
+            values = getattr(self, attr)
             if values is not None:
-                object.__setattr__(self, name.strip("-").replace("-", "_"), tuple(values))
-                _check(
-                    len(values) == len(self.adapters),
-                    f"{name} has {len(values)} values for {len(self.adapters)} adapters",
-                )
+                object.__setattr__(self, attr, tuple(values))
+                n, k = len(values), len(self.adapters)
+                _check(n == k, f"{name} has {n} values for {k} adapters")
         if self.weights is not None:
             bad = [w for w in self.weights if not w > 0]
             _check(not bad, f"--weights must all be > 0, got {bad[0] if bad else ''}")

@@ -119,7 +119,6 @@ def read_local_split(task: GlueTask, split: str, data_dir: str | os.PathLike) ->
     width = max(position.values()) + 1
 
     columns: dict[str, list] = {name: [] for name in position}
-    skipped = 0
     for line_no, row in enumerate(rows, start=data_start):
         if not row:  # trailing blank line
             continue
@@ -129,7 +128,6 @@ def read_local_split(task: GlueTask, split: str, data_dir: str | os.PathLike) ->
             )
         raw_label = row[position["label"]].strip()
         if raw_label == "-":  # MNLI-style "no gold label": not a training or eval example
-            skipped += 1
             continue
         label = _parse_label(task, raw_label, path, line_no)
         for name, pos in position.items():

@@ -65,9 +65,6 @@ class EvalResult:
     def tokens_per_second(self) -> float:
         return self.real_tokens / self.seconds if self.seconds > 0 else 0.0
 
-    def main(self, task: GlueTask) -> float:
-        return self.metrics[task.main_metric]
-
 
 def predict(model, data, batch_size: int, device, precision: str) -> tuple[np.ndarray, int, int]:
     """Raw model outputs (logits, or scores) in data order; batches sorted by length to pad little."""

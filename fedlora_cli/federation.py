@@ -20,7 +20,7 @@ from fedlora_cli.config import AggregationSpec, LoraSpec, RoundsConfig, TrainSpe
 from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.evaluation import evaluate
 from fedlora_cli.features import TaskData, steps_per_epoch
-from fedlora_cli.modeling import LoraModel, read_adapter, save_adapter
+from fedlora_cli.modeling import LoraModel, check_adapter_task, read_adapter, save_adapter
 from fedlora_cli.progress import NullProgress, Progress
 from fedlora_cli.runs import (
     ADAPTER_DIR,
@@ -341,6 +341,8 @@ def prepare(
     precision = resolve_precision(config.train.precision, device)
     shards = read_shards(config.shards)
     init = read_adapter(config.init_adapter) if config.init_adapter else None
+    if init is not None and (note := check_adapter_task(init, task, config.init_adapter)):
+        progress.log(note)
     base, data, _ = load_model_and_data(
         config.model, config.data, config.train.seed, train=True, progress=progress
     )

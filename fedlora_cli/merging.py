@@ -11,7 +11,7 @@ from fedlora_cli import __version__
 from fedlora_cli.aggregation import ClientUpdate, aggregate, normalise_weights
 from fedlora_cli.config import LoraSpec, MergeConfig, ModelSpec
 from fedlora_cli.errors import InputError
-from fedlora_cli.modeling import Adapter, head_num_labels, read_adapter, save_adapter
+from fedlora_cli.modeling import Adapter, check_adapter_task, head_num_labels, read_adapter, save_adapter
 from fedlora_cli.tasks import get_task
 
 FUSE_MANIFEST = "fuse_manifest.json"
@@ -74,11 +74,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
     _check_compatible(adapters, config.adapters)
     num_labels = head_num_labels(adapters[0].state)
     if config.task is not None:
-        task = get_task(config.task)
-        if num_labels is not None and num_labels != task.num_labels:
-            raise InputError(
-                f"the adapters' head has {num_labels} output(s) but task {task.name} needs {task.num_labels}"
-            )
+        check_adapter_task(adapters[0], get_task(config.task), config.adapters[0])
     if config.weights is not None:
         raw, source = list(config.weights), "weights"
     elif config.shard_manifests is not None:

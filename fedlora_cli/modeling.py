@@ -189,10 +189,15 @@ class LoraModel:
         self.spec = spec
 
     def _assert_trainable(self, name: str) -> None:
-        for pname, p in self.peft.named_parameters():
-            is_adapter = f".{name}." in pname and ("lora_" in pname or "modules_to_save" in pname)
-            if is_adapter and not p.requires_grad:
-                p.requires_grad_(True)
+        frozen = [
+            pname
+            for pname, p in self.peft.named_parameters()
+            if f".{name}." in pname
+            and ("lora_" in pname or "modules_to_save" in pname)
+            and not p.requires_grad
+        ]
+        if frozen:  # a bug (or a PEFT change), not bad input
+            raise AssertionError(f"adapter {name!r} has frozen parameters after set_adapter: {frozen[:3]}")
 
     def state(self) -> dict[str, torch.Tensor]:
         """The active adapter's state (LoRA A/B and head), as CPU float tensors detached from the model."""
@@ -255,10 +260,6 @@ class Adapter:
     base_model: str | None = None
     path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state.values())
 
 
 def save_adapter(
@@ -355,4 +356,18 @@ def head_num_labels(state: dict[str, torch.Tensor]) -> int | None:
         parts = key.split(".")
         if len(parts) >= 2 and parts[-2] in HEAD_MODULES and parts[-1] == "weight":
             return int(state[key].shape[0])
+    return None
+
+
+def check_adapter_task(adapter: Adapter, task: GlueTask, path: str) -> str | None:
+    """Refuse an adapter whose head cannot serve `task`; return a note if it was trained on another task."""
+    n = head_num_labels(adapter.state)
+    if n is not None and n != task.num_labels:
+        raise InputError(
+            f"adapter {path} has a head with {n} output(s) but task {task.name} needs {task.num_labels}: "
+            f"it was trained for another task"
+        )
+    trained_for = adapter.meta.get("task")
+    if trained_for and trained_for != task.name:
+        return f"note: adapter {path} was trained on {trained_for}, used here for {task.name}"
     return None

@@ -6,7 +6,6 @@ import datetime as _dt
 import json
 import platform
 import sys
-import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -110,14 +109,6 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
         raise InputError(f"{path}: no such {what}") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not valid JSON ({e})") from None
-
-
-def known_keys(data: dict[str, Any], known: set[str], where: str) -> dict[str, Any]:
-    """Readers ignore keys written by newer versions, with a warning, so newer files still load."""
-    unknown = sorted(set(data) - known)
-    if unknown:
-        warnings.warn(f"{where}: ignoring unknown keys {unknown}", stacklevel=2)
-    return {k: v for k, v in data.items() if k in known}
 
 
 def write_history(folder: Path, rows: list[dict[str, Any]]) -> Path:

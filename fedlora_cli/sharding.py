@@ -31,7 +31,6 @@ from fedlora_cli.tasks import get_task
 STSB_BIN_WIDTH = 0.2  # the reference's score bin for STS-B stratification
 CLIENT_FILE = re.compile(r"^client_(\d+)\.json$")
 SUMMARY_FILE = "summary.json"
-REFERENCE_SUMMARY_KEYS = ("client_indices", "size_per_client", "total_train", "task", "mode", "meta")
 OVERLAP_MODES = ("overlap", "category_overlap")
 CATEGORY_MODES = ("category", "category_overlap")
 MAX_LISTED_CATEGORIES = 100  # beyond this, summary.json does not list each client's categories

@@ -32,7 +32,6 @@ class GlueTask:
     metrics: tuple[str, ...]  # metric names, see evaluation.compute_metrics
     main_metric: str
     local: LocalLayout
-    category_keys: tuple[str, ...] = ("label",)  # columns usable to group examples (sharding)
 
     @property
     def is_regression(self) -> bool:
@@ -42,10 +41,6 @@ class GlueTask:
     def num_labels(self) -> int:
         """Size of the model head: 1 for regression (STS-B)."""
         return len(self.label_names) or 1
-
-    @property
-    def is_pair(self) -> bool:
-        return len(self.text_fields) == 2
 
     def split_label(self, split: str) -> str:
         """Short prefix for metrics of a split when the task has several (MNLI: matched/mismatched)."""
@@ -112,7 +107,6 @@ TASKS: dict[str, GlueTask] = {
                 "score",
                 extra_columns={"genre": "genre"},
             ),
-            category_keys=("label", "genre"),
         ),
         GlueTask(
             "mnli",
@@ -132,7 +126,6 @@ TASKS: dict[str, GlueTask] = {
                 },
                 extra_columns={"genre": "genre"},
             ),
-            category_keys=("label", "genre"),
         ),
         GlueTask(
             "qnli",

@@ -97,3 +97,17 @@ def test_divergence_stops_with_a_clear_error(sst2):
     with pytest.raises(FedloraError, match="diverged at step 2"):
         train_model(model.module, data.train, TrainSpec(learning_rate=float("inf"), precision="fp32", warmup_ratio=0),
                     device=CPU, precision="fp32", seed=0)  # fmt: skip
+
+
+def test_progress_sees_one_step_per_optimizer_step(sst2):
+    from fedlora_cli.progress import RecordingProgress
+
+    spec, data = sst2
+    progress = RecordingProgress()
+    result = train_model(_lora(spec).module, data.train, TrainSpec(epochs=1.5, batch_size=64, precision="fp32"),
+                         device=CPU, precision="fp32", seed=0, progress=progress, progress_key="k")  # fmt: skip
+    assert result.steps == 15  # 600 examples: 10 steps per epoch, 1.5 epochs
+    assert progress.events[0] == ("start", "k", "training", 15)
+    steps = [e for e in progress.events if e[0] == "advance"]
+    assert len(steps) == 15 and all(e[2] == 1 and e[3].startswith("loss ") for e in steps)
+    assert progress.events[-1] == ("stop", "k")
