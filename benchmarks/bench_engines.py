@@ -35,7 +35,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 import torch  # noqa: E402
 
 from fedlora_cli.config import DataSpec, ModelSpec, OutputSpec, RoundsConfig, ShardConfig, TrainSpec  # noqa: E402
-from fedlora_cli.federation import run_rounds  # noqa: E402
+from fedlora_cli.engines import run_rounds  # noqa: E402
 from fedlora_cli.runs import read_history  # noqa: E402
 from fedlora_cli.sharding import run_shard  # noqa: E402
 

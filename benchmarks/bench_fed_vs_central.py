@@ -35,7 +35,7 @@ from fedlora_cli.config import (  # noqa: E402
     TrainConfig,
     TrainSpec,
 )
-from fedlora_cli.federation import run_rounds  # noqa: E402
+from fedlora_cli.engines import run_rounds  # noqa: E402
 from fedlora_cli.sharding import run_shard  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main() -> None:
                          aggregation=AggregationSpec(method), rounds=args.epochs, eval_each_round=False,
                          output=OutputSpec(root=str(work / "runs"), run_name=name.replace(" ", "_").replace("/", "")))
         )  # fmt: skip
-        errors = [row["aggregation"]["error"] for row in result.history]
+        errors = [row.aggregation["error"] for row in result.history]
         rows.append(
             (name, mode, result.final_metrics["accuracy"], sum(errors) / len(errors), time.perf_counter() - t)
         )

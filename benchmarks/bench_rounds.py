@@ -33,7 +33,7 @@ from fedlora_cli.config import (  # noqa: E402
     ShardConfig,
     TrainSpec,
 )
-from fedlora_cli.federation import run_rounds  # noqa: E402
+from fedlora_cli.engines import run_rounds  # noqa: E402
 from fedlora_cli.sharding import run_shard  # noqa: E402
 
 
@@ -103,7 +103,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     shares = []
-    for row in result.history:
+    history = [r.to_json() for r in result.history]
+    for row in history:
         sec = row["seconds"]
         overhead = (sec["wall"] - sec["train"] - sec["eval"]) / sec["wall"]
         shares.append(overhead)
@@ -112,8 +113,8 @@ def main() -> None:
             f"{sec['aggregate'] * 1000:7.1f} {sec['io']:6.3f} {overhead:9.1%} {row['bytes_written'] / 2**20:7.2f}MB "
             f"{(row['bytes_down'] + row['bytes_up']) / 2**20:7.2f}MB"
         )
-    mean_wall = statistics.mean(r["seconds"]["wall"] for r in result.history)
-    written = statistics.mean(r["bytes_written"] for r in result.history)
+    mean_wall = statistics.mean(r["seconds"]["wall"] for r in history)
+    written = statistics.mean(r["bytes_written"] for r in history)
 
     ref = reference_costs(model, glue, args.per_client)
     per_client = ref["reload_s"] + ref["tokenize_s"] + ref["checkpoint_s"]

@@ -149,29 +149,33 @@ def aggregate_naive(
 ) -> AggregateResult:
     """Average each factor separately: `B = Σ_i w_i B_i`, `A = Σ_i w_i A_i` (the reference's `--skip_svd`).
 
-    Needs every client at the same rank and scaling; the result keeps them (`rank`/`alpha`, if
-    given, must match). Dense (non-LoRA) keys get the weighted mean `Σ_i w_i x_i`, in float64.
+    Every client must have the same scaling. Clients of different ranks are zero-padded to the largest
+    rank R first (HetLoRA): rows r_i.. of A_i and columns r_i.. of B_i count as zeros. The result has
+    rank R (or `rank`, which must be >= R) and the clients' scaling (`alpha`, if given, must keep it).
+    Dense (non-LoRA) keys get the weighted mean `Σ_i w_i x_i`, in float64.
 
     Caveat: the mean of products is not the product of means, so `s B A ≠ Σ_i w_i s B_i A_i` in
-    general; the reported error measures the gap. It is computed in factored form, never forming
-    the d_out x d_in matrix: `s B A − Σ_i w_i s B_i A_i = X Y` with `X = [s B, −w_1 s B_1, …]`,
-    `Y = [A; A_1; …]`, and `||X Y||_F = ||R_x R_y^T||_F` from the QRs `X = Q_x R_x`, `Y^T = Q_y R_y`
-    (more accurate than the trace of Gram matrices when the gap is tiny).
+    general; zero-padding also shrinks the directions only some clients have. The reported error
+    measures the gap. It is computed in factored form, never forming the d_out x d_in matrix:
+    `s B A − Σ_i w_i s B_i A_i = X Y` with `X = [s B, −w_1 s B_1, …]`, `Y = [A; A_1; …]`, and
+    `||X Y||_F = ||R_x R_y^T||_F` from the QRs `X = Q_x R_x`, `Y^T = Q_y R_y` (more accurate than the
+    trace of Gram matrices when the gap is tiny).
     """
     checked = _check_clients(clients)
     ranks = [lora_rank(c.state) for c in clients]
-    if len(set(ranks)) > 1:
-        raise ValueError(f"naive averaging needs one rank for all clients, got ranks {ranks}: use svd")
     scalings = [c.scaling for c in clients]
     if not all(math.isclose(s, scalings[0], rel_tol=1e-9) for s in scalings):
         raise ValueError(f"naive averaging needs one scaling for all clients, got {scalings}: use svd")
-    r, s = ranks[0], scalings[0]
-    if rank is not None and rank != r:
-        raise ValueError(f"naive averaging keeps the clients' rank {r}, got rank={rank}: use svd to change r")
+    r, s = max(ranks), scalings[0]
+    if rank is not None and rank < r:
+        raise ValueError(
+            f"naive averaging keeps the clients' largest rank {r}, got rank={rank}: use svd to lower r"
+        )
+    r = rank if rank is not None else r
     if alpha is not None and not math.isclose(alpha, s * r, rel_tol=1e-9):
         raise ValueError(
-            f"naive averaging keeps the clients' lora_alpha {s * r:g}, got alpha={alpha!r}: "
-            "use svd to change it"
+            f"naive averaging keeps the clients' scaling {s:g} (lora_alpha {s * r:g} at rank {r}), got "
+            f"alpha={alpha!r}: use svd to change it"
         )
 
     state: dict[str, torch.Tensor] = {}
@@ -181,8 +185,8 @@ def aggregate_naive(
     for prefix, (a_key, b_key) in checked.modules.items():
         bs = [_to64(c.state[b_key]) for c in clients]
         as_ = [_to64(c.state[a_key]) for c in clients]
-        b_mean = sum(wi * b for wi, b in zip(w, bs, strict=True))
-        a_mean = sum(wi * a for wi, a in zip(w, as_, strict=True))
+        b_mean = sum(wi * _pad_cols(b, r) for wi, b in zip(w, bs, strict=True))
+        a_mean = sum(wi * _pad_rows(a, r) for wi, a in zip(w, as_, strict=True))
         target_b = [wi * s * b for wi, b in zip(w, bs, strict=True)]
         sq_err[prefix] = _frobenius_sq(
             torch.cat([s * b_mean, *(-tb for tb in target_b)], dim=1), torch.cat([a_mean, *as_], dim=0)
@@ -194,6 +198,64 @@ def aggregate_naive(
         state[key] = _weighted_mean(clients, key, checked.weights, checked.dtypes[key])
     out_alpha = float(alpha) if alpha is not None else s * r
     return _result(checked, state, r, out_alpha, sq_err, sq_target)
+
+
+def resize_rank(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The same adapter at another rank: keep the first `rank` rows of A and columns of B, or pad.
+
+    Truncation keeps the leading components, which are the largest ones when the adapter came out of
+    `aggregate_svd` (A's rows orthonormal, B's columns by decreasing singular value): the best
+    rank-`rank` approximation of `B A` (FlexLoRA sends each client this). Padding adds zero columns
+    to B (the product is unchanged) and rows of A orthonormal to the others (not zeros: a zero row
+    of A with a zero column of B would get no gradient and stay dead). Dense keys are copied.
+    """
+    _check_rank_alpha(rank, 1.0)
+    out: dict[str, torch.Tensor] = {}
+    modules = lora_modules(state)
+    for key, t in state.items():
+        out[key] = t
+    for prefix, (a_key, b_key) in modules.items():
+        a, b = state[a_key], state[b_key]
+        r = _module_rank(prefix, a, b)
+        if rank <= r:
+            out[a_key], out[b_key] = a[:rank].contiguous(), b[:, :rank].contiguous()
+            continue
+        if rank > a.shape[1]:
+            raise ValueError(
+                f"rank {rank} is larger than LoRA module {prefix!r} allows (d_in = {a.shape[1]})"
+            )
+        a64 = _to64(a)
+        q, _ = torch.linalg.qr(a64.mT)  # orthonormal basis of A's rows (A itself need not be orthonormal)
+        extra = _orthonormal_complement_rows(q.mT, rank - r)
+        scale = (
+            a64.norm(dim=1).mean() if r > 0 and a64.abs().sum() > 0 else torch.tensor(1.0, dtype=a64.dtype)
+        )
+        out[a_key] = torch.cat([a, (extra * scale).to(a.dtype)], dim=0).contiguous()
+        out[b_key] = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1).contiguous()
+    return out
+
+
+def low_rank_factors(
+    bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], coeffs: Sequence[float], rtol: float = 1e-9
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact factors (B, A) of `Σ_i coeffs_i B_i A_i` with no loss beyond `rtol`: singular values below
+    `rtol · σ_max` are dropped (they are float noise), everything else is kept. float64 in and out;
+    A's rows are orthonormal. Rank 0 (empty factors) when the sum is zero."""
+    b_cat = torch.cat([c * _to64(b) for c, b in zip(coeffs, bs, strict=True)], dim=1)
+    a_cat = torch.cat([_to64(a) for a in as_], dim=0)
+    q_b, r_b = torch.linalg.qr(b_cat)
+    q_a, r_a = torch.linalg.qr(a_cat.mT)
+    u, sigma, vh = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
+    keep = int((sigma > rtol * sigma[0]).sum()) if sigma.numel() and sigma[0] > 0 else 0
+    return (q_b @ u[:, :keep]) * sigma[:keep], vh[:keep] @ q_a.mT
+
+
+def _pad_cols(b: torch.Tensor, r: int) -> torch.Tensor:
+    return b if b.shape[1] == r else torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
+
+
+def _pad_rows(a: torch.Tensor, r: int) -> torch.Tensor:
+    return a if a.shape[0] == r else torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])], dim=0)
 
 
 AGGREGATORS: dict[str, Callable[..., AggregateResult]] = {"svd": aggregate_svd, "naive": aggregate_naive}

@@ -6,11 +6,14 @@ into a usage error (exit 2). Nothing here imports torch, so `fedlora --help` sta
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora_cli.strategies.registry import get_method
 from fedlora_cli.tasks import get_task
 
 # Short names users type, mapped to hub ids. Anything else is taken as a hub id or a local folder.
@@ -19,7 +22,6 @@ MODEL_ALIASES = {
     "roberta-large": "FacebookAI/roberta-large",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
-AGGREGATIONS = ("svd", "naive")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -275,25 +277,78 @@ ENGINES = ("local", "flower")
 
 @dataclass(frozen=True)
 class AggregationSpec:
-    """How client adapters become one: `svd` (truncated average of ΔW) or `naive` (mean of A and of B)."""
+    """The federated method (a name in `strategies.METHODS`) and the LoRA shapes it works with.
+
+    Scaling convention: every client keeps the scaling s = lora_alpha / lora_r the user chose, whatever
+    its rank (a client of rank r_i trains with alpha_i = s·r_i), and so does the aggregated adapter
+    unless `alpha` says otherwise: a round never silently changes the step size of the next one.
+    """
 
     method: str = "svd"
-    rank: int | None = None  # svd: rank R of the result; None = the clients' LoRA rank
-    alpha: float | None = None  # lora_alpha of the result; None = R (scaling 1), as the reference
+    rank: int | None = None  # svd: rank R of the aggregated adapter; None: the largest client rank
+    alpha: float | None = None  # lora_alpha of the aggregated adapter; None: s·R (the clients' scaling)
+    client_ranks: str | None = None  # "4,8,16" cycled over client ids, or a JSON file {"<id>": rank}
+    prox_mu: float = (
+        0.0  # FedProx: μ/2·‖θ − θ_global‖² over the trained parameters, added to each client's loss
+    )
 
     def __post_init__(self) -> None:
-        _check(
-            self.method in AGGREGATIONS,
-            f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.method!r}",
-        )
+        get_method(self.method)  # ValueError naming the choices
         _check(self.rank is None or self.rank >= 1, f"--svd-rank must be >= 1, got {self.rank}")
-        _check(self.alpha is None or self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        _check(self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0),
+               f"--alpha must be a finite number > 0, got {self.alpha}")  # fmt: skip
+        _check(math.isfinite(self.prox_mu) and self.prox_mu >= 0,
+               f"--prox-mu must be a finite number >= 0, got {self.prox_mu}")  # fmt: skip
+        if self.client_ranks is not None and not self.client_ranks.strip().lower().endswith(".json"):
+            parse_rank_list(self.client_ranks)
 
-    def resolved_rank(self, client_rank: int) -> int:
-        return self.rank if self.rank is not None else client_rank
+    def ranks_for(self, client_ids: Sequence[int], default: int) -> dict[int, int]:
+        """Each client's LoRA rank: `default` (--lora-r) unless --client-ranks says otherwise."""
+        if self.client_ranks is None:
+            return {int(c): default for c in client_ids}
+        text = self.client_ranks.strip()
+        if not text.lower().endswith(".json"):
+            cycle = parse_rank_list(text)
+            return {int(c): cycle[(int(c) - 1) % len(cycle)] for c in client_ids}
+        table = _read_rank_file(text)
+        missing = [c for c in client_ids if int(c) not in table]
+        if missing:
+            raise ValueError(
+                f"--client-ranks {text} has no rank for client(s) {', '.join(map(str, missing[:5]))}"
+            )
+        return {int(c): table[int(c)] for c in client_ids}
 
-    def resolved_alpha(self, client_rank: int) -> float:
-        return self.alpha if self.alpha is not None else float(self.resolved_rank(client_rank))
+
+def parse_rank_list(text: str) -> tuple[int, ...]:
+    """`4,8,16` -> (4, 8, 16); ValueError naming the bad entry."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise ValueError(
+                f"--client-ranks must be whole numbers >= 1 (e.g. 4,8,16) or a .json file, got {part!r}"
+            )
+        out.append(int(part))
+    return tuple(out)
+
+
+def _read_rank_file(path: str) -> dict[int, int]:
+    import json
+
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--client-ranks {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--client-ranks {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f'--client-ranks {path} must hold an object {{"<client id>": rank}}')
+    table: dict[int, int] = {}
+    for key, value in data.items():
+        if not str(key).strip().isdigit() or type(value) is not int or value < 1:
+            raise ValueError(f"--client-ranks {path}: {key!r}: {value!r} is not <client id>: <rank >= 1>")
+        table[int(key)] = value
+    return table
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,21 @@
-"""The round loop: broadcast -> local train -> aggregate -> evaluate -> record (engine `local`).
+"""The round driver every engine shares: select -> plan -> (the engine trains the clients) -> close the round.
 
-The pieces (`train_client`, `aggregate_round`, `RoundRecorder`) are shared with the Flower apps,
-which run the same steps across processes or machines.
+`prepare` builds what a run needs once per process (data, model, strategy, run folder). A
+`RoundDriver` then plans each round (`plan_round`: which clients, and what each one trains, as the
+strategy decides) and closes it (`close_round`: check the clients' updates, save them, aggregate,
+evaluate, save the global adapter and the strategy's state, write the history row). Engine `local`
+(`run_local`, below) trains the planned clients one after another in this process; the Flower
+ServerApp sends the same plans to SuperNodes and calls the same `close_round` with their replies.
+This module knows no engine: the command picks one (`fedlora_cli.engines`).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import math
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +23,11 @@ import numpy as np
 import torch
 
 from fedlora_cli import atomic
-from fedlora_cli.aggregation import AggregateResult, ClientUpdate, aggregate
-from fedlora_cli.config import AggregationSpec, LoraSpec, RoundsConfig, TrainSpec
+from fedlora_cli.config import LoraSpec, RoundsConfig, TrainSpec
 from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.evaluation import evaluate
 from fedlora_cli.features import TaskData, steps_per_epoch
+from fedlora_cli.history import HistoryRow
 from fedlora_cli.modeling import LoraModel, check_adapter_task, read_adapter, save_adapter
 from fedlora_cli.progress import NullProgress, Progress
 from fedlora_cli.runs import (
@@ -32,8 +40,17 @@ from fedlora_cli.runs import (
     write_history,
     write_record,
 )
+from fedlora_cli.strategies import build_strategy
+from fedlora_cli.strategies.base import ClientPlan, ClientReport, GlobalAdapter, Strategy
 from fedlora_cli.tasks import GlueTask
 from fedlora_cli.training import train_model
+
+__all__ = [
+    "ClientPlan", "ClientReport", "GlobalAdapter", "Interrupted", "RoundDriver", "RoundFailed", "RoundPlan",
+    "RoundsResult", "Setup", "derive_seed", "prepare", "run_local", "select_clients", "train_client",
+]  # fmt: skip
+
+STATE_FILE = "state.safetensors"  # a strategy's server state, beside round_NNN/global/adapter
 
 # Config keys that may change between a run and its resumption: where it is written, how the work is
 # spread (engine, resources, fault tolerance: both engines give the same rounds), what is evaluated, and
@@ -49,6 +66,10 @@ class Interrupted(FedloraError):
     """Ctrl-C during a run: complete rounds are kept and `--resume` continues after them."""
 
     exit_code = 130
+
+
+class RoundFailed(FedloraError):
+    """Fewer than --min-clients usable updates: complete rounds are kept and --resume continues after them."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,54 +95,16 @@ def select_clients(client_ids: list[int], count: int, run_seed: int, round_no: i
 
 
 # ---------------------------------------------------------------------------------------------------
-# the pieces: one client's turn, one aggregation
-
-
-@dataclass(frozen=True)
-class GlobalAdapter:
-    """The server's adapter: its state and the LoRA shape that state has."""
-
-    state: dict[str, torch.Tensor]
-    lora: LoraSpec
-
-    @property
-    def num_bytes(self) -> int:
-        return state_bytes(self.state)
-
-
-@dataclass(frozen=True)
-class ClientReport:
-    """What a client sends back: its adapter state, its example count (the FedAvg weight), and stats."""
-
-    client_id: int
-    state: dict[str, torch.Tensor] = field(repr=False)
-    examples: int
-    seed: int
-    train: dict[str, Any]
-    eval: dict[str, float] | None = None
-    wire_bytes: int | None = None  # size of the record that actually carried the state (Flower), if known
-
-    @property
-    def num_bytes(self) -> int:
-        return self.wire_bytes if self.wire_bytes is not None else state_bytes(self.state)
-
-    def summary(self) -> dict[str, Any]:
-        return {"client": self.client_id, "examples": self.examples, "seed": self.seed, "bytes_up": self.num_bytes,
-                **self.train, **({"eval": self.eval} if self.eval is not None else {})}  # fmt: skip
-
-
-def state_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+# one client's turn (engine local runs it here; a Flower ClientApp runs it on its SuperNode)
 
 
 def train_client(
     model: LoraModel,
     data: TaskData,
     indices: np.ndarray,
-    global_adapter: GlobalAdapter,
+    plan: ClientPlan,
     train_spec: TrainSpec,
     *,
-    client_id: int,
     round_no: int,
     run_seed: int,
     device: torch.device,
@@ -130,16 +113,16 @@ def train_client(
     eval_batch_size: int = 64,
     progress: Progress | None = None,
 ) -> ClientReport:
-    """One client's turn: load the global adapter, train LoRA A/B and the head on its shard, report.
+    """One client's turn: load the plan (adapter, frozen parts, base delta), train on its shard, report.
 
-    The base model is never reloaded: only the adapter state moves in and out. Pass `task` to also
-    evaluate the client's adapter on the dev split(s).
+    The base model is never reloaded: only the adapter state (and a method's base delta) moves in and
+    out. Pass `task` to also evaluate the client's adapter on the dev split(s).
     """
-    model.load_state(global_adapter.state, global_adapter.lora)  # also makes A/B and the head trainable
-    seed = derive_seed(run_seed, round_no, client_id)
+    model.apply_plan(plan)
+    seed = derive_seed(run_seed, round_no, plan.client_id)
     result = train_model(model.module, data.train, train_spec, device=device, precision=precision, seed=seed,
-                         indices=indices, progress=progress, progress_key="client",
-                         description=f"round {round_no} · client {client_id}")  # fmt: skip
+                         indices=indices, progress=progress, progress_key="client", prox_mu=plan.prox_mu,
+                         description=f"round {round_no} · client {plan.client_id}")  # fmt: skip
     evaluation = None
     if task is not None:
         evaluation = evaluate(model.module, task, data.evals, eval_batch_size, device, precision).metrics
@@ -152,30 +135,13 @@ def train_client(
         "tokens_per_second": result.tokens_per_second,
         "order": result.order_digest,
     }
-    return ClientReport(client_id, model.state(), result.examples, seed, train, evaluation)
-
-
-def aggregate_round(
-    reports: list[ClientReport], spec: AggregationSpec, lora: LoraSpec
-) -> tuple[GlobalAdapter, AggregateResult]:
-    """FedAvg of the clients' adapters, weighted by training examples (never batches)."""
-    if not reports:
-        raise FedloraError("no client reported back: nothing to aggregate")
-    updates = [ClientUpdate(r.state, scaling=lora.scaling, weight=r.examples) for r in reports]
-    if spec.method == "naive":
-        rank, alpha = lora.r, lora.alpha  # naive keeps the clients' shape
-    else:
-        rank, alpha = spec.resolved_rank(lora.r), spec.resolved_alpha(lora.r)
-    try:
-        result = aggregate(spec.method, updates, rank=rank, alpha=alpha)
-    except ValueError as e:
-        raise InputError(f"aggregation failed: {e}") from None
-    new_lora = replace(lora, r=result.rank, alpha=result.alpha)
-    return GlobalAdapter(result.state, new_lora), result
+    return ClientReport(
+        plan.client_id, model.state(), plan.adapter.lora, result.examples, seed, train, evaluation
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
-# recording
+# the run folder
 
 
 class RoundRecorder:
@@ -185,7 +151,7 @@ class RoundRecorder:
         self.tree = RoundTree(run_dir)
         self.base_model = base_model
         self.task = task
-        self.history: list[dict[str, Any]] = []
+        self.history: list[HistoryRow] = []
 
     @property
     def run_dir(self) -> Path:
@@ -206,8 +172,10 @@ class RoundRecorder:
             self.tree.discard_after(done)
             # Each complete round's global/metrics.json holds its whole history row, so history.jsonl
             # is rebuilt from them: it can never disagree with the rounds actually on disk.
-            self.history = [read_json(self.tree.global_dir(r) / METRICS) for r in range(1, done + 1)]
-            write_history(root, self.history)
+            self.history = [
+                HistoryRow.from_json(read_json(self.tree.global_dir(r) / METRICS)) for r in range(1, done + 1)
+            ]
+            write_history(root, [row.to_json() for row in self.history])
             return done
         root.mkdir(parents=True, exist_ok=True)
         write_record(root, record)
@@ -217,26 +185,41 @@ class RoundRecorder:
         return {"task": self.task.name, "label_names": list(self.task.label_names), "origin": origin,
                 "round": round_no, **extra}  # fmt: skip
 
-    def save_client(self, round_no: int, report: ClientReport, lora: LoraSpec) -> int:
+    def save_client(self, round_no: int, report: ClientReport) -> int:
         folder = self.tree.client_dir(round_no, report.client_id)
-        size = save_adapter(folder / ADAPTER_DIR, report.state, lora, base_model=self.base_model,
+        size = save_adapter(folder / ADAPTER_DIR, report.state, report.lora, base_model=self.base_model,
                             meta=self._meta("client", round_no, client=report.client_id, examples=report.examples))  # fmt: skip
         atomic.write_json(folder / METRICS, report.summary())
         return size
 
-    def save_global(self, round_no: int, adapter: GlobalAdapter) -> int:
-        return save_adapter(self.tree.global_dir(round_no) / ADAPTER_DIR, adapter.state, adapter.lora,
-                            base_model=self.base_model, meta=self._meta("global", round_no))  # fmt: skip
+    def save_global(
+        self, round_no: int, adapter: GlobalAdapter, server_state: dict[str, torch.Tensor]
+    ) -> int:
+        folder = self.tree.global_dir(round_no)
+        size = save_adapter(folder / ADAPTER_DIR, adapter.state, adapter.lora, base_model=self.base_model,
+                            meta=self._meta("global", round_no))  # fmt: skip
+        if server_state:
+            from safetensors.torch import save
 
-    def complete_round(self, row: dict[str, Any]) -> None:
+            blob = save({k: v.detach().cpu().contiguous() for k, v in server_state.items()})
+            atomic.write_bytes(folder / STATE_FILE, blob)
+            size += len(blob)
+        return size
+
+    def complete_round(self, row: HistoryRow) -> None:
         """Write the round's record last: global/metrics.json marks the round complete, then history."""
-        atomic.write_json(self.tree.global_dir(row["round"]) / METRICS, row)
+        atomic.write_json(self.tree.global_dir(row.round) / METRICS, row.to_json())
         self.history.append(row)
-        write_history(self.tree.root, self.history)
+        write_history(self.tree.root, [r.to_json() for r in self.history])
 
-    def load_global(self, round_no: int) -> GlobalAdapter:
-        adapter = read_adapter(self.tree.global_dir(round_no) / ADAPTER_DIR)
-        return GlobalAdapter(adapter.state, adapter.lora)
+    def load_global(self, round_no: int) -> tuple[GlobalAdapter, dict[str, torch.Tensor]]:
+        """A complete round's global adapter and the strategy state saved with it."""
+        from safetensors.torch import load_file
+
+        folder = self.tree.global_dir(round_no)
+        adapter = read_adapter(folder / ADAPTER_DIR)
+        state = load_file(str(folder / STATE_FILE)) if (folder / STATE_FILE).is_file() else {}
+        return GlobalAdapter(adapter.state, adapter.lora), state
 
     def finish(self, adapter: GlobalAdapter, metrics: dict[str, Any]) -> Path:
         final = self.tree.final_dir
@@ -274,37 +257,28 @@ def _check_same_run(previous: dict[str, Any], record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# engine `local`: everything in this process
+# setting a run up
 
 
 @dataclass(frozen=True)
 class RoundsResult:
     run_dir: Path
     final_adapter: Path
-    history: list[dict[str, Any]]
+    history: list[HistoryRow]
     final_metrics: dict[str, float]
     resumed_after: int  # rounds already complete when this call started
     clients: int
     main_metric: str
 
 
-def run_rounds(
-    config: RoundsConfig, *, progress: Progress | None = None, argv: list[str] | None = None
-) -> RoundsResult:
-    """Multi-round FedAvg of LoRA adapters over the shards, in one process (engine `local`)."""
-    if config.engine == "flower":
-        from fedlora_cli.flower.simulation import run_flower_simulation
+def cli_resume_hint(config: RoundsConfig) -> Callable[[Path], str]:
+    """How to continue a run from the command line: the option that names this run folder."""
 
-        return run_flower_simulation(config, progress=progress, argv=argv)
-    setup = prepare(config, progress=progress, argv=argv)
-    try:
-        return _loop(setup, progress or NullProgress())
-    except KeyboardInterrupt:
-        done = setup.recorder.tree.last_complete_round()
-        raise Interrupted(
-            f"interrupted; rounds 1..{done} of {setup.run_dir} are complete: continue with "
-            f"`fedlora rounds … --run-name {setup.run_dir.name} --resume`"
-        ) from None
+    def hint(run_dir: Path) -> str:
+        where = f"--output-dir {run_dir}" if config.output.output_dir else f"--run-name {run_dir.name}"
+        return f"`fedlora rounds … {where} --resume`"
+
+    return hint
 
 
 @dataclass
@@ -318,19 +292,29 @@ class Setup:
     data: TaskData
     shards: Any  # sharding.ShardSet
     model: LoraModel
-    initial: GlobalAdapter
+    strategy: Strategy
+    initial: GlobalAdapter  # round 1's broadcast
     recorder: RoundRecorder
     start_round: int
+    resume_hint: Callable[[Path], str]
 
     @property
     def run_dir(self) -> Path:
         return self.recorder.run_dir
 
+    @property
+    def client_sizes(self) -> dict[int, int]:
+        return dict(zip(self.shards.client_ids, self.shards.sizes, strict=True))
+
 
 def prepare(
-    config: RoundsConfig, *, progress: Progress | None = None, argv: list[str] | None = None
+    config: RoundsConfig,
+    *,
+    progress: Progress | None = None,
+    argv: list[str] | None = None,
+    resume_hint: Callable[[Path], str] | None = None,
 ) -> Setup:
-    """Read shards and data, build the model once, claim (or verify, for --resume) the run folder."""
+    """Read shards and data, build the model and the strategy once, claim (or verify, for --resume) the run folder."""
     from fedlora_cli.centralised import load_model_and_data
     from fedlora_cli.modeling import count_parameters, resolve_device, resolve_precision
     from fedlora_cli.sharding import read_shards, validate_shards
@@ -343,17 +327,23 @@ def prepare(
     init = read_adapter(config.init_adapter) if config.init_adapter else None
     if init is not None and (note := check_adapter_task(init, task, config.init_adapter)):
         progress.log(note)
+    # The clients' LoRA shape: --lora-r/--lora-alpha/…, or the --init-adapter's own.
+    client_lora = init.lora if init is not None else config.lora
+    try:
+        strategy = build_strategy(
+            config.aggregation, client_lora, seed=config.train.seed, client_ids=shards.client_ids
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from None
     base, data, _ = load_model_and_data(
         config.model, config.data, config.train.seed, train=True, progress=progress
     )
     validate_shards(shards, task.name, len(data.train), train_fingerprint=data.fingerprints["train"])
-    first_lora = init.lora if init is not None else config.lora
-    model = LoraModel(base, first_lora, device, base_name=config.model.resolved)
+    start_lora = init.lora if init is not None else _largest(strategy, shards.client_ids)
+    model = LoraModel(base, start_lora, device, base_name=config.model.resolved)
     if init is not None:
         model.load_state(init.state, init.lora)
-    initial = GlobalAdapter(
-        model.state(), first_lora
-    )  # round 1's broadcast: from the seed, or --init-adapter
+    initial = strategy.initial(GlobalAdapter(model.state(), start_lora))  # from the seed, or --init-adapter
 
     path = run_path(config.output, task.name, config.model.short_name)
     recorder = RoundRecorder(path, config.model.resolved, task)
@@ -367,6 +357,7 @@ def prepare(
             "shards_fingerprint": shards.fingerprint,
             "shards": str(Path(config.shards).resolve()),
             "client_sizes": dict(zip(map(str, shards.client_ids), shards.sizes, strict=True)),
+            "client_ranks": {str(c): strategy.client_lora(c).r for c in shards.client_ids},
             "device": str(device),
             "precision": precision,
         },
@@ -379,113 +370,250 @@ def prepare(
         max(1, round(config.train.epochs * steps_per_epoch(int(n), config.train.batch_size))) for n in sizes
     ]
     trainable, total = count_parameters(model.module)
+    ranks = sorted({strategy.client_lora(c).r for c in shards.client_ids})
     progress.log(
         f"{task.name}: {len(sizes)} clients ({sizes.min()}–{sizes.max()} examples, mean {sizes.mean():.0f}), "
-        f"{per_round} per round, {min(steps)}–{max(steps)} local steps; LoRA r={first_lora.r} on "
-        f"{','.join(first_lora.target_modules)}: {trainable:,} trainable of {total:,} parameters; adapter "
-        f"{initial.num_bytes / 2**20:.2f} MB; {device.type}, {precision}"
-        + (f"; resuming after round {start}" if start else "")
+        f"{per_round} per round, {min(steps)}–{max(steps)} local steps; {config.aggregation.method}; LoRA "
+        f"r={','.join(map(str, ranks))} alpha/r={client_lora.scaling:g} on {','.join(client_lora.target_modules)}: "
+        f"{trainable:,} trainable of {total:,} parameters; adapter {initial.num_bytes / 2**20:.2f} MB; "
+        f"{device.type}, {precision}" + (f"; resuming after round {start}" if start else "")
     )
-    return Setup(config, task, device, precision, data, shards, model, initial, recorder, start)
+    return Setup(config, task, device, precision, data, shards, model, strategy, initial, recorder, start,
+                 resume_hint or cli_resume_hint(config))  # fmt: skip
 
 
-def _loop(s: Setup, progress: Progress) -> RoundsResult:
-    config = s.config
-    global_adapter = s.recorder.load_global(s.start_round) if s.start_round else s.initial
-    index = dict(zip(s.shards.client_ids, s.shards.clients, strict=True))
-    per_round = config.clients_in_round(len(s.shards.client_ids))
-    progress.start("rounds", "rounds", total=config.rounds)
-    progress.advance("rounds", s.start_round)
-    metrics: dict[str, float] = dict(s.recorder.history[-1].get("eval") or {}) if s.recorder.history else {}
-    for round_no in range(s.start_round + 1, config.rounds + 1):
-        wall = time.perf_counter()
-        selected = select_clients(s.shards.client_ids, per_round, config.train.seed, round_no)
-        reports, io_seconds, written = [], 0.0, 0
-        for client_id in selected:
-            report = train_client(
-                s.model, s.data, index[client_id], global_adapter, config.train,
-                client_id=client_id, round_no=round_no, run_seed=config.train.seed, device=s.device,
-                precision=s.precision, task=s.task if config.eval_clients else None,
-                eval_batch_size=config.eval_batch_size, progress=progress,
-            )  # fmt: skip
-            t = time.perf_counter()
-            written += s.recorder.save_client(round_no, report, global_adapter.lora)
-            io_seconds += time.perf_counter() - t
-            reports.append(report)
-        bytes_down = global_adapter.num_bytes * len(selected)
-        row, global_adapter, metrics = finish_round(s, round_no, reports, global_adapter, bytes_down, [])
-        row["seconds"]["io"] += io_seconds
-        row["bytes_written"] += written
-        row["seconds"]["wall"] = time.perf_counter() - wall
+def _largest(strategy: Strategy, client_ids: list[int]) -> LoraSpec:
+    """The LoRA shape of the fresh adapter: the largest client rank, so every client's is a slice of it."""
+    return max((strategy.client_lora(c) for c in client_ids), key=lambda spec: spec.r)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round_no: int
+    selected: list[int]  # client ids, ascending
+    plans: dict[int, ClientPlan]
+    broadcast: GlobalAdapter  # the global adapter this round started from
+    started: float  # time.perf_counter() when the round was planned
+
+
+class RoundDriver:
+    """The round loop of a run, shared by every engine (see the module docstring)."""
+
+    def __init__(self, setup: Setup, progress: Progress | None = None) -> None:
+        self.s = setup
+        self.progress = progress or NullProgress()
+        config = setup.config
+        self.client_ids: list[int] = list(setup.shards.client_ids)
+        self.per_round = config.clients_in_round(len(self.client_ids))
+        self.need = min(config.min_clients or self.per_round, self.per_round)
+        if setup.start_round:
+            self.current, server_state = setup.recorder.load_global(setup.start_round)
+            try:
+                setup.strategy.load_state_dict(server_state)
+            except ValueError as e:
+                raise InputError(f"--resume: round {setup.start_round}'s {STATE_FILE}: {e}") from None
+        else:
+            self.current = setup.initial
+        last = setup.recorder.history[-1] if setup.recorder.history else None
+        self.metrics: dict[str, float] = dict(last.eval or {}) if last is not None else {}
+
+    @property
+    def rounds_left(self) -> range:
+        return range(self.s.start_round + 1, self.s.config.rounds + 1)
+
+    def plan_round(self, round_no: int) -> RoundPlan:
+        """Select this round's clients (seeded) and ask the strategy what each one does."""
+        started = time.perf_counter()
+        selected = select_clients(self.client_ids, self.per_round, self.s.config.train.seed, round_no)
+        plans = {cid: self.s.strategy.plan(round_no, cid, self.current) for cid in selected}
+        return RoundPlan(round_no, selected, plans, self.current, started)
+
+    def check_report(self, plan: RoundPlan, report: ClientReport) -> str | None:
+        """Why a client's report cannot count (None: it can). Nothing a client says is taken on trust."""
+        client_plan = plan.plans.get(report.client_id)
+        if client_plan is None:
+            return f"client {report.client_id} was not selected in round {plan.round_no}"
+        expected = self.s.client_sizes[report.client_id]
+        if type(report.examples) is not int or report.examples != expected:
+            return f"reported {report.examples!r} training examples, but its shard has {expected}"
+        if report.lora != client_plan.adapter.lora:
+            return f"trained LoRA r={report.lora.r} alpha={report.lora.alpha:g}, not the planned shape"
+        sent = client_plan.adapter.state
+        if set(report.state) != set(sent):
+            extra, missing = sorted(set(report.state) - set(sent)), sorted(set(sent) - set(report.state))
+            return f"the adapter's keys differ from the broadcast (missing {missing[:2]}, unexpected {extra[:2]})"
+        for key, tensor in report.state.items():
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                return f"{key} is not a floating-point tensor"
+            if tuple(tensor.shape) != tuple(sent[key].shape):
+                return f"{key} has shape {tuple(tensor.shape)}, expected {tuple(sent[key].shape)}"
+            if not bool(torch.isfinite(tensor).all()):
+                return f"{key} holds NaN or Inf"
+        for key in ("loss", "seconds"):
+            value = report.train.get(key)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                return f"its training {key} is missing or not a finite number ({value!r})"
+        return self.s.strategy.check_update(client_plan, report.update())
+
+    def close_round(
+        self,
+        plan: RoundPlan,
+        reports: list[ClientReport],
+        failures: list[dict[str, Any]],
+        *,
+        bytes_down: int | None = None,
+    ) -> HistoryRow:
+        """Check, save and aggregate the clients' reports, evaluate and save the new global adapter,
+        and write the round's history row (which marks the round complete)."""
+        s, config, round_no = self.s, self.s.config, plan.round_no
+        failures = list(failures)
+        usable: list[ClientReport] = []
+        for report in sorted(reports, key=lambda r: r.client_id):  # the same order on every engine
+            reason = self.check_report(plan, report)
+            if reason is None:
+                usable.append(report)
+            else:
+                failures.append({"client": report.client_id, "node": None, "reason": reason})
+        failures.sort(key=lambda f: f["client"])
+        if len(usable) < self.need or not usable:
+            done = s.recorder.tree.last_complete_round()
+            detail = "; ".join(f"client {f['client']}: {str(f['reason'])[:160]}" for f in failures)
+            kept = (
+                f"Rounds 1..{done} of {s.run_dir} are kept"
+                if done
+                else f"No round of {s.run_dir} is complete"
+            )
+            raise RoundFailed(
+                f"round {round_no}: {len(usable)} of {len(plan.selected)} selected clients replied but "
+                f"{self.need} are needed (--min-clients) — {detail}. {kept}: fix the clients and "
+                f"continue with {s.resume_hint(s.run_dir)}"
+            )
+
+        t = time.perf_counter()
+        written = sum(s.recorder.save_client(round_no, r) for r in usable)
+        io_seconds = time.perf_counter() - t
+
+        t = time.perf_counter()
+        try:
+            outcome = s.strategy.aggregate(round_no, plan.broadcast, [r.update() for r in usable])
+        except ValueError as e:
+            raise InputError(f"round {round_no}: aggregation failed: {e}") from None
+        agg_seconds = time.perf_counter() - t
+        self.current = outcome.adapter
+
+        t = time.perf_counter()
+        evaluation: dict[str, float] | None = None
+        if config.eval_each_round or round_no == config.rounds:
+            evaluation = self.evaluate_global()
+            self.metrics = evaluation
+        eval_seconds = time.perf_counter() - t
+
+        t = time.perf_counter()
+        written += s.recorder.save_global(round_no, outcome.adapter, s.strategy.state_dict())
+        io_seconds += time.perf_counter() - t
+
+        examples = sum(r.examples for r in usable)
+        if bytes_down is None:  # engine local: every selected client got its plan
+            bytes_down = sum(p.num_bytes for p in plan.plans.values())
+        row = HistoryRow(
+            round=round_no,
+            clients=[r.client_id for r in usable],
+            failed=failures,
+            client_metrics=[r.summary() for r in usable],
+            examples=examples,
+            train_loss=sum(r.train["loss"] * r.examples for r in usable) / examples,
+            aggregation=outcome.record,
+            eval=evaluation,
+            bytes_down=bytes_down,
+            bytes_up=sum(r.num_bytes for r in usable),
+            bytes_written=written,
+            seconds={
+                "wall": time.perf_counter() - plan.started,
+                "train": sum(r.train["seconds"] for r in usable),
+                "aggregate": agg_seconds,
+                "eval": eval_seconds,
+                "io": io_seconds,
+            },  # fmt: skip
+            time=_dt.datetime.now().isoformat(timespec="seconds"),
+        )
         s.recorder.complete_round(row)
-        progress.advance("rounds", 1, info=round_info(row, s.task))
-    progress.stop("rounds")
-    final = s.recorder.finish(global_adapter, {"round": config.rounds, **metrics})
-    return RoundsResult(s.run_dir, final, s.recorder.history, metrics, s.start_round,
-                        len(s.shards.client_ids), s.task.main_metric)  # fmt: skip
+        info = round_info(row, s.task) + (f" · {len(failures)} failed" if failures else "")
+        self.progress.advance("rounds", 1, info=info)
+        return row
 
-
-def finish_round(
-    s: Setup,
-    round_no: int,
-    reports: list[ClientReport],
-    previous: GlobalAdapter,
-    bytes_down: int,
-    failures: list[dict[str, Any]],
-) -> tuple[dict[str, Any], GlobalAdapter, dict[str, float]]:
-    """Aggregate, evaluate and save one round's global adapter; shared by both engines.
-
-    Returns the round's history row (the caller completes it with its own timings and then calls
-    `RoundRecorder.complete_round`), the new global adapter, and its metrics.
-    """
-    config = s.config
-    t = time.perf_counter()
-    new_global, agg = aggregate_round(reports, config.aggregation, previous.lora)
-    agg_seconds = time.perf_counter() - t
-
-    t = time.perf_counter()
-    evaluation: dict[str, float] | None = None
-    if config.eval_each_round or round_no == config.rounds:
-        s.model.load_state(new_global.state, new_global.lora)
-        evaluation = evaluate(
-            s.model.module, s.task, s.data.evals, config.eval_batch_size, s.device, s.precision
+    def evaluate_global(self) -> dict[str, float]:
+        """The current global model (adapter and the strategy's base delta) on the dev split(s)."""
+        s = self.s
+        s.model.apply_global(self.current, s.strategy.base_delta(), s.strategy.base_delta_key())
+        return evaluate(
+            s.model.module, s.task, s.data.evals, s.config.eval_batch_size, s.device, s.precision
         ).metrics
-    eval_seconds = time.perf_counter() - t
 
-    examples = sum(r.examples for r in reports)
-    row: dict[str, Any] = {
-        "round": round_no,
-        "clients": [r.client_id for r in reports],
-        "failed": failures,
-        "client_metrics": [r.summary() for r in reports],
-        "examples": examples,
-        "train_loss": sum(r.train["loss"] * r.examples for r in reports) / examples,
-        "aggregation": {
-            "method": config.aggregation.method,
-            "rank": agg.rank,
-            "alpha": agg.alpha,
-            "error": agg.error,
-            "module_errors": agg.module_errors,
-        },  # fmt: skip
-        "eval": evaluation,
-        "bytes_down": bytes_down,
-        "bytes_up": sum(r.num_bytes for r in reports),
-        "seconds": {
-            "train": sum(r.train["seconds"] for r in reports),
-            "aggregate": agg_seconds,
-            "eval": eval_seconds,
-            "io": 0.0,
-        },  # fmt: skip
-        "bytes_written": 0,
-    }
-    t = time.perf_counter()
-    row["bytes_written"] += s.recorder.save_global(round_no, new_global)
-    row["seconds"]["io"] += time.perf_counter() - t
-    return row, new_global, evaluation if evaluation is not None else {}
+    def finish(self) -> RoundsResult:
+        """Write final/: the global model as one plain PEFT adapter, and its metrics."""
+        s = self.s
+        final = s.recorder.finish(s.strategy.export(self.current), {"round": s.config.rounds, **self.metrics})
+        return RoundsResult(s.run_dir, final, s.recorder.history, self.metrics, s.start_round,
+                            len(self.client_ids), s.task.main_metric)  # fmt: skip
 
 
-def round_info(row: dict[str, Any], task: GlueTask) -> str:
-    """The short status of a finished round shown beside the progress bar (both engines)."""
-    ev = row.get("eval") or {}
+def round_info(row: HistoryRow, task: GlueTask) -> str:
+    """The short status of a finished round shown beside the progress bar (every engine)."""
+    ev = row.eval or {}
     metric = f"{task.main_metric} {ev[task.main_metric]:.4f} · " if task.main_metric in ev else ""
-    return f"{metric}loss {row['train_loss']:.4f} · agg err {row['aggregation']['error']:.3f}"
+    return f"{metric}loss {row.train_loss:.4f} · agg err {row.aggregation['error']:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# engine `local`: everything in this process
+
+
+def run_local(
+    config: RoundsConfig, *, progress: Progress | None = None, argv: list[str] | None = None
+) -> RoundsResult:
+    """Multi-round federated LoRA over the shards, every client in this process, one after another."""
+    progress = progress or NullProgress()
+    setup = prepare(config, progress=progress, argv=argv)
+    try:
+        return _local_loop(RoundDriver(setup, progress), progress)
+    except KeyboardInterrupt:
+        done = setup.recorder.tree.last_complete_round()
+        kept = (
+            f"rounds 1..{done} of {setup.run_dir} are complete"
+            if done
+            else f"no round of {setup.run_dir} is complete"
+        )
+        raise Interrupted(f"interrupted; {kept}: continue with {setup.resume_hint(setup.run_dir)}") from None
+
+
+def _local_loop(driver: RoundDriver, progress: Progress) -> RoundsResult:
+    s = driver.s
+    index = dict(zip(s.shards.client_ids, s.shards.clients, strict=True))
+    progress.start("rounds", "rounds", total=s.config.rounds)
+    progress.advance("rounds", s.start_round)
+    for round_no in driver.rounds_left:
+        plan = driver.plan_round(round_no)
+        reports = [
+            train_client(
+                s.model,
+                s.data,
+                index[cid],
+                plan.plans[cid],
+                s.config.train,
+                round_no=round_no,
+                run_seed=s.config.train.seed,
+                device=s.device,
+                precision=s.precision,
+                task=s.task if s.config.eval_clients else None,
+                eval_batch_size=s.config.eval_batch_size,
+                progress=progress,
+            )  # fmt: skip
+            for cid in plan.selected
+        ]
+        driver.close_round(plan, reports, [])
+    progress.stop("rounds")
+    return driver.finish()

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from fedlora_cli import __version__
-from fedlora_cli.aggregation import ClientUpdate, aggregate, normalise_weights
-from fedlora_cli.config import LoraSpec, MergeConfig, ModelSpec
+from fedlora_cli.aggregation import ClientUpdate, normalise_weights
+from fedlora_cli.config import MergeConfig, ModelSpec
 from fedlora_cli.errors import InputError
 from fedlora_cli.modeling import Adapter, check_adapter_task, head_num_labels, read_adapter, save_adapter
+from fedlora_cli.strategies import build_strategy, get_method
 from fedlora_cli.tasks import get_task
 
 FUSE_MANIFEST = "fuse_manifest.json"
@@ -82,32 +83,32 @@ def run_merge(config: MergeConfig) -> MergeResult:
     else:
         raw, source = [1.0] * len(adapters), "equal"
 
-    # Clients may have different ranks (svd handles it); the merged adapter's default rank is the largest.
+    # Adapters may have different ranks; the merged adapter's default rank is the largest, at its scaling.
     lora = max((a.lora for a in adapters), key=lambda spec: spec.r)
     updates = [
         ClientUpdate(a.state, scaling=a.lora.scaling, weight=w) for a, w in zip(adapters, raw, strict=True)
     ]
     spec = config.aggregation
-    rank = lora.r if spec.method == "naive" else spec.resolved_rank(lora.r)
-    alpha = lora.alpha if spec.method == "naive" else spec.resolved_alpha(lora.r)
+    why_not = get_method(spec.method).merge
+    if why_not:
+        raise InputError(f"--aggregation {spec.method} cannot merge existing adapters: {why_not}")
     try:
-        result = aggregate(spec.method, updates, rank=rank, alpha=alpha)
+        strategy = build_strategy(spec, lora, seed=0)
+        outcome = strategy.aggregate(1, None, updates)
+        merged = strategy.export(outcome.adapter)
     except ValueError as e:
-        raise InputError(f"cannot merge: {e}") from None
-    merged_lora = LoraSpec(
-        r=result.rank, alpha=result.alpha, dropout=lora.dropout, target_modules=lora.target_modules
-    )
-
+        raise InputError(f"cannot merge with --aggregation {spec.method}: {e}") from None
+    record = outcome.record
     if config.model is not None:
-        _check_against_model(config.model, config.task, result.state, merged_lora)
+        _check_against_model(config.model, config.task, merged.state, merged.lora)
 
     weights = normalise_weights(raw).tolist()
     manifest = {
         # the reference's keys
         "adapters": [str(Path(p)) for p in config.adapters],
         "weights": weights,
-        "svd_rank": result.rank,
-        "alpha": result.alpha,
+        "svd_rank": merged.lora.r,
+        "alpha": merged.lora.alpha,
         "skip_svd": spec.method == "naive",
         "save_adapter": config.save_adapter,
         # fedlora's
@@ -117,17 +118,18 @@ def run_merge(config: MergeConfig) -> MergeResult:
         "shard_manifests": list(config.shard_manifests) if config.shard_manifests else None,
         "client_ranks": [a.lora.r for a in adapters],
         "client_alphas": [a.lora.alpha for a in adapters],
-        "aggregation_error": result.error,
-        "module_errors": result.module_errors,
+        "aggregation_error": record["error"],
+        "module_errors": record["module_errors"],
+        "aggregation_record": {k: v for k, v in record.items() if k not in ("error", "module_errors")},
         "num_labels": num_labels,
         "task": config.task,
         "base_model": adapters[0].base_model,
         "fedlora_version": __version__,
     }
     meta = {"origin": "merge", "task": config.task, "num_labels": num_labels}
-    save_adapter(out, result.state, merged_lora, base_model=adapters[0].base_model, meta=meta,
+    save_adapter(out, merged.state, merged.lora, base_model=adapters[0].base_model, meta=meta,
                  extra_json={FUSE_MANIFEST: manifest})  # fmt: skip
-    return MergeResult(out, weights, result.rank, result.alpha, result.error, num_labels, manifest)
+    return MergeResult(out, weights, merged.lora.r, merged.lora.alpha, record["error"], num_labels, manifest)
 
 
 def _check_against_model(model: str, task: str | None, state, lora) -> None:

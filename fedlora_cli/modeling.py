@@ -165,6 +165,8 @@ class LoraModel:
             ) from None
         self.peft.to(device)
         self.spec = spec
+        self._original: dict[str, torch.Tensor] = {}  # W0 of modules whose base weight carries a delta
+        self._base_delta_key = ""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -205,6 +207,71 @@ class LoraModel:
 
         sd = get_peft_model_state_dict(self.peft, adapter_name=self._slots[self.spec])
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+
+    def apply_plan(self, plan: Any) -> None:
+        """Load a client's plan (strategies.base.ClientPlan): its adapter, its base delta, what trains."""
+        self.load_state(plan.adapter.state, plan.adapter.lora)
+        self.set_base_delta(plan.base_delta, plan.base_delta_key)
+        self.set_trainable(plan.train)
+
+    def apply_global(self, adapter: Any, base_delta: Any, base_delta_key: str) -> None:
+        """Load a global model for evaluation: its adapter and the base delta it carries."""
+        self.load_state(adapter.state, adapter.lora)
+        self.set_base_delta(base_delta, base_delta_key)
+
+    def set_trainable(self, parts: Any) -> None:
+        """Train only `parts` of the active adapter ("A", "B", "head"); the rest is frozen for this turn.
+
+        `activate` (every `load_state`) makes everything trainable again first.
+        """
+        name = self._slots[self.spec]
+        for pname, p in self.peft.named_parameters():
+            if f".{name}." not in pname:
+                continue
+            part = (
+                "A"
+                if "lora_A" in pname
+                else "B"
+                if "lora_B" in pname
+                else "head"
+                if "modules_to_save" in pname
+                else None
+            )
+            if part is not None:
+                p.requires_grad_(part in parts)
+
+    def set_base_delta(self, delta: Any, key: str = "") -> None:
+        """Make the base weights W0 + P @ Q for each `{module prefix: (P, Q)}` of `delta` (and W0 elsewhere).
+
+        Methods that fold what LoRA cannot hold into the base model (exact aggregation) use this; the
+        original weights are kept (only those of the target modules) so every call starts from W0.
+        `key` names the delta: the same non-empty key as last time means the same tensors, applied once.
+        """
+        if not delta and not self._base_delta_key and not self._original:
+            return
+        if key and key == self._base_delta_key:
+            return
+        for prefix in sorted(set(self._original) | set(delta)):
+            try:
+                layer = self.peft.get_submodule(prefix)
+            except AttributeError:
+                raise InputError(f"base delta for {prefix!r}: the model has no such module") from None
+            weight = layer.get_base_layer().weight
+            if prefix not in self._original:
+                self._original[prefix] = weight.detach().clone()
+            w0 = self._original[prefix]
+            with torch.no_grad():
+                if prefix in delta:
+                    p, q = delta[prefix]
+                    change = p.to(self.device, torch.float64) @ q.to(self.device, torch.float64)
+                    if tuple(change.shape) != tuple(w0.shape):
+                        raise InputError(
+                            f"base delta for {prefix} has shape {tuple(change.shape)}, the weight {tuple(w0.shape)}"
+                        )
+                    weight.copy_((w0.double() + change).to(w0.dtype))
+                else:
+                    weight.copy_(w0)
+        self._base_delta_key = key
 
     def load_state(self, state: dict[str, torch.Tensor], spec: LoraSpec) -> None:
         """Put an adapter state into the model (as PeftModel.from_pretrained would), checking it fits."""

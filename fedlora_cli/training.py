@@ -83,11 +83,14 @@ def train_model(
     progress: Progress | None = None,
     progress_key: str = "train",
     description: str = "training",
+    prox_mu: float = 0.0,
 ) -> TrainResult:
     """Fit the model's trainable parameters on `data[indices]` (all of it by default).
 
     The optimizer and schedule start fresh on every call (FedAvg clients do not carry optimizer
     state across rounds). `seed` fixes dropout and data order, so a call is reproducible on CPU.
+    `prox_mu` > 0 adds FedProx's μ/2·‖θ − θ_start‖² over the trained parameters (θ_start: their
+    values when the call begins, i.e. the broadcast global adapter); 0 adds nothing at all.
     """
     progress = progress or NullProgress()
     indices = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -97,6 +100,7 @@ def train_model(
     if not params:
         raise FedloraError("the model has no trainable parameters")
 
+    anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     per_epoch = steps_per_epoch(len(indices), spec.batch_size)
@@ -126,6 +130,10 @@ def train_model(
             with autocast(device, precision):
                 out = model(**batch)
             loss = out.loss
+            if anchors is not None:
+                loss = loss + prox_mu / 2 * sum(
+                    (p - a).square().sum() for p, a in zip(params, anchors, strict=True)
+                )
             loss.backward()
             if spec.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)

@@ -331,10 +331,24 @@ def test_naive_identical_clients_is_exact():
     assert res.error < 1e-12
 
 
-def test_naive_unequal_ranks_says_use_svd():
-    clients = [ClientUpdate(random_state(0, 2, DIMS), 2.0, 1), ClientUpdate(random_state(1, 4, DIMS), 2.0, 1)]
-    with pytest.raises(ValueError, match=r"ranks \[2, 4\].*use svd"):
-        aggregate_naive(clients)
+def test_naive_zero_pads_unequal_ranks_hetlora():
+    # Prepare: ranks 2 and 4 at the same scaling, weights 1:3
+    small, large = random_state(0, 2, DIMS, torch.float64), random_state(1, 4, DIMS, torch.float64)
+    clients = [ClientUpdate(small, 2.0, 1), ClientUpdate(large, 2.0, 3)]
+    # Execute
+    res = aggregate_naive(clients)
+    # Assert: rank 4; the rank-2 client counts as zeros in rows/columns 2..3
+    assert (res.rank, res.alpha) == (4, 8.0)
+    for module in DIMS:
+        a, b = a_key(module), b_key(module)
+        padded_a = torch.cat([small[a], torch.zeros(2, small[a].shape[1], dtype=torch.float64)])
+        padded_b = torch.cat([small[b], torch.zeros(small[b].shape[0], 2, dtype=torch.float64)], dim=1)
+        torch.testing.assert_close(res.state[a], 0.25 * padded_a + 0.75 * large[a])
+        torch.testing.assert_close(res.state[b], 0.25 * padded_b + 0.75 * large[b])
+        target = dense_target(clients, module)
+        assert res.module_errors[module] == pytest.approx(
+            rel(dense_delta(res.state, module, 2.0), target), rel=1e-9
+        )
 
 
 def test_naive_unequal_scalings_says_use_svd():
@@ -343,7 +357,7 @@ def test_naive_unequal_scalings_says_use_svd():
         aggregate_naive(clients)
 
 
-@pytest.mark.parametrize("rank, alpha, match", [(3, None, "rank 2.*rank=3"), (None, 5.0, "lora_alpha 2")])
+@pytest.mark.parametrize("rank, alpha, match", [(1, None, "rank 2.*rank=1"), (None, 5.0, "lora_alpha 2")])
 def test_naive_rank_or_alpha_must_match_the_clients(rank, alpha, match):
     with pytest.raises(ValueError, match=match):
         aggregate_naive(naive_hand_clients(), rank=rank, alpha=alpha)

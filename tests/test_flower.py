@@ -132,8 +132,8 @@ def test_adapter_state_lora_and_report_round_trip_exactly():
     spec = LoraSpec(8, 16.0, 0.1, ("query", "value"))
     assert codec.lora_from_config(codec.lora_to_config(spec)) == spec
     train = {"loss": 0.5, "steps": 3, "order": "ab12"}
-    record = codec.report_to_config(3, 60, 2**32 - 1, train, {"accuracy": 0.75})
-    assert codec.report_from_config(record) == {"client_id": 3, "examples": 60, "seed": 2**32 - 1,
+    record = codec.report_to_config(3, 60, 2**32 - 1, spec, train, {"accuracy": 0.75})
+    assert codec.report_from_config(record) == {"client_id": 3, "examples": 60, "seed": 2**32 - 1, "lora": spec,
                                                 "train": train, "eval": {"accuracy": 0.75}}  # fmt: skip
 
 
@@ -168,7 +168,8 @@ def test_pyproject_declares_the_app_with_the_cli_defaults():
                "--fraction-fit": "fraction-fit", "--init-adapter": "init-adapter", "--output-root": "output.root",
                "--run-name": "output.run-name", "--output-dir": "output.output-dir", "--engine": "engine",
                "--min-clients": "min-clients", "--client-cpus": "client-cpus", "--client-gpus": "client-gpus",
-               "--round-timeout": "round-timeout", "--resume": "resume"}  # fmt: skip
+               "--round-timeout": "round-timeout", "--resume": "resume",
+               "--client-ranks": "aggregation.client-ranks", "--prox-mu": "aggregation.prox-mu"}  # fmt: skip
     params = {p.opts[0]: p for p in get_command(cli).commands["rounds"].params if getattr(p, "opts", None)}
     assert set(options) <= set(params)
     for flag, key in options.items():

@@ -138,16 +138,18 @@ def test_global_is_the_svd_of_the_weighted_sum_of_client_updates(federated):
     client_config = json.loads(
         (run_dir / "round_002" / "client_001" / "adapter" / "adapter_config.json").read_text()
     )
-    assert (
-        config["r"] == 8 and config["lora_alpha"] == 8
-    )  # --svd-rank defaults to --lora-r, --alpha to the rank
+    # --svd-rank defaults to the clients' rank, --alpha keeps their scaling (lora_alpha / r = 16 / 8)
+    assert config["r"] == 8 and config["lora_alpha"] == 16
     s_client = client_config["lora_alpha"] / client_config["r"]
     prefix = next(k for k in global_ if k.endswith("query.lora_A.weight")).removesuffix(".lora_A.weight")
     target = sum(w * s_client * c[f"{prefix}.lora_B.weight"].double() @ c[f"{prefix}.lora_A.weight"].double()
                  for w, c in zip([1 / 6, 2 / 6, 3 / 6], clients, strict=True))  # fmt: skip
     u, sv, vh = torch.linalg.svd(target)
     best = u[:, :8] @ torch.diag(sv[:8]) @ vh[:8]
-    ours = global_[f"{prefix}.lora_B.weight"].double() @ global_[f"{prefix}.lora_A.weight"].double()
+    s_global = config["lora_alpha"] / config["r"]
+    ours = (
+        s_global * global_[f"{prefix}.lora_B.weight"].double() @ global_[f"{prefix}.lora_A.weight"].double()
+    )
     torch.testing.assert_close(ours, best, rtol=1e-5, atol=1e-6)
 
 
@@ -198,11 +200,11 @@ def test_resume_after_an_interruption_mid_round_is_bit_identical(
     real = federation.train_client
     calls = []
 
-    def interrupt_in_round_two(*args, **kwargs):
-        calls.append((kwargs["round_no"], kwargs["client_id"]))
-        if (kwargs["round_no"], kwargs["client_id"]) == (2, 2):
+    def interrupt_in_round_two(model, data, indices, plan, *args, **kwargs):
+        calls.append((kwargs["round_no"], plan.client_id))
+        if (kwargs["round_no"], plan.client_id) == (2, 2):
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(model, data, indices, plan, *args, **kwargs)
 
     args = rounds_args(tiny_model, glue_dir, shards, tmp_path, "resumed", "--rounds", "3")
     with monkeypatch.context() as m:
@@ -210,7 +212,8 @@ def test_resume_after_an_interruption_mid_round_is_bit_identical(
         first = run(*args)
     one_error_line(first, 130, "--resume")
     run_dir = tmp_path / "sst2_tiny-roberta" / "resumed"
-    assert (run_dir / "round_002" / "client_001").is_dir() and not (run_dir / "round_002" / "global").exists()
+    assert (run_dir / "round_001" / "global" / "metrics.json").is_file()
+    assert not (run_dir / "round_002" / "global").exists()  # round 2 never closed
 
     again = run(*args, "--resume")
     assert again.exit_code == 0, again.stderr
@@ -276,7 +279,9 @@ def test_init_adapter_and_svd_rank_change(tiny_model, glue_dir, shards, tmp_path
     round2_client = json.loads(
         (run_dir / "round_002" / "client_001" / "adapter" / "adapter_config.json").read_text()
     )
-    assert round2_client["r"] == 4  # clients train the global adapter's shape from round 2 on
+    # clients keep their own rank and scaling (the --init-adapter's r=8, alpha=16): the rank-4 global
+    # adapter is padded for them, its product unchanged
+    assert (round2_client["r"], round2_client["lora_alpha"]) == (8, 16)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["config"]["init_adapter"] == str(trained / "adapter")
 
@@ -316,9 +321,13 @@ def test_merge_refuses_incompatible_adapters(federated, tmp_path):
         2,
         "1 values for 2",
     )
-    g = run_dir / "round_001" / "global" / "adapter"  # rank 8, alpha 8 vs the clients' alpha 16
+    halved = tmp_path / "halved"  # the same adapter at alpha 8: another scaling than the clients' 16 / 8
+    halved.mkdir()
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    (halved / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 8}))
+    (halved / "adapter_model.safetensors").write_bytes((a / "adapter_model.safetensors").read_bytes())
     one_error_line(
-        run("merge", "--adapters", a, g, "--aggregation", "naive", "--save-adapter", tmp_path / "m"),
+        run("merge", "--adapters", a, halved, "--aggregation", "naive", "--save-adapter", tmp_path / "m"),
         2,
         "use svd",
     )

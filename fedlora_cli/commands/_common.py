@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import enum
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from fedlora_cli.config import DataSpec, LoraSpec, ModelSpec, OutputSpec, TrainSpec, model_from_size
 from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.strategies.registry import METHODS
 from fedlora_cli.tasks import task_names
 
 DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 to see tracebacks of expected errors too
@@ -260,6 +262,34 @@ RunNameOpt = Annotated[
 ]
 OutputDirOpt = Annotated[str | None, typer.Option("--output-dir", help="write the run exactly here instead")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run folder")]
+
+# The federated methods, from the ONE registry: shown as choices in -h and completed by the shell.
+Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
+AggregationOpt = Annotated[
+    Method,
+    typer.Option(
+        "--aggregation",
+        help="how client adapters become one: "
+        + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
+    ),
+]
+SvdRankOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--svd-rank", help="svd: rank of the aggregated adapter \\[default: the largest client rank]"
+    ),
+]
+AlphaOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--alpha", help="svd: lora_alpha of the aggregated adapter \\[default: keeps the clients' alpha/r]"
+    ),
+]
+
+
+def method_name(value: Any) -> str:
+    """An --aggregation value (the Method enum, or a plain string from library callers) as its name."""
+    return value.value if isinstance(value, enum.Enum) else str(value)
 
 
 def summary_table(title: str, rows: Sequence[tuple[str, Any]]) -> Any:

@@ -25,14 +25,9 @@ def merge(
             "--shard-manifests", help="one client_<i>.json per adapter: weights = its example count"
         ),
     ] = None,
-    aggregation: Annotated[str, typer.Option("--aggregation", help="svd or naive")] = "svd",
-    svd_rank: Annotated[
-        int | None,
-        typer.Option("--svd-rank", help="rank of the merged adapter \\[default: the adapters' rank]"),
-    ] = None,
-    alpha: Annotated[
-        float | None, typer.Option("--alpha", help="lora_alpha of the merged adapter \\[default: its rank]")
-    ] = None,
+    aggregation: c.AggregationOpt = c.Method("svd"),
+    svd_rank: c.SvdRankOpt = None,
+    alpha: c.AlphaOpt = None,
     task: Annotated[
         str | None,
         typer.Option(
@@ -51,7 +46,7 @@ def merge(
             save_adapter=save_adapter,
             weights=tuple(weights) if weights else None,
             shard_manifests=tuple(shard_manifests) if shard_manifests else None,
-            aggregation=AggregationSpec(aggregation, svd_rank, alpha),
+            aggregation=AggregationSpec(c.method_name(aggregation), svd_rank, alpha),
             task=task,
             model=model,
             overwrite=overwrite,

@@ -46,19 +46,20 @@ def rounds(
     lora_alpha: c.LoraAlphaOpt = c._LORA.alpha,
     lora_dropout: c.LoraDropoutOpt = c._LORA.dropout,
     target_modules: c.TargetModulesOpt = None,
-    aggregation: Annotated[
-        str,
+    aggregation: c.AggregationOpt = c.Method(_R.aggregation.method),
+    svd_rank: c.SvdRankOpt = None,
+    alpha: c.AlphaOpt = None,
+    client_ranks: Annotated[
+        str | None,
         typer.Option(
-            "--aggregation", help="svd: truncated mean of B·A (exact up to rank); naive: mean of A and of B"
+            "--client-ranks",
+            help='per-client LoRA ranks: 4,8,16 (cycled over client ids) or a JSON file {"<id>": rank} \\[default: --lora-r for all]',
         ),
-    ] = _R.aggregation.method,
-    svd_rank: Annotated[
-        int | None, typer.Option("--svd-rank", help="rank of the aggregated adapter \\[default: --lora-r]")
     ] = None,
-    alpha: Annotated[
-        float | None,
-        typer.Option("--alpha", help="lora_alpha of the aggregated adapter \\[default: the svd rank]"),
-    ] = None,
+    prox_mu: Annotated[
+        float,
+        typer.Option("--prox-mu", help="FedProx: add μ/2·‖θ − θ_global‖² to every client's loss (0: off)"),
+    ] = _R.aggregation.prox_mu,
     init_adapter: Annotated[
         str | None,
         typer.Option("--init-adapter", help="round 1 starts from this adapter instead of a fresh LoRA"),
@@ -123,7 +124,7 @@ def rounds(
                 precision,
                 seed,
             ),
-            aggregation=AggregationSpec(aggregation, svd_rank, alpha),
+            aggregation=AggregationSpec(c.method_name(aggregation), svd_rank, alpha, client_ranks, prox_mu),
             output=OutputSpec(output_root, run_name, output_dir),
             rounds=num_rounds,
             init_adapter=init_adapter,
@@ -140,7 +141,7 @@ def rounds(
             round_timeout=round_timeout,
         )
     )
-    from fedlora_cli.federation import run_rounds
+    from fedlora_cli.engines import run_rounds
     from fedlora_cli.progress import RichProgress
 
     with RichProgress(c.err_console()) as progress:
@@ -165,17 +166,17 @@ def show_rounds(result) -> None:
     ):
         table.add_column(name, justify="right")
     for row in result.history:
-        ev = row.get("eval") or {}
-        failed = len(row.get("failed") or [])
+        ev = row.eval or {}
+        failed = len(row.failed)
         table.add_row(
-            str(row["round"]),
-            f"{len(row['clients'])}" + (f" ({failed} failed)" if failed else ""),
+            str(row.round),
+            f"{len(row.clients)}" + (f" ({failed} failed)" if failed else ""),
             f"{ev[result.main_metric]:.4f}" if result.main_metric in ev else "–",
-            f"{row['train_loss']:.4f}",
-            f"{row['aggregation']['error']:.4f}",
-            f"{row['bytes_down'] / 2**20:.2f}",
-            f"{row['bytes_up'] / 2**20:.2f}",
-            f"{row['seconds']['wall']:.1f}",
+            f"{row.train_loss:.4f}",
+            f"{row.aggregation['error']:.4f}",
+            f"{row.bytes_down / 2**20:.2f}",
+            f"{row.bytes_up / 2**20:.2f}",
+            f"{row.seconds['wall']:.1f}",
         )
     out = c.console()
     out.print(table)

@@ -62,29 +62,30 @@ def train(msg: Message, context: Context) -> Message:
     """Load the global adapter, train it on this node's shard with the (round, client) seed, reply."""
 
     def answer() -> Message:
-        from fedlora_cli.federation import GlobalAdapter, train_client
+        from fedlora_cli.federation import train_client
 
         config = node_config(settings(msg), context.node_config)
         shard = read_shard(config, context.node_config)
-        meta = msg.content.config_records[CONFIG]
-        round_no = int(meta["server-round"])
-        if "client-id" in meta and int(meta["client-id"]) != shard.client_id:
-            raise InputError(f"this node serves client {shard.client_id}, not client {meta['client-id']}")
+        try:
+            plan = codec.plan_from_content(msg.content)
+            round_no = int(msg.content.config_records[CONFIG]["server-round"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise InputError(f"malformed TRAIN message ({e})") from None
+        if plan.client_id != shard.client_id:
+            raise InputError(f"this node serves client {shard.client_id}, not client {plan.client_id}")
         _test_hook(shard.client_id, round_no)
-        lora = codec.lora_from_config(meta)
-        worker = _worker(config, lora)
+        worker = _worker(config, plan.adapter.lora)
         worker.check(shard)
-        broadcast = GlobalAdapter(codec.arrays_to_state(msg.content.array_records[ARRAYS]), lora)
         report = train_client(
-            worker.model, worker.data, shard.indices, broadcast, config.train,
-            client_id=shard.client_id, round_no=round_no, run_seed=config.train.seed, device=worker.device,
-            precision=worker.precision, task=worker.task if config.eval_clients else None,
-            eval_batch_size=config.eval_batch_size,
+            worker.model, worker.data, shard.indices, plan, config.train, round_no=round_no,
+            run_seed=config.train.seed, device=worker.device, precision=worker.precision,
+            task=worker.task if config.eval_clients else None, eval_batch_size=config.eval_batch_size,
         )  # fmt: skip
         content = RecordDict({
             ARRAYS: codec.state_to_arrays(report.state),
             METRICS: MetricRecord({"num-examples": report.examples, "train-loss": float(report.train["loss"])}),
-            REPORT: codec.report_to_config(report.client_id, report.examples, report.seed, report.train, report.eval),
+            REPORT: codec.report_to_config(report.client_id, report.examples, report.seed, report.lora,
+                                           report.train, report.eval),
         })  # fmt: skip
         return Message(content, reply_to=msg)
 

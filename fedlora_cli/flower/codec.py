@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora_cli.config import DataSpec, LoraSpec, RoundsConfig
 
@@ -30,6 +30,7 @@ RUN_CONFIG = "run-config"  # ConfigRecord: the server's resolved settings (to_ru
 METRICS = "metrics"  # MetricRecord: num-examples (the FedAvg weight) and the training loss
 REPORT = "report"  # ConfigRecord: the rest of a client's report (report_to_config)
 IDENTITY = "identity"  # ConfigRecord: a QUERY answer, the client a node serves
+BASE_DELTA = "base-delta"  # ArrayRecord: a plan's frozen base delta, "<module>|P" and "<module>|Q"
 
 # ---------------------------------------------------------------------------------------------------
 # RoundsConfig <-> run config
@@ -202,24 +203,75 @@ def run_config_record(config: RoundsConfig) -> ConfigRecord:
 _EVAL_PREFIX = "eval."
 
 
-def report_to_config(client_id: int, examples: int, seed: int, train: Mapping[str, Any],
+def report_to_config(client_id: int, examples: int, seed: int, lora: LoraSpec, train: Mapping[str, Any],
                      evaluation: Mapping[str, float] | None) -> ConfigRecord:  # fmt: skip
-    record: dict[str, Any] = {"client-id": client_id, "examples": examples, "seed": int(seed)}
+    record: dict[str, Any] = {
+        "client-id": client_id,
+        "examples": examples,
+        "seed": int(seed),
+        **lora_to_config(lora),
+    }
     record.update({f"train.{k}": v for k, v in train.items()})
     record.update({f"{_EVAL_PREFIX}{k}": float(v) for k, v in (evaluation or {}).items()})
     return ConfigRecord(record)
 
 
 def report_from_config(record: Mapping[str, Any]) -> dict[str, Any]:
-    """`client_id`, `examples`, `seed`, `train` and `eval` (None when the client did not evaluate)."""
+    """`client_id`, `examples`, `seed`, `lora`, `train` and `eval` (None when the client did not evaluate).
+
+    Raises KeyError / ValueError / TypeError on a malformed record (the server counts that client as failed).
+    """
     train = {k.removeprefix("train."): v for k, v in record.items() if k.startswith("train.")}
     evaluation = {
         k.removeprefix(_EVAL_PREFIX): float(v) for k, v in record.items() if k.startswith(_EVAL_PREFIX)
     }
+    examples = record["examples"]
+    if type(examples) is not int:
+        raise TypeError(f"examples must be a whole number, got {examples!r}")
     return {
         "client_id": int(record["client-id"]),
-        "examples": int(record["examples"]),
+        "examples": examples,
         "seed": int(record["seed"]),
+        "lora": lora_from_config(record),
         "train": train,
         "eval": evaluation or None,
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# a client's plan (strategies.base.ClientPlan) <-> the content of a TRAIN message
+
+
+def plan_to_content(plan: Any, round_no: int, run_config: ConfigRecord) -> RecordDict:
+    """Everything a client needs for its turn: the adapter, its shape, what trains, the base delta."""
+    meta = ConfigRecord({"server-round": round_no, "client-id": plan.client_id, **lora_to_config(plan.adapter.lora),
+                         "train-parts": sorted(plan.train), "prox-mu": float(plan.prox_mu),
+                         "base-delta-key": plan.base_delta_key})  # fmt: skip
+    content = RecordDict({ARRAYS: state_to_arrays(plan.adapter.state), CONFIG: meta, RUN_CONFIG: run_config})
+    if plan.base_delta:
+        delta = {}
+        for prefix, (p, q) in plan.base_delta.items():
+            delta[f"{prefix}|P"], delta[f"{prefix}|Q"] = p, q
+        content[BASE_DELTA] = ArrayRecord.from_torch_state_dict(delta)
+    return content
+
+
+def plan_from_content(content: RecordDict) -> Any:
+    """A TRAIN message's content back as a ClientPlan (ValueError / KeyError if it is malformed)."""
+    from fedlora_cli.strategies.base import PARTS, ClientPlan, GlobalAdapter
+
+    meta = content.config_records[CONFIG]
+    lora = lora_from_config(meta)
+    parts = frozenset(str(p) for p in meta.get("train-parts", list(PARTS)))
+    if not parts <= set(PARTS):
+        raise ValueError(f"unknown train-parts {sorted(parts - set(PARTS))}")
+    delta: dict[str, Any] = {}
+    if BASE_DELTA in content.array_records:
+        flat = content.array_records[BASE_DELTA].to_torch_state_dict()
+        for key, p in flat.items():
+            if key.endswith("|P"):
+                prefix = key[:-2]
+                delta[prefix] = (p, flat[f"{prefix}|Q"])
+    adapter = GlobalAdapter(arrays_to_state(content.array_records[ARRAYS]), lora)
+    return ClientPlan(int(meta["client-id"]), adapter, parts, float(meta.get("prox-mu", 0.0)), delta,
+                      str(meta.get("base-delta-key", "")))  # fmt: skip

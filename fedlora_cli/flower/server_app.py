@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora_cli.config import RoundsConfig
-from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.errors import InputError
 from fedlora_cli.flower import codec
 from fedlora_cli.flower.codec import ARRAYS, CONFIG, IDENTITY, REPORT, RUN_CONFIG
 from fedlora_cli.progress import Progress
@@ -30,10 +30,6 @@ from fedlora_cli.progress import Progress
 app = ServerApp()
 POLL_SECONDS = 0.25  # how often replies are pulled (Flower's HTTP grid waits 3 s between pulls)
 _log = logging.getLogger("flwr")
-
-
-class RoundFailed(FedloraError):
-    """Fewer than --min-clients replied: complete rounds are kept and --resume continues after them."""
 
 
 @app.main()
@@ -78,7 +74,7 @@ def run_server(
     on_prepared: Callable[[Path], None] | None = None,
 ) -> Any:
     """All rounds of a run over the SuperNodes of `grid`; returns a `federation.RoundsResult`."""
-    from fedlora_cli.federation import RoundsResult, prepare
+    from fedlora_cli.federation import RoundDriver, prepare
     from fedlora_cli.sharding import read_shards
 
     if not config.shards:
@@ -90,20 +86,19 @@ def run_server(
             f"--min-clients {config.min_clients} is more than the {per_round} clients selected per round"
         )
     grid = PollingGrid(grid, abort)
-    setup = prepare(config, progress=progress, argv=argv)
+    setup = prepare(config, progress=progress, argv=argv, resume_hint=resume_hint)
     if on_prepared is not None:
         on_prepared(setup.run_dir)
+    driver = RoundDriver(setup, progress)
     nodes = identify_clients(grid, setup.shards, config, progress)
-    strategy = FedloraStrategy(setup, nodes, progress=progress, resume_hint=resume_hint)
+    strategy = FedloraStrategy(driver, nodes)
     progress.start("rounds", "rounds", total=config.rounds)
     progress.advance("rounds", setup.start_round)
     remaining = config.rounds - setup.start_round
     if remaining > 0:
         strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout)  # type: ignore[arg-type]  # None: wait for all
     progress.stop("rounds")
-    final = setup.recorder.finish(strategy.global_adapter, {"round": config.rounds, **strategy.metrics})
-    return RoundsResult(setup.run_dir, final, setup.recorder.history, strategy.metrics, setup.start_round,
-                        clients, setup.task.main_metric)  # fmt: skip
+    return driver.finish()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,79 +183,61 @@ def query_nodes(grid: Grid, nodes: list[int], shards: Any, config: RoundsConfig)
 
 
 class FedloraStrategy(FedAvg):
-    """FedAvg as fedlora does it: seeded client selection, example-count weights, `svd`/`naive` aggregation
-    of LoRA factors (`federation.aggregate_round`, never Flower's `aggregate_arrayrecords`), server-side
-    evaluation and the run tree, all through `federation.finish_round`.
+    """Flower's round loop (`Strategy.start`) carrying fedlora's rounds: each round is planned and closed by
+    the same `federation.RoundDriver` engine local uses (selection, the method's per-client plans,
+    checks of every reply, aggregation, evaluation, the run tree). Flower's own aggregation is never used.
     """
 
-    def __init__(self, setup: Any, nodes: dict[int, int], *, progress: Progress,
-                 resume_hint: Callable[[Path], str]) -> None:  # fmt: skip
-        config = setup.config
-        self.client_ids: list[int] = list(setup.shards.client_ids)
-        self.per_round = config.clients_in_round(len(self.client_ids))
-        self.need = min(config.min_clients or self.per_round, self.per_round)
-        super().__init__(fraction_train=self.per_round / len(self.client_ids), min_train_nodes=self.need,
-                         min_available_nodes=self.need, weighted_by_key="num-examples",
+    def __init__(self, driver: Any, nodes: dict[int, int]) -> None:
+        self.driver = driver
+        per_round, total = driver.per_round, len(driver.client_ids)
+        super().__init__(fraction_train=per_round / total, min_train_nodes=driver.need,
+                         min_available_nodes=driver.need, weighted_by_key="num-examples",
                          arrayrecord_key=ARRAYS, configrecord_key=CONFIG)  # fmt: skip
-        self.setup = setup
         self.nodes = nodes  # client id -> node id
-        self.progress = progress
-        self.resume_hint = resume_hint
-        if setup.start_round:
-            self.global_adapter = setup.recorder.load_global(setup.start_round)
-        else:
-            self.global_adapter = setup.initial
-        last = setup.recorder.history[-1] if setup.recorder.history else {}
-        self.metrics: dict[str, float] = dict(last.get("eval") or {})
         self._round: dict[str, Any] = {}
 
     def summary(self) -> None:
+        d = self.driver
         _log.info("fedlora: %d of %d clients per round (need %d replies), aggregation %s",
-                  self.per_round, len(self.client_ids), self.need, self.setup.config.aggregation.method)  # fmt: skip
+                  d.per_round, len(d.client_ids), d.need, d.s.config.aggregation.method)  # fmt: skip
 
     def global_arrays(self) -> ArrayRecord:
-        return codec.state_to_arrays(self.global_adapter.state)
+        return codec.state_to_arrays(self.driver.current.state)
 
     def round_no(self, server_round: int) -> int:
-        return self.setup.start_round + server_round  # Flower counts the rounds of this call from 1
+        return self.driver.s.start_round + server_round  # Flower counts the rounds of this call from 1
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:  # fmt: skip
-        """Send the global adapter (and its LoRA shape) to the nodes of this round's selected clients."""
-        from fedlora_cli.federation import select_clients
-
-        round_no = self.round_no(server_round)
-        started = time.perf_counter()
-        cfg = self.setup.config
-        selected = select_clients(self.client_ids, self.per_round, cfg.train.seed, round_no)
-        if any(c not in self.nodes for c in selected):
-            self.nodes.update(_late_nodes(grid, self.nodes, self.setup.shards, cfg))
-        broadcast = self.global_arrays()
+        """Send each selected client its own plan (adapter, LoRA shape, what trains) on its node."""
+        plan = self.driver.plan_round(self.round_no(server_round))
+        cfg = self.driver.s.config
+        if any(c not in self.nodes for c in plan.selected):
+            self.nodes.update(_late_nodes(grid, self.nodes, self.driver.s.shards, cfg))
         run_config = codec.run_config_record(cfg)
-        lora = codec.lora_to_config(self.global_adapter.lora)
-        messages, sent, unserved = [], {}, []
-        for cid in selected:
+        messages, sent, unserved, bytes_down = [], {}, [], 0
+        for cid in plan.selected:
             node = self.nodes.get(cid)
             if node is None:
                 unserved.append(cid)
                 continue
-            meta = ConfigRecord({"server-round": round_no, "client-id": cid, **lora})
-            content = RecordDict({ARRAYS: broadcast, CONFIG: meta, RUN_CONFIG: run_config})
+            content = codec.plan_to_content(plan.plans[cid], plan.round_no, run_config)
+            bytes_down += sum(r.count_bytes() for r in content.array_records.values())
             messages.append(
-                Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_no))
+                Message(
+                    content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(plan.round_no)
+                )
             )
             sent[node] = cid
-        self._round = {"started": started, "selected": selected, "sent": sent, "unserved": unserved,
-                       "bytes_down": broadcast.count_bytes() * len(messages)}  # fmt: skip
+        self._round = {"plan": plan, "sent": sent, "unserved": unserved, "bytes_down": bytes_down}
         return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
-        """Replies -> ClientReports -> `federation.finish_round` (aggregate, evaluate, save); record the round."""
-        from fedlora_cli.federation import finish_round, round_info
-
-        round_no, r, s = self.round_no(server_round), self._round, self.setup
-        ok, failed = sort_replies(r["sent"], replies, s.config.round_timeout)
+        """Replies -> ClientReports -> `RoundDriver.close_round` (checks, aggregates, evaluates, records)."""
+        r = self._round
+        ok, failed = sort_replies(r["sent"], replies, self.driver.s.config.round_timeout)
         failed += [
             {"client": c, "node": None, "reason": "no SuperNode serves this client"} for c in r["unserved"]
         ]
@@ -271,59 +248,28 @@ class FedloraStrategy(FedAvg):
                 failed.append({"client": cid, "node": msg.metadata.src_node_id, "reason": report})
             else:
                 reports.append(report)
-        failed.sort(key=lambda f: f["client"])
-        if len(reports) < self.need:
-            done = s.recorder.tree.last_complete_round()
-            detail = "; ".join(f"client {f['client']}: {f['reason'][:160]}" for f in failed)
-            raise RoundFailed(
-                f"round {round_no}: {len(reports)} of {len(r['selected'])} selected clients replied but "
-                f"{self.need} are needed (--min-clients) — {detail}. Rounds 1..{done} of {s.run_dir} are "
-                f"kept: fix the clients and continue with {self.resume_hint(s.run_dir)}"
-            )
-        reports.sort(key=lambda rep: rep.client_id)  # the order engine local aggregates in
-        io_seconds, written = 0.0, 0
-        for report in reports:
-            t = time.perf_counter()
-            written += s.recorder.save_client(round_no, report, self.global_adapter.lora)
-            io_seconds += time.perf_counter() - t
-        row, self.global_adapter, self.metrics = finish_round(s, round_no, reports, self.global_adapter,
-                                                              r["bytes_down"], failed)  # fmt: skip
-        row["seconds"]["io"] += io_seconds
-        row["bytes_written"] += written
-        row["seconds"]["wall"] = time.perf_counter() - r["started"]
-        s.recorder.complete_round(row)
-        self.progress.advance(
-            "rounds", 1, info=round_info(row, s.task) + (f" · {len(failed)} failed" if failed else "")
-        )
-        summary = {
-            "train-loss": float(row["train_loss"]),
-            "aggregation-error": float(row["aggregation"]["error"]),
-        }
+        row = self.driver.close_round(r["plan"], reports, failed, bytes_down=r["bytes_down"])
+        summary = {"train-loss": float(row.train_loss), "aggregation-error": float(row.aggregation["error"])}
         return self.global_arrays(), MetricRecord(summary)
 
     def _report(self, client_id: int, msg: Message) -> Any:
-        """A reply as a ClientReport, or the reason it cannot be used."""
+        """A reply as a ClientReport, or why it cannot be read (the driver checks the rest)."""
         from fedlora_cli.federation import ClientReport
 
         try:
             arrays = msg.content.array_records[ARRAYS]
             info = codec.report_from_config(msg.content.config_records[REPORT])
+            state = codec.arrays_to_state(arrays)
         except (KeyError, ValueError, TypeError) as e:
             return f"malformed reply ({e})"
         if info["client_id"] != client_id:
             return f"the reply is for client {info['client_id']}"
-        state = codec.arrays_to_state(arrays)
-        reference = self.global_adapter.state
-        if set(state) != set(reference) or any(
-            tuple(state[k].shape) != tuple(v.shape) for k, v in reference.items()
-        ):
-            return "the reply's adapter does not match the broadcast adapter (keys or shapes)"
-        return ClientReport(client_id, state, info["examples"], info["seed"], info["train"], info["eval"],
-                            wire_bytes=arrays.count_bytes())  # fmt: skip
+        return ClientReport(client_id, state, info["lora"], info["examples"], info["seed"], info["train"],
+                            info["eval"], wire_bytes=arrays.count_bytes())  # fmt: skip
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:  # fmt: skip
-        """The global adapter is evaluated on the server's dev split in `finish_round`, as engine local does."""
+        """The global adapter is evaluated on the server's dev split in `close_round`, as engine local does."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -1,0 +1,23 @@
+"""Which engine runs `fedlora rounds`: chosen here, beside the commands, so the core never imports Flower.
+
+Every engine takes a RoundsConfig and returns a `federation.RoundsResult`, driving the same
+`federation.RoundDriver`. Names are those of `config.ENGINES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fedlora_cli.config import RoundsConfig
+
+ENGINES: dict[str, str] = {
+    "local": "fedlora_cli.federation:run_local",  # one process, clients one after another
+    "flower": "fedlora_cli.flower.simulation:run_flower_simulation",  # Flower's simulation engine (Ray)
+}
+
+
+def run_rounds(config: RoundsConfig, *, progress: Any = None, argv: list[str] | None = None) -> Any:
+    """Run `fedlora rounds` on `config.engine`; returns a `federation.RoundsResult`."""
+    module, _, name = ENGINES[config.engine].partition(":")
+    return getattr(importlib.import_module(module), name)(config, progress=progress, argv=argv)

@@ -1,0 +1,217 @@
+"""What a federated method is: a Strategy plans each selected client's work and turns the clients'
+updates into the next global adapter. The types that cross between server and clients live here too.
+
+A Strategy is pure server-side logic (no I/O, no engine): the round driver (`federation`) calls
+`plan` for every selected client, lets an engine train them, and calls `aggregate` with their
+updates. Whatever a method keeps between rounds (a residual, a frozen factor …) is in `state_dict()`,
+saved with every complete round and given back by `load_state_dict()` on `--resume`, so a resumed run
+is bit-identical for every method.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+
+from fedlora_cli.aggregation import AggregateResult, ClientUpdate, lora_modules, resize_rank
+from fedlora_cli.config import AggregationSpec, LoraSpec
+
+PARTS = ("A", "B", "head")  # what a client may train: LoRA A, LoRA B, the classification head
+BaseDelta = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # module prefix -> (P, Q): W0 += P @ Q, frozen
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def part_of(key: str) -> str:
+    """Which part of an adapter state a key belongs to: "A", "B" or "head"."""
+    if ".lora_A." in key:
+        return "A"
+    if ".lora_B." in key:
+        return "B"
+    return "head"
+
+
+@dataclass(frozen=True)
+class GlobalAdapter:
+    """An adapter state (PEFT keys: LoRA A/B and the head) and the LoRA shape it has."""
+
+    state: dict[str, torch.Tensor]
+    lora: LoraSpec
+
+    @property
+    def num_bytes(self) -> int:
+        return state_bytes(self.state)
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """One selected client's work in one round, as the server decides it."""
+
+    client_id: int
+    adapter: GlobalAdapter  # what the client loads and trains: its own LoRA shape
+    train: frozenset[str] = frozenset(PARTS)  # the parts that train; the others stay bit-identical
+    prox_mu: float = 0.0  # FedProx: μ/2·‖θ − θ_broadcast‖² over the trained parameters
+    base_delta: BaseDelta = field(default_factory=dict)  # frozen low-rank change of the base weights
+    base_delta_key: str = ""  # names `base_delta` (same key, same tensors) so a model applies it once
+
+    @property
+    def num_bytes(self) -> int:
+        """What the server sends: the adapter and the factors of the base delta."""
+        return self.adapter.num_bytes + sum(
+            state_bytes({"p": p, "q": q}) for p, q in self.base_delta.values()
+        )
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """What a client sends back: its adapter state and LoRA shape, its example count (the FedAvg
+    weight), its seed and training statistics."""
+
+    client_id: int
+    state: dict[str, torch.Tensor] = field(repr=False)
+    lora: LoraSpec
+    examples: int
+    seed: int
+    train: dict[str, Any]
+    eval: dict[str, float] | None = None
+    wire_bytes: int | None = None  # size of the record that actually carried the state (Flower), if known
+
+    @property
+    def num_bytes(self) -> int:
+        return self.wire_bytes if self.wire_bytes is not None else state_bytes(self.state)
+
+    def update(self) -> ClientUpdate:
+        return ClientUpdate(self.state, scaling=self.lora.scaling, weight=self.examples)
+
+    def summary(self) -> dict[str, Any]:
+        return {"client": self.client_id, "examples": self.examples, "seed": self.seed, "rank": self.lora.r,
+                "bytes_up": self.num_bytes, **self.train,
+                **({"eval": self.eval} if self.eval is not None else {})}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """The next global adapter and a record of what the aggregation did (history.jsonl's `aggregation`)."""
+
+    adapter: GlobalAdapter
+    record: dict[str, Any]
+
+    @classmethod
+    def of(cls, method: str, result: AggregateResult, lora: LoraSpec, **extra: Any) -> Aggregated:
+        new_lora = replace(lora, r=result.rank, alpha=result.alpha)
+        record = {"method": method, "rank": result.rank, "alpha": result.alpha, "error": result.error,
+                  "module_errors": result.module_errors, **extra}  # fmt: skip
+        return cls(GlobalAdapter(result.state, new_lora), record)
+
+
+class NotForMerge(ValueError):
+    """A method that needs rounds (a broadcast to train from) cannot merge existing adapters."""
+
+
+class Strategy:
+    """A federated method. Subclasses implement `aggregate` and may override the other hooks.
+
+    spec: the method and its options; lora: the clients' LoRA shape as the user chose it
+    (`--lora-r`, `--lora-alpha`, …); seed: the run seed; client_ids: every client of the run (for
+    per-client ranks).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self, spec: AggregationSpec, lora: LoraSpec, *, seed: int, client_ids: Sequence[int] = ()
+    ) -> None:
+        self.spec = spec
+        self.lora = lora
+        self.seed = seed
+        self.ranks = spec.ranks_for(list(client_ids), lora.r)
+
+    # --- the shapes ------------------------------------------------------------------------------
+
+    def client_lora(self, client_id: int) -> LoraSpec:
+        """The client's LoRA shape: its rank, at the scaling the user chose (alpha_i = s·r_i)."""
+        r = self.ranks.get(client_id, self.lora.r)
+        return self.lora if r == self.lora.r else replace(self.lora, r=r, alpha=self.lora.scaling * r)
+
+    @property
+    def global_rank(self) -> int:
+        """Rank of the aggregated adapter: --svd-rank, else the largest client rank."""
+        if self.spec.rank is not None:
+            return self.spec.rank
+        return max(self.ranks.values(), default=self.lora.r)
+
+    @property
+    def global_alpha(self) -> float:
+        """lora_alpha of the aggregated adapter: --alpha, else the clients' scaling at the global rank."""
+        return self.spec.alpha if self.spec.alpha is not None else self.lora.scaling * self.global_rank
+
+    # --- the hooks -------------------------------------------------------------------------------
+
+    def initial(self, adapter: GlobalAdapter) -> GlobalAdapter:
+        """Round 1's broadcast, from the fresh (seeded) or --init-adapter adapter. Default: as it is;
+        each client gets it at its own rank (`plan`)."""
+        return adapter
+
+    def plan(self, round_no: int, client_id: int, current: GlobalAdapter) -> ClientPlan:
+        """Default: the global adapter at the client's rank, everything trains."""
+        lora = self.client_lora(client_id)
+        return ClientPlan(client_id, fit(current, lora.r, lora.scaling, lora), prox_mu=self.spec.prox_mu,
+                          base_delta=self.base_delta(), base_delta_key=self.base_delta_key())  # fmt: skip
+
+    def aggregate(
+        self, round_no: int, previous: GlobalAdapter | None, updates: Sequence[ClientUpdate]
+    ) -> Aggregated:
+        """The next global adapter from the clients' updates (weights: training examples).
+
+        `previous` is the adapter broadcast this round (None for `fedlora merge`, one-shot).
+        """
+        raise NotImplementedError
+
+    def base_delta(self) -> BaseDelta:
+        """The frozen change of the base weights the global model carries (none for most methods)."""
+        return {}
+
+    def base_delta_key(self) -> str:
+        """A name for the current `base_delta()`: equal names mean equal tensors (models apply it once)."""
+        return ""
+
+    def export(self, adapter: GlobalAdapter) -> GlobalAdapter:
+        """The global model as ONE plain PEFT adapter (for `final/`): the adapter itself by default."""
+        return adapter
+
+    def check_update(self, plan: ClientPlan, update: ClientUpdate) -> str | None:
+        """Why a client's update cannot be used (None: it can). Parts that were frozen must come back
+        bit-identical: a client that changed them did not follow the plan."""
+        for key, sent in plan.adapter.state.items():
+            if part_of(key) not in plan.train and not torch.equal(update.state[key], sent):
+                return f"{key} was frozen this round but came back changed"
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Server state to save with each complete round (empty: nothing beyond the adapter)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no server state, but the run has {sorted(state)[:3]}")
+
+
+def fit(adapter: GlobalAdapter, rank: int, scaling: float, lora: LoraSpec | None = None) -> GlobalAdapter:
+    """`adapter` at `rank`, keeping the product s·B·A: the factors are resized (`resize_rank`) and B is
+    rescaled when the adapter's scaling differs from `scaling`, so what the model computes is unchanged
+    (up to the dropped components when the rank shrinks)."""
+    target = lora or replace(adapter.lora, r=rank, alpha=scaling * rank)
+    if target.r == adapter.lora.r and math.isclose(target.scaling, adapter.lora.scaling, rel_tol=1e-12):
+        return adapter if target == adapter.lora else GlobalAdapter(adapter.state, target)
+    state = resize_rank(adapter.state, rank) if rank != adapter.lora.r else dict(adapter.state)
+    ratio = adapter.lora.scaling / target.scaling
+    if not math.isclose(ratio, 1.0, rel_tol=1e-12):
+        for _, b_key in lora_modules(state).values():
+            state[b_key] = (state[b_key].double() * ratio).to(state[b_key].dtype)
+    return GlobalAdapter(state, target)

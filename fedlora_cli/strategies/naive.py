@@ -1,0 +1,31 @@
+"""`naive`: the weighted mean of A and of B, separately (the reference's `--skip_svd`; HetLoRA zero-padding for mixed ranks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedlora_cli.aggregation import ClientUpdate, aggregate_naive
+from fedlora_cli.strategies.base import Aggregated, GlobalAdapter, Strategy
+
+
+class NaiveStrategy(Strategy):
+    """B = Σ w_i B_i, A = Σ w_i A_i at the largest client rank (smaller ranks zero-padded), same scaling.
+
+    Caveat: the mean of products is not the product of the means (the error column measures the
+    gap), and zero-padding shrinks the components only the larger-rank clients have.
+    """
+
+    name = "naive"
+
+    def __init__(self, spec, lora, *, seed, client_ids=()) -> None:
+        super().__init__(spec, lora, seed=seed, client_ids=client_ids)
+        if spec.rank is not None or spec.alpha is not None:
+            raise ValueError(
+                "--svd-rank and --alpha apply to svd only: naive keeps the clients' rank and scaling"
+            )
+
+    def aggregate(
+        self, round_no: int, previous: GlobalAdapter | None, updates: Sequence[ClientUpdate]
+    ) -> Aggregated:
+        result = aggregate_naive(updates, rank=self.global_rank)
+        return Aggregated.of(self.name, result, self.lora)
