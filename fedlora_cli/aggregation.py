@@ -250,6 +250,25 @@ def low_rank_factors(
     return (q_b @ u[:, :keep]) * sigma[:keep], vh[:keep] @ q_a.mT
 
 
+def clip_update(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], max_norm: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """`reference + δ·min(1, max_norm / ‖δ‖)` with `δ = state − reference` over every key (LoRA factors
+    and head alike) and ‖·‖ the L2 norm of all of δ; also returns ‖δ‖ before clipping. Keys and shapes
+    must match. `max_norm = inf` returns the state unchanged (and its norm)."""
+    if set(state) != set(reference):
+        raise ValueError("clip_update: the state and the reference have different keys")
+    deltas = {k: _to64(state[k]) - _to64(reference[k]) for k in reference}
+    norm = math.sqrt(sum(float(d.square().sum()) for d in deltas.values()))
+    if not norm > max_norm:
+        return dict(state), norm
+    factor = max_norm / norm
+    clipped = {
+        k: (_to64(reference[k]) + factor * deltas[k]).to(state[k].dtype).contiguous() for k in reference
+    }
+    return {k: clipped[k] for k in state}, norm
+
+
 def _pad_cols(b: torch.Tensor, r: int) -> torch.Tensor:
     return b if b.shape[1] == r else torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
 

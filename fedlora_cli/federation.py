@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fedlora_cli import atomic
+from fedlora_cli.aggregation import clip_update
 from fedlora_cli.config import LoraSpec, RoundsConfig, TrainSpec
 from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.evaluation import evaluate
@@ -135,9 +136,10 @@ def train_client(
         "tokens_per_second": result.tokens_per_second,
         "order": result.order_digest,
     }
-    return ClientReport(
-        plan.client_id, model.state(), plan.adapter.lora, result.examples, seed, train, evaluation
-    )
+    state = model.state()
+    if plan.clip_norm is not None:  # differential privacy, clipped here: the server never sees more
+        state, train["update_norm"] = clip_update(state, plan.adapter.state, plan.clip_norm)
+    return ClientReport(plan.client_id, state, plan.adapter.lora, result.examples, seed, train, evaluation)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,7 +501,9 @@ class RoundDriver:
 
         t = time.perf_counter()
         try:
-            outcome = s.strategy.aggregate(round_no, plan.broadcast, [r.update() for r in usable])
+            outcome = s.strategy.aggregate(
+                round_no, plan.broadcast, [r.update() for r in usable], sampled=len(plan.selected)
+            )
         except ValueError as e:
             raise InputError(f"round {round_no}: aggregation failed: {e}") from None
         agg_seconds = time.perf_counter() - t

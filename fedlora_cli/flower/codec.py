@@ -246,7 +246,8 @@ def plan_to_content(plan: Any, round_no: int, run_config: ConfigRecord) -> Recor
     """Everything a client needs for its turn: the adapter, its shape, what trains, the base delta."""
     meta = ConfigRecord({"server-round": round_no, "client-id": plan.client_id, **lora_to_config(plan.adapter.lora),
                          "train-parts": sorted(plan.train), "prox-mu": float(plan.prox_mu),
-                         "base-delta-key": plan.base_delta_key})  # fmt: skip
+                         "base-delta-key": plan.base_delta_key,
+                         "clip-norm": "" if plan.clip_norm is None else float(plan.clip_norm)})  # fmt: skip
     content = RecordDict({ARRAYS: state_to_arrays(plan.adapter.state), CONFIG: meta, RUN_CONFIG: run_config})
     if plan.base_delta:
         delta = {}
@@ -273,5 +274,6 @@ def plan_from_content(content: RecordDict) -> Any:
                 prefix = key[:-2]
                 delta[prefix] = (p, flat[f"{prefix}|Q"])
     adapter = GlobalAdapter(arrays_to_state(content.array_records[ARRAYS]), lora)
+    clip = meta.get("clip-norm", "")
     return ClientPlan(int(meta["client-id"]), adapter, parts, float(meta.get("prox-mu", 0.0)), delta,
-                      str(meta.get("base-delta-key", "")))  # fmt: skip
+                      str(meta.get("base-delta-key", "")), None if clip == "" else float(clip))  # fmt: skip

@@ -59,6 +59,7 @@ class ClientPlan:
     prox_mu: float = 0.0  # FedProx: μ/2·‖θ − θ_broadcast‖² over the trained parameters
     base_delta: BaseDelta = field(default_factory=dict)  # frozen low-rank change of the base weights
     base_delta_key: str = ""  # names `base_delta` (same key, same tensors) so a model applies it once
+    clip_norm: float | None = None  # client-side DP: clip the update (state − adapter) to this L2 norm
 
     @property
     def num_bytes(self) -> int:
@@ -165,11 +166,18 @@ class Strategy:
                           base_delta=self.base_delta(), base_delta_key=self.base_delta_key())  # fmt: skip
 
     def aggregate(
-        self, round_no: int, previous: GlobalAdapter | None, updates: Sequence[ClientUpdate]
+        self,
+        round_no: int,
+        previous: GlobalAdapter | None,
+        updates: Sequence[ClientUpdate],
+        *,
+        sampled: int | None = None,
     ) -> Aggregated:
         """The next global adapter from the clients' updates (weights: training examples).
 
-        `previous` is the adapter broadcast this round (None for `fedlora merge`, one-shot).
+        `previous` is the adapter broadcast this round (None for `fedlora merge`, one-shot); `sampled`
+        is how many clients were selected this round (updates may be fewer when some failed), for
+        wrappers that need a fixed denominator (differential privacy).
         """
         raise NotImplementedError
 

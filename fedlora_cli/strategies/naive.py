@@ -25,7 +25,12 @@ class NaiveStrategy(Strategy):
             )
 
     def aggregate(
-        self, round_no: int, previous: GlobalAdapter | None, updates: Sequence[ClientUpdate]
+        self,
+        round_no: int,
+        previous: GlobalAdapter | None,
+        updates: Sequence[ClientUpdate],
+        *,
+        sampled: int | None = None,
     ) -> Aggregated:
         result = aggregate_naive(updates, rank=self.global_rank)
         return Aggregated.of(self.name, result, self.lora)

@@ -19,7 +19,12 @@ class SvdStrategy(Strategy):
     name = "svd"
 
     def aggregate(
-        self, round_no: int, previous: GlobalAdapter | None, updates: Sequence[ClientUpdate]
+        self,
+        round_no: int,
+        previous: GlobalAdapter | None,
+        updates: Sequence[ClientUpdate],
+        *,
+        sampled: int | None = None,
     ) -> Aggregated:
         result = aggregate_svd(updates, rank=self.global_rank, alpha=self.global_alpha)
         return Aggregated.of(self.name, result, self.lora)
