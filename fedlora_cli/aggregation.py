@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,16 +277,97 @@ def _pad_rows(a: torch.Tensor, r: int) -> torch.Tensor:
     return a if a.shape[0] == r else torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])], dim=0)
 
 
-AGGREGATORS: dict[str, Callable[..., AggregateResult]] = {"svd": aggregate_svd, "naive": aggregate_naive}
+def aggregate_one_factor(
+    clients: Sequence[ClientUpdate], *, trained: str, frozen: Mapping[str, torch.Tensor]
+) -> AggregateResult:
+    """Average the factor that trained; keep the other one as it was (FFA-LoRA: A frozen; RoLoRA: alternating).
+
+    trained: "B" (every client kept A = `frozen`'s A) or "A" (every client kept B = `frozen`'s B).
+    `frozen` is the adapter the clients started from, at rank R >= every client's rank; a client of
+    rank r_i trained the first r_i components. The trained factor is the weighted mean of the clients'
+    (zero-padded to R), the frozen one is `frozen`'s, bit for bit, so with A frozen
+    `s B̄ A = Σ_i w_i s B_i A[:r_i]` exactly (likewise with B frozen): the aggregation error is 0 up
+    to float rounding, and is reported as computed. Dense keys get the weighted mean. Raises
+    ValueError if a client's frozen factor is not the matching slice of `frozen`'s.
+    """
+    if trained not in ("A", "B"):
+        raise ValueError(f"trained must be 'A' or 'B', got {trained!r}")
+    checked = _check_clients(clients)
+    scalings = [c.scaling for c in clients]
+    if not all(math.isclose(s, scalings[0], rel_tol=1e-9) for s in scalings):
+        raise ValueError(f"one-factor averaging needs one scaling for all clients, got {scalings}")
+    s = scalings[0]
+    rank = lora_rank(frozen)
+    w = [float(x) for x in checked.weights]
+    state: dict[str, torch.Tensor] = {}
+    sq_err: dict[str, float] = {}
+    sq_target: dict[str, float] = {}
+    for prefix, (a_key, b_key) in checked.modules.items():
+        fixed_key = a_key if trained == "B" else b_key
+        fixed = frozen[fixed_key]
+        for i, c in enumerate(clients):
+            mine = c.state[fixed_key]
+            r_i = mine.shape[0] if trained == "B" else mine.shape[1]
+            expected = fixed[:r_i] if trained == "B" else fixed[:, :r_i]
+            if r_i > rank or not torch.equal(mine.to(fixed.dtype), expected):
+                raise ValueError(f"client {i}: {fixed_key} is not the frozen factor the clients were sent")
+        bs = [_to64(c.state[b_key]) for c in clients]
+        as_ = [_to64(c.state[a_key]) for c in clients]
+        if trained == "B":
+            b_new = sum(wi * _pad_cols(b, rank) for wi, b in zip(w, bs, strict=True))
+            a_new = _to64(fixed)
+        else:
+            a_new = sum(wi * _pad_rows(a, rank) for wi, a in zip(w, as_, strict=True))
+            b_new = _to64(fixed)
+        target_b = [wi * s * b for wi, b in zip(w, bs, strict=True)]
+        sq_err[prefix] = _frobenius_sq(
+            torch.cat([s * b_new, *(-tb for tb in target_b)], dim=1), torch.cat([a_new, *as_], dim=0)
+        )
+        sq_target[prefix] = _frobenius_sq(torch.cat(target_b, dim=1), torch.cat(as_, dim=0))
+        state[a_key] = fixed if trained == "B" else a_new.to(checked.dtypes[a_key]).contiguous()
+        state[b_key] = fixed if trained == "A" else b_new.to(checked.dtypes[b_key]).contiguous()
+    for key in checked.dense_keys:
+        state[key] = _weighted_mean(clients, key, checked.weights, checked.dtypes[key])
+    return _result(checked, state, rank, s * rank, sq_err, sq_target)
 
 
-def aggregate(method: str, clients: Sequence[ClientUpdate], *, rank: int, alpha: float) -> AggregateResult:
-    """Run the aggregator registered as `method` in AGGREGATORS (see each one's docstring for its maths)."""
-    try:
-        fn = AGGREGATORS[method]
-    except KeyError:
-        raise ValueError(f"unknown aggregation {method!r}: choose one of {sorted(AGGREGATORS)}") from None
-    return fn(clients, rank=rank, alpha=alpha)
+def accumulate_residual(
+    residual: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    clients: Sequence[ClientUpdate],
+    average: Mapping[str, torch.Tensor],
+    scaling: float,
+    rtol: float = 1e-9,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """FedEx-LoRA's residual: `R' = R + Σ_i w_i s_i B_i A_i − s B̄ Ā`, per LoRA module, kept factored.
+
+    residual: `{prefix: (P, Q)}` with R = P Q (empty: R = 0); average: the adapter whose factors are
+    B̄, Ā (the weighted means, `aggregate_naive`) at scaling `scaling`. The stacked factors are
+    re-compressed by QR + SVD of the small core (`low_rank_factors`), dropping only singular values
+    below `rtol·σ_max`, so R' stays as small as its true rank (at most min(d_out, d_in)). Returns the
+    new residual in float64 and what the compression dropped, relative to ‖Σ_i w_i s_i B_i A_i‖ over
+    all modules (the aggregation error of the global model: ~rtol).
+    """
+    checked = _check_clients(clients)
+    w = [float(x) for x in checked.weights]
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    dropped = target = 0.0
+    for prefix, (a_key, b_key) in checked.modules.items():
+        bs = [wi * c.scaling * _to64(c.state[b_key]) for wi, c in zip(w, clients, strict=True)]
+        as_ = [_to64(c.state[a_key]) for c in clients]
+        target += _frobenius_sq(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+        bs.append(-scaling * _to64(average[b_key]))
+        as_.append(_to64(average[a_key]))
+        if prefix in residual:
+            p, q = residual[prefix]
+            bs.insert(0, _to64(p))
+            as_.insert(0, _to64(q))
+        b_cat, a_cat = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+        p_new, q_new = low_rank_factors([b_cat], [a_cat], [1.0], rtol=rtol)
+        out[prefix] = (p_new, q_new)
+        full = _frobenius_sq(b_cat, a_cat)
+        kept = float(p_new.square().sum())  # Q has orthonormal rows: ||P Q|| = ||P||
+        dropped += max(full - kept, 0.0)
+    return out, (math.sqrt(dropped / target) if target > 0 else 0.0)
 
 
 # --- checks -------------------------------------------------------------------------------------

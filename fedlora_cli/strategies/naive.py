@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedlora_cli.aggregation import ClientUpdate, aggregate_naive
-from fedlora_cli.strategies.base import Aggregated, GlobalAdapter, Strategy
+from fedlora_cli.strategies.base import Aggregated, GlobalAdapter, Strategy, forbid_svd_options
 
 
 class NaiveStrategy(Strategy):
@@ -19,10 +19,7 @@ class NaiveStrategy(Strategy):
 
     def __init__(self, spec, lora, *, seed, client_ids=()) -> None:
         super().__init__(spec, lora, seed=seed, client_ids=client_ids)
-        if spec.rank is not None or spec.alpha is not None:
-            raise ValueError(
-                "--svd-rank and --alpha apply to svd only: naive keeps the clients' rank and scaling"
-            )
+        forbid_svd_options(self.name, spec)
 
     def aggregate(
         self,

@@ -25,6 +25,13 @@ METHODS: dict[str, Method] = {
                "mean of the updates ΔW_i = s·B_i·A_i, truncated by SVD to --svd-rank (FlexLoRA with mixed ranks)"),
         Method("naive", "fedlora_cli.strategies.naive:NaiveStrategy",
                "mean of A and mean of B (zero-padded for mixed ranks: HetLoRA); not the mean of the products"),
+        Method("exact", "fedlora_cli.strategies.exact:ExactStrategy",
+               "FedEx-LoRA: mean of A and of B, plus the residual folded into a frozen low-rank base delta"),
+        Method("ffa", "fedlora_cli.strategies.ffa:FfaStrategy",
+               "FFA-LoRA: A frozen from the seed, only B (and the head) train; averaging B is exact"),
+        Method("rolora", "fedlora_cli.strategies.rolora:RoloraStrategy",
+               "RoLoRA: rounds alternate training B and A (the other frozen); every average is exact",
+               merge="it alternates factors over rounds; merge with svd, naive, exact or ffa"),
     )
 }  # fmt: skip
 
