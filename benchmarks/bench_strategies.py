@@ -30,8 +30,16 @@ from pathlib import Path
 from _shared import GLUE, minilm  # noqa: E402  (puts the repository on sys.path)
 
 from fedlora_cli.aggregation import lora_modules  # noqa: E402
-from fedlora_cli.config import AggregationSpec, DataSpec, LoraSpec, ModelSpec, OutputSpec, RoundsConfig  # noqa: E402
-from fedlora_cli.config import ShardConfig, TrainSpec  # noqa: E402
+from fedlora_cli.config import (  # noqa: E402  # noqa: E402
+    AggregationSpec,
+    DataSpec,
+    LoraSpec,
+    ModelSpec,
+    OutputSpec,
+    RoundsConfig,
+    ShardConfig,
+    TrainSpec,
+)
 from fedlora_cli.engines import run_rounds  # noqa: E402
 from fedlora_cli.history import HistoryRow  # noqa: E402
 from fedlora_cli.runs import read_history  # noqa: E402
