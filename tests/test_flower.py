@@ -139,6 +139,7 @@ def test_adapter_state_lora_and_report_round_trip_exactly():
 
 def test_pyproject_declares_the_app_with_the_cli_defaults():
     import tomllib  # Python 3.11+, as Flower itself
+
     from flwr.clientapp import ClientApp
     from flwr.common.config import flatten_dict
     from flwr.serverapp import ServerApp
