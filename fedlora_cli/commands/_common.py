@@ -24,13 +24,15 @@ DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 to see tracebacks of expected errors too
 def console():
     from rich.console import Console
 
-    return Console()
+    # soft_wrap: a line longer than the terminal is left to the terminal, never broken by Rich, so paths
+    # and commands can be copied whole (tables still fit their cells to the width).
+    return Console(soft_wrap=True)
 
 
 def err_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
@@ -307,6 +309,11 @@ def show_run_result(command: str, result: Any) -> None:
     out = console()
     out.print(summary_table(f"fedlora {command}", rows))
     if result.adapter_dir is not None and command != "eval":
-        out.print(f"adapter: {result.adapter_dir}")
+        print_line(out, f"adapter: {result.adapter_dir}")
     if result.run_dir is not None:
-        out.print(f"run: {result.run_dir}")
+        print_line(out, f"run: {result.run_dir}")
+
+
+def print_line(out: Any, text: str) -> None:
+    """A line meant for copying (a path, a command): printed as it is — no wrapping, no markup, no colour."""
+    out.print(text, soft_wrap=True, markup=False, highlight=False)

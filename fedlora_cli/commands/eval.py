@@ -49,4 +49,4 @@ def eval_command(
         result = run_eval(config, progress=progress)
     c.show_run_result("eval", result)
     if output_json:
-        c.console().print(f"metrics: {output_json}")
+        c.print_line(c.console(), f"metrics: {output_json}")

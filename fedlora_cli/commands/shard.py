@@ -143,12 +143,12 @@ def show_shard_result(result: ShardResult, config: ShardConfig) -> None:
     out = c.console()
     out.print(table)
     for note in result.notes:
-        out.print(f"note: {note}", highlight=False)
-    out.print(
+        c.print_line(out, f"note: {note}")
+    c.print_line(
+        out,
         f"{result.total_train:,} examples split in {result.seconds:.3f} s "
         f"(data loaded in {result.load_seconds:.2f} s, written in {result.write_seconds:.2f} s)",
-        highlight=False,
     )
-    out.print(f"shards: {result.out}", highlight=False, soft_wrap=True)
+    c.print_line(out, f"shards: {result.out}")
     if result.plot is not None:
-        out.print(f"plot: {result.plot}", highlight=False, soft_wrap=True)
+        c.print_line(out, f"plot: {result.plot}")
