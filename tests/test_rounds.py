@@ -314,7 +314,7 @@ def test_merge_refuses_incompatible_adapters(federated, tmp_path):
     one_error_line(
         run("merge", "--adapters", a, b, "--weights", "1", "--save-adapter", tmp_path / "m"),
         2,
-        "1 values for 2",
+        "1 value for 2",
     )
     g = run_dir / "round_001" / "global" / "adapter"  # rank 8, alpha 8 vs the clients' alpha 16
     one_error_line(

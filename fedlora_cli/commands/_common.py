@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from fedlora_cli.config import DataSpec, LoraSpec, ModelSpec, OutputSpec, TrainSpec, model_from_size
-from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.errors import FedloraError, InputError, Interrupted, io_message
 from fedlora_cli.tasks import task_names
 
 DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 to see tracebacks of expected errors too
@@ -57,6 +57,7 @@ LEGACY_FLAGS: dict[str, str | tuple[str, str]] = {
     "--do_train": "--train",
     "--do_eval": "--eval",
     "--skip_svd": ("--aggregation", "naive"),
+    "--force": "--overwrite",  # `fedlora shard`'s first name for it
 }
 
 
@@ -149,6 +150,16 @@ class FedloraGroup(TyperGroup):
                 raise
             print_error(str(e))
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # an I/O failure no layer below named more precisely: still one line
+            if os.environ.get(DEBUG_ENV):
+                raise
+            print_error(io_message("access", e.filename, e))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            print_error("interrupted: stopped before finishing (files are written whole or not at all)")
+            raise typer.Exit(Interrupted.exit_code) from None
 
 
 T = TypeVar("T")
@@ -261,7 +272,9 @@ RunNameOpt = Annotated[
     str | None, typer.Option("--run-name", help="the run's folder name \\[default: a timestamp]")
 ]
 OutputDirOpt = Annotated[str | None, typer.Option("--output-dir", help="write the run exactly here instead")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run folder")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="replace what fedlora wrote there before (never anything else)")
+]
 
 
 def summary_table(title: str, rows: Sequence[tuple[str, Any]]) -> Any:

@@ -66,7 +66,10 @@ def shard(
     bin_stsb: Annotated[
         bool, typer.Option("--bin-stsb/--no-bin-stsb", help="STS-B: stratify by 0.2-wide score bins")
     ] = _SHARD.bin_stsb,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing shard folder at --out")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="replace the shard folder (and plot) fedlora wrote there before"),
+    ] = False,
     plot: Annotated[
         str | None,
         typer.Option(
@@ -90,7 +93,7 @@ def shard(
             dirichlet_alpha=dirichlet_alpha,
             min_size=min_size,
             bin_stsb=bin_stsb,
-            force=force,
+            overwrite=overwrite,
             plot=plot,
         )
     )
