@@ -167,3 +167,30 @@ def test_eval_output_json_is_replaced_only_when_fedlora_wrote_it(tiny_model, glu
     assert run(*args, "--output-json", ours).exit_code == 0
     one_error_line(run(*args, "--output-json", ours), 2, "pass --overwrite")
     assert run(*args, "--output-json", ours, "--overwrite").exit_code == 0
+
+
+def test_a_rounds_run_tree_is_fedloras_and_anything_added_to_it_is_not(tmp_path):
+    run_dir = tmp_path / "run"
+    for folder in ("round_001/global/adapter", "round_002/client_001/adapter", "final/adapter", "shards"):
+        (run_dir / folder).mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"command": "rounds", "versions": {"fedlora": "0.1.0"}}))
+    (run_dir / "history.jsonl").write_text("{}\n")
+    assert ownership.run_foreign(run_dir) == []
+    (run_dir / "analysis.ipynb").write_text("{}")
+    (run_dir / "round_x").mkdir()
+    assert ownership.run_foreign(run_dir) == ["analysis.ipynb", "round_x"]
+    (run_dir / "run.json").write_text(json.dumps({"command": "rounds"}))  # no fedlora version: not a record
+    assert "run.json" in ownership.run_foreign(run_dir)
+
+
+def test_the_interrupt_message_names_an_option_that_works_for_every_run(tmp_path):
+    from fedlora_cli.runs import interrupted_rounds_message
+
+    run_dir = tmp_path / "exact" / "place"
+    assert interrupted_rounds_message(run_dir, 0) == (
+        f"interrupted: no round of {run_dir} was complete; continue with "
+        f"`fedlora rounds … --output-dir {run_dir} --resume`"
+    )
+    assert f"round 1 of {run_dir} is complete" in interrupted_rounds_message(run_dir, 1)
+    assert f"rounds 1-3 of {run_dir} are complete" in interrupted_rounds_message(run_dir, 3)
+    assert "1..0" not in interrupted_rounds_message(run_dir, 0)
