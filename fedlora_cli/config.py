@@ -24,9 +24,39 @@ MODEL_ALIASES = {
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and most tools take 32-bit seeds
+MAX_COUNT = 2**31 - 1  # batch sizes, ranks, lengths: what numpy and torch index with
+MAX_EPOCHS = 1000.0  # more passes than any fine-tuning needs; a typo'd 1e9 would run for centuries
+MAX_ROUNDS = 100_000
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+def _finite(x: Any) -> bool:
+    """A real number that is neither NaN nor infinite (bool is not a number here)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_number(flag: str, x: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+    """`flag` is finite and in [low, high] (or (low, high] with `low_open`); the message names the value."""
+    ok = _finite(x) and (x > low if low_open else x >= low) and x <= high
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        if high != math.inf:
+            bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{flag} must be a finite number {bound}, got {x}")
+
+
+def _check_int(flag: str, x: Any, low: int, high: int = MAX_COUNT) -> None:
+    ok = isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+    _check(ok, f"{flag} must be an integer in {low}..{high:,}, got {x}")
+
+
+def check_seed(seed: Any, flag: str = "--seed") -> None:
+    _check_int(flag, seed, 0, SEED_MAX)
 
 
 def default_cache_dir() -> Path:
@@ -86,7 +116,8 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task).name)
-        _check(self.max_seq_length >= 8, f"--max-seq-length must be >= 8, got {self.max_seq_length}")
+        # the upper bound that matters is the model's positions: modeling.check_model_limits
+        _check_int("--max-seq-length", self.max_seq_length, 8)
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -111,8 +142,10 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        # r <= the target modules' dimensions is checked once the model is built (check_lora_fits)
         _check(self.r >= 1, f"--lora-r must be >= 1, got {self.r}")
-        _check(self.alpha > 0, f"--lora-alpha must be > 0, got {self.alpha}")
+        _check(self.r <= MAX_COUNT, f"--lora-r must be <= {MAX_COUNT:,}, got {self.r}")
+        _check(_finite(self.alpha) and self.alpha > 0, f"--lora-alpha must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.dropout}")
         _check(len(self.target_modules) > 0, "--target-modules must name at least one module")
 
@@ -136,15 +169,17 @@ class TrainSpec:
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
-        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
-        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        # --epochs is --local-epochs in `rounds`; the steps it gives are checked with the data (planned_steps)
+        _check_number("--epochs", self.epochs, 0, MAX_EPOCHS, low_open=True)
+        _check_int("--batch-size", self.batch_size, 1)
+        _check_number("--learning-rate", self.learning_rate, 0, low_open=True)
+        _check_number("--weight-decay", self.weight_decay, 0)
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        _check(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        _check_number("--max-grad-norm", self.max_grad_norm, 0)
         _check(
             self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"
         )
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -177,7 +212,7 @@ class TrainConfig:
     init_adapter: str | None = None  # start from an existing adapter instead of a fresh one
 
     def __post_init__(self) -> None:
-        _check(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        _check_int("--eval-batch-size", self.eval_batch_size, 1)
 
 
 @dataclass(frozen=True)
@@ -193,7 +228,7 @@ class BaselineConfig:
     save_model: bool = False  # full weights are large; only written when asked
 
     def __post_init__(self) -> None:
-        _check(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        _check_int("--eval-batch-size", self.eval_batch_size, 1)
 
 
 @dataclass(frozen=True)
@@ -207,12 +242,14 @@ class EvalConfig:
     precision: str = "auto"
     seed: int = 42  # seeds the head of a plain model, so zero-shot numbers are reproducible
     output_json: str | None = None
+    overwrite: bool = False  # replace an --output-json file that fedlora wrote before
 
     def __post_init__(self) -> None:
-        _check(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        _check_int("--eval-batch-size", self.eval_batch_size, 1)
         _check(
             self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"
         )
+        check_seed(self.seed)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -248,7 +285,7 @@ class ShardConfig:
     dirichlet_alpha: float = 0.5  # dirichlet / quantity: concentration; smaller = more skew
     min_size: int = 1  # every client gets at least this many examples
     bin_stsb: bool = True  # STS-B: stratify by 0.2-wide score bins (the reference's behaviour)
-    force: bool = False  # write into an existing, non-empty --out
+    overwrite: bool = False  # replace the fedlora shard folder (and plot) already at --out / --plot
     plot: str | None = None  # PNG of the per-client label distribution
 
     def __post_init__(self) -> None:
@@ -258,8 +295,12 @@ class ShardConfig:
         _check(
             0.0 <= self.overlap_ratio < 1.0, f"--overlap-ratio must be in [0, 1), got {self.overlap_ratio}"
         )
-        _check(self.dirichlet_alpha > 0, f"--dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        _check(
+            _finite(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
+            f"--dirichlet-alpha must be a finite number > 0, got {self.dirichlet_alpha}",
+        )
         _check(self.min_size >= 1, f"--min-size must be >= 1, got {self.min_size}")
+        check_seed(self.seed)
         mts = self.max_train_samples
         _check(mts is None or mts >= 1, f"--max-train-samples must be >= 1, got {mts}")
         _check(self.out is None or bool(self.out.strip()), "--out must name a folder")
@@ -288,15 +329,13 @@ class AggregationSpec:
     rank: int | None = None  # svd: rank R of the aggregated adapter; None: the largest client rank
     alpha: float | None = None  # lora_alpha of the aggregated adapter; None: s·R (the clients' scaling)
     client_ranks: str | None = None  # "4,8,16" cycled over client ids, or a JSON file {"<id>": rank}
-    prox_mu: float = (
-        0.0  # FedProx: μ/2·‖θ − θ_global‖² over the trained parameters, added to each client's loss
-    )
+    # FedProx: μ/2·‖θ − θ_global‖² over the trained parameters, added to each client's loss
+    prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
         get_method(self.method)  # ValueError naming the choices
         _check(self.rank is None or self.rank >= 1, f"--svd-rank must be >= 1, got {self.rank}")
-        _check(self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0),
-               f"--alpha must be a finite number > 0, got {self.alpha}")  # fmt: skip
+        check_aggregation_options(self.method, self.rank, self.alpha)
         _check(math.isfinite(self.prox_mu) and self.prox_mu >= 0,
                f"--prox-mu must be a finite number >= 0, got {self.prox_mu}")  # fmt: skip
         if self.client_ranks is not None and not self.client_ranks.strip().lower().endswith(".json"):
@@ -378,7 +417,7 @@ class RoundsConfig:
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
-        _check(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        _check_int("--eval-batch-size", self.eval_batch_size, 1)
         cpr, ff = self.clients_per_round, self.fraction_fit
         _check(cpr is None or cpr >= 1, f"--clients-per-round must be >= 1, got {cpr}")
         _check(ff is None or 0 < ff <= 1, f"--fraction-fit must be in (0, 1], got {ff}")
@@ -395,6 +434,7 @@ class RoundsConfig:
         if self.resume:
             named = self.output.run_name is not None or self.output.output_dir is not None
             _check(named, "--resume needs the --run-name (or --output-dir) of the run to continue")
+        check_rounds_numbers(self)
 
     def clients_in_round(self, total: int) -> int:
         """How many of `total` clients train each round."""
@@ -403,6 +443,49 @@ class RoundsConfig:
         if self.fraction_fit is not None:
             return max(1, round(self.fraction_fit * total))
         return total
+
+
+def check_aggregation_options(method: str, rank: int | None, alpha: float | None) -> None:
+    """Numbers of an aggregation: finite and in range, and never an option the method would ignore.
+
+    (Kept apart from AggregationSpec so that the class can change without losing these checks.)
+    """
+    _check(
+        rank is None or (isinstance(rank, int) and 1 <= rank <= MAX_COUNT),
+        f"--svd-rank must be an integer >= 1, got {rank}",
+    )
+    _check(
+        alpha is None or (_finite(alpha) and alpha > 0), f"--alpha must be a finite number > 0, got {alpha}"
+    )
+    # Options a method would ignore (--svd-rank with naive, …) are refused by the method itself
+    # (strategies.base.forbid_svd_options), before any work.
+
+
+def check_rounds_numbers(config: RoundsConfig) -> None:
+    """The numeric options of `rounds` that its own checks leave open: finite, and in range.
+
+    (Kept apart from RoundsConfig so that the class can change without losing these checks.)
+    """
+    _check_int("--rounds", config.rounds, 1, MAX_ROUNDS)
+    if config.clients_per_round is not None:
+        _check_int("--clients-per-round", config.clients_per_round, 1)
+    if config.min_clients is not None:
+        _check_int("--min-clients", config.min_clients, 1)
+    _check_number("--client-cpus", config.client_cpus, 0, low_open=True)
+    _check_number("--client-gpus", config.client_gpus, 0)
+    if config.round_timeout is not None:
+        _check_number("--round-timeout", config.round_timeout, 0, low_open=True)
+
+
+def clients_per_round_note(config: RoundsConfig, total: int) -> str | None:
+    """The warning for a `--clients-per-round` above the number of clients, which the round loop clamps:
+    the run goes on, but the user hears about it. (The round driver calls it once it knows `total`.)"""
+    cpr = config.clients_per_round
+    if cpr is None or cpr <= total:
+        return None
+    return (
+        f"warning: --clients-per-round {cpr} is more than the {total} clients: every round uses all {total}"
+    )
 
 
 @dataclass(frozen=True)
@@ -432,7 +515,8 @@ class MergeConfig:
             if values is not None:
                 object.__setattr__(self, attr, tuple(values))
                 n, k = len(values), len(self.adapters)
-                _check(n == k, f"{name} has {n} values for {k} adapters")
+                values_word = "value" if n == 1 else "values"
+                _check(n == k, f"{name} has {n} {values_word} for {k} adapter{'' if k == 1 else 's'}")
         if self.weights is not None:
-            bad = [w for w in self.weights if not w > 0]
-            _check(not bad, f"--weights must all be > 0, got {bad[0] if bad else ''}")
+            bad = [w for w in self.weights if not (_finite(w) and w > 0)]
+            _check(not bad, f"--weights must all be finite numbers > 0, got {bad[0] if bad else ''}")

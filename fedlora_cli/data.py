@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import sys
@@ -72,6 +73,9 @@ def load_split(
             f"task {task.name} has no split {split!r}: use train or {', '.join(task.eval_splits)}"
         )
     raw = read_local_split(task, split, data_dir) if data_dir else load_hub_split(task, split, cache_dir)
+    if len(raw) == 0:
+        # Training on nothing fails late; evaluating on nothing gives a metric that means nothing.
+        raise InputError(f"{raw.source}: the {task.name} {split} split has no examples")
     return raw.head(max_samples)
 
 
@@ -96,8 +100,8 @@ def read_local_split(task: GlueTask, split: str, data_dir: str | os.PathLike) ->
             f"or leave --data-dir out to use the hub"
         )
     layout = task.local
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    # StringIO(newline="") splits lines exactly as open(newline="") does: csv's own contract
+    rows = list(csv.reader(io.StringIO(_read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
         raise InputError(f"{path} is empty")
 
@@ -133,6 +137,19 @@ def read_local_split(task: GlueTask, split: str, data_dir: str | os.PathLike) ->
         for name, pos in position.items():
             columns[name].append(label if name == "label" else row[pos])
     return RawSplit(task.name, split, columns, str(path))
+
+
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, a byte-order mark dropped; bytes that are not UTF-8 are one error with the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); GLUE files are UTF-8: re-encode the "
+            f"file (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def _parse_label(task: GlueTask, raw: str, path: Path, line_no: int) -> int | float:

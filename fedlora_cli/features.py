@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 from fedlora_cli import atomic
 from fedlora_cli.config import DataSpec
 from fedlora_cli.data import RawSplit, load_split
+from fedlora_cli.errors import OutputError, first_line
 from fedlora_cli.tasks import get_task
 
 CACHE_FORMAT = 1  # bump when the cached layout changes: old entries are then simply not found
@@ -104,7 +106,7 @@ def tokenize_split(
     path = (
         cache_root / "tokenized" / task.name / f"{raw.split}-{key[:24]}.safetensors" if cache_root else None
     )
-    if path is not None and path.is_file():
+    if path is not None:
         cached = _read_cache(path, key, pad_id)
         if cached is not None:
             return cached
@@ -144,8 +146,31 @@ def tokenize_split(
     labels = raw.labels.astype(np.float32 if task.is_regression else np.int64)
     split = TokenizedSplit(ids, offsets, type_ids, labels, pad_id, key)
     if path is not None:
-        _write_cache(path, split)
+        try:
+            _write_cache(path, split)
+        except (OutputError, OSError) as e:  # the cache is an optimisation: never a reason to fail
+            _cache_unwritable(cache_root, e, progress)
     return split
+
+
+_WARNED: set[str] = set()  # cache folders already reported as unwritable in this process
+
+
+def _cache_unwritable(root: Path, error: Exception, progress: Any) -> None:
+    """Say once per cache folder that it cannot be written, and go on without it."""
+    if str(root) in _WARNED:
+        return
+    _WARNED.add(str(root))
+    cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)
+    message = (
+        f"note: the tokenized-data cache {root} cannot be written ({reason}): tokenizing in memory "
+        f"instead; set FEDLORA_CACHE to a writable folder to keep the cache"
+    )
+    if progress is not None:
+        progress.log(message)
+    else:
+        warnings.warn(message, stacklevel=3)
 
 
 def _write_cache(path: Path, split: TokenizedSplit) -> None:
@@ -161,6 +186,8 @@ def _read_cache(path: Path, key: str, pad_id: int) -> TokenizedSplit | None:
     from safetensors import safe_open
 
     try:
+        if not path.is_file():
+            return None
         with safe_open(str(path), framework="numpy") as f:
             if (f.metadata() or {}).get("key") != key:
                 return None

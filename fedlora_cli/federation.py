@@ -15,7 +15,7 @@ import datetime as _dt
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 from fedlora_cli import atomic
 from fedlora_cli.aggregation import clip_update
 from fedlora_cli.config import LoraSpec, RoundsConfig, TrainSpec
-from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.errors import FedloraError, InputError, Interrupted
 from fedlora_cli.evaluation import evaluate
 from fedlora_cli.features import TaskData, steps_per_epoch
 from fedlora_cli.history import HistoryRow
@@ -34,7 +34,10 @@ from fedlora_cli.progress import NullProgress, Progress
 from fedlora_cli.runs import (
     ADAPTER_DIR,
     METRICS,
+    RUN_OPTION,
     RoundTree,
+    claim_run_dir,
+    interrupted_rounds_message,
     read_json,
     run_path,
     run_record,
@@ -61,12 +64,6 @@ RESUME_FREE_KEYS = {
     "output", "resume", "rounds", "client_cpus", "client_gpus", "eval_batch_size", "eval_each_round", "eval_clients",
     "engine", "min_clients", "round_timeout",
 }  # fmt: skip
-
-
-class Interrupted(FedloraError):
-    """Ctrl-C during a run: complete rounds are kept and `--resume` continues after them."""
-
-    exit_code = 130
 
 
 class RoundFailed(FedloraError):
@@ -163,10 +160,14 @@ class RoundRecorder:
         """Claim the folder (or verify it for --resume); return the last complete round."""
         root = self.tree.root
         exists = root.is_dir() and any(root.iterdir())
-        if exists and not config.resume:
+        if exists and not config.resume and not config.output.overwrite:
             raise InputError(
-                f"run {root} already exists: pass --resume to continue it, or choose another --run-name"
+                f"run {root} already exists: pass --resume to continue it, --overwrite to replace it, or "
+                f"choose another {RUN_OPTION}"
             )
+        if exists and not config.resume:
+            claim_run_dir(root, overwrite=True)  # only ever deletes a fedlora run (ownership.RUN)
+            exists = False
         if exists:
             previous = read_json(root / "run.json", "run record")
             _check_same_run(previous, record)
@@ -273,14 +274,9 @@ class RoundsResult:
     main_metric: str
 
 
-def cli_resume_hint(config: RoundsConfig) -> Callable[[Path], str]:
-    """How to continue a run from the command line: the option that names this run folder."""
-
-    def hint(run_dir: Path) -> str:
-        where = f"--output-dir {run_dir}" if config.output.output_dir else f"--run-name {run_dir.name}"
-        return f"`fedlora rounds … {where} --resume`"
-
-    return hint
+def cli_resume_hint(run_dir: Path) -> str:
+    """How to continue a run from the command line (`--output-dir` names it however it was started)."""
+    return f"`fedlora rounds … --output-dir {run_dir} --resume`"
 
 
 @dataclass
@@ -318,8 +314,10 @@ def prepare(
 ) -> Setup:
     """Read shards and data, build the model and the strategy once, claim (or verify, for --resume) the run folder."""
     from fedlora_cli.centralised import load_model_and_data
-    from fedlora_cli.modeling import count_parameters, resolve_device, resolve_precision
+    from fedlora_cli.config import clients_per_round_note
+    from fedlora_cli.modeling import check_lora_fits, count_parameters, resolve_device, resolve_precision
     from fedlora_cli.sharding import read_shards, validate_shards
+    from fedlora_cli.training import planned_steps
 
     progress = progress or NullProgress()
     task = config.data.glue_task
@@ -337,11 +335,16 @@ def prepare(
         )
     except ValueError as e:
         raise InputError(str(e)) from None
+    if note := clients_per_round_note(config, len(shards.client_ids)):
+        progress.log(note)
+    planned_steps(max(shards.sizes), config.train)  # an absurd --local-epochs fails here, not in round 1
     base, data, _ = load_model_and_data(
         config.model, config.data, config.train.seed, train=True, progress=progress
     )
     validate_shards(shards, task.name, len(data.train), train_fingerprint=data.fingerprints["train"])
     start_lora = init.lora if init is not None else _largest(strategy, shards.client_ids)
+    # Every rank the run will use (the clients', svd's --svd-rank) must fit the target modules: say so now.
+    check_lora_fits(base, replace(start_lora, r=max(start_lora.r, strategy.global_rank)))
     model = LoraModel(base, start_lora, device, base_name=config.model.resolved)
     if init is not None:
         model.load_state(init.state, init.lora)
@@ -381,7 +384,7 @@ def prepare(
         f"{device.type}, {precision}" + (f"; resuming after round {start}" if start else "")
     )
     return Setup(config, task, device, precision, data, shards, model, strategy, initial, recorder, start,
-                 resume_hint or cli_resume_hint(config))  # fmt: skip
+                 resume_hint or cli_resume_hint)  # fmt: skip
 
 
 def _largest(strategy: Strategy, client_ids: list[int]) -> LoraSpec:
@@ -484,10 +487,8 @@ class RoundDriver:
         if len(usable) < self.need or not usable:
             done = s.recorder.tree.last_complete_round()
             detail = "; ".join(f"client {f['client']}: {str(f['reason'])[:160]}" for f in failures)
-            kept = (
-                f"Rounds 1..{done} of {s.run_dir} are kept"
-                if done
-                else f"No round of {s.run_dir} is complete"
+            kept = {0: f"No round of {s.run_dir} is complete", 1: f"Round 1 of {s.run_dir} is kept"}.get(
+                done, f"Rounds 1-{done} of {s.run_dir} are kept"
             )
             raise RoundFailed(
                 f"round {round_no}: {len(usable)} of {len(plan.selected)} selected clients replied but "
@@ -586,12 +587,7 @@ def run_local(
         return _local_loop(RoundDriver(setup, progress), progress)
     except KeyboardInterrupt:
         done = setup.recorder.tree.last_complete_round()
-        kept = (
-            f"rounds 1..{done} of {setup.run_dir} are complete"
-            if done
-            else f"no round of {setup.run_dir} is complete"
-        )
-        raise Interrupted(f"interrupted; {kept}: continue with {setup.resume_hint(setup.run_dir)}") from None
+        raise Interrupted(interrupted_rounds_message(setup.run_dir, done)) from None
 
 
 def _local_loop(driver: RoundDriver, progress: Progress) -> RoundsResult:

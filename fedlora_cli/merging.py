@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from fedlora_cli.aggregation import ClientUpdate, normalise_weights
 from fedlora_cli.config import MergeConfig, ModelSpec
 from fedlora_cli.errors import InputError
 from fedlora_cli.modeling import Adapter, check_adapter_task, head_num_labels, read_adapter, save_adapter
+from fedlora_cli.ownership import ADAPTER, claim
 from fedlora_cli.strategies import build_strategy, get_method
 from fedlora_cli.tasks import get_task
 
@@ -30,19 +30,13 @@ class MergeResult:
 
 
 def manifest_examples(path: str) -> int:
-    """Training examples of one client, from its `client_<i>.json` (`{"dataset", "indices"}`)."""
-    try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except FileNotFoundError:
-        raise InputError(f"--shard-manifests {path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"--shard-manifests {path} is not valid JSON ({e})") from None
-    indices = data.get("indices") if isinstance(data, dict) else None
-    if not isinstance(indices, list):
-        raise InputError(f"--shard-manifests {path} has no 'indices' list: is it a client_<i>.json manifest?")
-    if not indices:
+    """Training examples of one client, from its `client_<i>.json`, read by the one manifest reader."""
+    from fedlora_cli.sharding import read_manifest
+
+    indices = read_manifest(Path(path).expanduser(), option="--shard-manifests").indices
+    if indices.size == 0:
         raise InputError(f"--shard-manifests {path} lists zero examples: that client cannot be weighted")
-    return len(indices)
+    return int(indices.size)
 
 
 def _check_compatible(adapters: list[Adapter], paths: tuple[str, ...]) -> None:
@@ -68,9 +62,7 @@ def _check_compatible(adapters: list[Adapter], paths: tuple[str, ...]) -> None:
 
 def run_merge(config: MergeConfig) -> MergeResult:
     """FedAvg of the given adapters with example-count (or explicit, or equal) weights; any label count."""
-    out = Path(config.save_adapter).expanduser()
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise InputError(f"--save-adapter {out} already exists: choose another folder or pass --overwrite")
+    out = claim(config.save_adapter, ADAPTER, overwrite=config.overwrite, option="--save-adapter")
     adapters = [read_adapter(p) for p in config.adapters]
     _check_compatible(adapters, config.adapters)
     num_labels = head_num_labels(adapters[0].state)
@@ -128,7 +120,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
     }
     meta = {"origin": "merge", "task": config.task, "num_labels": num_labels}
     save_adapter(out, merged.state, merged.lora, base_model=adapters[0].base_model, meta=meta,
-                 extra_json={FUSE_MANIFEST: manifest})  # fmt: skip
+                 extra_json={FUSE_MANIFEST: manifest}, option="--save-adapter")  # fmt: skip
     return MergeResult(out, weights, merged.lora.r, merged.lora.alpha, record["error"], num_labels, manifest)
 
 

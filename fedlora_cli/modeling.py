@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import warnings
@@ -13,14 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlora_cli import __version__, atomic
-from fedlora_cli.config import LoraSpec, ModelSpec
-from fedlora_cli.errors import FedloraError, InputError, first_line
+from fedlora_cli import __version__, atomic, ownership
+from fedlora_cli.config import MAX_COUNT, DataSpec, LoraSpec, ModelSpec
+from fedlora_cli.errors import FedloraError, InputError, OutputError, first_line
+from fedlora_cli.ownership import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_META, ADAPTER_WEIGHTS
 from fedlora_cli.tasks import GlueTask
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_META = "fedlora_adapter.json"  # fedlora's own description; PEFT ignores it
 HEAD_MODULES = ("classifier", "score")  # PEFT's sequence-classification heads, saved with the adapter
 
 
@@ -67,18 +66,58 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _check_local_model(spec: ModelSpec, what: str) -> None:
+    """A local model folder: config.json an object of an architecture transformers knows, weights in safetensors."""
+    folder = Path(spec.resolved)
+    name = spec.name
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"--model {name}: the folder has no config.json; is it a Hugging Face model folder?")
+    try:
+        config = json.loads(config_file.read_bytes())
+    except ValueError as e:
+        raise InputError(f"--model {name}: config.json is not valid JSON ({first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"--model {name}: config.json must be a JSON object, got {type(config).__name__}")
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        custom = " and ships its own code (auto_map)" if "auto_map" in config else ""
+        raise InputError(
+            f"--model {name}: model_type {model_type!r} is not an architecture transformers knows{custom}; "
+            f"fedlora never runs a model's own code (trust_remote_code): use a model transformers supports"
+        )
+    if what != "model weights" or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    if pickled:
+        raise InputError(
+            f"--model {name} has only pickled weights ({pickled[0]}), which fedlora does not load (unpickling "
+            f'runs arbitrary code): convert them once, where you trust the file, with `python -c "from '
+            f"transformers import AutoModel; AutoModel.from_pretrained('{folder}').save_pretrained('{folder}')\"` "
+            f"(writes model.safetensors)"
+        )
+    raise InputError(f"--model {name}: the folder has no *.safetensors weights")
+
+
 def _load_pretrained(loader: Any, spec: ModelSpec, what: str, **kwargs: Any) -> Any:
-    """Run a `from_pretrained`, turning a missing or unreachable model into one actionable line."""
+    """Run a `from_pretrained` (safetensors only, never remote code), with one actionable line on failure."""
     _quiet_transformers()
     name = spec.name
     # A hub id is `name` or `org/name`; anything else path-like that does not exist is a typo'd folder.
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_like_path and not spec.is_local:
         raise InputError(f"--model {name}: no such folder; pass an existing model folder or a hub id")
-    if spec.is_local and not (Path(spec.resolved) / "config.json").is_file():
-        raise InputError(f"--model {name}: the folder has no config.json; is it a Hugging Face model folder?")
+    if spec.is_local:
+        _check_local_model(spec, what)
     try:
-        return loader.from_pretrained(spec.resolved, cache_dir=spec.cache_dir, **kwargs)
+        return loader.from_pretrained(
+            spec.resolved, cache_dir=spec.cache_dir, trust_remote_code=False, **kwargs
+        )
     except OSError as e:
         if spec.is_local:
             first = first_line(e)
@@ -88,6 +127,18 @@ def _load_pretrained(loader: Any, spec: ModelSpec, what: str, **kwargs: Any) -> 
             f"`fedlora download --model {name}` on a machine with internet, or pass --model DIR "
             f"with a local model folder"
         ) from None
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+    ) as e:  # a config or tokenizer file of the wrong shape
+        if "trust_remote_code" in str(e):
+            raise InputError(
+                f"--model {name}: its {what} needs the model's own code, which fedlora never runs "
+                f"(trust_remote_code): use a model transformers supports"
+            ) from None
+        raise InputError(f"--model {name}: cannot load the {what} ({first_line(e)})") from None
 
 
 def load_tokenizer(spec: ModelSpec) -> Any:
@@ -106,6 +157,7 @@ def load_base_model(spec: ModelSpec, task: GlueTask, seed: int) -> torch.nn.Modu
         "problem_type": "regression" if task.is_regression else "single_label_classification",
         # A folder that holds a classifier for another label count still loads: its head is replaced.
         "ignore_mismatched_sizes": True,
+        "use_safetensors": True,  # never unpickle
     }
     if not task.is_regression:
         kwargs["id2label"] = dict(enumerate(task.label_names))
@@ -113,6 +165,54 @@ def load_base_model(spec: ModelSpec, task: GlueTask, seed: int) -> torch.nn.Modu
     model = _load_pretrained(AutoModelForSequenceClassification, spec, "model weights", **kwargs)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     return model
+
+
+def max_sequence_length(model: torch.nn.Module) -> int | None:
+    """Tokens one example may have: the position table's size, less RoBERTa's offset (positions start
+    after the padding index); None for models without a learned position table."""
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding):
+        n = table.num_embeddings
+    else:
+        n = getattr(model.config, "max_position_embeddings", None)
+        if not isinstance(n, int):
+            return None
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    return n - (padding_idx + 1) if isinstance(padding_idx, int) else n
+
+
+def check_model_limits(model: torch.nn.Module, data: DataSpec, lora: LoraSpec | None = None) -> None:
+    """The options that depend on the model, checked once it is built and before any training."""
+    limit = max_sequence_length(model)
+    if limit is not None and data.max_seq_length > limit:
+        raise InputError(
+            f"--max-seq-length {data.max_seq_length} is more than this model takes: it has positions for "
+            f"{limit} tokens; use --max-seq-length {limit} or less"
+        )
+    if lora is not None:
+        check_lora_fits(model, lora)
+
+
+def check_lora_fits(model: torch.nn.Module, spec: LoraSpec) -> None:
+    """A rank-r update of a d_out x d_in matrix needs r <= min(d_out, d_in): check every target module."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = lora_config(spec)
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (
+            not isinstance(weight, torch.Tensor)
+            or weight.ndim != 2
+            or not check_target_module_exists(config, name)
+        ):
+            continue
+        d_out, d_in = weight.shape
+        if spec.r > min(d_out, d_in):
+            raise InputError(
+                f"LoRA rank {spec.r} is too large for {name} ({d_out} x {d_in}): use --lora-r {min(d_out, d_in)} "
+                f"or less"
+            )
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -157,6 +257,7 @@ class LoraModel:
         self.device = device
         self.base_name = base_name or getattr(base.config, "name_or_path", None) or None
         self._slots: dict[LoraSpec, str] = {spec: "default"}
+        check_lora_fits(base, spec)  # before PEFT allocates r x d matrices
         try:
             self.peft = get_peft_model(base, lora_config(spec, self.base_name))
         except ValueError as e:
@@ -176,6 +277,7 @@ class LoraModel:
         """Make the adapter of shape `spec` the active, trainable one (creating it if needed)."""
         if spec not in self._slots:
             name = f"slot{len(self._slots)}"
+            check_lora_fits(self.peft.get_base_model(), spec)
             try:
                 self.peft.add_adapter(name, lora_config(spec, self.base_name))
             except ValueError as e:
@@ -337,19 +439,26 @@ def save_adapter(
     base_model: str | None,
     meta: dict[str, Any] | None = None,
     extra_json: dict[str, Any] | None = None,
+    option: str = "",
 ) -> int:
     """Write a PEFT adapter folder atomically; returns the size of the weights file in bytes.
 
     `PeftModel.from_pretrained(base, path)` opens it without fedlora. `extra_json` maps file names
-    to objects written as JSON beside it, inside the same atomic step.
+    to objects written as JSON beside it, inside the same atomic step. An existing folder is replaced
+    only if it is a fedlora adapter folder (ownership.ADAPTER); `option` names it in that error.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    with atomic.staged_dir(path) as tmp:
+    files = sorted({*ADAPTER_FILES, *(extra_json or {})})
+    with atomic.staged_dir(path, may_replace=ownership.may_replace(ownership.ADAPTER, option)) as tmp:
         lora_config(lora, base_model, inference_mode=True).save_pretrained(str(tmp))
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        description = {"fedlora_version": __version__, **(meta or {})}
+        try:
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors (disk full …) come wrapped in this type
+            raise OutputError(f"cannot write {path}: {first_line(e)}") from e
+        description = {"fedlora_version": __version__, **(meta or {}), "files": files}
         (tmp / ADAPTER_META).write_text(atomic.dumps_json(description))
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(atomic.dumps_json(obj))
@@ -358,7 +467,12 @@ def save_adapter(
 
 
 def read_adapter(path: str | os.PathLike) -> Adapter:
-    """Read a PEFT LoRA adapter folder (fedlora's or plain peft's); pickled weights are refused."""
+    """Read and check a PEFT LoRA adapter folder (fedlora's or plain peft's): the one place adapters are
+    validated, for every entry point (eval, train/rounds --init-adapter, merge, resume).
+
+    Refused, with one line (exit 2): pickled weights, a config of the wrong shape, non-float or
+    non-finite tensors, LoRA factors whose rank is not the config's `r`.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -380,38 +494,81 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
             )
         raise InputError(f"adapter {path}: no {ADAPTER_WEIGHTS}")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"adapter {path}: {ADAPTER_CONFIG} is not valid JSON ({e})") from None
+        cfg = json.loads(cfg_path.read_bytes())
+    except ValueError as e:
+        raise InputError(f"adapter {path}: {ADAPTER_CONFIG} is not valid JSON ({first_line(e)})") from None
+    lora = _lora_from_config(cfg, path)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"adapter {path}: cannot read {ADAPTER_WEIGHTS} ({first_line(e)})") from None
+    check_adapter_tensors(state, lora, f"adapter {path}")
+    meta = ownership.read_object(folder / ADAPTER_META) or {}
+    base = cfg.get("base_model_name_or_path")
+    return Adapter(state, lora, base if isinstance(base, str) else None, str(folder), meta)
+
+
+def _lora_from_config(cfg: Any, path: str | os.PathLike) -> LoraSpec:
+    """The LoraSpec an adapter_config.json describes, with every field's type checked."""
+    where = f"adapter {path}: {ADAPTER_CONFIG}"
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where} must be a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise InputError(f"adapter {path} is a {cfg.get('peft_type')} adapter; fedlora works with LoRA only")
+        raise InputError(
+            f"adapter {path} is a {cfg.get('peft_type')!r} adapter; fedlora works with LoRA only"
+        )
     for unsupported in ("use_dora", "use_rslora"):
         if cfg.get(unsupported):
             raise InputError(f"adapter {path} uses {unsupported}, which fedlora does not aggregate")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise InputError(f"adapter {path} has per-module ranks (rank_pattern/alpha_pattern): not supported")
-    targets = cfg.get("target_modules") or []
-    targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
-    try:
-        lora = LoraSpec(
-            r=int(cfg["r"]),
-            alpha=float(cfg["lora_alpha"]),
-            dropout=float(cfg.get("lora_dropout", 0.0)),
-            target_modules=targets,
+
+    def number(key: str, default: float | None = None) -> float:
+        value = cfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InputError(f"{where}: {key!r} must be a finite number, got {value!r}")
+        return float(value)
+
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_COUNT:
+        raise InputError(f"{where}: 'r' must be an integer in 1..{MAX_COUNT:,}, got {r!r}")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        targets = (targets,)
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
+        targets = tuple(sorted(targets))
+    else:
+        raise InputError(
+            f"{where}: 'target_modules' must be a module name or a list of them, got {targets!r}"
         )
-    except (KeyError, ValueError) as e:
-        raise InputError(f"adapter {path}: {ADAPTER_CONFIG} is incomplete or invalid ({e})") from None
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"adapter {path}: cannot read {ADAPTER_WEIGHTS} ({e})") from None
-    meta: dict[str, Any] = {}
-    if (folder / ADAPTER_META).is_file():
-        try:
-            meta = json.loads((folder / ADAPTER_META).read_text())
-        except json.JSONDecodeError:
-            meta = {}
-    return Adapter(state, lora, cfg.get("base_model_name_or_path"), str(folder), meta)
+        return LoraSpec(
+            r=r, alpha=number("lora_alpha"), dropout=number("lora_dropout", 0.0), target_modules=targets
+        )
+    except ValueError as e:  # LoraSpec names the CLI flag; here the value came from the file
+        raise InputError(f"{where} is invalid ({e})") from None
+
+
+def check_adapter_tensors(state: dict[str, torch.Tensor], lora: LoraSpec, where: str) -> None:
+    """Floating point, finite, LoRA factors of one rank that is the config's `r`: else one line naming a tensor."""
+    from fedlora_cli.aggregation import lora_rank
+
+    for key, tensor in state.items():
+        if not torch.is_floating_point(tensor):
+            raise InputError(
+                f"{where}: tensor {key} is {tensor.dtype}; adapter tensors must be floating point"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{where}: tensor {key} holds NaN or infinite values; the adapter is corrupt")
+    try:
+        rank = lora_rank(state)
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
+    if rank != lora.r:
+        raise InputError(
+            f"{where}: {ADAPTER_CONFIG} says r={lora.r} but the LoRA tensors have rank {rank}; the folder mixes "
+            f"files of different adapters"
+        )
 
 
 def head_num_labels(state: dict[str, torch.Tensor]) -> int | None:
@@ -435,6 +592,6 @@ def check_adapter_task(adapter: Adapter, task: GlueTask, path: str) -> str | Non
             f"it was trained for another task"
         )
     trained_for = adapter.meta.get("task")
-    if trained_for and trained_for != task.name:
+    if isinstance(trained_for, str) and trained_for and trained_for != task.name:
         return f"note: adapter {path} was trained on {trained_for}, used here for {task.name}"
     return None

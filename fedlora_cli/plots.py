@@ -9,6 +9,7 @@ from typing import Any
 
 from fedlora_cli.atomic import write_bytes
 from fedlora_cli.errors import InputError
+from fedlora_cli.ownership import PLOT_TITLE
 
 INSTALL_HINT = "--plot needs matplotlib: pip install 'fedlora[plot]'"
 
@@ -21,8 +22,8 @@ def require_matplotlib() -> None:
         raise InputError(INSTALL_HINT) from None
 
 
-def _fields(source: Any) -> tuple[str, str, list[int], list[dict[str, Any]]]:
-    """task, mode, sizes and label counts from a ShardResult or a fedlora summary.json dict."""
+def _fields(source: Any) -> tuple[str, str, int, list[dict[str, Any]]]:
+    """task, mode, training examples and label counts from a ShardResult or a fedlora summary.json dict."""
     if isinstance(source, dict):
         if "label_counts" not in source:
             raise InputError(
@@ -31,16 +32,17 @@ def _fields(source: Any) -> tuple[str, str, list[int], list[dict[str, Any]]]:
         return (
             str(source.get("task")),
             str(source.get("mode")),
-            list(source["size_per_client"]),
+            int(source["total_train"]),
             source["label_counts"],
         )
-    return source.task, source.mode, list(source.sizes), source.label_counts
+    return source.task, source.mode, source.total_train, source.label_counts
 
 
 def plot_label_distribution(summary_or_result: Any, path: str | os.PathLike) -> Path:
     """Stacked bars, one per client: height = client size, segments = labels (STS-B: 1-point score bins).
 
-    Written atomically; the format follows the file's suffix (png, pdf, svg).
+    Written atomically; the format follows the file's suffix (png, pdf, svg). The file's metadata
+    carries PLOT_TITLE, by which `--overwrite` later knows the plot is fedlora's to replace.
     """
     require_matplotlib()
     import matplotlib
@@ -48,7 +50,7 @@ def plot_label_distribution(summary_or_result: Any, path: str | os.PathLike) -> 
     matplotlib.use("Agg")  # no display needed, and never pick up an interactive backend
     import matplotlib.pyplot as plt
 
-    task, mode, sizes, counts = _fields(summary_or_result)
+    task, mode, total_train, counts = _fields(summary_or_result)
     # regression summaries carry {min, max, mean, histogram}; classification ones {label: count}
     rows = [c.get("histogram", c) for c in counts]
     names = list(rows[0]) if rows else []
@@ -62,12 +64,16 @@ def plot_label_distribution(summary_or_result: Any, path: str | os.PathLike) -> 
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set_xlabel("client")
     ax.set_ylabel("examples")
-    ax.set_title(f"{task}: {mode} split into {k} clients ({sum(sizes):,} examples)")
+    # The same count as the table's "N examples split" (overlap modes give clients more in total), on two
+    # lines so that a narrow figure never clips it.
+    ax.set_title(
+        f"{task}: {mode} split\n{total_train:,} training examples, {k} client{'' if k == 1 else 's'}"
+    )
     if k <= 30:
         ax.set_xticks(x)
     ax.legend(title="score" if rows and "histogram" in counts[0] else "label", fontsize="small")
     buf = io.BytesIO()
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
-    fig.savefig(buf, format=fmt, dpi=120)
+    fig.savefig(buf, format=fmt, dpi=120, metadata={"Title": PLOT_TITLE})
     plt.close(fig)
     return write_bytes(Path(path).expanduser(), buf.getvalue())

@@ -104,4 +104,4 @@ class RichProgress:
             self._bars.remove_task(task_id)
 
     def log(self, message: str) -> None:
-        self._bars.console.print(message, highlight=False, markup=False)
+        self._bars.console.print(message, highlight=False, markup=False, soft_wrap=True)

@@ -10,13 +10,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedlora_cli import __version__, atomic
+from fedlora_cli import __version__, atomic, ownership
 from fedlora_cli.config import OutputSpec, to_dict
-from fedlora_cli.errors import InputError
+from fedlora_cli.errors import InputError, first_line
+from fedlora_cli.ownership import HISTORY, METRICS, RUN_RECORD
 
-RUN_RECORD = "run.json"
-HISTORY = "history.jsonl"
-METRICS = "metrics.json"
 _PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "numpy", "flwr")
 
 
@@ -32,39 +30,43 @@ def run_path(output: OutputSpec, task: str, model_short: str, prefix: str = "") 
     return Path(output.root).expanduser() / f"{task}_{model_short}" / name
 
 
-# What a single-machine run writes; --overwrite removes these and nothing else.
+# What a single-machine run writes; --overwrite removes these and nothing else (see ownership.run_foreign).
 RUN_ENTRIES = {RUN_RECORD, METRICS, "adapter", "model"}
+RUN_OPTION = "--run-name / --output-dir"
 
 
-def claim_run_dir(path: Path, *, overwrite: bool, what: str = "--run-name / --output-dir") -> Path:
+def claim_run_dir(path: Path, *, overwrite: bool, what: str = RUN_OPTION) -> Path:
     """Create the run folder, refusing to mix a new run into an old one unless asked to overwrite.
 
-    Overwriting only ever deletes what a run writes: a folder holding anything else is refused, so a
-    mistyped `--output-dir ~ --overwrite` cannot wipe a directory.
+    Overwriting only ever deletes a fedlora run (ownership.RUN): a folder holding anything else is
+    refused, so a mistyped `--output-dir ~ --overwrite` cannot wipe a directory.
     """
     import shutil
 
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path} exists and is not a folder: choose another {what}")
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    if entries and not overwrite:
-        raise InputError(
-            f"{path} already holds a run: choose another {what}, or pass --overwrite to replace it"
-        )
-    foreign = [e for e in entries if e not in RUN_ENTRIES]
-    if foreign:
-        raise InputError(
-            f"{path} holds files that are not a fedlora run ({', '.join(foreign[:3])}): --overwrite "
-            f"refuses to delete them; choose another {what}"
-        )
-    for name in entries:
-        target = path / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+    path = ownership.claim(path, ownership.RUN, overwrite=overwrite, option=what)
+    with atomic.writing(path):
+        if path.is_dir():
+            for entry in path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def interrupted_rounds_message(run_dir: Path, complete: int) -> str:
+    """What `rounds` says when interrupted: what is complete, and a command that continues the run.
+
+    `--output-dir` names the run whether it was started with `--run-name` or `--output-dir`.
+    """
+    if complete == 0:
+        kept = f"no round of {run_dir} was complete"
+    elif complete == 1:
+        kept = f"round 1 of {run_dir} is complete"
+    else:
+        kept = f"rounds 1-{complete} of {run_dir} are complete"
+    return f"interrupted: {kept}; continue with `fedlora rounds … --output-dir {run_dir} --resume`"
 
 
 def package_versions() -> dict[str, str]:
@@ -103,12 +105,18 @@ def write_record(folder: Path, record: dict[str, Any]) -> Path:
 
 
 def read_json(path: Path, what: str = "file") -> dict[str, Any]:
+    """A JSON object from `path`; anything else (missing, not JSON, a list …) is one InputError."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         raise InputError(f"{path}: no such {what}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: the {what} is a folder, not a file") from None
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
+        raise InputError(f"{path} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the {what} must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 def write_history(folder: Path, rows: list[dict[str, Any]]) -> Path:

@@ -12,7 +12,7 @@ import hashlib
 import heapq
 import json
 import os
-import re
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -21,16 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from fedlora_cli import __version__
+from fedlora_cli import __version__, ownership
 from fedlora_cli.atomic import staged_dir, write_bytes
 from fedlora_cli.config import SHARD_MODES, ShardConfig
 from fedlora_cli.data import RawSplit, load_split
 from fedlora_cli.errors import InputError
+from fedlora_cli.ownership import CLIENT_FILE, SUMMARY_FILE
 from fedlora_cli.tasks import get_task
 
 STSB_BIN_WIDTH = 0.2  # the reference's score bin for STS-B stratification
-CLIENT_FILE = re.compile(r"^client_(\d+)\.json$")
-SUMMARY_FILE = "summary.json"
+MAX_INDEX = 2**62  # far beyond any dataset; larger "indices" are corrupt, and would overflow int64
 OVERLAP_MODES = ("overlap", "category_overlap")
 CATEGORY_MODES = ("category", "category_overlap")
 MAX_LISTED_CATEGORIES = 100  # beyond this, summary.json does not list each client's categories
@@ -545,30 +545,77 @@ class ShardSet:
         return [len(c) for c in self.clients]
 
 
-def _load_json(path: Path) -> Any:
+def _regular_file(path: Path, where: str) -> None:
+    """A manifest must be a regular file (or a link to one): a folder, device, FIFO or dangling link is an
+    error, never a silently dropped client (and a FIFO would block the read forever)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise InputError(f"{where} is a dangling symbolic link (its target {os.readlink(path)} does not "
+                             f"exist): fix or remove it") from None  # fmt: skip
+        raise InputError(f"{where}: no such file") from None
+    except OSError as e:
+        raise InputError(f"cannot read {where}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{where} is a folder, not a manifest file: remove or rename it")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{where} is not a regular file (a device, FIFO or socket): remove or rename it")
+
+
+def _load_json(path: Path, where: str | None = None) -> Any:
+    where = where or str(path)
+    _regular_file(path, where)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise InputError(
-            f"{path} is not valid JSON ({e.msg}, line {e.lineno}): re-run `fedlora shard`"
+            f"{where} is not valid JSON ({e.msg}, line {e.lineno}): re-run `fedlora shard`"
         ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where} is not UTF-8 text (byte {e.start}): is it a shard manifest?") from None
+    except OSError as e:
+        raise InputError(f"cannot read {where}: {e.strerror or e}") from None
 
 
-def _indices(path: Path, data: Any) -> np.ndarray:
+@dataclass(frozen=True)
+class Manifest:
+    """One client's manifest, `client_<i>.json` = {"dataset": task, "indices": [...]}, checked."""
+
+    path: Path
+    dataset: str | None
+    indices: np.ndarray  # int64, distinct, >= 0, in file order
+
+
+def read_manifest(path: str | os.PathLike, *, option: str = "") -> Manifest:
+    """The one reader of a client manifest (read_shards, merge --shard-manifests): every field's type and
+    range is checked, so a wrong-typed file is one InputError, never a traceback or a wrong client."""
+    path = Path(path).expanduser()
+    where = f"{option} {path}" if option else str(path)
+    data = _load_json(path, where)
     if not isinstance(data, dict) or "indices" not in data:
         raise InputError(
-            f'{path} has no "indices": a shard manifest is {{"dataset": task, "indices": [...]}}'
+            f'{where} has no "indices": a shard manifest is {{"dataset": task, "indices": [...]}}'
+        )
+    dataset = data.get("dataset")
+    if dataset is not None and not isinstance(dataset, str):
+        raise InputError(
+            f'{where}: "dataset" must be a task name, got {type(dataset).__name__} {dataset!r:.40}'
         )
     values = data["indices"]
     # bool is an int subclass, and numpy would quietly turn floats or huge ints into something else.
     if not isinstance(values, list) or any(type(v) is not int for v in values):
-        raise InputError(f'{path}: "indices" must be a list of integers')
+        raise InputError(f'{where}: "indices" must be a list of integers')
+    bad = next((v for v in values if not 0 <= v < MAX_INDEX), None)
+    if bad is not None:
+        kind = "a negative index" if bad < 0 else "an index out of range"
+        raise InputError(f'{where}: "indices" holds {kind} ({bad})')
     arr = np.asarray(values, dtype=np.int64) if values else np.empty(0, dtype=np.int64)
-    if arr.size and arr.min() < 0:
-        raise InputError(f'{path}: "indices" holds a negative index ({int(arr.min())})')
-    return arr
+    unique, counts = np.unique(arr, return_counts=True)
+    if unique.size != arr.size:
+        raise InputError(f'{where}: index {int(unique[counts > 1][0])} appears {int(counts.max())} times in '
+                         f'"indices"; a client holds each example once: re-run `fedlora shard`')  # fmt: skip
+    return Manifest(path, dataset, arr)
 
 
 def shard_fingerprint(client_ids: Sequence[int], clients: Sequence[np.ndarray]) -> str:
@@ -590,7 +637,7 @@ def read_shards(directory: str | os.PathLike) -> ShardSet:
     found: dict[int, Path] = {}
     for entry in directory.iterdir():
         m = CLIENT_FILE.match(entry.name)
-        if m and entry.is_file():
+        if m:  # whatever it is: read_manifest refuses what is not a regular file
             cid = int(m.group(1))
             if cid in found:
                 raise InputError(f"{directory} holds both {found[cid].name} and {entry.name}: keep one")
@@ -600,19 +647,25 @@ def read_shards(directory: str | os.PathLike) -> ShardSet:
     client_ids = sorted(found)  # numerically: client_10 after client_9
     clients, datasets = [], set()
     for cid in client_ids:
-        data = _load_json(found[cid])
-        clients.append(_indices(found[cid], data))
-        datasets.add(data.get("dataset"))
+        manifest = read_manifest(found[cid])
+        clients.append(manifest.indices)
+        datasets.add(manifest.dataset)
     if len(datasets) > 1:
         names = ", ".join(sorted(map(str, datasets)))
         raise InputError(
             f"the manifests in {directory} are for different datasets ({names}): keep one task per folder"
         )
     summary = None
-    if (directory / SUMMARY_FILE).is_file():
-        summary = _load_json(directory / SUMMARY_FILE)
+    summary_path = directory / SUMMARY_FILE
+    if summary_path.exists() or summary_path.is_symlink():
+        summary = _load_json(summary_path)
         if not isinstance(summary, dict):
-            raise InputError(f"{directory / SUMMARY_FILE} is not a JSON object: re-run `fedlora shard`")
+            raise InputError(f"{summary_path} is not a JSON object: re-run `fedlora shard`")
+        for key, types in (("task", str), ("total_train", int), ("size_per_client", list)):
+            value = summary.get(key)
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+                raise InputError(f'{summary_path}: "{key}" has the wrong type ({type(value).__name__} '
+                                 f"{value!r:.40}): re-run `fedlora shard`")  # fmt: skip
         recorded = summary.get("size_per_client")
         sizes = [len(c) for c in clients]
         if isinstance(recorded, list) and recorded != sizes:
@@ -677,34 +730,11 @@ def validate_shards(
         )
 
 
-def _is_shard_file(name: str) -> bool:
-    return bool(CLIENT_FILE.match(name)) or name == SUMMARY_FILE or name.endswith((".png", ".pdf", ".svg"))
-
-
-def _is_leftover(name: str) -> bool:
-    return name.startswith(".") and name.endswith((".tmp", ".old"))
-
-
-def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse a file, or a non-empty folder without `force`; with `force`, only a folder of shards."""
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file: choose a folder")
-    if not out.is_dir():
-        return out
-    entries = sorted(e.name for e in out.iterdir() if not _is_leftover(e.name))
-    if entries and not force:
-        raise InputError(
-            f"--out {out} exists and is not empty: choose another folder or pass --force to replace it"
-        )
-    foreign = [name for name in entries if not _is_shard_file(name)]
-    if foreign:
-        # --force replaces the whole folder; never do that to a folder that is not a shard folder.
-        shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "")
-        raise InputError(
-            f"--out {out} holds files that are not shard manifests ({shown}): choose another folder"
-        )
-    return out
+def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a file, a fedlora shard folder without `overwrite`, and anything that is not fedlora's."""
+    return ownership.claim(
+        Path(out).expanduser().resolve(), ownership.SHARDS, overwrite=overwrite, option="--out"
+    )
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
@@ -723,14 +753,15 @@ def write_shards(
     total_train: int,
     meta: dict[str, Any] | None = None,
     summary_extra: dict[str, Any] | None = None,
-    force: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write `client_<i>.json` (exactly the reference's) and `summary.json` (its keys + fedlora's).
 
     The folder is staged beside `out` and renamed into place, so a failure leaves nothing behind and
-    `--force` never mixes old and new client files (the reference's stale-file hazard).
+    `--overwrite` never mixes old and new client files (the reference's stale-file hazard); it only
+    ever replaces a fedlora shard folder (ownership.SHARDS).
     """
-    out = check_out_dir(out, force)
+    out = check_out_dir(out, overwrite)
     client_indices = [c.tolist() for c in plan.clients]
     summary: dict[str, Any] = {
         # the reference's keys, with the reference's meaning
@@ -751,7 +782,7 @@ def write_shards(
             raise ValueError(f"summary_extra may not override {key!r}")
         summary[key] = value
     summary["client_indices"] = client_indices
-    with staged_dir(out, replace=True) as tmp:
+    with staged_dir(out, may_replace=ownership.may_replace(ownership.SHARDS, "--out")) as tmp:
         for i, idx in enumerate(client_indices, start=1):
             # compact, exactly what the reference's save_shard_manifests writes
             write_bytes(tmp / f"client_{i}.json", json.dumps({"dataset": task, "indices": idx}).encode())
@@ -816,11 +847,18 @@ def run_shard(config: ShardConfig, progress: Any = None) -> ShardResult:
     from fedlora_cli.progress import NullProgress
 
     progress = progress or NullProgress()
-    out = check_out_dir(config.out_dir, config.force)  # fail before reading any data
+    out = check_out_dir(config.out_dir, config.overwrite)  # fail before reading any data
+    plot_path = None
     if config.plot:
         from fedlora_cli.plots import require_matplotlib
 
         require_matplotlib()
+        plot_path = ownership.claim(
+            Path(config.plot).expanduser().resolve(),
+            ownership.PLOT,
+            overwrite=config.overwrite,
+            option="--plot",
+        )
     glue = get_task(config.task)
 
     t0 = time.perf_counter()
@@ -876,8 +914,14 @@ def run_shard(config: ShardConfig, progress: Any = None) -> ShardResult:
         mode=config.mode,
         total_train=len(raw),
         meta=meta,
-        summary_extra={"label_counts": counts, "train_fingerprint": fingerprint, "data_source": raw.source},
-        force=config.force,
+        summary_extra={
+            "label_counts": counts,
+            "train_fingerprint": fingerprint,
+            "data_source": raw.source,
+            # a plot drawn into the shard folder is part of it (ownership.shards_foreign)
+            **({"plot": plot_path.name} if plot_path is not None and plot_path.parent == out else {}),
+        },
+        overwrite=config.overwrite,
     )
     result = ShardResult(
         out=out,
@@ -900,5 +944,5 @@ def run_shard(config: ShardConfig, progress: Any = None) -> ShardResult:
     if config.plot:
         from fedlora_cli.plots import plot_label_distribution
 
-        plot = plot_label_distribution(result, config.plot)
+        plot = plot_label_distribution(result, plot_path)
     return replace(result, write_seconds=time.perf_counter() - t2, plot=plot)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedlora_cli.config import TrainSpec
-from fedlora_cli.errors import FedloraError
+from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.features import TokenizedSplit, make_batches, steps_per_epoch
 from fedlora_cli.progress import NullProgress, Progress
 
@@ -71,6 +71,20 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+MAX_STEPS = 10_000_000  # optimizer steps of one training call: beyond this, a typo, not an experiment
+
+
+def planned_steps(n_examples: int, spec: TrainSpec) -> int:
+    """Optimizer steps for `spec.epochs` passes over `n_examples`; too many is one line, before any work."""
+    steps = max(1, round(spec.epochs * steps_per_epoch(n_examples, spec.batch_size)))
+    if steps > MAX_STEPS:
+        raise InputError(
+            f"--epochs {spec.epochs:g} over {n_examples:,} examples in batches of {spec.batch_size} is "
+            f"{steps:,} optimizer steps, more than {MAX_STEPS:,}: lower --epochs or raise --batch-size"
+        )
+    return steps
+
+
 def train_model(
     model: torch.nn.Module,
     data: TokenizedSplit,
@@ -104,7 +118,7 @@ def train_model(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     per_epoch = steps_per_epoch(len(indices), spec.batch_size)
-    total_steps = max(1, round(spec.epochs * per_epoch))
+    total_steps = planned_steps(len(indices), spec)
     warmup = math.floor(spec.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(_param_groups(model, spec.weight_decay), lr=spec.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup))

@@ -141,8 +141,22 @@ def test_legacy_flag_names(glue_dir, tmp_path):
             ["--mode", "category", "--category-key", "topic"],
             "unknown --category-key 'topic' for sst2: the train split has columns sentence, label",
         ),
-        (["--mode", "dirichlet", "--dirichlet-alpha", "0"], "--dirichlet-alpha must be > 0, got 0.0"),
-        (["--mode", "quantity", "--dirichlet-alpha", "-1"], "--dirichlet-alpha must be > 0"),
+        (
+            ["--mode", "dirichlet", "--dirichlet-alpha", "0"],
+            "--dirichlet-alpha must be a finite number > 0, got 0.0",
+        ),
+        (["--mode", "quantity", "--dirichlet-alpha", "-1"], "--dirichlet-alpha must be a finite number > 0"),
+        (
+            ["--mode", "dirichlet", "--dirichlet-alpha", "inf"],
+            "--dirichlet-alpha must be a finite number > 0, got inf",
+        ),
+        (
+            ["--mode", "quantity", "--dirichlet-alpha", "nan"],
+            "--dirichlet-alpha must be a finite number > 0, got nan",
+        ),
+        (["--mode", "overlap", "--overlap-ratio", "nan"], "--overlap-ratio must be in [0, 1), got nan"),
+        (["--seed", "-1"], "--seed must be an integer in 0..4,294,967,295, got -1"),
+        (["--seed", str(2**32)], "--seed must be an integer in 0..4,294,967,295"),
         (["--task", "sst3"], "unknown task 'sst3'"),
         (["--min-size", "200"], "lower --min-size or use fewer clients"),
         (["--plot", "figure.jpg"], "--plot must end in .png, .pdf or .svg"),
@@ -158,20 +172,56 @@ def test_bad_input_is_one_line_and_writes_nothing(glue_dir, tmp_path, args, patt
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_out_needs_force(glue_dir, tmp_path):
+def test_existing_out_needs_overwrite_and_only_ever_replaces_fedlora_shards(glue_dir, tmp_path):
     out = tmp_path / "s"
-    out.mkdir()
-    (out / "client_1.json").write_text('{"dataset": "sst2", "indices": [0]}')
     args = ["--task", "sst2", "--data-dir", glue_dir, "-k", 3, "--out", out]
+    assert run(*args).exit_code == 0
+    before = (out / "summary.json").read_text()
     one_error_line(
-        run(*args), 2, f"--out {out} exists and is not empty: choose another folder or pass --force"
+        run(*args),
+        2,
+        f"{out} already holds a fedlora shard folder: choose another --out, or pass --overwrite",
     )
-    assert [p.name for p in out.iterdir()] == ["client_1.json"]
-    assert run(*args, "--force").exit_code == 0
+    assert (out / "summary.json").read_text() == before
+    assert run(*args, "-k", 2, "--overwrite").exit_code == 0  # fewer clients: no stale client_3.json
+    check_shards(out, "sst2", 2, 600)
+    assert run(*args, "--force").exit_code == 0  # the old name stays as a hidden alias
     check_shards(out, "sst2", 3, 600)
+    assert "--force" not in " ".join(runner.invoke(app, ["shard", "--help"]).stdout.split())
+    # files fedlora did not write: a figure of the user's, a hand-made manifest, notes beside shards
+    for name, content in (("figure.png", b"\x89PNG mine"), ("client_9.json", b'{"indices": [1]}')):
+        (out / name).write_bytes(content)
+        one_error_line(run(*args, "--overwrite"), 2, f"holds files that fedlora did not write ({name})")
+        assert (out / name).read_bytes() == content
+        (out / name).unlink()
+    handmade = tmp_path / "reference"
+    handmade.mkdir()
+    (handmade / "client_1.json").write_text(
+        '{"dataset": "sst2", "indices": [0]}'
+    )  # the reference's, not ours
+    one_error_line(run(*args[:-1], handmade, "--overwrite"), 2, "fedlora did not write (client_1.json)")
     (tmp_path / "notes.txt").write_text("mine")
-    one_error_line(run(*args[:-1], tmp_path, "--force"), 2, "not shard manifests")
+    one_error_line(run(*args[:-1], tmp_path, "--overwrite"), 2, "fedlora did not write")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_plot_is_replaced_only_when_fedlora_drew_it(glue_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "s"
+    args = ["--task", "sst2", "--data-dir", glue_dir, "-k", 3, "--out", out]
+    inside = out / "labels.svg"
+    assert run(*args, "--plot", inside).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["client_1.json", "client_2.json", "client_3.json",
+                                                     "labels.svg", "summary.json"]  # fmt: skip
+    first = inside.read_bytes()
+    assert run(*args, "--plot", inside, "-k", 2, "--overwrite").exit_code == 0  # ours: replaced
+    assert inside.read_bytes() != first and not (out / "client_3.json").exists()
+    mine = tmp_path / "mine.pdf"
+    mine.write_bytes(b"%PDF-1.4 a paper")
+    result = run(*args, "--plot", mine, "--overwrite")
+    one_error_line(result, 2, f"{mine} was not written by fedlora")
+    assert mine.read_bytes() == b"%PDF-1.4 a paper"
+    one_error_line(run(*args[:-1], tmp_path / "t", "--plot", inside), 2, "pass --overwrite")
 
 
 def test_dirichlet_that_cannot_meet_min_size_says_what_to_change(glue_dir, tmp_path):
@@ -195,6 +245,42 @@ def test_plot_writes_a_png(glue_dir, tmp_path):
     assert run("--task", "stsb", "--data-dir", glue_dir, "-k", 3, "--out", tmp_path / "st").exit_code == 0
     summary = json.loads((tmp_path / "st" / "summary.json").read_text())
     assert plot_label_distribution(summary, tmp_path / "st.svg").read_text().startswith("<?xml")
+
+
+@pytest.mark.parametrize(("task", "mode", "k"), [("mnli", "category_overlap", 2), ("stsb", "quantity", 1)])
+def test_plot_title_fits_the_figure_and_counts_what_the_table_counts(
+    glue_dir, tmp_path, monkeypatch, task, mode, k
+):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    titles = []
+    real_close = plt.close
+
+    def close(fig):  # look at the figure just before it is closed
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        box, frame = ax.title.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+        titles.append((ax.get_title(), box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1))
+        real_close(fig)
+
+    monkeypatch.setattr(plt, "close", close)
+    result = run("--task", task, "--data-dir", glue_dir, "-k", k, "--mode", mode, "--out", tmp_path / "s", "--plot",
+                 tmp_path / "f.png")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    ((title, inside),) = titles
+    assert inside, f"title clipped: {title!r}"
+    total = json.loads((tmp_path / "s" / "summary.json").read_text())["total_train"]
+    assert f"{total:,} training examples" in title and f"{total:,} examples split" in result.stdout
+    assert title.endswith(f"{k} clients" if k > 1 else "1 client")
+
+
+def test_paths_are_printed_whole_in_a_narrow_terminal(glue_dir, tmp_path):
+    out = tmp_path / ("shards-of-a-long-experiment-name-" * 3)
+    result = clitools.run("shard", "--task", "sst2", "--data-dir", glue_dir, "-k", 2, "--out", out,
+                          env={"COLUMNS": "40"})  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert f"shards: {out}" in result.stdout.splitlines()
 
 
 def test_plot_without_matplotlib_says_how_to_install(glue_dir, tmp_path, monkeypatch):

@@ -211,7 +211,7 @@ def test_failed_training_leaves_nothing_and_existing_runs_are_kept(
     (precious / "thesis.tex").write_text("years of work")
     result = run("train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--output-dir", precious,
                  "--overwrite")  # fmt: skip
-    one_error_line(result, 2, "not a fedlora run")
+    one_error_line(result, 2, "holds files that fedlora did not write (thesis.tex)")
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
@@ -224,3 +224,180 @@ def test_download_offline_fails_cleanly():
 def test_debug_variable_shows_the_exception(tmp_path):
     result = run("train", "--task", "sst2", "--model", tmp_path / "none", env={"FEDLORA_DEBUG": "1"})
     assert result.exit_code != 0 and type(result.exception).__name__ == "InputError"
+
+
+# ---------------------------------------------------------------------------------------------------
+# model folders: safetensors only, never remote code
+
+
+def _model_copy(tiny_model, tmp_path, name: str):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(tiny_model, folder)
+    return folder
+
+
+def test_a_model_folder_with_only_pickled_weights_is_refused_with_the_fix(tiny_model, glue_dir, tmp_path):
+    folder = _model_copy(tiny_model, tmp_path, "pickled")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(
+        b"\x80\x04 never unpickled"
+    )  # loading it would fail differently
+    result = run("eval", "--task", "sst2", "--model", folder, "--data-dir", glue_dir)
+    flat = one_error_line(
+        result, 2, "has only pickled weights (pytorch_model.bin), which fedlora does not load"
+    )
+    assert "save_pretrained(" in flat and "model.safetensors" in flat
+
+
+def test_both_loaders_are_told_safetensors_only_and_no_remote_code(tiny_model, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlora_cli.config import ModelSpec
+    from fedlora_cli.modeling import load_base_model, load_tokenizer
+    from fedlora_cli.tasks import get_task
+
+    seen = []
+    for cls in (AutoModelForSequenceClassification, AutoTokenizer):
+        real = cls.from_pretrained
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    load_tokenizer(ModelSpec(str(tiny_model)))
+    load_base_model(ModelSpec(str(tiny_model)), get_task("sst2"), 0)
+    assert all(kw["trust_remote_code"] is False for kw in seen)
+    assert seen[1]["use_safetensors"] is True
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        ({"model_type": "my-encoder", "auto_map": {"AutoModel": "modeling_my.MyModel"}},
+         "is not an architecture transformers knows and ships its own code (auto_map); fedlora never runs"),
+        ({"model_type": None}, "model_type None is not an architecture transformers knows"),
+    ],
+)  # fmt: skip
+def test_remote_code_is_refused_in_one_line(tiny_model, glue_dir, tmp_path, edit, pattern):
+    folder = _model_copy(tiny_model, tmp_path, "custom")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(edit)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_my.py").write_text("raise SystemExit('remote code ran')\n")
+    one_error_line(run("eval", "--task", "sst2", "--model", folder, "--data-dir", glue_dir), 2, pattern)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json"])
+def test_a_model_config_of_the_wrong_shape_is_one_line(tiny_model, glue_dir, tmp_path, content):
+    folder = _model_copy(tiny_model, tmp_path, "broken")
+    (folder / "config.json").write_text(content)
+    one_error_line(run("eval", "--task", "sst2", "--model", folder, "--data-dir", glue_dir), 2, "config.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# every failure is one line: full disks, read-only folders, missing permissions, Ctrl-C
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [(28, "no space left on device"), (30, "read-only file system"), (13, "permission denied")],
+)
+def test_a_failing_disk_is_one_line_naming_the_path_and_nothing_half_written(
+    tiny_model, glue_dir, tmp_path, monkeypatch, code, cause
+):
+    import os
+
+    from fedlora_cli import atomic
+
+    real = atomic._new_temp_file
+
+    def failing(path):
+        if path.name == "metrics.json":  # the run has been going for a while: fail near the end
+            raise OSError(code, os.strerror(code))
+        return real(path)
+
+    monkeypatch.setattr(atomic, "_new_temp_file", failing)
+    out = tmp_path / "run"
+    result = run("train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--max-train-samples", "32",
+                 "--epochs", "1", "--no-eval", "--output-dir", out)  # fmt: skip
+    one_error_line(result, 1, f"cannot write {out / 'metrics.json'}: {cause}")
+    assert not out.exists()  # the half-finished run was removed
+
+
+def test_an_unwritable_output_folder_is_one_line(tiny_model, glue_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "run"  # mkdir fails with ENOTDIR, for root too (permissions would not stop root)
+    result = run(
+        "train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--output-dir", out
+    )
+    one_error_line(result, 1, f"cannot write {out}: not a directory")
+
+
+def test_eval_works_without_a_writable_cache_and_says_so_once(trained, tiny_model, glue_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the cache cannot be made under a file")
+    env = {"FEDLORA_CACHE": str(blocker / "cache")}
+    out, _ = trained
+    result = run(
+        "eval",
+        "--task",
+        "mnli",
+        "--model",
+        tiny_model,
+        "--data-dir",
+        glue_dir,
+        "--precision",
+        "fp32",
+        env=env,
+    )  # fmt: skip  (MNLI: two dev splits, two cache writes that fail)
+    assert result.exit_code == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "cache" in line]
+    assert len(notes) == 1 and "cannot be written" in notes[0] and "tokenizing in memory" in notes[0], notes
+    assert "accuracy" in result.stdout
+    assert not (blocker.parent / "cache").exists()
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_unfinished_run_is_removed(
+    tiny_model, glue_dir, tmp_path, monkeypatch
+):
+    from fedlora_cli import centralised
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(centralised, "train_model", interrupt)
+    out = tmp_path / "run"
+    result = run(
+        "train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--output-dir", out
+    )
+    one_error_line(result, 130, f"interrupted: the unfinished run {out} was removed")
+    assert not out.exists()
+    monkeypatch.setattr(centralised, "evaluate", interrupt)  # a command without a run folder
+    result = run("eval", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir)
+    one_error_line(result, 130, "interrupted")
+    assert "Aborted" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# output meant for copying is never hard-wrapped
+
+
+def test_paths_stay_on_one_line_in_a_narrow_terminal(trained, tiny_model, glue_dir, tmp_path):
+    out, _ = trained
+    deep = tmp_path / ("a-rather-long-folder-name-" * 3) / "metrics with spaces [v1].json"
+    result = run("eval", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--adapter", out / "adapter",
+                 "--max-eval-samples", "8", "--output-json", deep, env={"COLUMNS": "40"})  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert f"metrics: {deep}" in result.stdout.splitlines()
+    merged = tmp_path / ("merged-adapter-" * 4)
+    result = run("merge", "--adapters", out / "adapter", "--save-adapter", merged, env={"COLUMNS": "40"})
+    assert result.exit_code == 0, result.stderr
+    assert f"adapter: {merged} (with fuse_manifest.json)" in result.stdout.splitlines()
+    result = run("eval", "--task", "mnli", "--model", tiny_model, "--data-dir", glue_dir, "--adapter", out / "adapter",
+                 env={"COLUMNS": "40"})  # fmt: skip
+    assert any(line.startswith("error: adapter ") and line.endswith("needs 3: it was trained for another task")
+               for line in result.stderr.splitlines()), result.stderr  # fmt: skip

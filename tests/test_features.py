@@ -84,3 +84,33 @@ def test_batches_cover_each_index_once_and_group_lengths():
     assert all(np.array_equal(a, b) for a, b in zip(grouped, again, strict=True))  # seeded: reproducible
     other = make_batches(lengths, idx, 16, rng=np.random.default_rng(2))
     assert not np.array_equal(np.concatenate(grouped), np.concatenate(other))  # another seed: another order
+
+
+def test_an_unwritable_cache_is_skipped_with_one_note(tokenizer, glue_dir, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from fedlora_cli import atomic
+    from fedlora_cli.progress import RecordingProgress
+
+    raw = load_split("sst2", "train", data_dir=glue_dir, max_samples=50)
+    expected = tokenize_split(raw, tokenizer, 32)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    progress = RecordingProgress()
+    for _ in range(2):  # under a file: mkdir fails (ENOTDIR), for root too
+        split = tokenize_split(raw, tokenizer, 32, blocker / "cache", progress)
+        assert split.ids.tolist() == expected.ids.tolist()
+    assert [m for m in progress.messages() if "cache" in m] == [
+        f"note: the tokenized-data cache {blocker / 'cache'} cannot be written (Not a directory): tokenizing in "
+        f"memory instead; set FEDLORA_CACHE to a writable folder to keep the cache"
+    ]
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic, "_new_temp_file", full)
+    progress = RecordingProgress()
+    tokenize_split(raw, tokenizer, 32, tmp_path / "full", progress)
+    assert "(No space left on device)" in progress.messages()[0]
+    assert not list((tmp_path / "full").rglob("*.safetensors"))

@@ -139,6 +139,7 @@ def test_adapter_state_lora_and_report_round_trip_exactly():
 
 def test_pyproject_declares_the_app_with_the_cli_defaults():
     import tomllib  # Python 3.11+, as Flower itself
+
     from flwr.clientapp import ClientApp
     from flwr.common.config import flatten_dict
     from flwr.serverapp import ServerApp
@@ -168,7 +169,7 @@ def test_pyproject_declares_the_app_with_the_cli_defaults():
                "--fraction-fit": "fraction-fit", "--init-adapter": "init-adapter", "--output-root": "output.root",
                "--run-name": "output.run-name", "--output-dir": "output.output-dir", "--engine": "engine",
                "--min-clients": "min-clients", "--client-cpus": "client-cpus", "--client-gpus": "client-gpus",
-               "--round-timeout": "round-timeout", "--resume": "resume",
+               "--round-timeout": "round-timeout", "--resume": "resume", "--overwrite": "output.overwrite",
                "--client-ranks": "aggregation.client-ranks", "--prox-mu": "aggregation.prox-mu"}  # fmt: skip
     params = {p.opts[0]: p for p in get_command(cli).commands["rounds"].params if getattr(p, "opts", None)}
     assert set(options) <= set(params)
@@ -310,7 +311,10 @@ def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_res
     monkeypatch.setenv(FAIL_ENV, "2@1,2@2,3@2")  # round 1: one of three fails; round 2: two fail
     first = run(*args)
     message = one_error_line(first, 1, "round 2: 1 of 3 selected clients replied but 2 are needed")
-    assert "client 3 failed on purpose" in message and "--run-name faults --resume" in message
+    assert (
+        "client 3 failed on purpose" in message
+        and f"--output-dir {tmp_path / 'sst2_tiny-roberta' / 'faults'} --resume" in message
+    )
     run_dir = tmp_path / "sst2_tiny-roberta" / "faults"
     rows = history(run_dir)
     assert [r["round"] for r in rows] == [1] and rows[0]["clients"] == [1, 3]

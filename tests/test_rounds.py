@@ -319,7 +319,7 @@ def test_merge_refuses_incompatible_adapters(federated, tmp_path):
     one_error_line(
         run("merge", "--adapters", a, b, "--weights", "1", "--save-adapter", tmp_path / "m"),
         2,
-        "1 values for 2",
+        "1 value for 2",
     )
     halved = tmp_path / "halved"  # the same adapter at alpha 8: another scaling than the clients' 16 / 8
     halved.mkdir()

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedlora_cli import sharding
-from fedlora_cli.errors import InputError
+from fedlora_cli.errors import InputError, OutputError
 from fedlora_cli.sharding import (
     ShardPlan,
     bin_scores,
@@ -389,28 +389,27 @@ def small_plan() -> ShardPlan:
     return make_client_splits(np.asarray([0, 1] * 10), 2, "iid", 0)
 
 
-def test_write_refuses_a_non_empty_folder_without_force(tmp_path):
+def test_write_refuses_an_existing_folder_without_overwrite(tmp_path):
     out = tmp_path / "s"
-    out.mkdir()
-    (out / "client_1.json").write_text("{}")
-    with pytest.raises(InputError, match="exists and is not empty.*--force"):
+    write_shards(out, "sst2", small_plan(), mode="iid", total_train=20)
+    with pytest.raises(InputError, match="already holds a fedlora shard folder.*--overwrite"):
         write_shards(out, "sst2", small_plan(), mode="iid", total_train=20)
-    assert [p.name for p in out.iterdir()] == ["client_1.json"]
-    # --force replaces the whole folder: no stale client files survive (the reference's hazard)
-    for i in range(2, 6):
-        (out / f"client_{i}.json").write_text("{}")
-    write_shards(out, "sst2", small_plan(), mode="iid", total_train=20, force=True)
+    # --overwrite replaces the whole folder: no stale client files survive (the reference's hazard)
+    plan = make_client_splits(np.asarray([0, 1] * 10), 4, "iid", 0)
+    write_shards(out, "sst2", plan, mode="iid", total_train=20, overwrite=True)
+    write_shards(out, "sst2", small_plan(), mode="iid", total_train=20, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["client_1.json", "client_2.json", "summary.json"]
     read_shards(out)
 
 
-def test_force_never_replaces_a_folder_that_is_not_a_shard_folder(tmp_path):
+@pytest.mark.parametrize("foreign", ["thesis.tex", "client_1.json"])
+def test_overwrite_never_replaces_what_fedlora_did_not_write(tmp_path, foreign):
     out = tmp_path / "home"
     out.mkdir()
-    (out / "thesis.tex").write_text("precious")
-    with pytest.raises(InputError, match="not shard manifests"):
-        write_shards(out, "sst2", small_plan(), mode="iid", total_train=20, force=True)
-    assert (out / "thesis.tex").read_text() == "precious"
+    (out / foreign).write_text("precious")
+    with pytest.raises(InputError, match="fedlora did not write"):
+        write_shards(out, "sst2", small_plan(), mode="iid", total_train=20, overwrite=True)
+    assert (out / foreign).read_text() == "precious"
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -423,7 +422,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
         return Path(path).write_bytes(data)
 
     monkeypatch.setattr(sharding, "write_bytes", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="cannot write .*s: disk full"):
         write_shards(tmp_path / "s", "sst2", small_plan(), mode="iid", total_train=20)
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a staging leftover
 

@@ -95,7 +95,7 @@ def test_divergence_stops_with_a_clear_error(sst2):
     spec, data = sst2
     model = _lora(spec)
     with pytest.raises(FedloraError, match="diverged at step 2"):
-        train_model(model.module, data.train, TrainSpec(learning_rate=float("inf"), precision="fp32", warmup_ratio=0),
+        train_model(model.module, data.train, TrainSpec(learning_rate=1e30, precision="fp32", warmup_ratio=0),
                     device=CPU, precision="fp32", seed=0)  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from fedlora_cli.config import DataSpec, LoraSpec, ModelSpec, OutputSpec, TrainSpec, model_from_size
-from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.errors import FedloraError, InputError, Interrupted, io_message
 from fedlora_cli.strategies.registry import METHODS
 from fedlora_cli.tasks import task_names
 
@@ -26,13 +26,15 @@ DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 to see tracebacks of expected errors too
 def console():
     from rich.console import Console
 
-    return Console()
+    # soft_wrap: a line longer than the terminal is left to the terminal, never broken by Rich, so paths
+    # and commands can be copied whole (tables still fit their cells to the width).
+    return Console(soft_wrap=True)
 
 
 def err_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
@@ -57,6 +59,7 @@ LEGACY_FLAGS: dict[str, str | tuple[str, str]] = {
     "--do_train": "--train",
     "--do_eval": "--eval",
     "--skip_svd": ("--aggregation", "naive"),
+    "--force": "--overwrite",  # `fedlora shard`'s first name for it
 }
 
 
@@ -149,6 +152,16 @@ class FedloraGroup(TyperGroup):
                 raise
             print_error(str(e))
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # an I/O failure no layer below named more precisely: still one line
+            if os.environ.get(DEBUG_ENV):
+                raise
+            print_error(io_message("access", e.filename, e))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            print_error("interrupted: stopped before finishing (files are written whole or not at all)")
+            raise typer.Exit(Interrupted.exit_code) from None
 
 
 T = TypeVar("T")
@@ -261,7 +274,9 @@ RunNameOpt = Annotated[
     str | None, typer.Option("--run-name", help="the run's folder name \\[default: a timestamp]")
 ]
 OutputDirOpt = Annotated[str | None, typer.Option("--output-dir", help="write the run exactly here instead")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run folder")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="replace what fedlora wrote there before (never anything else)")
+]
 
 # The federated methods, from the ONE registry: shown as choices in -h and completed by the shell.
 Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
@@ -337,6 +352,11 @@ def show_run_result(command: str, result: Any) -> None:
     out = console()
     out.print(summary_table(f"fedlora {command}", rows))
     if result.adapter_dir is not None and command != "eval":
-        out.print(f"adapter: {result.adapter_dir}")
+        print_line(out, f"adapter: {result.adapter_dir}")
     if result.run_dir is not None:
-        out.print(f"run: {result.run_dir}")
+        print_line(out, f"run: {result.run_dir}")
+
+
+def print_line(out: Any, text: str) -> None:
+    """A line meant for copying (a path, a command): printed as it is — no wrapping, no markup, no colour."""
+    out.print(text, soft_wrap=True, markup=False, highlight=False)

@@ -53,12 +53,16 @@ def download(
     from rich.table import Table
 
     table = Table(title="fedlora download", title_justify="left")
-    for col in ("kind", "name", "where", "what"):
+    for col in ("kind", "name", "what"):
         table.add_column(col)
     for d in done:
-        table.add_row(d.kind, d.name, d.location, d.detail)
-    c.console().print(table)
-    c.console().print(
+        table.add_row(d.kind, d.name, d.detail)
+    out = c.console()
+    out.print(table)
+    for d in done:  # paths below the table, whole: a table cell would wrap them
+        c.print_line(out, f"{d.name}: {d.location}")
+    c.print_line(
+        out,
         "offline from now on: export HF_HUB_OFFLINE=1"
-        + (f" (and keep --cache-dir {cache_dir})" if cache_dir else "")
+        + (f" (and keep --cache-dir {cache_dir})" if cache_dir else ""),
     )

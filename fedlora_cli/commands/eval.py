@@ -29,6 +29,7 @@ def eval_command(
     output_json: Annotated[
         str | None, typer.Option("--output-json", help="also write the metrics here")
     ] = None,
+    overwrite: c.OverwriteOpt = False,
 ) -> None:
     """Evaluate an adapter (LoRA and its head) on the dev split(s) and print the GLUE metrics."""
     config = c.build(
@@ -40,6 +41,7 @@ def eval_command(
             precision=precision,
             seed=seed,
             output_json=output_json,
+            overwrite=overwrite,
         )
     )
     from fedlora_cli.centralised import run_eval
@@ -49,4 +51,4 @@ def eval_command(
         result = run_eval(config, progress=progress)
     c.show_run_result("eval", result)
     if output_json:
-        c.console().print(f"metrics: {output_json}")
+        c.print_line(c.console(), f"metrics: {output_json}")

@@ -64,4 +64,4 @@ def merge(
     ]
     out = c.console()
     out.print(c.summary_table("fedlora merge", rows))
-    out.print(f"adapter: {result.adapter_dir} (with {FUSE_MANIFEST})")
+    c.print_line(out, f"adapter: {result.adapter_dir} (with {FUSE_MANIFEST})")

@@ -83,6 +83,7 @@ def rounds(
     output_root: c.OutputRootOpt = c._OUT.root,
     run_name: c.RunNameOpt = None,
     output_dir: c.OutputDirOpt = None,
+    overwrite: c.OverwriteOpt = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the run after its last complete round")
     ] = False,
@@ -125,7 +126,7 @@ def rounds(
                 seed,
             ),
             aggregation=AggregationSpec(c.method_name(aggregation), svd_rank, alpha, client_ranks, prox_mu),
-            output=OutputSpec(output_root, run_name, output_dir),
+            output=OutputSpec(output_root, run_name, output_dir, overwrite),
             rounds=num_rounds,
             init_adapter=init_adapter,
             resume=resume,

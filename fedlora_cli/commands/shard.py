@@ -66,7 +66,10 @@ def shard(
     bin_stsb: Annotated[
         bool, typer.Option("--bin-stsb/--no-bin-stsb", help="STS-B: stratify by 0.2-wide score bins")
     ] = _SHARD.bin_stsb,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing shard folder at --out")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="replace the shard folder (and plot) fedlora wrote there before"),
+    ] = False,
     plot: Annotated[
         str | None,
         typer.Option(
@@ -90,7 +93,7 @@ def shard(
             dirichlet_alpha=dirichlet_alpha,
             min_size=min_size,
             bin_stsb=bin_stsb,
-            force=force,
+            overwrite=overwrite,
             plot=plot,
         )
     )
@@ -143,12 +146,12 @@ def show_shard_result(result: ShardResult, config: ShardConfig) -> None:
     out = c.console()
     out.print(table)
     for note in result.notes:
-        out.print(f"note: {note}", highlight=False)
-    out.print(
+        c.print_line(out, f"note: {note}")
+    c.print_line(
+        out,
         f"{result.total_train:,} examples split in {result.seconds:.3f} s "
         f"(data loaded in {result.load_seconds:.2f} s, written in {result.write_seconds:.2f} s)",
-        highlight=False,
     )
-    out.print(f"shards: {result.out}", highlight=False, soft_wrap=True)
+    c.print_line(out, f"shards: {result.out}")
     if result.plot is not None:
-        out.print(f"plot: {result.plot}", highlight=False, soft_wrap=True)
+        c.print_line(out, f"plot: {result.plot}")

@@ -18,7 +18,6 @@ tokenized data still comes from fedlora's disk cache.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -206,8 +205,10 @@ def _read_shard(config: RoundsConfig, node: Mapping[str, Any]) -> Shard:
                 raise InputError(f"node config: cannot tell the client id from {path.name}: name the "
                                  f"manifest client_<i>.json or add client-id=<i>")  # fmt: skip
             explicit = m.group(1)
-        indices, task = _read_manifest(path)
-        return Shard(_int("client-id", explicit), indices, task, str(path))
+        from fedlora_cli.sharding import read_manifest
+
+        manifest = read_manifest(path, option="node config: shard-manifest")
+        return Shard(_int("client-id", explicit), manifest.indices, manifest.dataset, str(path))
     folder = node.get("shards") or config.shards
     if not folder:
         raise InputError("node config: give shard-manifest='/path/client_<i>.json' (or partition-id / "
@@ -234,21 +235,6 @@ def _int(name: str, value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise InputError(f"node config: {name} must be a whole number, got {value!r}") from None
-
-
-def _read_manifest(path: Path) -> tuple[np.ndarray, str | None]:
-    """One reference-format manifest: {"dataset": task, "indices": [...]}."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"node config: shard-manifest {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"node config: cannot read shard-manifest {path} ({e})") from None
-    values = data.get("indices") if isinstance(data, dict) else None
-    if not isinstance(values, list) or any(type(v) is not int or v < 0 for v in values):
-        raise InputError(f'{path} is not a shard manifest: expected {{"dataset": task, "indices": [...]}} '
-                         f"with non-negative integer indices")  # fmt: skip
-    return np.asarray(values, dtype=np.int64), data.get("dataset")
 
 
 # ---------------------------------------------------------------------------------------------------

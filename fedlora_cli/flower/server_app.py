@@ -361,7 +361,7 @@ class PollingGrid(Grid):
 
     def _check(self) -> None:
         if self.abort.is_set():
-            from fedlora_cli.federation import Interrupted
+            from fedlora_cli.errors import Interrupted
 
             raise Interrupted("interrupted")
 

@@ -16,7 +16,6 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from fedlora_cli.config import RoundsConfig
@@ -35,10 +34,11 @@ def run_flower_simulation(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from fedlora_cli.federation import Interrupted
+    from fedlora_cli.errors import Interrupted
+    from fedlora_cli.federation import cli_resume_hint
     from fedlora_cli.flower import client_app
     from fedlora_cli.flower.server_app import run_server
-    from fedlora_cli.runs import RoundTree
+    from fedlora_cli.runs import RoundTree, interrupted_rounds_message
     from fedlora_cli.sharding import read_shards
 
     progress = progress or NullProgress()
@@ -47,17 +47,13 @@ def run_flower_simulation(
     abort = threading.Event()
     outcome: dict[str, Any] = {}
 
-    def resume_hint(run_dir: Path) -> str:
-        where = f"--output-dir {run_dir}" if config.output.output_dir else f"--run-name {run_dir.name}"
-        return f"`fedlora rounds … {where} --resume`"
-
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         outcome["thread"] = threading.current_thread()
         outcome["result"] = run_server(
-            grid, config, progress=progress, argv=argv, resume_hint=resume_hint, abort=abort,
+            grid, config, progress=progress, argv=argv, resume_hint=cli_resume_hint, abort=abort,
             on_prepared=lambda run_dir: outcome.__setitem__("run_dir", run_dir),
         )  # fmt: skip
 
@@ -70,10 +66,7 @@ def run_flower_simulation(
         run_dir = outcome.get("run_dir")
         if run_dir is None:
             return Interrupted("interrupted before the first round started")
-        done = RoundTree(run_dir).last_complete_round()
-        return Interrupted(
-            f"interrupted; rounds 1..{done} of {run_dir} are complete: continue with {resume_hint(run_dir)}"
-        )
+        return Interrupted(interrupted_rounds_message(run_dir, RoundTree(run_dir).last_complete_round()))
 
     with _quiet_flower() as flower_errors, _ctrl_c_sets(abort):
         try:
