@@ -457,8 +457,13 @@ def check_aggregation_options(method: str, rank: int | None, alpha: float | None
     _check(
         alpha is None or (_finite(alpha) and alpha > 0), f"--alpha must be a finite number > 0, got {alpha}"
     )
-    # Options a method would ignore (--svd-rank with naive, …) are refused by the method itself
-    # (strategies.base.forbid_svd_options), before any work.
+    ignored = [flag for flag, value in (("--svd-rank", rank), ("--alpha", alpha)) if value is not None]
+    if ignored and not get_method(method).shapes_output:
+        flags = " and ".join(ignored)
+        raise ValueError(
+            f"{flags} {'applies' if len(ignored) == 1 else 'apply'} to --aggregation svd only: {method} keeps "
+            f"the clients' rank and alpha/r; drop {flags} or use svd"
+        )
 
 
 def check_rounds_numbers(config: RoundsConfig) -> None:

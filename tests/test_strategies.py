@@ -178,9 +178,9 @@ def test_svd_default_alpha_keeps_the_clients_scaling_not_alpha_equals_rank():
 
 def test_methods_refuse_options_they_would_ignore():
     for method in ("naive", "exact", "ffa", "rolora"):
-        with pytest.raises(ValueError, match="apply to --aggregation svd only"):
+        with pytest.raises(ValueError, match=f"--svd-rank applies to --aggregation svd only: {method}"):
             strategy(method, rank=4)
-        with pytest.raises(ValueError, match="apply to --aggregation svd only"):
+        with pytest.raises(ValueError, match="--alpha applies to --aggregation svd only"):
             strategy(method, alpha=4.0)
 
 

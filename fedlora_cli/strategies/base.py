@@ -210,14 +210,6 @@ class Strategy:
             raise ValueError(f"{self.name} keeps no server state, but the run has {sorted(state)[:3]}")
 
 
-def forbid_svd_options(method: str, spec: AggregationSpec) -> None:
-    """--svd-rank and --alpha shape svd's output; a method that keeps the clients' shape refuses them."""
-    if spec.rank is not None or spec.alpha is not None:
-        raise ValueError(
-            f"--svd-rank and --alpha apply to --aggregation svd only: {method} keeps the clients' rank and alpha/r"
-        )
-
-
 def fit(adapter: GlobalAdapter, rank: int, scaling: float, lora: LoraSpec | None = None) -> GlobalAdapter:
     """`adapter` at `rank`, keeping the product s·B·A: the factors are resized (`resize_rank`) and B is
     rescaled when the adapter's scaling differs from `scaling`, so what the model computes is unchanged

@@ -16,7 +16,7 @@ from fedlora_cli.aggregation import (
     low_rank_factors,
     resize_rank,
 )
-from fedlora_cli.strategies.base import Aggregated, BaseDelta, GlobalAdapter, Strategy, forbid_svd_options
+from fedlora_cli.strategies.base import Aggregated, BaseDelta, GlobalAdapter, Strategy
 
 
 class ExactStrategy(Strategy):
@@ -35,7 +35,6 @@ class ExactStrategy(Strategy):
 
     def __init__(self, spec, lora, *, seed, client_ids=()) -> None:
         super().__init__(spec, lora, seed=seed, client_ids=client_ids)
-        forbid_svd_options(self.name, spec)
         self.residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (P, Q), float32
         self._key = ""
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from fedlora_cli.aggregation import ClientUpdate, aggregate_one_factor
-from fedlora_cli.strategies.base import Aggregated, ClientPlan, GlobalAdapter, Strategy, forbid_svd_options
+from fedlora_cli.strategies.base import Aggregated, ClientPlan, GlobalAdapter, Strategy
 
 
 class FfaStrategy(Strategy):
@@ -19,10 +19,6 @@ class FfaStrategy(Strategy):
     """
 
     name = "ffa"
-
-    def __init__(self, spec, lora, *, seed, client_ids=()) -> None:
-        super().__init__(spec, lora, seed=seed, client_ids=client_ids)
-        forbid_svd_options(self.name, spec)
 
     def plan(self, round_no: int, client_id: int, current: GlobalAdapter) -> ClientPlan:
         return replace(super().plan(round_no, client_id, current), train=frozenset({"B", "head"}))

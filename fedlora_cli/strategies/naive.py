@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedlora_cli.aggregation import ClientUpdate, aggregate_naive
-from fedlora_cli.strategies.base import Aggregated, GlobalAdapter, Strategy, forbid_svd_options
+from fedlora_cli.strategies.base import Aggregated, GlobalAdapter, Strategy
 
 
 class NaiveStrategy(Strategy):
@@ -16,10 +16,6 @@ class NaiveStrategy(Strategy):
     """
 
     name = "naive"
-
-    def __init__(self, spec, lora, *, seed, client_ids=()) -> None:
-        super().__init__(spec, lora, seed=seed, client_ids=client_ids)
-        forbid_svd_options(self.name, spec)
 
     def aggregate(
         self,

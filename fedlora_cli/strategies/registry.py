@@ -16,13 +16,15 @@ class Method:
     target: str  # "module:Class" of the Strategy
     summary: str  # one line for `-h` and the README
     merge: str | None = None  # why `fedlora merge` cannot use it (None: it can)
+    shapes_output: bool = False  # takes --svd-rank / --alpha (the aggregated adapter's rank and alpha)
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("svd", "fedlora_cli.strategies.svd:SvdStrategy",
-               "mean of the updates ΔW_i = s·B_i·A_i, truncated by SVD to --svd-rank (FlexLoRA with mixed ranks)"),
+               "mean of the updates ΔW_i = s·B_i·A_i, truncated by SVD to --svd-rank (FlexLoRA with mixed ranks)",
+               shapes_output=True),
         Method("naive", "fedlora_cli.strategies.naive:NaiveStrategy",
                "mean of A and mean of B (zero-padded for mixed ranks: HetLoRA); not the mean of the products"),
         Method("exact", "fedlora_cli.strategies.exact:ExactStrategy",

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from fedlora_cli.aggregation import ClientUpdate, aggregate_one_factor
-from fedlora_cli.strategies.base import Aggregated, ClientPlan, GlobalAdapter, Strategy, forbid_svd_options
+from fedlora_cli.strategies.base import Aggregated, ClientPlan, GlobalAdapter, Strategy
 
 
 def trained_factor(round_no: int) -> str:
@@ -25,10 +25,6 @@ class RoloraStrategy(Strategy):
     """
 
     name = "rolora"
-
-    def __init__(self, spec, lora, *, seed, client_ids=()) -> None:
-        super().__init__(spec, lora, seed=seed, client_ids=client_ids)
-        forbid_svd_options(self.name, spec)
 
     def plan(self, round_no: int, client_id: int, current: GlobalAdapter) -> ClientPlan:
         plan = super().plan(round_no, client_id, current)
