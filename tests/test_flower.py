@@ -300,6 +300,26 @@ def test_flower_simulation_writes_the_same_run_tree_and_final_adapter_as_local(l
     assert "INFO" not in result.stderr  # Flower's log lines stay off the terminal
 
 
+@pytest.mark.parametrize("method, extra", [("exact", ["--client-ranks", "4,8"]), ("rolora", [])])
+def test_every_method_gives_the_same_rounds_on_flower_as_on_local(method, extra, tiny_model, glue_dir, shards,
+                                                                  tmp_path):  # fmt: skip
+    """Each client gets its own plan over the wire (its rank, the parts that train, exact's residual)."""
+    args = [*rounds_args(tiny_model, glue_dir, shards, tmp_path, "local", "--aggregation", method, *extra)]
+    with one_thread():
+        local = run(*args)
+    assert local.exit_code == 0, local.stderr
+    args[args.index("--run-name") + 1] = "flower"
+    flower = run(*args, "--engine", "flower")
+    assert flower.exit_code == 0, flower.stderr
+    a, b = tmp_path / "sst2_tiny-roberta" / "local", tmp_path / "sst2_tiny-roberta" / "flower"
+    assert files_of(a) == files_of(b)
+    for path in sorted(a.rglob("*.safetensors")):  # clients, globals, exact's residual state, final
+        assert_same_adapter(load_file(str(path)), load_file(str(b / path.relative_to(a))), rtol=1e-6)
+    for ra, rb in zip(history(a), history(b), strict=True):
+        assert [c["rank"] for c in ra["client_metrics"]] == [c["rank"] for c in rb["client_metrics"]]
+        assert rb["aggregation"]["method"] == method and not rb["failed"]
+
+
 def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_resumably(
     tiny_model, glue_dir, shards, tmp_path, monkeypatch
 ):
