@@ -19,3 +19,9 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (or its type): enough to quote inside a one-line error."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class Interrupted(FedloraError):
+    """Ctrl-C (or SIGTERM) stopped a run: the run is marked `interrupted`; the message says how to go on."""
+
+    exit_code = 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from fedlora_cli.aggregation import ClientUpdate, aggregate, normalise_weights
 from fedlora_cli.config import LoraSpec, MergeConfig, ModelSpec
 from fedlora_cli.errors import InputError
 from fedlora_cli.modeling import Adapter, check_adapter_task, head_num_labels, read_adapter, save_adapter
+from fedlora_cli.runs import METRICS, RUN_RECORD
+from fedlora_cli.runs.record import COMPLETE, FinalMetrics, new_record, now, state_digest
 from fedlora_cli.tasks import get_task
 
 FUSE_MANIFEST = "fuse_manifest.json"
@@ -65,8 +68,13 @@ def _check_compatible(adapters: list[Adapter], paths: tuple[str, ...]) -> None:
             raise InputError(f"adapters {paths[0]} and {path} hold different tensors (e.g. {missing})")
 
 
-def run_merge(config: MergeConfig) -> MergeResult:
-    """FedAvg of the given adapters with example-count (or explicit, or equal) weights; any label count."""
+def run_merge(config: MergeConfig, *, argv: list[str] | None = None) -> MergeResult:
+    """FedAvg of the given adapters with example-count (or explicit, or equal) weights; any label count.
+
+    The output folder is the merged adapter and a run folder at once: run.json and metrics.json go in
+    the same atomic step as the weights (a merge is all or nothing).
+    """
+    started = time.monotonic()
     out = Path(config.save_adapter).expanduser()
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise InputError(f"--save-adapter {out} already exists: choose another folder or pass --overwrite")
@@ -125,8 +133,15 @@ def run_merge(config: MergeConfig) -> MergeResult:
         "fedlora_version": __version__,
     }
     meta = {"origin": "merge", "task": config.task, "num_labels": num_labels}
+    record = new_record(
+        command="merge", config=config, argv=argv, extra={"base_model": adapters[0].base_model}
+    )
+    record.status, record.ended, record.duration_s = COMPLETE, now(), round(time.monotonic() - started, 3)
+    final = FinalMetrics(command="merge", task=config.task, main_metric=None,
+                         metrics={"aggregation_error": result.error}, adapter=str(out),
+                         adapter_sha256=state_digest(result.state))  # fmt: skip
     save_adapter(out, result.state, merged_lora, base_model=adapters[0].base_model, meta=meta,
-                 extra_json={FUSE_MANIFEST: manifest})  # fmt: skip
+                 extra_json={FUSE_MANIFEST: manifest, RUN_RECORD: record.to_json(), METRICS: final.to_json()})  # fmt: skip
     return MergeResult(out, weights, result.rank, result.alpha, result.error, num_labels, manifest)
 
 

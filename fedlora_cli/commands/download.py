@@ -46,9 +46,8 @@ def download(
             "nothing to download: give --model and/or --task (e.g. --model roberta-base --task sst2)"
         )
     from fedlora_cli.download import run_download
-    from fedlora_cli.progress import RichProgress
 
-    with RichProgress(c.err_console(), transient=True) as progress:
+    with c.reporter(transient=True) as progress:
         done = run_download(models, tasks, cache_dir, progress)
     from rich.table import Table
 

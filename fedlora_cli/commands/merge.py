@@ -59,7 +59,7 @@ def merge(
     )
     from fedlora_cli.merging import FUSE_MANIFEST, run_merge
 
-    result = run_merge(config)
+    result = run_merge(config, argv=c.argv())
     rows = [
         ("adapters", len(config.adapters)),
         ("weights", ", ".join(f"{w:.3f}" for w in result.weights)),
@@ -69,4 +69,4 @@ def merge(
     ]
     out = c.console()
     out.print(c.summary_table("fedlora merge", rows))
-    out.print(f"adapter: {result.adapter_dir} (with {FUSE_MANIFEST})")
+    c.print_path("adapter", f"{result.adapter_dir} (with {FUSE_MANIFEST})")

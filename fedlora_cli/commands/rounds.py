@@ -105,6 +105,8 @@ def rounds(
             help="flower: seconds to wait for a round's replies; later ones count as failed \\[default: wait for all]",
         ),
     ] = None,
+    log_every: c.LogEveryOpt = c.DEFAULT_LOG_EVERY,
+    report_to: c.ReportToOpt = None,
 ) -> None:
     """Federated rounds: each client trains LoRA A/B and the head on its shard, the server averages them."""
     config = c.build(
@@ -141,9 +143,8 @@ def rounds(
         )
     )
     from fedlora_cli.federation import run_rounds
-    from fedlora_cli.progress import RichProgress
 
-    with RichProgress(c.err_console()) as progress:
+    with c.reporter(log_every=log_every, report_to=report_to) as progress:
         result = run_rounds(config, progress=progress, argv=c.argv())
     show_rounds(result)
 
@@ -186,5 +187,5 @@ def show_rounds(result) -> None:
         )
     if result.resumed_after:
         out.print(f"resumed after round {result.resumed_after}")
-    out.print(f"final adapter: {result.final_adapter}")
-    out.print(f"run: {result.run_dir}")
+    c.print_path("final adapter", result.final_adapter)
+    c.print_path("run", result.run_dir)

@@ -94,10 +94,9 @@ def shard(
             plot=plot,
         )
     )
-    from fedlora_cli.progress import RichProgress
     from fedlora_cli.sharding import run_shard
 
-    with RichProgress(c.err_console(), transient=True) as progress:
+    with c.reporter(transient=True) as progress:
         result = run_shard(config, progress=progress)
     show_shard_result(result, config)
 

@@ -1,23 +1,47 @@
-"""The run tree: run folders, run.json (what was run, exactly), history.jsonl, metrics files."""
+"""The run tree: run folders, run.json (what was run, exactly), history.jsonl, metrics files.
+
+`record` holds the typed run record and its lifecycle, `query` the reading side (`fedlora runs`).
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import platform
-import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedlora_cli import __version__, atomic
-from fedlora_cli.config import OutputSpec, to_dict
+from fedlora_cli import atomic
+from fedlora_cli.config import OutputSpec
 from fedlora_cli.errors import InputError
+from fedlora_cli.runs.record import (  # noqa: F401 - the names callers import from fedlora_cli.runs
+    COMPLETE,
+    FAILED,
+    INTERRUPTED,
+    METRICS,
+    RUN_RECORD,
+    RUNNING,
+    STATUSES,
+    FinalMetrics,
+    RunRecord,
+    adapter_digest,
+    config_changes,
+    final_metrics,
+    finish_record,
+    flatten,
+    git_commit,
+    new_record,
+    now,
+    package_versions,
+    read_record,
+    record_resume,
+    run_session,
+    state_digest,
+    update_record,
+    write_metrics,
+    write_record,
+)
 
-RUN_RECORD = "run.json"
 HISTORY = "history.jsonl"
-METRICS = "metrics.json"
-_PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "numpy", "flwr")
 
 
 def timestamp() -> str:
@@ -39,6 +63,9 @@ RUN_ENTRIES = {RUN_RECORD, METRICS, "adapter", "model"}
 def claim_run_dir(path: Path, *, overwrite: bool, what: str = "--run-name / --output-dir") -> Path:
     """Create the run folder, refusing to mix a new run into an old one unless asked to overwrite.
 
+    A folder that holds only a failed or interrupted single-machine run is started again without
+    `--overwrite`: a dead run must not block its name.
+
     Overwriting only ever deletes what a run writes: a folder holding anything else is refused, so a
     mistyped `--output-dir ~ --overwrite` cannot wipe a directory.
     """
@@ -47,7 +74,7 @@ def claim_run_dir(path: Path, *, overwrite: bool, what: str = "--run-name / --ou
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder: choose another {what}")
     entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    if entries and not overwrite:
+    if entries and not overwrite and not _is_dead_run(path):
         raise InputError(
             f"{path} already holds a run: choose another {what}, or pass --overwrite to replace it"
         )
@@ -67,14 +94,14 @@ def claim_run_dir(path: Path, *, overwrite: bool, what: str = "--run-name / --ou
     return path
 
 
-def package_versions() -> dict[str, str]:
-    out = {"fedlora": __version__, "python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+def _is_dead_run(path: Path) -> bool:
+    """A folder holding only a failed or interrupted run of fedlora's: starting again there loses nothing."""
+    from fedlora_cli.runs.query import status_of
+
+    try:
+        return status_of(path, read_record(path)) in (FAILED, INTERRUPTED)
+    except InputError:
+        return False
 
 
 def run_record(
@@ -85,21 +112,8 @@ def run_record(
     seeds: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What run.json holds: enough to re-run the command and to know what it ran on."""
-    return {
-        "command": command,
-        "argv": list(sys.argv if argv is None else argv),
-        "config": to_dict(config),
-        "versions": package_versions(),
-        "seeds": seeds,
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        **(extra or {}),
-    }
-
-
-def write_record(folder: Path, record: dict[str, Any]) -> Path:
-    return atomic.write_json(folder / RUN_RECORD, record)
+    """What run.json holds when a run starts (status `running`), as a dict; see record.RunRecord."""
+    return new_record(command=command, config=config, argv=argv, seeds=seeds, extra=extra).to_json()
 
 
 def read_json(path: Path, what: str = "file") -> dict[str, Any]:
