@@ -47,7 +47,9 @@ def test_train_writes_exactly_the_run_and_learns(trained):
         "metrics.json", "run.json",
     ]  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["command"] == "train" and metrics["task"] == "sst2" and metrics["main_metric"] == "accuracy"
+    assert (
+        metrics["command"] == "train" and metrics["task"] == "sst2" and metrics["main_metric"] == "accuracy"
+    )
     assert metrics["metrics"]["accuracy"] >= 0.9 and metrics["eval"]["examples"] == 200
     assert metrics["train"]["tokens_per_second"] > 0 and metrics["train"]["examples"] == 600
     assert metrics["adapter"] == str(out / "adapter") and len(metrics["adapter_sha256"]) == 64

@@ -22,10 +22,14 @@ DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 to see tracebacks of expected errors too
 # consoles: created per call, so tests that swap sys.stdout/sys.stderr see the output
 
 
-def console():
+def console(*, wide: bool = False):
+    """stdout. `wide`: for tables with many columns, which Rich would squeeze into 80 columns in a pipe."""
     from rich.console import Console
 
-    return Console()
+    out = Console()
+    if wide and not out.is_terminal:
+        out = Console(width=max(out.width, 200))
+    return out
 
 
 def print_path(label: str, path: Any) -> None:

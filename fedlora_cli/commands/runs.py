@@ -92,13 +92,13 @@ def list_command(
     for name, justify in (("name", "left"), ("command", "left"), ("task", "left"), ("model", "left"),
                           ("method", "left"), ("clients", "right"), ("rounds", "right"), ("status", "left"),
                           ("main metric", "right"), ("date", "left"), ("duration", "right")):  # fmt: skip
-        table.add_column(name, justify=justify, overflow="fold")
+        table.add_column(name, justify=justify, overflow="fold" if name == "name" else "ellipsis")
     for r in runs:
         style = {"failed": "red", "interrupted": "yellow", "running": "cyan"}.get(r.status, "")
         table.add_row(r.name, r.command, r.task or "–", r.model or "–", r.method,
                       str(r.clients) if r.clients else "–", _rounds(r), f"[{style}]{r.status}[/]" if style else r.status,
                       _metric(r), _date(r.record.started), _duration(r.record.duration_s))  # fmt: skip
-    c.console().print(table)
+    c.console(wide=True).print(table)
 
 
 def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
@@ -206,7 +206,7 @@ def compare(
         for name in metric_names:
             values = [i.final.metrics.get(name) if i.final else None for i in infos]
             table.add_row(name, *(f"{v:.4f}" if isinstance(v, int | float) else "–" for v in values))
-        c.console().print(table)
+        c.console(wide=True).print(table)
         if not diff:
             c.console().print("the configs are identical")
     if plot is not None:
