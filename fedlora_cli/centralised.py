@@ -37,6 +37,7 @@ from fedlora_cli.runs import (
     METRICS,
     RUN_ENTRIES,
     RUN_RECORD,
+    TRACKER_DIRS,
     claim_run_dir,
     final_metrics,
     new_record,
@@ -87,7 +88,7 @@ def train_stats(training: TrainResult) -> dict[str, Any]:
 class _RunFolder:
     """Claims a run folder; if the run fails, removes its partial outputs and keeps run.json to say why.
 
-    run.json (with status `failed` or `interrupted`, set by run_session) is the one file left: the run
+    run.json (with status `failed` or `interrupted`, set by run_session) stays, with any tracker logs: the run
     shows up in `fedlora runs list`, and the same folder can be used again without --overwrite.
     """
 
@@ -101,7 +102,7 @@ class _RunFolder:
     def __exit__(self, exc_type, *rest: object) -> None:
         if exc_type is None:
             return
-        for name in RUN_ENTRIES - {RUN_RECORD}:
+        for name in RUN_ENTRIES - {RUN_RECORD, *TRACKER_DIRS}:
             target = self.path / name
             if target.is_dir():
                 shutil.rmtree(target, ignore_errors=True)

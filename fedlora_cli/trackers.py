@@ -5,7 +5,8 @@ costs nothing until it is asked for (and then fails before any work, with the pi
 
 - TensorBoard: event files in `<run>/tensorboard/` (`tensorboard --logdir <run>/tensorboard`).
 - MLflow: the tracking URI in MLFLOW_TRACKING_URI, else MLflow's own default (MLflow 3: the SQLite store
-  `./mlflow.db` of the folder fedlora runs in, which `mlflow ui` started there shows); experiment
+  `./mlflow.db` of the folder fedlora runs in, artifacts in `./mlruns/`; `mlflow ui` started there shows
+  them); experiment
   MLFLOW_EXPERIMENT_NAME, else "fedlora". Parameters (the flattened config), metrics, the final adapter
   as an artifact, and the run's end status.
 - Weights & Biases: project WANDB_PROJECT, else "fedlora"; files under `<run>/wandb/`; WANDB_MODE=offline

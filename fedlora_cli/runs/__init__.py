@@ -56,8 +56,10 @@ def run_path(output: OutputSpec, task: str, model_short: str, prefix: str = "") 
     return Path(output.root).expanduser() / f"{task}_{model_short}" / name
 
 
-# What a single-machine run writes; --overwrite removes these and nothing else.
-RUN_ENTRIES = {RUN_RECORD, METRICS, "adapter", "model"}
+# What a single-machine run writes; --overwrite removes these and nothing else. A failed run keeps its
+# record and its tracker logs (TRACKER_DIRS), and loses its partial outputs (the rest).
+TRACKER_DIRS = {"tensorboard", "wandb"}
+RUN_ENTRIES = {RUN_RECORD, METRICS, "adapter", "model", *TRACKER_DIRS}
 
 
 def claim_run_dir(path: Path, *, overwrite: bool, what: str = "--run-name / --output-dir") -> Path:
