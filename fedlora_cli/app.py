@@ -13,6 +13,7 @@ from fedlora_cli.commands.merge import merge
 from fedlora_cli.commands.rounds import rounds
 from fedlora_cli.commands.runs import runs_app
 from fedlora_cli.commands.shard import shard
+from fedlora_cli.commands.sweep import sweep
 from fedlora_cli.commands.train import train
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ _COMMANDS = [
     ("shard", shard, FEDERATED),
     ("rounds", rounds, FEDERATED),
     ("merge", merge, FEDERATED),
+    ("sweep", sweep, EXPERIMENTS),
 ]
 for _name, _fn, _panel in _COMMANDS:
     app.command(_name, cls=c.FedloraCommand, rich_help_panel=_panel)(_fn)
