@@ -216,3 +216,14 @@ class WandbTracker:
         if self.run is not None:
             self.run.finish(exit_code=0 if status == COMPLETE else 1)
             self.run = None
+
+
+def report_round(progress: Any, row: dict[str, Any]) -> None:
+    """Send one complete round's history row to the trackers, at step = its round number.
+
+    The round loop calls it right after `RoundRecorder.complete_round(row)`, in every engine; a progress
+    object without trackers ignores it.
+    """
+    from fedlora_cli.progress import as_tracker
+
+    as_tracker(progress).log_metrics(int(row["round"]), round_metrics(row))

@@ -22,3 +22,18 @@ def test_readme_starts_with_install_and_test_and_ci_runs_that_test_command():
 def test_torch_is_not_pinned_to_one_version():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'"torch>=[\d.]+"', pyproject) and "torch==" not in pyproject
+
+
+def test_core_modules_import_neither_typer_nor_flwr():
+    import ast
+
+    core = [p for p in (ROOT / "fedlora_cli").rglob("*.py") if not {"commands", "flower"} & set(p.parts)]
+    core = [p for p in core if p.name != "app.py"]
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+            for name in names:
+                assert name.split(".")[0] not in ("typer", "click", "flwr"), (
+                    f"{path.relative_to(ROOT)} imports {name}"
+                )

@@ -211,6 +211,14 @@ def test_rerun_verify_is_bit_identical_and_says_so_when_not(runs_root, tmp_path)
     one_error_line(run("runs", "rerun", "no-such-run", "--root", root), 2, "no run no-such-run")
 
 
+def test_completion_offers_run_names(runs_root):
+    from fedlora_cli.runs.query import run_names
+
+    root, _, _ = runs_root
+    assert "sst2_tiny-roberta/ok" in run_names(root) and "ok" in run_names(root, "o")
+    assert all(n.startswith("st") for n in run_names(root, "st")) and run_names(root / "none") == []
+
+
 def test_show_and_compare(runs_root, tmp_path):
     root, _, _ = runs_root
     shown = run("runs", "show", "sst2_tiny-roberta/ok", "--root", root)

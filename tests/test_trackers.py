@@ -162,3 +162,31 @@ def test_reporter_averages_training_windows_and_numbers_steps_across_bars():
         ("metrics", 1, {"round/aggregation_error": 0.5}),
     ]
     assert tracker.events[-1] == ("close", "complete")
+
+
+def test_round_rows_become_tracker_metrics():
+    from fedlora_cli.progress import RecordingProgress
+    from fedlora_cli.trackers import report_round
+
+    row = {"round": 3, "clients": [1, 2], "failed": [], "train_loss": 0.5, "eval": {"accuracy": 0.75, "f1": float("nan")},
+           "aggregation": {"error": 0.01}, "bytes_up": 10, "bytes_down": 20, "bytes_written": 30,
+           "seconds": {"wall": 1.5}}  # fmt: skip
+    progress = RecordingProgress()
+    report_round(progress, row)
+    assert progress.events == [
+        (
+            "metrics",
+            3,
+            {
+                "eval/accuracy": 0.75,
+                "round/train_loss": 0.5,
+                "round/aggregation_error": 0.01,
+                "round/bytes_up": 10.0,
+                "round/bytes_down": 20.0,
+                "round/bytes_written": 30.0,
+                "round/clients": 2.0,
+                "round/failed_clients": 0.0,
+                "round/seconds": 1.5,
+            },
+        )
+    ]  # fmt: skip  (NaN is left out: trackers reject it)
