@@ -264,6 +264,7 @@ class Reporter:
         self._window: list[float] = []
         self._last: dict[str, float] = {}
         self._closed = False
+        self._started = False  # trackers hear nothing before the run (its folder, its name) is known
 
     def __enter__(self) -> Reporter:
         if hasattr(self.display, "__enter__"):
@@ -296,6 +297,8 @@ class Reporter:
 
     # the trackers
     def _each(self, method: str, *args: Any) -> None:
+        if not self._started:
+            return
         for tracker in list(self.trackers):
             try:
                 getattr(tracker, method)(*args)
@@ -307,6 +310,7 @@ class Reporter:
                 self.display.log(f"warning: {name}: {first_line(e)}; no more logging to it in this run")
 
     def start_run(self, run_dir: Path, name: str) -> None:
+        self._started = True
         self._each("start_run", run_dir, name)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -337,6 +341,10 @@ class Reporter:
         self._each("log_artifact", path, name)
 
     def close(self, status: str) -> None:
-        if not self._closed:
-            self._closed = True
-            self._each("close", status)
+        if self._closed:
+            return
+        self._closed = True
+        if self.trackers and not self._started:
+            names = ", ".join(getattr(t, "name", type(t).__name__) for t in self.trackers)
+            self.display.log(f"warning: --report-to {names}: this command reported nothing to trackers")
+        self._each("close", status)

@@ -130,6 +130,11 @@ def test_a_failing_tracker_is_dropped_not_the_run(tmp_path):
         def start_run(self, run_dir, name):
             raise ConnectionError("tracking server unreachable\nretry later")
 
+    silent = RecordingProgress()
+    with Reporter(silent, [Broken()]) as never_started:  # e.g. a command that does not report yet
+        never_started.log_metrics(1, {"eval/accuracy": 1.0})
+    assert silent.messages() == ["warning: --report-to broken: this command reported nothing to trackers"]
+
     display = RecordingProgress()
     reporter = Reporter(display, [Broken()], log_every=2)
     with reporter:
@@ -147,6 +152,7 @@ def test_reporter_averages_training_windows_and_numbers_steps_across_bars():
     tracker = RecordingProgress()
     reporter = Reporter(RecordingProgress(), [tracker], log_every=2)
     with reporter:
+        reporter.start_run(Path("."), "x")
         for bar in ("client-1", "client-2"):  # e.g. two clients of a round: 3 steps each
             reporter.start(bar, bar, 3)
             for loss in (1.0, 2.0, 3.0):
