@@ -311,3 +311,22 @@ def test_adapter_digest_is_about_the_weights_only(tmp_path):
     assert adapter_digest(tmp_path / "one.safetensors") == state_digest(state)
     flipped = {**state, "a": torch.tensor([1.0, 1.0000001])}
     assert state_digest(flipped) != state_digest(state)
+
+
+def test_merge_records_itself_and_reruns_bit_identically(runs_root, tmp_path):
+    root, _, _ = runs_root
+    adapter = root / "sst2_tiny-roberta" / "ok" / "adapter"
+    merged = tmp_path / "merges" / "two"
+    result = run("merge", "--adapters", adapter, adapter, "--weights", "1", "3", "--save-adapter", merged)
+    assert result.exit_code == 0, result.stderr
+    record, metrics = read(merged), json.loads((merged / "metrics.json").read_text())
+    assert record["command"] == "merge" and record["status"] == "complete" and record["argv"][1] == "merge"
+    assert metrics["command"] == "merge" and "aggregation_error" in metrics["metrics"]
+    from fedlora_cli.runs import adapter_digest
+
+    assert metrics["adapter_sha256"] == adapter_digest(merged)  # computed before writing, equal after
+    (row,) = json.loads(run("runs", "list", tmp_path / "merges", "--json").stdout)
+    assert (row["command"], row["status"], row["method"]) == ("merge", "complete", "svd")
+    again = run("runs", "rerun", merged, "--verify")
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "merges" / "two-rerun-1" / "adapter_model.safetensors").is_file()

@@ -169,3 +169,10 @@ def test_a_changed_sweep_file_or_a_bad_one_is_refused(swept, tiny_model, glue_di
     one_error_line(run("sweep", bad), 2, "cell a: Invalid value for '--lora-r'")
     bad.write_text('[arms.a]\ncommand = "shard"\n')
     one_error_line(run("sweep", bad), 2, "command must be one of train, baseline, rounds")
+
+
+def test_a_sweep_rounds_run_reruns_bit_identically(swept):
+    _, _, folder, _ = swept
+    result = run("runs", "rerun", folder / "fed_aggregation=svd-seed1", "--verify")
+    assert result.exit_code == 0, result.stderr
+    assert "verified: bit-identical" in result.stdout
