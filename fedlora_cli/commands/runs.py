@@ -34,6 +34,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a t
 def _duration(seconds: Any) -> str:
     if not isinstance(seconds, int | float) or seconds <= 0:
         return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
