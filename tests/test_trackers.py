@@ -22,9 +22,11 @@ def tracked(tiny_model, glue_dir, tmp_path_factory):
     wandb = __import__("importlib").util.find_spec("wandb") is not None
     trackers = "tensorboard,mlflow" + (",wandb" if wandb else "")
     out = home / "run"
-    result = run("train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--max-train-samples", "64",
-                 "--max-eval-samples", "32", "--epochs", "1", "--batch-size", "16", "--precision", "fp32",
-                 "--log-every", "2", "--report-to", trackers, "--output-dir", out, env=env)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(home)  # MLflow puts artifacts in ./mlruns of the working folder unless told otherwise
+        result = run("train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--max-train-samples", "64",
+                     "--max-eval-samples", "32", "--epochs", "1", "--batch-size", "16", "--precision", "fp32",
+                     "--log-every", "2", "--report-to", trackers, "--output-dir", out, env=env)  # fmt: skip
     assert result.exit_code == 0, result.stderr
     return out, env, json.loads((out / "metrics.json").read_text()), wandb
 
