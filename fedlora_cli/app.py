@@ -11,7 +11,9 @@ from fedlora_cli.commands.download import download
 from fedlora_cli.commands.eval import eval_command
 from fedlora_cli.commands.merge import merge
 from fedlora_cli.commands.rounds import rounds
+from fedlora_cli.commands.runs import runs_app
 from fedlora_cli.commands.shard import shard
+from fedlora_cli.commands.sweep import sweep
 from fedlora_cli.commands.train import train
 
 app = typer.Typer(
@@ -24,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-SETUP, SINGLE, FEDERATED = "Setup", "Single machine", "Federated"
+SETUP, SINGLE, FEDERATED, EXPERIMENTS = "Setup", "Single machine", "Federated", "Experiments"
 
 # The registry: name, function, help panel. Each function lives in commands/<name>.py.
 _COMMANDS = [
@@ -35,9 +37,11 @@ _COMMANDS = [
     ("shard", shard, FEDERATED),
     ("rounds", rounds, FEDERATED),
     ("merge", merge, FEDERATED),
+    ("sweep", sweep, EXPERIMENTS),
 ]
 for _name, _fn, _panel in _COMMANDS:
     app.command(_name, cls=c.FedloraCommand, rich_help_panel=_panel)(_fn)
+app.add_typer(runs_app, name="runs", rich_help_panel=EXPERIMENTS)
 
 
 def _version(value: bool) -> None:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedlora_cli import __version__, atomic, ownership
 from fedlora_cli.config import BaselineConfig, EvalConfig, LoraSpec, ModelSpec, TrainConfig
-from fedlora_cli.errors import Interrupted
-from fedlora_cli.evaluation import EvalResult, evaluate
-from fedlora_cli.features import TaskData, load_task_data, steps_per_epoch
+from fedlora_cli.errors import InputError, Interrupted
+from fedlora_cli.evaluation import (
+    EvalResult,
+    evaluate,
+    predict,
+    predictions_file,
+    predictions_tsv,
+    to_predictions,
+)
+from fedlora_cli.features import TaskData, load_task_data, load_test_splits, steps_per_epoch
 from fedlora_cli.modeling import (
     LoraModel,
     check_adapter_task,
@@ -25,14 +33,21 @@ from fedlora_cli.modeling import (
     resolve_precision,
     save_adapter,
 )
-from fedlora_cli.progress import NullProgress, Progress
+from fedlora_cli.progress import NullProgress, Progress, as_tracker
 from fedlora_cli.runs import (
+    COMPLETE,
     METRICS,
     RUN_ENTRIES,
     RUN_OPTION,
+    RUN_RECORD,
+    TRACKER_DIRS,
     claim_run_dir,
+    final_metrics,
+    new_record,
+    now,
     run_path,
-    run_record,
+    run_session,
+    write_metrics,
     write_record,
 )
 from fedlora_cli.training import TrainResult, planned_steps, train_model
@@ -55,40 +70,33 @@ class RunResult:
     device: str = "cpu"
 
 
-def _train_and_eval_metrics(training: TrainResult | None, evaluation: EvalResult | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if training is not None:
-        out["train"] = {
-            "loss": training.loss,
-            "last_loss": training.last_loss,
-            "steps": training.steps,
-            "examples": training.examples,
-            "seconds": training.seconds,
-            "samples_per_second": training.samples_per_second,
-            "tokens_per_second": training.tokens_per_second,
-            "padded_tokens_per_second": training.padded_tokens_per_second,
-            "real_tokens": training.real_tokens,
-            "padded_tokens": training.padded_tokens,
-            "precision": training.precision,
-            "peak_memory_mb": training.peak_memory_mb,
-        }
-    if evaluation is not None:
-        out["eval"] = {
-            **evaluation.metrics,
-            "per_split": evaluation.per_split,
-            "examples": evaluation.examples,
-            "seconds": evaluation.seconds,
-            "samples_per_second": evaluation.samples_per_second,
-        }
-    return out
+def train_stats(training: TrainResult) -> dict[str, Any]:
+    """The training statistics every final-metrics record carries."""
+    return {
+        "loss": training.loss,
+        "last_loss": training.last_loss,
+        "steps": training.steps,
+        "examples": training.examples,
+        "seconds": training.seconds,
+        "samples_per_second": training.samples_per_second,
+        "tokens_per_second": training.tokens_per_second,
+        "padded_tokens_per_second": training.padded_tokens_per_second,
+        "real_tokens": training.real_tokens,
+        "padded_tokens": training.padded_tokens,
+        "precision": training.precision,
+        "peak_memory_mb": training.peak_memory_mb,
+    }
 
 
 class _RunFolder:
-    """Claims a run folder; if the run fails, removes what it wrote (nothing half-written stays)."""
+    """Claims a run folder; if the run fails, removes its partial outputs and keeps run.json to say why.
+
+    run.json (with status `failed` or `interrupted`, set by run_session) stays, with any tracker logs: the run
+    shows up in `fedlora runs list`, and the same folder can be used again without --overwrite.
+    """
 
     def __init__(self, path: Path, overwrite: bool) -> None:
         self.path = path
-        self.created = not path.exists()
         claim_run_dir(path, overwrite=overwrite)  # empty now, whether new or overwritten
 
     def __enter__(self) -> Path:
@@ -98,35 +106,32 @@ class _RunFolder:
         if exc_type is None:
             return
         with contextlib.suppress(OSError):  # a read-only or vanished folder: nothing more to undo
-            for name in RUN_ENTRIES:
+            for name in RUN_ENTRIES - {RUN_RECORD, *TRACKER_DIRS}:
                 target = self.path / name
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target, ignore_errors=True)
                 elif target.exists() or target.is_symlink():
                     target.unlink()
             atomic.remove_stale_temporaries(self.path)
-            if self.created and not any(self.path.iterdir()):
+            if self.path.is_dir() and not any(self.path.iterdir()):
                 self.path.rmdir()
-        if exc_type is KeyboardInterrupt:
-            raise Interrupted(
-                f"interrupted: the unfinished run {self.path} was removed; nothing else changed"
-            )
 
 
-def _write_record(run_dir: Path, command: str, config, argv, data: TaskData, device, precision: str) -> None:
-    record = run_record(
-        command=command,
-        config=config,
-        argv=argv,
-        seeds={"seed": config.train.seed},
-        extra={
-            "data_fingerprints": data.fingerprints,
-            "sizes": data.sizes,
-            "device": str(device),
-            "precision": precision,
-        },  # fmt: skip
-    )
+def _start_record(run_dir: Path, command: str, config, argv, data: TaskData, device, precision: str,
+                  progress: Progress) -> None:  # fmt: skip
+    """Write run.json (status running) and tell the trackers the run has begun."""
+    record = new_record(command=command, config=config, argv=argv, seeds={"seed": config.train.seed},
+                        extra={"data_fingerprints": data.fingerprints, "sizes": data.sizes,
+                               "device": str(device), "precision": precision})  # fmt: skip
     write_record(run_dir, record)
+    tracker = as_tracker(progress)
+    tracker.start_run(run_dir, run_dir.name)
+    tracker.log_params({"command": command, **record.config})
+
+
+def _interrupted(run_dir: Path) -> Interrupted:
+    return Interrupted(f"interrupted: {run_dir} is marked interrupted; run the same command again to "
+                       f"start it over (the folder is reused), or see `fedlora runs list`")  # fmt: skip
 
 
 def load_model_and_data(
@@ -155,13 +160,30 @@ def load_model_and_data(
 
 def _claim_outputs(config: TrainConfig | BaselineConfig, out: Path) -> Path | None:
     """Check where the run (and a separate adapter folder) will go, before any work; see ownership.py."""
-    ownership.claim(out, ownership.RUN, overwrite=config.output.overwrite, option=RUN_OPTION)
+    if not (out.is_dir() and _dead_run(out)):
+        ownership.claim(out, ownership.RUN, overwrite=config.output.overwrite, option=RUN_OPTION)
     adapter_dir = getattr(config, "adapter_output_dir", None)
     if adapter_dir is None:
         return None
     return ownership.claim(
         adapter_dir, ownership.ADAPTER, overwrite=config.output.overwrite, option="--adapter-output-dir"
     )
+
+
+def _dead_run(path: Path) -> bool:
+    from fedlora_cli.runs import _is_dead_run
+
+    return _is_dead_run(path)
+
+
+def _report_final(tracker, step: int, final, adapter_dir: Path | None) -> None:
+    metrics = {f"eval/{k}": v for k, v in final.metrics.items() if isinstance(v, int | float)}
+    if final.eval and final.eval.get("loss") is not None:
+        metrics["eval/loss"] = final.eval["loss"]
+    if metrics:
+        tracker.log_metrics(step, metrics)
+    if adapter_dir is not None:
+        tracker.log_artifact(adapter_dir, "adapter")
 
 
 def run_train(
@@ -191,25 +213,31 @@ def run_train(
         f"{steps_per_epoch(len(data.train), config.train.batch_size)} steps/epoch; LoRA r={lora_spec.r} alpha={lora_spec.alpha:g} on {','.join(lora_spec.target_modules)}: "
         f"{trainable:,} trainable of {total:,} parameters; {device.type}, {precision}"
     )
-    with _RunFolder(out, config.output.overwrite) as run_dir:
-        _write_record(run_dir, "train", config, argv, data, device, precision)
-        training = train_model(
-            model.module, data.train, config.train, device=device, precision=precision,
-            seed=config.train.seed, progress=progress, description="training",
-        )  # fmt: skip
-        evaluation = (
-            evaluate(model.module, task, data.evals, config.eval_batch_size, device, precision)
-            if config.do_eval
-            else None
-        )
-        adapter_dir = external_adapter or run_dir / "adapter"
-        metrics = _train_and_eval_metrics(training, evaluation)
-        metrics["adapter"] = str(adapter_dir)
-        atomic.write_json(run_dir / METRICS, metrics)
-        # Last: once an adapter outside the run folder is written, nothing can fail and remove the run.
-        meta = {"task": task.name, "label_names": list(task.label_names), "origin": "train"}
-        save_adapter(adapter_dir, model.state(), lora_spec, base_model=config.model.resolved, meta=meta,
-                     option="--adapter-output-dir")  # fmt: skip
+    tracker = as_tracker(progress)
+    try:
+        with _RunFolder(out, config.output.overwrite) as run_dir:
+            _start_record(run_dir, "train", config, argv, data, device, precision, progress)
+            with run_session(run_dir):
+                training = train_model(
+                    model.module, data.train, config.train, device=device, precision=precision,
+                    seed=config.train.seed, progress=progress, description="training",
+                )  # fmt: skip
+                evaluation = (
+                    evaluate(model.module, task, data.evals, config.eval_batch_size, device, precision)
+                    if config.do_eval
+                    else None
+                )
+                adapter_dir = external_adapter or run_dir / "adapter"
+                meta = {"task": task.name, "label_names": list(task.label_names), "origin": "train"}
+                save_adapter(adapter_dir, model.state(), lora_spec, base_model=config.model.resolved, meta=meta,
+                             option="--adapter-output-dir")  # fmt: skip
+                final = final_metrics(
+                    "train", task, evaluation, train=train_stats(training), adapter=adapter_dir
+                )
+                write_metrics(run_dir / METRICS, final)
+                _report_final(tracker, training.steps, final, adapter_dir)
+    except KeyboardInterrupt:
+        raise _interrupted(out) from None
     return RunResult(
         task=task.name,
         run_dir=run_dir,
@@ -231,10 +259,10 @@ def run_baseline(
     """Full fine-tuning of every weight (the upper reference point), or zero-shot evaluation."""
     progress = progress or NullProgress()
     task = config.data.glue_task
-    out = run_path(config.output, task.name, config.model.short_name, prefix="baseline-")
-    _claim_outputs(config, out)
     device = resolve_device(config.model.device)
     precision = resolve_precision(config.train.precision, device)
+    out = run_path(config.output, task.name, config.model.short_name, prefix="baseline-")
+    _claim_outputs(config, out)
     base, data, tokenizer = load_model_and_data(
         config.model, config.data, config.train.seed, train=config.do_train, progress=progress
     )
@@ -244,21 +272,28 @@ def run_baseline(
     trainable, total = count_parameters(base)
     mode = "full fine-tuning" if config.do_train else "zero-shot evaluation (untrained head)"
     progress.log(f"{task.name}: {mode}; {total:,} parameters; {device.type}, {precision}")
-    with _RunFolder(out, config.output.overwrite) as run_dir:
-        _write_record(run_dir, "baseline", config, argv, data, device, precision)
-        training = None
-        if config.do_train:
-            training = train_model(
-                base, data.train, config.train, device=device, precision=precision,
-                seed=config.train.seed, progress=progress, description="full fine-tuning",
-            )  # fmt: skip
-        evaluation = evaluate(base, task, data.evals, config.eval_batch_size, device, precision)
-        if config.save_model:
-            with atomic.staged_dir(run_dir / "model") as tmp:
-                base.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
-        metrics = _train_and_eval_metrics(training, evaluation)
-        atomic.write_json(run_dir / METRICS, metrics)
+    tracker = as_tracker(progress)
+    try:
+        with _RunFolder(out, config.output.overwrite) as run_dir:
+            _start_record(run_dir, "baseline", config, argv, data, device, precision, progress)
+            with run_session(run_dir):
+                training = None
+                if config.do_train:
+                    training = train_model(
+                        base, data.train, config.train, device=device, precision=precision,
+                        seed=config.train.seed, progress=progress, description="full fine-tuning",
+                    )  # fmt: skip
+                evaluation = evaluate(base, task, data.evals, config.eval_batch_size, device, precision)
+                if config.save_model:
+                    with atomic.staged_dir(run_dir / "model") as tmp:
+                        base.save_pretrained(str(tmp))
+                        tokenizer.save_pretrained(str(tmp))
+                stats = train_stats(training) if training is not None else None
+                final = final_metrics("baseline", task, evaluation, train=stats)
+                write_metrics(run_dir / METRICS, final)
+                _report_final(tracker, training.steps if training else 0, final, None)
+    except KeyboardInterrupt:
+        raise _interrupted(out) from None
     return RunResult(
         task=task.name,
         run_dir=run_dir,
@@ -273,10 +308,53 @@ def run_baseline(
     )
 
 
-def run_eval(config: EvalConfig, *, progress: Progress | None = None) -> RunResult:
-    """An adapter (LoRA A/B and its head) on the task's dev split(s); without one, the plain model."""
+def _prediction_targets(config: EvalConfig) -> dict[str, Path]:
+    """split -> file; checked before any work, so an existing file is never replaced."""
+    task = config.data.glue_task
+    folder = Path(config.predictions).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--predictions {folder} is a file: give a folder (one file per split goes in it)")
+    targets = {
+        split: folder / predictions_file(task, split) for split in (*task.eval_splits, *task.test_splits)
+    }
+    existing = [p for p in targets.values() if p.exists()]
+    if existing:
+        raise InputError(f"{existing[0]} already exists: choose another --predictions folder")
+    return targets
+
+
+def _write_predictions(model, task, config: EvalConfig, data: TaskData, evaluation: EvalResult, tokenizer,
+                       targets: dict[str, Path], device, precision: str, progress: Progress) -> list[str]:  # fmt: skip
+    """Dev predictions (with labels) from the evaluation just made; test predictions computed here."""
+    written = []
+    for split, preds in evaluation.predictions.items():
+        text = predictions_tsv(task, preds, data.evals[split].labels)
+        written.append(str(atomic.write_text(targets[split], text)))
+    tests, missing = load_test_splits(config.data, tokenizer, hub_cache_dir=config.model.cache_dir,
+                                      progress=progress)  # fmt: skip
+    for split, split_data in tests.items():
+        logits, _, _ = predict(model, split_data, config.eval_batch_size, device, precision)
+        text = predictions_tsv(task, to_predictions(task, logits), None)
+        written.append(str(atomic.write_text(targets[split], text)))
+    for split in missing:
+        name = task.local.files[split]
+        progress.log(f"note: no {task.local.folder}/{name} in --data-dir: no predictions for {split}")
+    return written
+
+
+def run_eval(
+    config: EvalConfig, *, progress: Progress | None = None, argv: list[str] | None = None
+) -> RunResult:
+    """An adapter (LoRA A/B and its head) on the task's dev split(s); without one, the plain model.
+
+    `eval` makes no run folder: with `output_json` it writes the final metrics in the shape every
+    command shares, with the run record (command line, config, versions) inside; with `predictions`
+    it writes per-example predictions of the dev and test splits (see evaluation.predictions_file).
+    """
+    started = time.monotonic()
     progress = progress or NullProgress()
     task = config.data.glue_task
+    targets = _prediction_targets(config) if config.predictions else {}
     output_json = None
     if config.output_json:
         output_json = ownership.claim(
@@ -287,7 +365,7 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None) -> RunResu
     adapter = read_adapter(config.adapter) if config.adapter else None
     if adapter is not None and (note := check_adapter_task(adapter, task, config.adapter)):
         progress.log(note)
-    base, data, _ = load_model_and_data(
+    base, data, tokenizer = load_model_and_data(
         config.model, config.data, config.seed, train=False, progress=progress,
         lora=adapter.lora if adapter is not None else None,
     )  # fmt: skip
@@ -298,12 +376,21 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None) -> RunResu
     else:
         model = base.to(device)
     evaluation = evaluate(model, task, data.evals, config.eval_batch_size, device, precision)
+    written: list[str] = []
+    if config.predictions:
+        written = _write_predictions(model, task, config, data, evaluation, tokenizer, targets, device,
+                                     precision, progress)  # fmt: skip
     if output_json is not None:
+        final = final_metrics("eval", task, evaluation, adapter=config.adapter,
+                              extra={"model": config.model.name, "predictions": written})  # fmt: skip
+        record = new_record(command="eval", config=config, argv=argv, seeds={"seed": config.seed},
+                            extra={"data_fingerprints": data.fingerprints, "sizes": data.sizes,
+                                   "device": str(device), "precision": precision})  # fmt: skip
+        record.status, record.ended = COMPLETE, now()
+        record.duration_s = round(time.monotonic() - started, 3)
         atomic.write_json(
-            output_json,
-            {"task": task.name, "adapter": config.adapter, "model": config.model.name, **evaluation.metrics,
-             "per_split": evaluation.per_split, "examples": evaluation.examples, "fedlora_version": __version__},
-        )  # fmt: skip
+            output_json, {**final.to_json(), "fedlora_version": __version__, "record": record.to_json()}
+        )
     return RunResult(
         task=task.name,
         run_dir=None,

@@ -243,6 +243,7 @@ class EvalConfig:
     seed: int = 42  # seeds the head of a plain model, so zero-shot numbers are reproducible
     output_json: str | None = None
     overwrite: bool = False  # replace an --output-json file that fedlora wrote before
+    predictions: str | None = None  # folder for per-example predictions of the dev and test splits
 
     def __post_init__(self) -> None:
         _check_int("--eval-batch-size", self.eval_batch_size, 1)
@@ -263,6 +264,35 @@ def to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return clean(asdict(config))
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) frozen config from `to_dict`'s output, e.g. a run.json's config.
+
+    Unknown keys (a record made by a newer fedlora) are ignored and missing ones take their defaults;
+    the config's own checks run as usual, so a record that no longer makes sense fails with its message.
+    """
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        kind = hints.get(f.name)
+        candidates = (
+            typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        )
+        nested = next((t for t in candidates if dataclasses.is_dataclass(t)), None)
+        if nested is not None and isinstance(value, dict):
+            value = from_dict(nested, value)
+        elif isinstance(value, list):
+            value = tuple(value)  # to_dict wrote tuples as lists
+        kwargs[f.name] = value
+    return cls(**kwargs)
 
 
 SHARD_MODES = ("iid", "overlap", "category", "category_overlap", "dirichlet", "quantity")

@@ -43,6 +43,11 @@ class RawSplit:
     def texts(self, field: str) -> list[str]:
         return self.columns[field]
 
+    @property
+    def has_labels(self) -> bool:
+        """False for test splits: their labels are -1 placeholders (local files and the hub alike)."""
+        return not get_task(self.task).is_test(self.split)
+
     def head(self, n: int | None) -> RawSplit:
         """The first n examples, in order (HF run_glue's `--max_*_samples`)."""
         if n is None or n >= len(self):
@@ -68,9 +73,10 @@ def load_split(
 ) -> RawSplit:
     """A split from `data_dir` (original GLUE layout) if given, else from the hub (or its cache)."""
     task = get_task(task) if isinstance(task, str) else task
-    if split != "train" and split not in task.eval_splits:
+    if split != "train" and split not in task.eval_splits and not task.is_test(split):
         raise InputError(
-            f"task {task.name} has no split {split!r}: use train or {', '.join(task.eval_splits)}"
+            f"task {task.name} has no split {split!r}: use train, "
+            f"{', '.join(task.eval_splits)} or {', '.join(task.test_splits)}"
         )
     raw = read_local_split(task, split, data_dir) if data_dir else load_hub_split(task, split, cache_dir)
     if len(raw) == 0:
@@ -104,6 +110,8 @@ def read_local_split(task: GlueTask, split: str, data_dir: str | os.PathLike) ->
     rows = list(csv.reader(io.StringIO(_read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
         raise InputError(f"{path} is empty")
+    if task.is_test(split):
+        return _read_test_rows(task, split, rows, path)
 
     data_start = 1
     if layout.has_header:
@@ -150,6 +158,34 @@ def _read_text(path: Path) -> str:
             f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); GLUE files are UTF-8: re-encode the "
             f"file (e.g. iconv -f latin1 -t utf-8)"
         ) from None
+
+
+def _read_test_rows(task: GlueTask, split: str, rows: list[list[str]], path: Path) -> RawSplit:
+    """A GLUE test file: a header, the text columns, no labels (label -1, as the hub's test splits)."""
+    header, rows = rows[0], rows[1:]
+    wanted = dict(task.local.test_columns or task.local.columns)
+    missing = [str(c) for c in wanted.values() if c not in header]
+    if missing:
+        raise InputError(
+            f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(header)}): "
+            f"is it the {task.local.folder} test file of the original GLUE layout?"
+        )
+    wanted.update({k: c for k, c in task.local.extra_columns.items() if c in header})
+    position = {name: header.index(str(col)) for name, col in wanted.items()}
+    width = max(position.values()) + 1
+    columns: dict[str, list] = {name: [] for name in position}
+    for line_no, row in enumerate(rows, start=2):
+        if not row:
+            continue
+        if len(row) < width:
+            raise InputError(
+                f"{path}:{line_no}: expected at least {width} tab-separated fields, got {len(row)}"
+            )
+        for name, pos in position.items():
+            columns[name].append(row[pos])
+    n = len(next(iter(columns.values()))) if columns else 0
+    columns["label"] = [-1.0 if task.is_regression else -1] * n
+    return RawSplit(task.name, split, columns, str(path))
 
 
 def _parse_label(task: GlueTask, raw: str, path: Path, line_no: int) -> int | float:

@@ -56,6 +56,15 @@ class EvalResult:
     seconds: float
     real_tokens: int
     padded_tokens: int
+    split_losses: dict[str, float] = field(default_factory=dict)  # mean cross-entropy (MSE for STS-B)
+
+    @property
+    def loss(self) -> float | None:
+        """The eval loss over every split, weighted by examples (what the model's own loss would give)."""
+        if not self.split_losses or not self.examples:
+            return None
+        sizes = {s: len(p) for s, p in self.predictions.items()}
+        return float(sum(self.split_losses[s] * sizes[s] for s in self.split_losses) / self.examples)
 
     @property
     def samples_per_second(self) -> float:
@@ -95,20 +104,66 @@ def predict(model, data, batch_size: int, device, precision: str) -> tuple[np.nd
     return outputs, real, padded
 
 
+def output_loss(task: GlueTask, logits: np.ndarray, labels: np.ndarray) -> float:
+    """The loss the model trains on, from its outputs: cross-entropy (float64), or MSE for regression."""
+    if len(labels) == 0:
+        return float("nan")
+    if task.is_regression:
+        return float(np.mean((logits[:, 0].astype(np.float64) - labels) ** 2))
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels.astype(np.int64)].mean())
+
+
+def to_predictions(task: GlueTask, logits: np.ndarray) -> np.ndarray:
+    """Class ids (argmax), or the score for regression."""
+    return logits[:, 0] if task.is_regression else logits.argmax(axis=1)
+
+
 def evaluate(model, task: GlueTask, splits: dict, batch_size: int, device, precision: str) -> EvalResult:
     """Predict every eval split and score it."""
-    per_split, predictions = {}, {}
+    per_split, predictions, losses = {}, {}, {}
     examples = real = padded = 0
     start = time.perf_counter()
     for split, data in splits.items():
         logits, r, p = predict(model, data, batch_size, device, precision)
-        preds = logits[:, 0] if task.is_regression else logits.argmax(axis=1)
+        preds = to_predictions(task, logits)
         predictions[split] = preds
         per_split[split] = compute_metrics(task, preds, data.labels)
+        losses[split] = output_loss(task, logits, data.labels)
         examples += len(data)
         real += r
         padded += p
     seconds = time.perf_counter() - start
     return EvalResult(
-        combine_splits(task, per_split), per_split, predictions, examples, seconds, real, padded
+        combine_splits(task, per_split), per_split, predictions, examples, seconds, real, padded, losses
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-example predictions, in the format of Hugging Face's run_glue.py
+
+
+def predictions_file(task: GlueTask, split: str) -> str:
+    """run_glue.py's names: `predict_results_<task>.txt` for a test split (MNLI mismatched: `mnli-mm`);
+    dev splits get `dev_results_<task>.txt` beside them."""
+    kind = "predict" if task.is_test(split) else "dev"
+    suffix = "-mm" if split.endswith("mismatched") else ""
+    return f"{kind}_results_{task.name}{suffix}.txt"
+
+
+def predictions_tsv(task: GlueTask, predictions: np.ndarray, labels: np.ndarray | None) -> str:
+    """`index<TAB>prediction` (label names; scores to 3 decimals for STS-B), plus `label` when known."""
+
+    def show(value) -> str:
+        return f"{float(value):3.3f}" if task.is_regression else task.label_names[int(value)]
+
+    header = "index\tprediction" + ("\tlabel" if labels is not None else "")
+    lines = [header]
+    for i, value in enumerate(predictions):
+        line = f"{i}\t{show(value)}"
+        if labels is not None:
+            line += f"\t{show(labels[i])}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

@@ -222,6 +222,28 @@ def load_task_data(
     return TaskData(task.name, train_split, eval_splits, fingerprints, sizes)
 
 
+def load_test_splits(
+    spec: DataSpec, tokenizer: Any, *, hub_cache_dir: str | None = None, progress=None
+) -> tuple[dict[str, TokenizedSplit], list[str]]:
+    """The task's unlabelled test split(s), tokenized (first `max_eval_samples` of each, if set).
+
+    Returns them and the splits a local `--data-dir` lacks (GLUE copies often ship without test.tsv).
+    """
+    from fedlora_cli.data import local_file
+
+    task = spec.glue_task
+    splits: dict[str, TokenizedSplit] = {}
+    missing: list[str] = []
+    for split in task.test_splits:
+        if spec.data_dir and not local_file(task, split, spec.data_dir).is_file():
+            missing.append(split)
+            continue
+        raw = load_split(task, split, data_dir=spec.data_dir, cache_dir=hub_cache_dir,
+                         max_samples=spec.max_eval_samples)  # fmt: skip
+        splits[split] = tokenize_split(raw, tokenizer, spec.max_seq_length, spec.tokenized_cache, progress)
+    return splits, missing
+
+
 def make_batches(
     lengths: np.ndarray,
     indices: np.ndarray,

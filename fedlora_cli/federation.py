@@ -11,7 +11,6 @@ This module knows no engine: the command picks one (`fedlora_cli.engines`).
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import time
 from collections.abc import Callable
@@ -26,27 +25,34 @@ from fedlora_cli import atomic
 from fedlora_cli.aggregation import clip_update
 from fedlora_cli.config import LoraSpec, RoundsConfig, TrainSpec
 from fedlora_cli.errors import FedloraError, InputError, Interrupted
-from fedlora_cli.evaluation import evaluate
+from fedlora_cli.evaluation import EvalResult, evaluate
 from fedlora_cli.features import TaskData, steps_per_epoch
 from fedlora_cli.history import HistoryRow
 from fedlora_cli.modeling import LoraModel, check_adapter_task, read_adapter, save_adapter
-from fedlora_cli.progress import NullProgress, Progress
+from fedlora_cli.progress import NullProgress, Progress, as_tracker
 from fedlora_cli.runs import (
     ADAPTER_DIR,
     METRICS,
     RUN_OPTION,
     RoundTree,
     claim_run_dir,
+    config_changes,
+    final_metrics,
     interrupted_rounds_message,
     read_json,
+    record_resume,
     run_path,
     run_record,
+    run_session,
     write_history,
+    write_metrics,
     write_record,
 )
+from fedlora_cli.runs.record import now
 from fedlora_cli.strategies import build_strategy
 from fedlora_cli.strategies.base import ClientPlan, ClientReport, GlobalAdapter, Strategy
 from fedlora_cli.tasks import GlueTask
+from fedlora_cli.trackers import report_round
 from fedlora_cli.training import train_model
 
 __all__ = [
@@ -173,10 +179,16 @@ class RoundRecorder:
             _check_same_run(previous, record)
             done = self.tree.last_complete_round()
             self.tree.discard_after(done)
+            changes = config_changes(previous.get("config", {}), record["config"])
+            record_resume(
+                root, argv=record["argv"], changes={k: v for k, v in changes.items() if k != "resume"}
+            )
             # Each complete round's global/metrics.json holds its whole history row, so history.jsonl
             # is rebuilt from them: it can never disagree with the rounds actually on disk.
+            first = 0 if (self.tree.global_dir(0) / METRICS).is_file() else 1
             self.history = [
-                HistoryRow.from_json(read_json(self.tree.global_dir(r) / METRICS)) for r in range(1, done + 1)
+                HistoryRow.from_json(read_json(self.tree.global_dir(r) / METRICS))
+                for r in range(first, done + 1)
             ]
             write_history(root, [row.to_json() for row in self.history])
             return done
@@ -224,11 +236,16 @@ class RoundRecorder:
         state = load_file(str(folder / STATE_FILE)) if (folder / STATE_FILE).is_file() else {}
         return GlobalAdapter(adapter.state, adapter.lora), state
 
-    def finish(self, adapter: GlobalAdapter, metrics: dict[str, Any]) -> Path:
+    def finish(
+        self, adapter: GlobalAdapter, metrics: dict[str, Any], rounds: int, extra: dict[str, Any]
+    ) -> Path:
+        """final/: the global model as ONE plain PEFT adapter, and the final metrics (the shared shape)."""
         final = self.tree.final_dir
         save_adapter(final / ADAPTER_DIR, adapter.state, adapter.lora, base_model=self.base_model,
-                     meta=self._meta("final", len(self.history)))  # fmt: skip
-        atomic.write_json(final / METRICS, metrics)
+                     meta=self._meta("final", rounds))  # fmt: skip
+        shape = final_metrics("rounds", self.task, metrics=metrics, adapter=final / ADAPTER_DIR, rounds=rounds,
+                              extra=extra)  # fmt: skip
+        write_metrics(final / METRICS, shape)
         return final / ADAPTER_DIR
 
 
@@ -368,6 +385,9 @@ def prepare(
         },
     )
     start = recorder.start(config, record)
+    tracker = as_tracker(progress)
+    tracker.start_run(recorder.run_dir, recorder.run_dir.name)
+    tracker.log_params({"command": "rounds", **record["config"]})
 
     sizes = np.asarray(shards.sizes)
     per_round = config.clients_in_round(len(shards.client_ids))
@@ -425,6 +445,20 @@ class RoundDriver:
             self.current = setup.initial
         last = setup.recorder.history[-1] if setup.recorder.history else None
         self.metrics: dict[str, float] = dict(last.eval or {}) if last is not None else {}
+        if not setup.start_round and setup.config.eval_each_round:
+            self._record_round_zero()
+
+    def _record_round_zero(self) -> None:
+        """history row 0: the starting adapter (fresh from the seed, or --init-adapter) before any training."""
+        t = time.perf_counter()
+        evaluation = self.evaluate_global()
+        seconds = time.perf_counter() - t
+        self.metrics = evaluation.metrics
+        row = HistoryRow(round=0, clients=[], failed=[], client_metrics=[], examples=0, train_loss=None,
+                         aggregation={}, eval=evaluation.metrics, bytes_down=0, bytes_up=0, bytes_written=0,
+                         seconds={"wall": seconds, "eval": seconds}, time=now(), eval_loss=evaluation.loss)  # fmt: skip
+        self.s.recorder.complete_round(row)
+        report_round(self.progress, row.to_json())
 
     @property
     def rounds_left(self) -> range:
@@ -511,10 +545,10 @@ class RoundDriver:
         self.current = outcome.adapter
 
         t = time.perf_counter()
-        evaluation: dict[str, float] | None = None
+        evaluation = None
         if config.eval_each_round or round_no == config.rounds:
             evaluation = self.evaluate_global()
-            self.metrics = evaluation
+            self.metrics = evaluation.metrics
         eval_seconds = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -532,7 +566,7 @@ class RoundDriver:
             examples=examples,
             train_loss=sum(r.train["loss"] * r.examples for r in usable) / examples,
             aggregation=outcome.record,
-            eval=evaluation,
+            eval=evaluation.metrics if evaluation is not None else None,
             bytes_down=bytes_down,
             bytes_up=sum(r.num_bytes for r in usable),
             bytes_written=written,
@@ -543,25 +577,33 @@ class RoundDriver:
                 "eval": eval_seconds,
                 "io": io_seconds,
             },  # fmt: skip
-            time=_dt.datetime.now().isoformat(timespec="seconds"),
+            time=now(),
+            learning_rate=config.train.learning_rate,
+            eval_loss=evaluation.loss if evaluation is not None else None,
         )
         s.recorder.complete_round(row)
+        report_round(self.progress, row.to_json())
         info = round_info(row, s.task) + (f" · {len(failures)} failed" if failures else "")
         self.progress.advance("rounds", 1, info=info)
         return row
 
-    def evaluate_global(self) -> dict[str, float]:
+    def evaluate_global(self) -> EvalResult:
         """The current global model (adapter and the strategy's base delta) on the dev split(s)."""
         s = self.s
         s.model.apply_global(self.current, s.strategy.base_delta(), s.strategy.base_delta_key())
-        return evaluate(
-            s.model.module, s.task, s.data.evals, s.config.eval_batch_size, s.device, s.precision
-        ).metrics
+        return evaluate(s.model.module, s.task, s.data.evals, s.config.eval_batch_size, s.device, s.precision)
 
     def finish(self) -> RoundsResult:
         """Write final/: the global model as one plain PEFT adapter, and its metrics."""
         s = self.s
-        final = s.recorder.finish(s.strategy.export(self.current), {"round": s.config.rounds, **self.metrics})
+        exported = s.strategy.export(self.current)
+        extra = {"exported_rank": exported.lora.r} if exported.lora.r != self.current.lora.r else {}
+        final = s.recorder.finish(exported, self.metrics, s.config.rounds, extra)
+        tracker = as_tracker(self.progress)
+        eval_metrics = {f"eval/{k}": v for k, v in self.metrics.items() if isinstance(v, int | float)}
+        if eval_metrics:
+            tracker.log_metrics(s.config.rounds, eval_metrics)
+        tracker.log_artifact(final, "adapter")
         return RoundsResult(s.run_dir, final, s.recorder.history, self.metrics, s.start_round,
                             len(self.client_ids), s.task.main_metric)  # fmt: skip
 
@@ -584,7 +626,8 @@ def run_local(
     progress = progress or NullProgress()
     setup = prepare(config, progress=progress, argv=argv)
     try:
-        return _local_loop(RoundDriver(setup, progress), progress)
+        with run_session(setup.run_dir):
+            return _local_loop(RoundDriver(setup, progress), progress)
     except KeyboardInterrupt:
         done = setup.recorder.tree.last_complete_round()
         raise Interrupted(interrupted_rounds_message(setup.run_dir, done)) from None

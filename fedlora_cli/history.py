@@ -15,12 +15,12 @@ class HistoryRow:
     history.jsonl. `from_json` ignores keys it does not know, so rows of newer fedlora versions load.
     """
 
-    round: int
+    round: int  # 0: the starting adapter, evaluated before any training (no clients, no aggregation)
     clients: list[int]  # client ids whose updates were aggregated
     failed: list[dict[str, Any]]  # {client, node, reason} of selected clients that did not count
     client_metrics: list[dict[str, Any]]  # ClientReport.summary() per aggregated client
     examples: int  # training examples behind the aggregated updates
-    train_loss: float  # example-weighted mean of the clients' mean training loss
+    train_loss: float | None  # example-weighted mean of the clients' mean training loss (None: round 0)
     aggregation: dict[str, Any]  # method, rank, alpha, error, module_errors, and method-specific keys
     eval: dict[str, float] | None  # the global adapter on the dev split(s); None when not evaluated
     bytes_down: int  # server -> clients
@@ -28,6 +28,10 @@ class HistoryRow:
     bytes_written: int  # to the run tree
     seconds: dict[str, float]  # wall, train, aggregate, eval, io
     time: str = ""  # ISO 8601, when the round completed
+    learning_rate: float | None = (
+        None  # the clients' peak learning rate this round (warmup, then linear decay)
+    )
+    eval_loss: float | None = None  # the global model's loss on the dev split(s), when evaluated
     extra: dict[str, Any] = field(default_factory=dict)  # optional sections (e.g. memory, privacy)
 
     def to_json(self) -> dict[str, Any]:

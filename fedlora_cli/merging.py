@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from fedlora_cli.config import MergeConfig, ModelSpec
 from fedlora_cli.errors import InputError
 from fedlora_cli.modeling import Adapter, check_adapter_task, head_num_labels, read_adapter, save_adapter
 from fedlora_cli.ownership import ADAPTER, claim
+from fedlora_cli.runs import METRICS, RUN_RECORD
+from fedlora_cli.runs.record import COMPLETE, FinalMetrics, new_record, now, state_digest
 from fedlora_cli.strategies import build_strategy, get_method
 from fedlora_cli.tasks import get_task
 
@@ -60,8 +63,13 @@ def _check_compatible(adapters: list[Adapter], paths: tuple[str, ...]) -> None:
             raise InputError(f"adapters {paths[0]} and {path} hold different tensors (e.g. {missing})")
 
 
-def run_merge(config: MergeConfig) -> MergeResult:
-    """FedAvg of the given adapters with example-count (or explicit, or equal) weights; any label count."""
+def run_merge(config: MergeConfig, *, argv: list[str] | None = None) -> MergeResult:
+    """FedAvg of the given adapters with example-count (or explicit, or equal) weights; any label count.
+
+    The output folder is the merged adapter and a run folder at once: run.json and metrics.json go in
+    the same atomic step as the weights (a merge is all or nothing).
+    """
+    started = time.monotonic()
     out = claim(config.save_adapter, ADAPTER, overwrite=config.overwrite, option="--save-adapter")
     adapters = [read_adapter(p) for p in config.adapters]
     _check_compatible(adapters, config.adapters)
@@ -90,7 +98,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
         merged = strategy.export(outcome.adapter)
     except ValueError as e:
         raise InputError(f"cannot merge with --aggregation {spec.method}: {e}") from None
-    record = outcome.record
+    record_agg = outcome.record
     if config.model is not None:
         _check_against_model(config.model, config.task, merged.state, merged.lora)
 
@@ -110,18 +118,27 @@ def run_merge(config: MergeConfig) -> MergeResult:
         "shard_manifests": list(config.shard_manifests) if config.shard_manifests else None,
         "client_ranks": [a.lora.r for a in adapters],
         "client_alphas": [a.lora.alpha for a in adapters],
-        "aggregation_error": record["error"],
-        "module_errors": record["module_errors"],
-        "aggregation_record": {k: v for k, v in record.items() if k not in ("error", "module_errors")},
+        "aggregation_error": record_agg["error"],
+        "module_errors": record_agg["module_errors"],
+        "aggregation_record": {k: v for k, v in record_agg.items() if k not in ("error", "module_errors")},
         "num_labels": num_labels,
         "task": config.task,
         "base_model": adapters[0].base_model,
         "fedlora_version": __version__,
     }
     meta = {"origin": "merge", "task": config.task, "num_labels": num_labels}
-    save_adapter(out, merged.state, merged.lora, base_model=adapters[0].base_model, meta=meta,
-                 extra_json={FUSE_MANIFEST: manifest}, option="--save-adapter")  # fmt: skip
-    return MergeResult(out, weights, merged.lora.r, merged.lora.alpha, record["error"], num_labels, manifest)
+    record = new_record(
+        command="merge", config=config, argv=argv, extra={"base_model": adapters[0].base_model}
+    )
+    record.status, record.ended, record.duration_s = COMPLETE, now(), round(time.monotonic() - started, 3)
+    final = FinalMetrics(command="merge", task=config.task, main_metric=None,
+                         metrics={"aggregation_error": record_agg["error"]}, adapter=str(out),
+                         adapter_sha256=state_digest(merged.state))  # fmt: skip
+    save_adapter(out, merged.state, merged.lora, base_model=adapters[0].base_model, meta=meta, option="--save-adapter",
+                 extra_json={FUSE_MANIFEST: manifest, RUN_RECORD: record.to_json(), METRICS: final.to_json()})  # fmt: skip
+    return MergeResult(
+        out, weights, merged.lora.r, merged.lora.alpha, record_agg["error"], num_labels, manifest
+    )
 
 
 def _check_against_model(model: str, task: str | None, state, lora) -> None:

@@ -571,6 +571,16 @@ def check_adapter_tensors(state: dict[str, torch.Tensor], lora: LoraSpec, where:
         )
 
 
+def adapter_base_model(path: str | os.PathLike) -> str | None:
+    """The base model an adapter folder names (`base_model_name_or_path`), or None if it names none."""
+    try:
+        cfg = json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # read_adapter reports what is wrong with the folder, with the rest of the checks
+    name = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    return name if isinstance(name, str) and name.strip() else None
+
+
 def head_num_labels(state: dict[str, torch.Tensor]) -> int | None:
     """Number of outputs of the saved head (RoBERTa `out_proj`, BERT `classifier`), if it can be told."""
     for key in sorted(state):

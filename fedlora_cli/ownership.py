@@ -35,6 +35,7 @@ SUMMARY_FILE = "summary.json"
 CLIENT_FILE = re.compile(r"^client_(\d+)\.json$")
 ROUND_DIR = re.compile(r"^round_\d{3,}$")
 RUN_COMMANDS = ("train", "baseline", "rounds")
+TRACKER_DIRS = ("tensorboard", "wandb")  # what --report-to writes inside a run folder
 PLOT_TITLE = "fedlora shard label distribution"  # embedded in every plot fedlora draws (png, pdf, svg)
 MAX_LISTED = 3  # foreign names quoted in an error message
 
@@ -154,6 +155,8 @@ def run_foreign(folder: Path) -> list[str]:
         target = folder / name
         if name in (RUN_RECORD, METRICS, HISTORY) and _is_file(target):
             continue
+        if name in TRACKER_DIRS and _is_dir(target):
+            continue  # --report-to tensorboard / wandb logs
         if command == "rounds" and (name in ("final", "shards") or ROUND_DIR.match(name)) and _is_dir(target):
             continue
         if name == "adapter" and _is_dir(target):

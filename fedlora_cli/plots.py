@@ -1,9 +1,10 @@
-"""Figures of a shard split; matplotlib is an optional extra, imported only when a plot is asked for."""
+"""Figures (a shard split, learning curves); matplotlib is an optional extra, imported only when a plot is asked for."""
 
 from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,5 +76,78 @@ def plot_label_distribution(summary_or_result: Any, path: str | os.PathLike) -> 
     buf = io.BytesIO()
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     fig.savefig(buf, format=fmt, dpi=120, metadata={"Title": PLOT_TITLE})
+    plt.close(fig)
+    return write_bytes(Path(path).expanduser(), buf.getvalue())
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line of a learning-curve figure: a run, or a sweep cell's mean over seeds (std: the band)."""
+
+    label: str
+    rounds: list[int] = field(default_factory=list)
+    metric: list[float | None] = field(default_factory=list)
+    loss: list[float | None] = field(default_factory=list)
+    metric_std: list[float | None] | None = None
+    loss_std: list[float | None] | None = None
+    final: float | None = None  # a run without rounds (train, baseline): its final metric, drawn flat
+    final_std: float | None = None
+
+
+def _band(
+    ax: Any, xs: list[int], mean: list[float | None], std: list[float | None] | None, label: str
+) -> None:
+    points = [
+        (x, m, (std[i] if std else None))
+        for i, (x, m) in enumerate(zip(xs, mean, strict=True))
+        if m is not None
+    ]
+    if not points:
+        return
+    x = [p[0] for p in points]
+    y = [p[1] for p in points]
+    (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
+    if std and any(p[2] for p in points):
+        lo = [p[1] - (p[2] or 0.0) for p in points]
+        hi = [p[1] + (p[2] or 0.0) for p in points]
+        ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
+
+
+def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, title: str) -> Path:
+    """The metric (left) and the training loss (right) per round of every curve, on one figure.
+
+    Runs without rounds (centralised `train`) are drawn as a dashed horizontal line at their final
+    metric, with their band over seeds if any: the reference the federated curves are read against.
+    """
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for curve in curves:
+        if curve.rounds:
+            _band(left, curve.rounds, curve.metric, curve.metric_std, curve.label)
+            _band(right, curve.rounds, curve.loss, curve.loss_std, curve.label)
+        elif curve.final is not None:
+            line = left.axhline(curve.final, linestyle="--", label=f"{curve.label} (final)")
+            if curve.final_std:
+                left.axhspan(curve.final - curve.final_std, curve.final + curve.final_std, alpha=0.15,
+                             color=line.get_color())  # fmt: skip
+    left.set_xlabel("round")
+    left.set_ylabel(metric)
+    left.set_title(f"{metric} per round")
+    right.set_xlabel("round")
+    right.set_ylabel("train loss")
+    right.set_title("training loss per round")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    if curves:
+        left.legend(fontsize="small")
+    fig.suptitle(title)
+    buf = io.BytesIO()
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    fig.savefig(buf, format=fmt, dpi=120)
     plt.close(fig)
     return write_bytes(Path(path).expanduser(), buf.getvalue())

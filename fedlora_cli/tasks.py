@@ -21,6 +21,7 @@ class LocalLayout:
     label_column: str | int
     has_header: bool = True
     extra_columns: dict[str, str | int] = field(default_factory=dict)  # e.g. MNLI's genre
+    test_columns: dict[str, str] | None = None  # test files (no labels, always a header), if named otherwise
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class GlueTask:
     metrics: tuple[str, ...]  # metric names, see evaluation.compute_metrics
     main_metric: str
     local: LocalLayout
+    test_splits: tuple[str, ...] = ("test",)  # hub split names; unlabelled (the hub's labels are -1)
 
     @property
     def is_regression(self) -> bool:
@@ -48,9 +50,13 @@ class GlueTask:
             return ""
         return split.removeprefix("validation_")
 
+    def is_test(self, split: str) -> bool:
+        """Test splits carry no labels (GLUE keeps them for its leaderboard)."""
+        return split in self.test_splits
+
 
 def _layout(folder: str, columns: dict[str, str | int], label: str | int, **kw) -> LocalLayout:
-    files = kw.pop("files", {"train": "train.tsv", "validation": "dev.tsv"})
+    files = kw.pop("files", {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"})
     return LocalLayout(folder=folder, files=files, columns=columns, label_column=label, **kw)
 
 
@@ -64,8 +70,8 @@ TASKS: dict[str, GlueTask] = {
             ("validation",),
             ("mcc", "accuracy"),
             "mcc",
-            # CoLA's train/dev files have no header: source, label, original label, sentence.
-            _layout("CoLA", {"sentence": 3}, 1, has_header=False),
+            # CoLA's train/dev files have no header: source, label, original label, sentence; test.tsv has one.
+            _layout("CoLA", {"sentence": 3}, 1, has_header=False, test_columns={"sentence": "sentence"}),
         ),
         GlueTask(
             "sst2",
@@ -123,9 +129,12 @@ TASKS: dict[str, GlueTask] = {
                     "train": "train.tsv",
                     "validation_matched": "dev_matched.tsv",
                     "validation_mismatched": "dev_mismatched.tsv",
+                    "test_matched": "test_matched.tsv",
+                    "test_mismatched": "test_mismatched.tsv",
                 },
                 extra_columns={"genre": "genre"},
             ),
+            test_splits=("test_matched", "test_mismatched"),
         ),
         GlueTask(
             "qnli",

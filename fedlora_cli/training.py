@@ -14,7 +14,7 @@ import torch
 from fedlora_cli.config import TrainSpec
 from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.features import TokenizedSplit, make_batches, steps_per_epoch
-from fedlora_cli.progress import NullProgress, Progress
+from fedlora_cli.progress import NullProgress, Progress, as_tracker
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ def train_model(
     values when the call begins, i.e. the broadcast global adapter); 0 adds nothing at all.
     """
     progress = progress or NullProgress()
+    tracker = as_tracker(progress)
     indices = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(indices) == 0:
         raise FedloraError("no training examples: the client or task split is empty")
@@ -167,6 +168,14 @@ def train_model(
             padded += len(idx) * int(lengths[idx].max())
             step += 1
             progress.advance(progress_key, 1, info=f"loss {value:.4f}")
+            lr = scheduler.get_last_lr()[0]  # the rate the next step will use
+            tracker.log_metrics(step, {"train/loss": value, "train/learning_rate": lr,
+                                       "train/epoch": step / per_epoch})  # fmt: skip
+            if total_steps > per_epoch and (step % per_epoch == 0 or step == total_steps):
+                epoch = math.ceil(step / per_epoch)
+                done = losses[(epoch - 1) * per_epoch : step]
+                progress.log(f"{description}: epoch {epoch}/{math.ceil(total_steps / per_epoch)} · "
+                             f"loss {float(done.mean()):.4f} · {time.perf_counter() - start:.1f} s")  # fmt: skip
     seconds = time.perf_counter() - start
     progress.stop(progress_key)
     model.eval()

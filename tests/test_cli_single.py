@@ -47,8 +47,12 @@ def test_train_writes_exactly_the_run_and_learns(trained):
         "metrics.json", "run.json",
     ]  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["eval"]["accuracy"] >= 0.9
+    assert (
+        metrics["command"] == "train" and metrics["task"] == "sst2" and metrics["main_metric"] == "accuracy"
+    )
+    assert metrics["metrics"]["accuracy"] >= 0.9 and metrics["eval"]["examples"] == 200
     assert metrics["train"]["tokens_per_second"] > 0 and metrics["train"]["examples"] == 600
+    assert metrics["adapter"] == str(out / "adapter") and len(metrics["adapter_sha256"]) == 64
     record = json.loads((out / "run.json").read_text())
     assert record["command"] == "train" and "train" in record["argv"]
     assert record["config"]["lora"] == {
@@ -93,8 +97,12 @@ def test_eval_command_prints_metrics_and_writes_json(trained, tiny_model, glue_d
     assert result.exit_code == 0, result.stderr
     assert "accuracy" in result.stdout
     saved = json.loads(target.read_text())
-    trained_metrics = json.loads((out / "metrics.json").read_text())["eval"]
-    assert saved["accuracy"] == pytest.approx(trained_metrics["accuracy"])
+    trained = json.loads((out / "metrics.json").read_text())
+    assert saved["command"] == "eval" and saved["main_metric"] == "accuracy"
+    assert saved["metrics"]["accuracy"] == pytest.approx(trained["metrics"]["accuracy"])
+    assert saved["adapter_sha256"] == trained["adapter_sha256"]  # the same adapter, provably
+    assert saved["record"]["status"] == "complete" and saved["record"]["argv"][:2] == ["fedlora", "eval"]
+    assert saved["record"]["config"]["adapter"] == str(out / "adapter")
 
 
 def test_baseline_zero_shot_and_full_finetuning(tiny_model, glue_dir, tmp_path):
@@ -102,12 +110,12 @@ def test_baseline_zero_shot_and_full_finetuning(tiny_model, glue_dir, tmp_path):
                "--output-dir", tmp_path / "zero")  # fmt: skip
     assert zero.exit_code == 0, zero.stderr
     metrics = json.loads((tmp_path / "zero" / "metrics.json").read_text())
-    assert "train" not in metrics and 0.0 <= metrics["eval"]["accuracy"] <= 1.0
+    assert metrics["train"] is None and 0.0 <= metrics["metrics"]["accuracy"] <= 1.0
     full = run("baseline", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--epochs", "3",
                "--learning-rate", "1e-3", "--precision", "fp32", "--output-dir", tmp_path / "full")  # fmt: skip
     assert full.exit_code == 0, full.stderr
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    assert metrics["eval"]["accuracy"] >= 0.9
+    assert metrics["metrics"]["accuracy"] >= 0.9 and metrics["command"] == "baseline"
 
 
 def test_reference_flags_are_accepted(tiny_model, glue_dir, tmp_path):
@@ -198,7 +206,9 @@ def test_failed_training_leaves_nothing_and_existing_runs_are_kept(
         result = run("train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir,
                      "--output-dir", tmp_path / "diverged")  # fmt: skip
     one_error_line(result, 1, "diverged")
-    assert not (tmp_path / "diverged").exists()
+    # nothing half-written: only the record of the failure stays, and it does not block the name
+    assert sorted(p.name for p in (tmp_path / "diverged").iterdir()) == ["run.json"]
+    assert json.loads((tmp_path / "diverged" / "run.json").read_text())["status"] == "failed"
     out, _ = trained
     before = (out / "run.json").read_text()
     result = run(
@@ -324,7 +334,10 @@ def test_a_failing_disk_is_one_line_naming_the_path_and_nothing_half_written(
     result = run("train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--max-train-samples", "32",
                  "--epochs", "1", "--no-eval", "--output-dir", out)  # fmt: skip
     one_error_line(result, 1, f"cannot write {out / 'metrics.json'}: {cause}")
-    assert not out.exists()  # the half-finished run was removed
+    # nothing half-written: only the run record stays, saying the run failed and why (runs list shows it)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and cause in record["error"]
 
 
 def test_an_unwritable_output_folder_is_one_line(tiny_model, glue_dir, tmp_path):
@@ -361,7 +374,7 @@ def test_eval_works_without_a_writable_cache_and_says_so_once(trained, tiny_mode
     assert not (blocker.parent / "cache").exists()
 
 
-def test_ctrl_c_is_one_line_exit_130_and_the_unfinished_run_is_removed(
+def test_ctrl_c_is_one_line_exit_130_and_the_unfinished_run_keeps_only_its_record(
     tiny_model, glue_dir, tmp_path, monkeypatch
 ):
     from fedlora_cli import centralised
@@ -374,8 +387,13 @@ def test_ctrl_c_is_one_line_exit_130_and_the_unfinished_run_is_removed(
     result = run(
         "train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--output-dir", out
     )
-    one_error_line(result, 130, f"interrupted: the unfinished run {out} was removed")
-    assert not out.exists()
+    one_error_line(result, 130, f"interrupted: {out} is marked interrupted")
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # nothing half-written
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    again = run("train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--output-dir", out,
+                "--max-train-samples", "32", "--epochs", "1", "--no-eval")  # fmt: skip
+    assert again.exit_code == 0, again.stderr  # the interrupted run does not block its folder
     monkeypatch.setattr(centralised, "evaluate", interrupt)  # a command without a run folder
     result = run("eval", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir)
     one_error_line(result, 130, "interrupted")

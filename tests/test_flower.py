@@ -52,7 +52,8 @@ def files_of(run_dir: Path) -> list[str]:
 
 
 def expected_files(rounds: int, clients: list[int]) -> list[str]:
-    out = ["history.jsonl", "run.json", *(f"final/{f}" for f in [*ADAPTER_FILES, "metrics.json"])]
+    out = ["history.jsonl", "run.json", "round_000/global/metrics.json",
+           *(f"final/{f}" for f in [*ADAPTER_FILES, "metrics.json"])]  # fmt: skip
     for r in range(1, rounds + 1):
         for who in [*(f"client_{c:03d}" for c in clients), "global"]:
             out += [f"round_{r:03d}/{who}/{f}" for f in [*ADAPTER_FILES, "metrics.json"]]
@@ -60,7 +61,9 @@ def expected_files(rounds: int, clients: list[int]) -> list[str]:
 
 
 def history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    """The rounds' rows (round 0, the starting adapter's evaluation, left out)."""
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["round"] > 0]
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ CLI = (
     "commands/",
 )  # the terminal layer: the only place typer (and click) may be imported
 ADAPTERS = ("flower/",)  # the only place flwr may be imported
-ENGINE_CHOICE = ("engines.py",)  # picks an engine: may import the Flower adapter, not typer
+ENGINE_CHOICE = ("engines.py", "workflows.py")  # pick an engine: may reach the Flower adapter, not typer
 
 
 def imports(path: Path) -> set[str]:

@@ -151,7 +151,8 @@ def test_merge_save_adapter_overwrite_keeps_unrelated_files(trained, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert json.loads((out / "fuse_manifest.json").read_text())["weights"] == [0.25, 0.75]
     assert json.loads((out / ownership.ADAPTER_META).read_text())["files"] == [
-        "adapter_config.json", "adapter_model.safetensors", "fedlora_adapter.json", "fuse_manifest.json"
+        "adapter_config.json", "adapter_model.safetensors", "fedlora_adapter.json", "fuse_manifest.json",
+        "metrics.json", "run.json",
     ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ def test_minilm_learns_sst2_from_a_few_hundred_sentences(tmp_path):
     assert result.exit_code == 0, result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # chance is ~0.5; 0.775 measured here with this exact command (bf16 on CPU)
-    assert metrics["eval"]["accuracy"] >= 0.7, metrics["eval"]
+    assert metrics["metrics"]["accuracy"] >= 0.7, metrics["metrics"]
 
 
 def test_minilm_federated_rounds_learn_sst2(tmp_path):
@@ -42,7 +42,7 @@ def test_minilm_federated_rounds_learn_sst2(tmp_path):
     assert result.exit_code == 0, result.stderr
     history = [
         json.loads(line) for line in next(tmp_path.glob("sst2_*/fed/history.jsonl")).read_text().splitlines()
-    ]
+    ][1:]  # round 0 is the starting adapter
     accuracy = [row["eval"]["accuracy"] for row in history]
     # measured here: 0.607, 0.757, 0.747 (chance ~0.5)
     assert accuracy[-1] >= 0.68 and accuracy[-1] > accuracy[0], accuracy

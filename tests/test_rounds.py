@@ -63,16 +63,19 @@ def test_run_tree_is_exactly_as_documented(federated):
         "adapter/adapter_model.safetensors",
         "adapter/fedlora_adapter.json",
     ]
-    expected = ["history.jsonl", "run.json"]
+    expected = ["history.jsonl", "run.json", "round_000/global/metrics.json"]  # round 0: the starting adapter
     for r in (1, 2, 3):
         for who in ("client_001", "client_002", "client_003", "global"):
             expected += [f"round_{r:03d}/{who}/{f}" for f in [*adapter_files, "metrics.json"]]
     expected += [f"final/{f}" for f in [*adapter_files, "metrics.json"]]
     assert files == sorted(expected)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    assert [h["round"] for h in history] == [1, 2, 3]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    start, history = history[0], history[1:]
+    assert start["clients"] == [] and 0 <= start["eval"]["accuracy"] <= 1 and start["eval_loss"] > 0
     for h in history:
         assert h["bytes_up"] > 0 and h["bytes_down"] > 0 and h["seconds"]["wall"] > 0
+        assert h["learning_rate"] == 2e-2 and h["eval_loss"] > 0 and h["time"]
         assert 0 <= h["aggregation"]["error"] < 1 and h["eval"]["accuracy"] >= 0
         assert [c["examples"] for c in h["client_metrics"]] == [100, 200, 300]
     record = json.loads((run_dir / "run.json").read_text())
@@ -83,7 +86,9 @@ def test_run_tree_is_exactly_as_documented(federated):
 def test_federated_lora_learns(federated):
     run_dir, _ = federated
     final = json.loads((run_dir / "final" / "metrics.json").read_text())
-    assert final["accuracy"] >= 0.9, final
+    assert final["metrics"]["accuracy"] >= 0.9 and final["command"] == "rounds" and final["rounds"] == 3, (
+        final
+    )
 
 
 def test_every_round_clients_train_lora_and_head_and_the_global_moves(federated):
@@ -224,7 +229,7 @@ def test_resume_after_an_interruption_mid_round_is_bit_identical(
         b = (reference / sub / "adapter" / "adapter_model.safetensors").read_bytes()
         assert a == b, f"{sub} differs after resume"
     history = [json.loads(line)["round"] for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    assert history == [1, 2, 3]
+    assert history == [0, 1, 2, 3]
 
 
 def test_same_command_twice_gives_identical_files(tiny_model, glue_dir, shards, federated, tmp_path):

@@ -14,6 +14,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from fedlora_cli.config import DataSpec, LoraSpec, ModelSpec, OutputSpec, TrainSpec, model_from_size
 from fedlora_cli.errors import FedloraError, InputError, Interrupted, io_message
+from fedlora_cli.progress import DEFAULT_LOG_EVERY
 from fedlora_cli.strategies.registry import METHODS
 from fedlora_cli.tasks import task_names
 
@@ -23,12 +24,42 @@ DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 to see tracebacks of expected errors too
 # consoles: created per call, so tests that swap sys.stdout/sys.stderr see the output
 
 
-def console():
+def console(*, wide: bool = False):
+    """stdout. `wide`: for tables with many columns, which Rich would squeeze into 80 columns in a pipe."""
     from rich.console import Console
 
     # soft_wrap: a line longer than the terminal is left to the terminal, never broken by Rich, so paths
     # and commands can be copied whole (tables still fit their cells to the width).
-    return Console(soft_wrap=True)
+    out = Console(soft_wrap=True)
+    if wide and not out.is_terminal:
+        out = Console(soft_wrap=True, width=max(out.width, 200))
+    return out
+
+
+def print_line(text: str, out: Any = None) -> None:
+    """A line meant for copying (a path, a command): printed as it is — no wrapping, no markup, no colour."""
+    (out or console()).print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def print_path(label: str, path: Any) -> None:
+    """`label: path` on one line (`print_line`)."""
+    print_line(f"{label}: {path}")
+
+
+def reporter(
+    *, log_every: int = DEFAULT_LOG_EVERY, report_to: Sequence[str] | None = None, transient: bool = False
+):
+    """The progress object every command hands the core: THE place where the display is chosen.
+
+    Rich bars when stderr is a terminal; plain lines otherwise (nohup, SLURM, `| tee`), flushed as they
+    come. Trackers from --report-to listen to the same events. Use it as a context manager.
+    """
+    from fedlora_cli.progress import PlainProgress, Reporter, RichProgress
+    from fedlora_cli.trackers import make_trackers
+
+    trackers = make_trackers(report_to)
+    display = RichProgress(err_console(), transient=transient) if sys.stderr.isatty() else PlainProgress()
+    return build(lambda: Reporter(display, trackers, log_every))
 
 
 def err_console():
@@ -132,8 +163,116 @@ def _is_number(text: str) -> bool:
 _ARGV: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("fedlora_argv", default=None)
 
 
+# ---------------------------------------------------------------------------------------------------
+# options from a TOML file (--config), and options as a mapping (sweep cells): the same keys either way
+
+CONFIG_OPTION = "--config"
+
+
+def option_params(command: Any) -> dict[str, Any]:
+    """Long option names (without `--`) -> the click parameter they set. `--config` and `--help` excluded."""
+    out: dict[str, Any] = {}
+    for param in command.params:
+        for opt in getattr(param, "opts", []):
+            if opt.startswith("--") and opt not in (CONFIG_OPTION, "--help"):
+                out[opt[2:]] = param
+    return out
+
+
+def options_to_defaults(command: Any, options: dict[str, Any], source: str) -> dict[str, Any]:
+    """A mapping of long option names to values -> click's default_map (parameter name -> value).
+
+    Keys are the long option names (`learning-rate`, also `learning_rate`); an unknown key is an error
+    naming it, so a typo never silently falls back to a default.
+    """
+    params = option_params(command)
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        param = params.get(str(key)) or params.get(str(key).replace("_", "-"))
+        if param is None:
+            close = sorted(n for n in params if n.split("-")[0] == str(key).replace("_", "-").split("-")[0])
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise InputError(
+                f"{source}: unknown option {key!r} for `fedlora {command.name}`{hint}; keys are the long "
+                f"option names of `fedlora {command.name} --help`, e.g. learning-rate"
+            )
+        if isinstance(value, dict):
+            raise InputError(f"{source}: {key!r} is a table; give option values only (key = value)")
+        if getattr(param, "multiple", False) and not isinstance(value, list):
+            value = [value]
+        out[param.name] = value
+    return out
+
+
+def load_toml(path: str | os.PathLike, what: str = "--config") -> dict[str, Any]:
+    """A TOML file as a dict, or one clear line saying what is wrong with it."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a folder; give a .toml file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{what} {path} is not valid TOML ({e})") from None
+
+
+def _load_config(ctx: Any, param: Any, value: str | None) -> None:
+    """--config: the file's options become defaults, so the command line overrides them (click's default_map)."""
+    if not value or ctx.resilient_parsing:
+        return
+    defaults = options_to_defaults(ctx.command, load_toml(value), f"--config {value}")
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+def options_to_args(command: Any, options: dict[str, Any]) -> list[str]:
+    """A mapping of long option names to values -> the command-line arguments that say the same.
+
+    Used by sweeps, so that each run's run.json holds a full, copy-pasteable command line.
+    """
+    params = option_params(command)
+    args: list[str] = []
+    for key, value in options.items():
+        options_to_defaults(command, {key: value}, "sweep")  # the same checks as --config
+        param = params.get(str(key)) or params[str(key).replace("_", "-")]
+        flag = param.opts[0]
+        if value is None:
+            continue
+        if getattr(param, "is_flag", False):
+            if param.secondary_opts:
+                args.append(flag if value else param.secondary_opts[0])
+            elif value:
+                args.append(flag)
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            args += [flag, str(item)]
+    return args
+
+
 class FedloraCommand(TyperCommand):
-    """A Typer command that also understands the reference scripts' flag names."""
+    """A Typer command that also takes `--config FILE.toml` and the reference scripts' flag names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from typer.core import TyperOption
+
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            TyperOption(
+                param_decls=[CONFIG_OPTION],
+                default=None,
+                is_eager=True,  # read before the other options, which then find its values as defaults
+                expose_value=False,
+                callback=_load_config,
+                metavar="FILE.toml",
+                help="options from a TOML file (keys: the long option names, e.g. learning-rate = 2e-3); "
+                "options given on the command line override it",
+            )
+        )
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         _ARGV.set(["fedlora", ctx.info_name, *args])  # exactly as typed, for run.json
@@ -300,11 +439,35 @@ AlphaOpt = Annotated[
         "--alpha", help="svd: lora_alpha of the aggregated adapter \\[default: keeps the clients' alpha/r]"
     ),
 ]
+LogEveryOpt = Annotated[
+    int,
+    typer.Option(
+        "--log-every",
+        help="report the training loss every N optimizer steps (plain log lines, trackers); 0: never",
+    ),
+]
 
 
 def method_name(value: Any) -> str:
     """An --aggregation value (the Method enum, or a plain string from library callers) as its name."""
     return value.value if isinstance(value, enum.Enum) else str(value)
+
+
+def complete_tracker(incomplete: str) -> list[str]:
+    from fedlora_cli.trackers import TRACKERS
+
+    return [t for t in TRACKERS if t.startswith(incomplete.lower())]
+
+
+ReportToOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--report-to",
+        help="log metrics and config to tensorboard, mlflow and/or wandb (comma-separated or repeated; "
+        "each an extra: pip install 'fedlora[mlflow]')",
+        autocompletion=complete_tracker,
+    ),
+]
 
 
 def summary_table(title: str, rows: Sequence[tuple[str, Any]]) -> Any:
@@ -349,14 +512,8 @@ def show_run_result(command: str, result: Any) -> None:
     if e is not None:
         rows.append(("eval examples", e.examples))
         rows += metric_rows(e.metrics)
-    out = console()
-    out.print(summary_table(f"fedlora {command}", rows))
+    console().print(summary_table(f"fedlora {command}", rows))
     if result.adapter_dir is not None and command != "eval":
-        print_line(out, f"adapter: {result.adapter_dir}")
+        print_path("adapter", result.adapter_dir)
     if result.run_dir is not None:
-        print_line(out, f"run: {result.run_dir}")
-
-
-def print_line(out: Any, text: str) -> None:
-    """A line meant for copying (a path, a command): printed as it is — no wrapping, no markup, no colour."""
-    out.print(text, soft_wrap=True, markup=False, highlight=False)
+        print_path("run", result.run_dir)

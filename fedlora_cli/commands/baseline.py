@@ -42,6 +42,8 @@ def baseline(
     run_name: c.RunNameOpt = None,
     output_dir: c.OutputDirOpt = None,
     overwrite: c.OverwriteOpt = False,
+    log_every: c.LogEveryOpt = c.DEFAULT_LOG_EVERY,
+    report_to: c.ReportToOpt = None,
     do_eval: Annotated[
         bool, typer.Option("--eval", hidden=True, help="accepted for the reference scripts")
     ] = True,
@@ -61,8 +63,7 @@ def baseline(
         )
     )
     from fedlora_cli.centralised import run_baseline
-    from fedlora_cli.progress import RichProgress
 
-    with RichProgress(c.err_console()) as progress:
+    with c.reporter(log_every=log_every, report_to=report_to) as progress:
         result = run_baseline(config, progress=progress, argv=c.argv())
     c.show_run_result("baseline", result)

@@ -46,9 +46,8 @@ def download(
             "nothing to download: give --model and/or --task (e.g. --model roberta-base --task sst2)"
         )
     from fedlora_cli.download import run_download
-    from fedlora_cli.progress import RichProgress
 
-    with RichProgress(c.err_console(), transient=True) as progress:
+    with c.reporter(transient=True) as progress:
         done = run_download(models, tasks, cache_dir, progress)
     from rich.table import Table
 
@@ -60,9 +59,8 @@ def download(
     out = c.console()
     out.print(table)
     for d in done:  # paths below the table, whole: a table cell would wrap them
-        c.print_line(out, f"{d.name}: {d.location}")
+        c.print_line(f"{d.name}: {d.location}")
     c.print_line(
-        out,
         "offline from now on: export HF_HUB_OFFLINE=1"
         + (f" (and keep --cache-dir {cache_dir})" if cache_dir else ""),
     )

@@ -27,11 +27,27 @@ def eval_command(
     precision: c.PrecisionOpt = "auto",
     seed: c.SeedOpt = 42,
     output_json: Annotated[
-        str | None, typer.Option("--output-json", help="also write the metrics here")
+        str | None,
+        typer.Option("--output-json", help="also write the metrics (and what was evaluated, how) here"),
+    ] = None,
+    predictions: Annotated[
+        str | None,
+        typer.Option(
+            "--predictions",
+            help="write per-example predictions of the dev and test splits into this folder, one file per "
+            "split as run_glue.py names them (predict_results_<task>.txt …)",
+        ),
     ] = None,
     overwrite: c.OverwriteOpt = False,
 ) -> None:
-    """Evaluate an adapter (LoRA and its head) on the dev split(s) and print the GLUE metrics."""
+    """Evaluate an adapter (LoRA and its head) on the dev split(s) and print the GLUE metrics.
+
+    Without --model (or --model-size), the base model recorded in the adapter is used.
+    """
+    if model is None and model_size is None and adapter:
+        from fedlora_cli.modeling import adapter_base_model
+
+        model = adapter_base_model(adapter)
     config = c.build(
         lambda: EvalConfig(
             data=DataSpec(task, data_dir, max_seq_length, None, max_eval_samples),
@@ -42,13 +58,15 @@ def eval_command(
             seed=seed,
             output_json=output_json,
             overwrite=overwrite,
+            predictions=predictions,
         )
     )
     from fedlora_cli.centralised import run_eval
-    from fedlora_cli.progress import RichProgress
 
-    with RichProgress(c.err_console(), transient=True) as progress:
-        result = run_eval(config, progress=progress)
+    with c.reporter(transient=True) as progress:
+        result = run_eval(config, progress=progress, argv=c.argv())
     c.show_run_result("eval", result)
     if output_json:
-        c.print_line(c.console(), f"metrics: {output_json}")
+        c.print_path("metrics", output_json)
+    if predictions:
+        c.print_path("predictions", predictions)

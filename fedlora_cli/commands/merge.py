@@ -54,7 +54,7 @@ def merge(
     )
     from fedlora_cli.merging import FUSE_MANIFEST, run_merge
 
-    result = run_merge(config)
+    result = run_merge(config, argv=c.argv())
     rows = [
         ("adapters", len(config.adapters)),
         ("weights", ", ".join(f"{w:.3f}" for w in result.weights)),
@@ -64,4 +64,4 @@ def merge(
     ]
     out = c.console()
     out.print(c.summary_table("fedlora merge", rows))
-    c.print_line(out, f"adapter: {result.adapter_dir} (with {FUSE_MANIFEST})")
+    c.print_path("adapter", f"{result.adapter_dir} (with {FUSE_MANIFEST})")

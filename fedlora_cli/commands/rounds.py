@@ -107,6 +107,8 @@ def rounds(
             help="flower: seconds to wait for a round's replies; later ones count as failed \\[default: wait for all]",
         ),
     ] = None,
+    log_every: c.LogEveryOpt = c.DEFAULT_LOG_EVERY,
+    report_to: c.ReportToOpt = None,
 ) -> None:
     """Federated rounds: each client trains LoRA A/B and the head on its shard, the server averages them."""
     config = c.build(
@@ -143,9 +145,8 @@ def rounds(
         )
     )
     from fedlora_cli.engines import run_rounds
-    from fedlora_cli.progress import RichProgress
 
-    with RichProgress(c.err_console()) as progress:
+    with c.reporter(log_every=log_every, report_to=report_to) as progress:
         result = run_rounds(config, progress=progress, argv=c.argv())
     show_rounds(result)
 
@@ -166,15 +167,16 @@ def show_rounds(result) -> None:
         "seconds",
     ):
         table.add_column(name, justify="right")
-    for row in result.history:
+    for row in result.history:  # round 0: the starting adapter, before any training
         ev = row.eval or {}
         failed = len(row.failed)
+        error = row.aggregation.get("error")
         table.add_row(
             str(row.round),
-            f"{len(row.clients)}" + (f" ({failed} failed)" if failed else ""),
+            f"{len(row.clients)}" + (f" ({failed} failed)" if failed else "") if row.round else "start",
             f"{ev[result.main_metric]:.4f}" if result.main_metric in ev else "–",
-            f"{row.train_loss:.4f}",
-            f"{row.aggregation['error']:.4f}",
+            f"{row.train_loss:.4f}" if row.train_loss is not None else "–",
+            f"{error:.4f}" if error is not None else "–",
             f"{row.bytes_down / 2**20:.2f}",
             f"{row.bytes_up / 2**20:.2f}",
             f"{row.seconds['wall']:.1f}",
@@ -188,5 +190,5 @@ def show_rounds(result) -> None:
         )
     if result.resumed_after:
         out.print(f"resumed after round {result.resumed_after}")
-    out.print(f"final adapter: {result.final_adapter}")
-    out.print(f"run: {result.run_dir}")
+    c.print_path("final adapter", result.final_adapter)
+    c.print_path("run", result.run_dir)

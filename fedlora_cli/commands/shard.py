@@ -97,10 +97,9 @@ def shard(
             plot=plot,
         )
     )
-    from fedlora_cli.progress import RichProgress
     from fedlora_cli.sharding import run_shard
 
-    with RichProgress(c.err_console(), transient=True) as progress:
+    with c.reporter(transient=True) as progress:
         result = run_shard(config, progress=progress)
     show_shard_result(result, config)
 
@@ -146,12 +145,11 @@ def show_shard_result(result: ShardResult, config: ShardConfig) -> None:
     out = c.console()
     out.print(table)
     for note in result.notes:
-        c.print_line(out, f"note: {note}")
+        c.print_line(f"note: {note}")
     c.print_line(
-        out,
         f"{result.total_train:,} examples split in {result.seconds:.3f} s "
         f"(data loaded in {result.load_seconds:.2f} s, written in {result.write_seconds:.2f} s)",
     )
-    c.print_line(out, f"shards: {result.out}")
+    c.print_line(f"shards: {result.out}")
     if result.plot is not None:
-        c.print_line(out, f"plot: {result.plot}")
+        c.print_line(f"plot: {result.plot}")

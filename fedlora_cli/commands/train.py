@@ -48,6 +48,8 @@ def train(
         typer.Option("--adapter-output-dir", help="write the adapter here \\[default: <run>/adapter]"),
     ] = None,
     overwrite: c.OverwriteOpt = False,
+    log_every: c.LogEveryOpt = c.DEFAULT_LOG_EVERY,
+    report_to: c.ReportToOpt = None,
     do_train: Annotated[
         bool, typer.Option("--train", hidden=True, help="accepted for the reference scripts")
     ] = True,
@@ -69,8 +71,7 @@ def train(
         )
     )
     from fedlora_cli.centralised import run_train
-    from fedlora_cli.progress import RichProgress
 
-    with RichProgress(c.err_console()) as progress:
+    with c.reporter(log_every=log_every, report_to=report_to) as progress:
         result = run_train(config, progress=progress, argv=c.argv())
     c.show_run_result("train", result)

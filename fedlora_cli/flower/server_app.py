@@ -75,6 +75,7 @@ def run_server(
 ) -> Any:
     """All rounds of a run over the SuperNodes of `grid`; returns a `federation.RoundsResult`."""
     from fedlora_cli.federation import RoundDriver, prepare
+    from fedlora_cli.runs import run_session
     from fedlora_cli.sharding import read_shards
 
     if not config.shards:
@@ -89,16 +90,17 @@ def run_server(
     setup = prepare(config, progress=progress, argv=argv, resume_hint=resume_hint)
     if on_prepared is not None:
         on_prepared(setup.run_dir)
-    driver = RoundDriver(setup, progress)
-    nodes = identify_clients(grid, setup.shards, config, progress)
-    strategy = FedloraStrategy(driver, nodes)
-    progress.start("rounds", "rounds", total=config.rounds)
-    progress.advance("rounds", setup.start_round)
-    remaining = config.rounds - setup.start_round
-    if remaining > 0:
-        strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout)  # type: ignore[arg-type]  # None: wait for all
-    progress.stop("rounds")
-    return driver.finish()
+    with run_session(setup.run_dir):
+        driver = RoundDriver(setup, progress)
+        nodes = identify_clients(grid, setup.shards, config, progress)
+        strategy = FedloraStrategy(driver, nodes)
+        progress.start("rounds", "rounds", total=config.rounds)
+        progress.advance("rounds", setup.start_round)
+        remaining = config.rounds - setup.start_round
+        if remaining > 0:
+            strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout)  # type: ignore[arg-type]  # None: wait for all
+        progress.stop("rounds")
+        return driver.finish()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,21 +1,46 @@
-"""The run tree: run folders, run.json (what was run, exactly), history.jsonl, metrics files."""
+"""The run tree: run folders, run.json (what was run, exactly), history.jsonl, metrics files.
+
+`record` holds the typed run record and its lifecycle, `query` the reading side (`fedlora runs`).
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import platform
-import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedlora_cli import __version__, atomic, ownership
-from fedlora_cli.config import OutputSpec, to_dict
+from fedlora_cli import atomic, ownership
+from fedlora_cli.config import OutputSpec
 from fedlora_cli.errors import InputError, first_line
-from fedlora_cli.ownership import HISTORY, METRICS, RUN_RECORD
-
-_PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "numpy", "flwr")
+from fedlora_cli.ownership import HISTORY  # noqa: E402
+from fedlora_cli.runs.record import (  # noqa: F401 - the names callers import from fedlora_cli.runs
+    COMPLETE,
+    FAILED,
+    INTERRUPTED,
+    METRICS,
+    RUN_RECORD,
+    RUNNING,
+    STATUSES,
+    FinalMetrics,
+    RunRecord,
+    adapter_digest,
+    config_changes,
+    final_metrics,
+    finish_record,
+    flatten,
+    git_commit,
+    new_record,
+    now,
+    package_versions,
+    read_record,
+    record_resume,
+    run_session,
+    state_digest,
+    update_record,
+    write_metrics,
+    write_record,
+)
 
 
 def timestamp() -> str:
@@ -30,20 +55,26 @@ def run_path(output: OutputSpec, task: str, model_short: str, prefix: str = "") 
     return Path(output.root).expanduser() / f"{task}_{model_short}" / name
 
 
-# What a single-machine run writes; --overwrite removes these and nothing else (see ownership.run_foreign).
-RUN_ENTRIES = {RUN_RECORD, METRICS, "adapter", "model"}
+# What a single-machine run writes; --overwrite removes these and nothing else. A failed run keeps its
+# record and its tracker logs (TRACKER_DIRS), and loses its partial outputs (the rest).
+TRACKER_DIRS = set(ownership.TRACKER_DIRS)
+RUN_ENTRIES = {RUN_RECORD, METRICS, "adapter", "model", *TRACKER_DIRS}
 RUN_OPTION = "--run-name / --output-dir"
 
 
 def claim_run_dir(path: Path, *, overwrite: bool, what: str = RUN_OPTION) -> Path:
     """Create the run folder, refusing to mix a new run into an old one unless asked to overwrite.
 
-    Overwriting only ever deletes a fedlora run (ownership.RUN): a folder holding anything else is
-    refused, so a mistyped `--output-dir ~ --overwrite` cannot wipe a directory.
+    A folder that holds only a failed or interrupted single-machine run is started again without
+    `--overwrite`: a dead run must not block its name. Overwriting only ever deletes a fedlora run
+    (ownership.RUN): a folder holding anything else is refused, so a mistyped `--output-dir ~
+    --overwrite` cannot wipe a directory.
     """
     import shutil
 
-    path = ownership.claim(path, ownership.RUN, overwrite=overwrite, option=what)
+    path = Path(path).expanduser()
+    dead = path.is_dir() and _is_dead_run(path)
+    path = ownership.claim(path, ownership.RUN, overwrite=overwrite or dead, option=what)
     with atomic.writing(path):
         if path.is_dir():
             for entry in path.iterdir():
@@ -69,14 +100,14 @@ def interrupted_rounds_message(run_dir: Path, complete: int) -> str:
     return f"interrupted: {kept}; continue with `fedlora rounds … --output-dir {run_dir} --resume`"
 
 
-def package_versions() -> dict[str, str]:
-    out = {"fedlora": __version__, "python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+def _is_dead_run(path: Path) -> bool:
+    """A folder holding only a failed or interrupted run of fedlora's: starting again there loses nothing."""
+    from fedlora_cli.runs.query import status_of
+
+    try:
+        return status_of(path, read_record(path)) in (FAILED, INTERRUPTED)
+    except InputError:
+        return False
 
 
 def run_record(
@@ -87,21 +118,8 @@ def run_record(
     seeds: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What run.json holds: enough to re-run the command and to know what it ran on."""
-    return {
-        "command": command,
-        "argv": list(sys.argv if argv is None else argv),
-        "config": to_dict(config),
-        "versions": package_versions(),
-        "seeds": seeds,
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        **(extra or {}),
-    }
-
-
-def write_record(folder: Path, record: dict[str, Any]) -> Path:
-    return atomic.write_json(folder / RUN_RECORD, record)
+    """What run.json holds when a run starts (status `running`), as a dict; see record.RunRecord."""
+    return new_record(command=command, config=config, argv=argv, seeds=seeds, extra=extra).to_json()
 
 
 def read_json(path: Path, what: str = "file") -> dict[str, Any]:

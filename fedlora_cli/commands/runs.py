@@ -1,0 +1,259 @@
+"""`fedlora runs`: list, show, compare and re-run the run folders under a root (reading: runs/query.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from fedlora_cli.commands import _common as c
+
+runs_app = typer.Typer(
+    name="runs",
+    help="What ran: list runs, show one, compare several, re-run one (bit-identically, with --verify).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def complete_run(ctx: typer.Context, incomplete: str) -> list[str]:
+    from fedlora_cli.runs.query import run_names
+
+    return run_names(ctx.params.get("root") or "runs", incomplete)
+
+
+RootOpt = Annotated[str, typer.Option("--root", help="where runs are searched by name")]
+RunArg = Annotated[
+    str, typer.Argument(help="a run folder, or a run's name under --root", autocompletion=complete_run)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float) or seconds <= 0:
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _date(stamp: str | None) -> str:
+    return stamp[:16].replace("T", " ") if stamp else "–"
+
+
+def _metric(info) -> str:
+    if info.main_value is None:
+        return "–"
+    return f"{info.main_metric} {info.main_value:.4f}"
+
+
+def _rounds(info) -> str:
+    if info.rounds_total is None and info.rounds_done is None:
+        return "–"
+    return f"{info.rounds_done if info.rounds_done is not None else '?'}/{info.rounds_total or '?'}"
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def list_command(
+    root: Annotated[str, typer.Argument(help="the folder to search (recursively) for run folders")] = "runs",
+    task: Annotated[str | None, typer.Option("--task", "-t", help="only runs of this task")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option("--status", help="only runs with this status: running, complete, failed, interrupted"),
+    ] = None,
+    command: Annotated[
+        str | None, typer.Option("--command", help="only runs of this command (train, rounds …)")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="only runs of this method (svd, naive, lora, full …)")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One row per run: command, task, model, method, clients, rounds, status, main metric, date, duration."""
+    from fedlora_cli.runs import STATUSES
+    from fedlora_cli.runs.query import list_runs
+    from fedlora_cli.tasks import get_task
+
+    if status is not None and status not in STATUSES:
+        raise c.InputError(f"--status must be one of {', '.join(STATUSES)}, got {status!r}")
+    if task is not None:
+        task = c.build(lambda: get_task(task).name)
+    runs = list_runs(root, task=task, status=status, command=command, method=method)
+    if as_json:
+        _echo_json([r.row() for r in runs])
+        return
+    from rich.table import Table
+
+    table = Table(title=f"runs in {root} ({len(runs)})", title_justify="left")
+    for name, justify in (("name", "left"), ("command", "left"), ("task", "left"), ("model", "left"),
+                          ("method", "left"), ("clients", "right"), ("rounds", "right"), ("status", "left"),
+                          ("main metric", "right"), ("date", "left"), ("duration", "right")):  # fmt: skip
+        table.add_column(name, justify=justify, overflow="fold" if name == "name" else "ellipsis")
+    for r in runs:
+        style = {"failed": "red", "interrupted": "yellow", "running": "cyan"}.get(r.status, "")
+        table.add_row(r.name, r.command, r.task or "–", r.model or "–", r.method,
+                      str(r.clients) if r.clients else "–", _rounds(r), f"[{style}]{r.status}[/]" if style else r.status,
+                      _metric(r), _date(r.record.started), _duration(r.record.duration_s))  # fmt: skip
+    c.console(wide=True).print(table)
+
+
+def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
+    """One run: its command line, config, status, per-round table, final metrics and where its adapters are."""
+    from fedlora_cli.runs import flatten
+    from fedlora_cli.runs.query import load_run, read_history, resolve_run, round_loss, round_metric
+
+    info = load_run(resolve_run(run, root), root)
+    history = read_history(info.path)
+    if as_json:
+        _echo_json({**info.row(), "record": info.record.to_json(), "history": history,
+                    "final": info.final.to_json() if info.final else None,
+                    "adapter": str(info.adapter) if info.adapter else None})  # fmt: skip
+        return
+    rec = info.record
+    rows = [("status", info.status + (f" ({rec.error})" if rec.error else "")), ("command", rec.command),
+            ("started", _date(rec.started)), ("ended", _date(rec.ended)), ("duration", _duration(rec.duration_s)),
+            ("fedlora", f"{rec.versions.get('fedlora', '?')}" + (f" (git {rec.git_commit[:12]})" if rec.git_commit else "")),
+            ("host", rec.host or "–")]  # fmt: skip
+    for i, resume in enumerate(rec.resumes, start=1):
+        changes = (
+            ", ".join(f"{k} {v[0]} → {v[1]}" for k, v in (resume.get("changes") or {}).items()) or "no change"
+        )
+        rows.append((f"resume {i}", f"{_date(resume.get('at'))}: {changes}"))
+    out = c.console()
+    out.print(c.summary_table(f"run {info.name}", rows))
+    c.print_path("folder", info.path)
+    c.print_path("command line", rec.shell)
+    from rich.table import Table
+
+    config = Table(title="config", show_header=False, title_justify="left")
+    config.add_column(style="bold")
+    config.add_column(overflow="fold")
+    for key, value in flatten(rec.config).items():
+        config.add_row(
+            key, json.dumps(value) if isinstance(value, list | dict | bool) or value is None else str(value)
+        )
+    out.print(config)
+    if history:
+        metric = info.main_metric
+        table = Table(title="rounds", title_justify="left")
+        for name in ("round", "clients", metric or "metric", "train loss", "agg error", "MB up", "seconds"):
+            table.add_column(name, justify="right")
+        for row in history:
+            value, loss = round_metric(row, metric), round_loss(row)
+            agg = (row.get("aggregation") or {}).get("error")
+            table.add_row(str(row.get("round", "?")), str(len(row.get("clients") or [])),
+                          f"{value:.4f}" if value is not None else "–", f"{loss:.4f}" if loss is not None else "–",
+                          f"{agg:.4f}" if isinstance(agg, int | float) else "–",
+                          f"{row['bytes_up'] / 2**20:.2f}" if isinstance(row.get("bytes_up"), int) else "–",
+                          f"{(row.get('seconds') or {}).get('wall', 0):.1f}")  # fmt: skip
+        out.print(table)
+    if info.final is not None and info.final.metrics:
+        out.print(
+            "final: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in info.final.metrics.items() if isinstance(v, int | float))
+        )
+    if info.adapter is not None:
+        c.print_path("final adapter", info.adapter)
+    rounds = sorted(info.path.glob("round_*/global/adapter"))
+    if rounds:
+        c.print_path(
+            "round adapters",
+            f"{info.path}/round_NNN/global/adapter ({len(rounds)} rounds; clients in round_NNN/client_NNN/adapter)",
+        )
+
+
+def compare(
+    runs: Annotated[
+        list[str], typer.Argument(help="two or more runs (folders or names)", autocompletion=complete_run)
+    ],
+    root: RootOpt = "runs",
+    plot: Annotated[
+        str | None,
+        typer.Option("--plot", help="draw the metric and loss per round of every run into FILE.png"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Configs side by side (only what differs) and final metrics; --plot draws the learning curves."""
+    from fedlora_cli.runs.query import config_diff, curve_of, load_run, resolve_run
+
+    if plot is not None:
+        from fedlora_cli.plots import require_matplotlib
+
+        require_matplotlib()
+    infos = [load_run(resolve_run(r, root), root) for r in runs]
+    diff = config_diff(infos)
+    metric_names = sorted(
+        {k for i in infos if i.final for k, v in i.final.metrics.items() if isinstance(v, int | float)}
+    )
+    if as_json:
+        _echo_json({"runs": [i.name for i in infos], "differ": diff,
+                    "metrics": {k: [i.final.metrics.get(k) if i.final else None for i in infos] for k in metric_names},
+                    "status": [i.status for i in infos]})  # fmt: skip
+    else:
+        from rich.table import Table
+
+        table = Table(title="what differs", title_justify="left")
+        table.add_column("", style="bold")
+        for i in infos:
+            table.add_column(i.name, overflow="fold")
+        for key, values in diff.items():
+            table.add_row(key, *(json.dumps(v) if not isinstance(v, str) else v for v in values))
+        table.add_row("status", *(i.status for i in infos), end_section=True)
+        for name in metric_names:
+            values = [i.final.metrics.get(name) if i.final else None for i in infos]
+            table.add_row(name, *(f"{v:.4f}" if isinstance(v, int | float) else "–" for v in values))
+        c.console(wide=True).print(table)
+        if not diff:
+            c.console().print("the configs are identical")
+    if plot is not None:
+        from fedlora_cli.plots import plot_curves
+
+        metric = next((i.main_metric for i in infos if i.main_metric), None) or "metric"
+        path = plot_curves([curve_of(i, metric) for i in infos], plot, metric=metric,
+                           title=f"{len(infos)} runs")  # fmt: skip
+        c.print_path("plot", path)
+
+
+def rerun(
+    run: RunArg,
+    root: RootOpt = "runs",
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="check the new final adapter is bit-identical to the recorded one (exit 1 if not)",
+        ),
+    ] = False,
+    log_every: c.LogEveryOpt = c.DEFAULT_LOG_EVERY,
+) -> None:
+    """Run the recorded config again into a new folder beside it, `<name>-rerun-<n>`."""
+    from fedlora_cli.runs.query import resolve_run
+    from fedlora_cli.workflows import rerun as rerun_run
+
+    folder = resolve_run(run, root)
+    with c.reporter(log_every=log_every) as progress:
+        result = rerun_run(folder, progress=progress, argv=c.argv())
+    c.print_path("re-run", result.folder)
+    if not verify:
+        return
+    if result.recorded_sha256 is None:
+        raise c.InputError(f"{folder} has no final adapter to verify against (a {run} run without adapter)")
+    if not result.identical:
+        c.print_path("recorded adapter sha256", result.recorded_sha256)
+        c.print_path("re-run adapter sha256", result.new_sha256)
+        raise c.FedloraError(
+            f"not reproduced: the re-run's final adapter differs from the recorded one ({result.folder})"
+        )
+    c.console().print(
+        f"verified: bit-identical final adapter (sha256 {result.recorded_sha256[:16]}…)", highlight=False
+    )
+
+
+for _name, _fn in (("list", list_command), ("show", show), ("compare", compare), ("rerun", rerun)):
+    runs_app.command(_name, cls=c.FedloraCommand)(_fn)

@@ -1,0 +1,440 @@
+"""Sweeps: a grid of runs from one TOML file, run one after another, then a mean ± std table and a figure.
+
+A cell is a command name plus its options (the keys of `--config` files); every (cell, seed) is a
+normal run folder, `<root>/<sweep>/<cell>-seed<k>`. Re-running a sweep skips complete runs, starts
+failed or interrupted single-machine runs again and resumes interrupted `rounds` runs. The runs
+themselves are made by a callable the CLI passes in (it invokes the command exactly as the user
+would), so a sweep run is indistinguishable from one typed by hand. The format, by example:
+
+    [sweep]
+    name = "sst2-noniid"       # default: the file's name without .toml
+    root = "runs/sweeps"       # runs go to <root>/<name>/; default: runs
+    seeds = [1, 2, 3]          # each cell runs once per seed (its --seed); default: [42]
+    metric = "accuracy"        # what the report averages; default: the task's main metric
+
+    [base]                     # options of every run (long option names, as in --config files)
+    task = "sst2"
+    max-train-samples = 2000
+
+    [arms.fed]                 # an arm: a command, its options, and a grid over some of them
+    command = "rounds"
+    shards = "shards/sst2_k5"
+    rounds = 5
+    grid = { aggregation = ["svd", "naive"], lora-r = [4, 8] }
+
+    [arms.central]             # no grid: one cell
+    command = "train"
+    epochs = 5                 # the same budget as 5 rounds of 1 local epoch
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora_cli import atomic
+from fedlora_cli.errors import FedloraError, InputError, first_line
+from fedlora_cli.runs.record import COMPLETE, FAILED, INTERRUPTED, RUNNING, now, package_versions, status_for
+
+SWEEP_RECORD = "sweep.json"
+COMMANDS = ("train", "baseline", "rounds")  # what a cell may run: the commands that make run folders
+OWNED = ("output-dir", "output-root", "run-name", "overwrite", "resume", "seed", "config")  # set by the sweep
+RESUMABLE = ("rounds",)  # interrupted runs of these continue (--resume); others start again
+
+
+def _label(value: Any) -> str:
+    """A grid value as it appears in a folder name: short, and safe in any shell and file system."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, str) and ("/" in value or os.sep in value):
+        text = Path(value.rstrip("/")).name
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", text) or "x"
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str  # `<arm>` or `<arm>_<key>=<value>_…`
+    arm: str
+    command: str
+    options: dict[str, Any]  # base + arm + grid point (no seed, no output placement)
+    point: dict[str, Any]  # the grid point alone
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    cell: Cell
+    seed: int
+    folder: Path
+    action: str  # run | skip | restart | resume
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def options(self) -> dict[str, Any]:
+        """What the command gets: the cell's options, the seed, where to write, and whether to resume."""
+        out = {**self.cell.options, "seed": self.seed, "output-dir": str(self.folder)}
+        if self.action == "resume":
+            out["resume"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    file: Path
+    root: Path
+    seeds: tuple[int, ...]
+    metric: str | None
+    cells: tuple[Cell, ...]
+    spec: dict[str, Any] = field(repr=False)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.name
+
+    def runs(self) -> list[tuple[Cell, int, Path]]:
+        return [(c, s, self.folder / f"{c.name}-seed{s}") for c in self.cells for s in self.seeds]
+
+
+def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
+    """Check a sweep file's structure and expand its grid into cells (option keys are checked by the caller)."""
+    path = Path(path)
+    known = {"sweep", "base", "arms"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(
+            f"sweep {path}: unknown table [{unknown[0]}]; a sweep has [sweep], [base] and [arms.<name>]"
+        )
+    head = data.get("sweep", {})
+    base = data.get("base", {})
+    arms = data.get("arms", {})
+    if not isinstance(head, dict) or not isinstance(base, dict) or not isinstance(arms, dict):
+        raise InputError(f"sweep {path}: [sweep], [base] and [arms.<name>] must be tables")
+    bad_head = sorted(set(head) - {"name", "root", "seeds", "metric"})
+    if bad_head:
+        raise InputError(f"sweep {path}: unknown key {bad_head[0]!r} in [sweep] (name, root, seeds, metric)")
+    name = str(head.get("name") or path.stem)
+    if _label(name) != name or name in (".", ".."):
+        raise InputError(f"sweep {path}: name {name!r} must be a plain folder name (letters, digits, . + -)")
+    seeds = head.get("seeds", [42])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise InputError(f"sweep {path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"sweep {path}: seeds repeat: {seeds}")
+    if not arms:
+        raise InputError(f"sweep {path}: no [arms.<name>] table: say which command(s) to run")
+    _check_owned(base, f"sweep {path} [base]")
+    cells: list[Cell] = []
+    for arm, table in arms.items():
+        where = f"sweep {path} [arms.{arm}]"
+        if not isinstance(table, dict):
+            raise InputError(f"{where} must be a table")
+        if _label(arm) != arm:
+            raise InputError(f"{where}: an arm's name must be letters, digits, . + - (it names folders)")
+        table = dict(table)
+        command = table.pop("command", None)
+        if command not in COMMANDS:
+            raise InputError(f"{where}: command must be one of {', '.join(COMMANDS)}, got {command!r}")
+        grid = table.pop("grid", {})
+        if not isinstance(grid, dict):
+            raise InputError(f"{where}: grid must be a table of option = [values]")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise InputError(f"{where}: grid.{key} must be a non-empty list of values")
+        _check_owned(table, where)
+        _check_owned(grid, f"{where} grid")
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            point = dict(zip(keys, combo, strict=True))
+            cell_name = "_".join([arm, *(f"{k}={_label(v)}" for k, v in point.items())])
+            cells.append(Cell(cell_name, arm, command, {**base, **table, **point}, point))
+    names = [c.name for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(
+            f"sweep {path}: two cells would share the folder name {twice[0]!r}: rename an arm or a value"
+        )
+    root = Path(str(head.get("root", "runs"))).expanduser()
+    metric = head.get("metric")
+    return Sweep(
+        name, path.resolve(), root, tuple(seeds), str(metric) if metric else None, tuple(cells), data
+    )
+
+
+def _check_owned(options: dict[str, Any], where: str) -> None:
+    for key in options:
+        if str(key).replace("_", "-") in OWNED:
+            raise InputError(f"{where}: {key!r} is set by the sweep (seeds go in [sweep] seeds; runs go to "
+                             f"<root>/<name>/<cell>-seed<k>)")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# planning and running
+
+
+def _sweep_record(sweep: Sweep) -> dict[str, Any]:
+    path = sweep.folder / SWEEP_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{path} is not valid JSON: move it away to start the sweep afresh") from None
+    return data if isinstance(data, dict) else {}
+
+
+def plan(sweep: Sweep) -> list[PlannedRun]:
+    """What each (cell, seed) needs now, from its folder; runs made with other options are refused."""
+    from fedlora_cli.runs.query import final_metrics_path, status_of
+    from fedlora_cli.runs.record import read_record
+
+    recorded = {
+        r.get("folder"): r.get("options") for r in _sweep_record(sweep).get("runs", []) if isinstance(r, dict)
+    }
+    planned = []
+    for cell, seed, folder in sweep.runs():
+        action = "run"
+        if (folder / "run.json").is_file():
+            before = recorded.get(folder.name)
+            now_options = {**cell.options, "seed": seed}
+            if before is not None and _canonical(before) != _canonical(now_options):
+                changed = sorted(
+                    k for k in before.keys() | now_options.keys() if before.get(k) != now_options.get(k)
+                )
+                raise InputError(
+                    f"{folder} was made with other options ({changed[0]}: {before.get(changed[0])!r} -> "
+                    f"{now_options.get(changed[0])!r}): the sweep file changed; give the sweep another name, or "
+                    f"move that run away"
+                )
+            status = status_of(folder, read_record(folder))
+            if status == RUNNING:
+                raise InputError(
+                    f"{folder} is being run by another process (pid in its run.json): wait for it"
+                )
+            if status == COMPLETE:
+                action = "skip"
+            elif cell.command in RESUMABLE and final_metrics_path(folder) is None:
+                action = "resume"
+            else:
+                action = "restart"
+        elif folder.exists() and any(folder.iterdir()):
+            raise InputError(f"{folder} exists and holds no run.json: move it away, the sweep writes there")
+        planned.append(PlannedRun(cell, seed, folder, action))
+    return planned
+
+
+def _canonical(options: dict[str, Any]) -> str:
+    return json.dumps({str(k).replace("_", "-"): v for k, v in options.items()}, sort_keys=True, default=str)
+
+
+@dataclass
+class SweepOutcome:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # run name -> error line
+
+
+def run_sweep(
+    sweep: Sweep,
+    execute: Callable[[str, dict[str, Any]], None],
+    *,
+    log: Callable[[str], None] = lambda line: None,
+    argv: list[str] | None = None,
+) -> SweepOutcome:
+    """Every planned run, one after another, through `execute(command, options)`; sweep.json as it goes.
+
+    A run that fails is recorded and the sweep goes on; an interruption stops the sweep (run it again to
+    continue where it stopped).
+    """
+    planned = plan(sweep)
+    sweep.folder.mkdir(parents=True, exist_ok=True)
+    outcome = SweepOutcome()
+    previous = _sweep_record(sweep)
+    record: dict[str, Any] = {
+        "name": sweep.name, "file": str(sweep.file), "spec": sweep.spec, "seeds": list(sweep.seeds),
+        "metric": sweep.metric, "cells": [{"name": c.name, "arm": c.arm, "command": c.command, "options": c.options,
+                                           "grid": c.point} for c in sweep.cells],
+        "started": previous.get("started") or now(), "updated": now(), "status": RUNNING,
+        "argv": list(argv or []), "versions": package_versions(),
+        "runs": [{"cell": p.cell.name, "seed": p.seed, "folder": p.folder.name, "command": p.cell.command,
+                  "options": {**p.cell.options, "seed": p.seed}, "status": "skipped" if p.action == "skip" else "pending"}
+                 for p in planned],
+    }  # fmt: skip
+
+    def save(status: str = RUNNING) -> None:
+        record["status"], record["updated"] = status, now()
+        atomic.write_json(sweep.folder / SWEEP_RECORD, record)
+
+    save()
+    todo = [p for p in planned if p.action != "skip"]
+    outcome.skipped = [p.name for p in planned if p.action == "skip"]
+    if outcome.skipped:
+        log(f"sweep {sweep.name}: {len(outcome.skipped)} of {len(planned)} runs complete already, skipped")
+    for i, (p, entry) in enumerate(
+        ((p, e) for p, e in zip(planned, record["runs"], strict=True) if p.action != "skip"), 1
+    ):
+        verb = {"run": "running", "restart": "starting again", "resume": "resuming"}[p.action]
+        log(f"sweep {sweep.name}: {i}/{len(todo)} {verb} {p.name} ({p.cell.command})")
+        try:
+            execute(p.cell.command, p.options())
+        except BaseException as e:
+            status = status_for(e)
+            entry["status"] = status
+            if status == INTERRUPTED or not isinstance(e, FedloraError | InputError):
+                save(INTERRUPTED if status == INTERRUPTED else FAILED)
+                raise
+            outcome.failed[p.name] = first_line(e)
+            entry["error"] = first_line(e)
+            log(f"sweep {sweep.name}: {p.name} failed: {first_line(e)}")
+            save()
+            continue
+        entry["status"] = COMPLETE
+        outcome.ran.append(p.name)
+        save()
+    save(FAILED if outcome.failed else COMPLETE)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report
+
+
+@dataclass(frozen=True)
+class CellReport:
+    cell: Cell
+    metric: str | None
+    values: dict[int, float]  # seed -> the final metric of that seed's complete run
+    runs: int  # planned runs (seeds)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values.values()) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (n - 1) over seeds; None with fewer than two."""
+        return statistics.stdev(self.values.values()) if len(self.values) >= 2 else None
+
+
+def report(sweep: Sweep) -> list[CellReport]:
+    """Mean and standard deviation over seeds of each cell's final metric, read from the run folders."""
+    from fedlora_cli.runs.query import load_run
+
+    out = []
+    for cell in sweep.cells:
+        values: dict[int, float] = {}
+        metric = sweep.metric
+        for seed in sweep.seeds:
+            folder = sweep.folder / f"{cell.name}-seed{seed}"
+            if not (folder / "run.json").is_file():
+                continue
+            info = load_run(folder)
+            if info.status != COMPLETE or info.final is None:
+                continue
+            metric = metric or info.main_metric
+            value = info.final.metrics.get(metric) if metric else None
+            if isinstance(value, int | float) and math.isfinite(value):
+                values[seed] = float(value)
+        out.append(CellReport(cell, metric, values, len(sweep.seeds)))
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else ""
+
+
+def report_rows(sweep: Sweep, cells: list[CellReport]) -> tuple[list[str], list[list[str]]]:
+    """The table: cell, arm, command, each grid key, metric, n, mean, std, and the per-seed values."""
+    grid_keys: list[str] = []
+    for c in sweep.cells:
+        grid_keys += [k for k in c.point if k not in grid_keys]
+    header = ["cell", "arm", "command", *grid_keys, "metric", "n", "mean", "std",
+              *(f"seed {s}" for s in sweep.seeds)]  # fmt: skip
+    rows = []
+    for r in cells:
+        rows.append([r.cell.name, r.cell.arm, r.cell.command, *(str(r.cell.point.get(k, "")) for k in grid_keys),
+                     r.metric or "", f"{r.n}/{r.runs}", _fmt(r.mean), _fmt(r.std),
+                     *(_fmt(r.values.get(s)) for s in sweep.seeds)])  # fmt: skip
+    return header, rows
+
+
+def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) -> dict[str, Path]:
+    """report.csv, report.md and (with matplotlib) report.png in the sweep's folder."""
+    header, rows = report_rows(sweep, cells)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    written = {"csv": atomic.write_text(sweep.folder / "report.csv", buf.getvalue())}
+    metric = next((c.metric for c in cells if c.metric), "metric")
+    lines = [f"# sweep {sweep.name}: {metric}, mean ± std over seeds {', '.join(map(str, sweep.seeds))}", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]  # fmt: skip
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    written["md"] = atomic.write_text(sweep.folder / "report.md", "\n".join(lines) + "\n")
+    if figure:
+        try:
+            from fedlora_cli.plots import require_matplotlib
+
+            require_matplotlib()
+        except InputError:
+            return written
+        written["png"] = plot_sweep(sweep, cells, sweep.folder / "report.png")
+    return written
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) >= 2 else None)
+
+
+def plot_sweep(sweep: Sweep, cells: list[CellReport], path: Path) -> Path:
+    """One figure: per cell, the metric and training loss per round, mean with a ± std band over seeds."""
+    from fedlora_cli.plots import Curve, plot_curves
+    from fedlora_cli.runs.query import read_history, round_loss, round_metric
+
+    metric = next((c.metric for c in cells if c.metric), None) or "metric"
+    curves = []
+    for report_ in cells:
+        by_round_metric: dict[int, list[float]] = {}
+        by_round_loss: dict[int, list[float]] = {}
+        for seed in report_.values:
+            for row in read_history(sweep.folder / f"{report_.cell.name}-seed{seed}"):
+                if not isinstance(row.get("round"), int):
+                    continue
+                if (m := round_metric(row, metric)) is not None:
+                    by_round_metric.setdefault(row["round"], []).append(m)
+                if (loss := round_loss(row)) is not None:
+                    by_round_loss.setdefault(row["round"], []).append(loss)
+        rounds = sorted(by_round_metric.keys() | by_round_loss.keys())
+        if rounds:
+            m = [_mean_std(by_round_metric.get(r, [])) for r in rounds]
+            lo = [_mean_std(by_round_loss.get(r, [])) for r in rounds]
+            curves.append(Curve(report_.cell.name, rounds, [x[0] for x in m], [x[0] for x in lo],
+                                [x[1] for x in m], [x[1] for x in lo]))  # fmt: skip
+        else:
+            curves.append(Curve(report_.cell.name, final=report_.mean, final_std=report_.std))
+    return plot_curves(
+        curves, path, metric=metric, title=f"sweep {sweep.name} (mean ± std over {len(sweep.seeds)} seeds)"
+    )

@@ -1,0 +1,178 @@
+"""`fedlora sweep`: a 2 × 2 grid × 2 seeds on the fixture; its report equals mean/std computed by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clitools import one_error_line, run
+
+
+def sweep_file(path: Path, tiny_model, glue_dir, shards, root, *, lr: str = "1e-2") -> Path:
+    path.write_text(f"""
+[sweep]
+name = "grid"
+root = "{root}"
+seeds = [1, 2]
+
+[base]
+task = "sst2"
+model = "{tiny_model}"
+data-dir = "{glue_dir}"
+max-train-samples = 64
+max-eval-samples = 48
+precision = "fp32"
+learning-rate = {lr}
+batch-size = 16
+
+[arms.central]
+command = "train"
+epochs = 2
+grid = {{ lora-r = [2, 4] }}
+
+[arms.fed]
+command = "rounds"
+shards = "{shards}"
+rounds = 2
+local-epochs = 1
+grid = {{ aggregation = ["svd", "naive"] }}
+""")
+    return path
+
+
+CELLS = ["central_lora-r=2", "central_lora-r=4", "fed_aggregation=svd", "fed_aggregation=naive"]
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_model, glue_dir, tmp_path_factory):
+    from test_rounds import write_manifests
+
+    home = tmp_path_factory.mktemp("sweep")
+    order = np.random.default_rng(0).permutation(64).tolist()
+    shards = write_manifests(home / "shards", [order[:24], order[24:]], total=64)
+    file = sweep_file(home / "grid.toml", tiny_model, glue_dir, shards, home / "runs")
+    result = run("sweep", file)
+    assert result.exit_code == 0, result.stderr
+    return home, file, home / "runs" / "grid", result
+
+
+def _by_hand(folder: Path, cell: str) -> list[float]:
+    values = []
+    for seed in (1, 2):
+        run_dir = folder / f"{cell}-seed{seed}"
+        final = run_dir / "final" / "metrics.json"
+        if final.is_file():  # rounds: final/metrics.json
+            data = json.loads(final.read_text())
+            values.append(data["metrics"]["accuracy"] if "metrics" in data else data["accuracy"])
+        else:  # train: metrics.json
+            values.append(json.loads((run_dir / "metrics.json").read_text())["metrics"]["accuracy"])
+    return values
+
+
+def _report(folder: Path) -> dict[str, dict[str, str]]:
+    with open(folder / "report.csv") as f:
+        return {row["cell"]: row for row in csv.DictReader(f)}
+
+
+def test_sweep_runs_every_cell_and_seed_as_normal_runs(swept):
+    home, file, folder, result = swept
+    runs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    assert runs == sorted(f"{c}-seed{s}" for c in CELLS for s in (1, 2))
+    assert {"sweep.json", "report.csv", "report.md", "report.png"} <= {p.name for p in folder.iterdir()}
+    record = json.loads((folder / "sweep.json").read_text())
+    assert record["status"] == "complete" and record["file"] == str(file) and record["seeds"] == [1, 2]
+    assert [r["status"] for r in record["runs"]] == ["complete"] * 8
+    one = json.loads((folder / "fed_aggregation=naive-seed2" / "run.json").read_text())
+    assert one["command"] == "rounds" and one["config"]["aggregation"]["method"] == "naive"
+    assert one["config"]["train"]["seed"] == 2 and one["config"]["rounds"] == 2
+    assert (
+        "--seed 2" in one["shell"]
+        and f"--output-dir {folder / 'fed_aggregation=naive-seed2'}" in one["shell"]
+    )
+    listed = json.loads(run("runs", "list", folder, "--json").stdout)
+    assert len(listed) == 8 and {r["status"] for r in listed} == {"complete"}
+
+
+def test_sweep_report_equals_mean_and_std_by_hand(swept):
+    _, _, folder, result = swept
+    report = _report(folder)
+    assert list(report) == CELLS
+    for cell in CELLS:
+        values = _by_hand(folder, cell)
+        row = report[cell]
+        assert row["n"] == "2/2" and row["metric"] == "accuracy"
+        assert float(row["mean"]) == pytest.approx(statistics.fmean(values), abs=5e-5)
+        assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=5e-5)
+        assert [float(row["seed 1"]), float(row["seed 2"])] == pytest.approx(values, abs=5e-5)
+    assert (
+        report["central_lora-r=4"]["lora-r"] == "4" and report["fed_aggregation=svd"]["aggregation"] == "svd"
+    )
+    md = (folder / "report.md").read_text()
+    assert "| central_lora-r=2 | central | train |" in md
+    flat = " ".join(result.stdout.split())
+    first = report["central_lora-r=2"]
+    assert f"{first['mean']} ± {first['std']}" in flat  # the Rich table says the same
+    assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerunning_skips_complete_runs_and_resumes_interrupted_ones(swept, tmp_path):
+    home, file, folder, _ = swept
+    before = _report(folder)
+    records = {p.name: (p / "run.json").read_text() for p in folder.iterdir() if p.is_dir()}
+    again = run("sweep", file)
+    assert again.exit_code == 0, again.stderr
+    assert "8 of 8 runs complete already" in again.stderr
+    assert {p.name: (p / "run.json").read_text() for p in folder.iterdir() if p.is_dir()} == records
+
+    # a train run killed mid-way, and a federated one stopped after its last round but before its end
+    train = folder / "central_lora-r=2-seed2"
+    (train / "metrics.json").unlink()
+    shutil.rmtree(train / "adapter")
+    fed = folder / "fed_aggregation=naive-seed1"
+    shutil.rmtree(fed / "final")
+    for run_dir in (train, fed):
+        record = json.loads((run_dir / "run.json").read_text())
+        record["status"] = "interrupted"
+        (run_dir / "run.json").write_text(json.dumps(record))
+    resumed = run("sweep", file)
+    assert resumed.exit_code == 0, resumed.stderr
+    flat = " ".join(resumed.stderr.split())
+    assert "6 of 8 runs complete already" in flat
+    assert (
+        "starting again central_lora-r=2-seed2 (train)" in flat
+        and "resuming fed_aggregation=naive-seed1 (rounds)" in flat
+    )
+    assert json.loads((fed / "run.json").read_text())["started"] == json.loads(records[fed.name])["started"]
+    assert _report(folder) == before  # bit-identical runs: the same table
+
+    only = run("sweep", file, "--report")
+    assert only.exit_code == 0 and "report.csv" in only.stdout
+
+
+def test_a_changed_sweep_file_or_a_bad_one_is_refused(swept, tiny_model, glue_dir, tmp_path):
+    home, file, folder, _ = swept
+    changed = sweep_file(
+        tmp_path / "grid.toml", tiny_model, glue_dir, home / "shards", home / "runs", lr="2e-2"
+    )
+    one_error_line(run("sweep", changed), 2, "made with other options (learning-rate: 0.01 -> 0.02)")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[base]\ntask = "sst2"\n[arms.a]\ncommand = "train"\nlearnin-rate = 1\n')
+    one_error_line(run("sweep", bad), 2, "unknown option 'learnin-rate' for `fedlora train`")
+    bad.write_text('[arms.a]\ncommand = "train"\ntask = "sst2"\nseed = 3\n')
+    one_error_line(run("sweep", bad), 2, "'seed' is set by the sweep")
+    bad.write_text('[arms.a]\ncommand = "train"\ntask = "sst2"\nlora-r = "four"\n')
+    one_error_line(run("sweep", bad), 2, "cell a: Invalid value for '--lora-r'")
+    bad.write_text('[arms.a]\ncommand = "shard"\n')
+    one_error_line(run("sweep", bad), 2, "command must be one of train, baseline, rounds")
+
+
+def test_a_sweep_rounds_run_reruns_bit_identically(swept):
+    _, _, folder, _ = swept
+    result = run("runs", "rerun", folder / "fed_aggregation=svd-seed1", "--verify")
+    assert result.exit_code == 0, result.stderr
+    assert "verified: bit-identical" in result.stdout
