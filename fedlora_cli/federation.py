@@ -15,7 +15,7 @@ import datetime as _dt
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from fedlora_cli import atomic
-from fedlora_cli.aggregation import clip_update
-from fedlora_cli.config import LoraSpec, RoundsConfig, TrainSpec
+from fedlora_cli.config import LoraSpec, PrivacySpec, RoundsConfig, TrainSpec, to_dict
 from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.evaluation import evaluate
 from fedlora_cli.features import TaskData, steps_per_epoch
@@ -43,6 +42,7 @@ from fedlora_cli.runs import (
 )
 from fedlora_cli.strategies import build_strategy
 from fedlora_cli.strategies.base import ClientPlan, ClientReport, GlobalAdapter, Strategy
+from fedlora_cli.strategies.privacy import PrivacyStrategy, with_privacy
 from fedlora_cli.tasks import GlueTask
 from fedlora_cli.training import train_model
 
@@ -59,7 +59,7 @@ STATE_FILE = "state.safetensors"  # a strategy's server state, beside round_NNN/
 # extending a run gives what running longer from the start would).
 RESUME_FREE_KEYS = {
     "output", "resume", "rounds", "client_cpus", "client_gpus", "eval_batch_size", "eval_each_round", "eval_clients",
-    "engine", "min_clients", "round_timeout",
+    "engine", "min_clients", "round_timeout", "privacy.target_epsilon",
 }  # fmt: skip
 
 
@@ -138,7 +138,10 @@ def train_client(
     }
     state = model.state()
     if plan.clip_norm is not None:  # differential privacy, clipped here: the server never sees more
-        state, train["update_norm"] = clip_update(state, plan.adapter.state, plan.clip_norm)
+        from fedlora_cli.privacy import clip_client_update
+
+        state, train["update_norm"] = clip_client_update(state, plan.adapter.state, plan.clip_norm,
+                                                         space=plan.clip_space, scaling=plan.adapter.lora.scaling)  # fmt: skip
     return ClientReport(plan.client_id, state, plan.adapter.lora, result.examples, seed, train, evaluation)
 
 
@@ -237,7 +240,7 @@ def _check_same_run(previous: dict[str, Any], record: dict[str, Any]) -> None:
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
-            if not prefix and k in RESUME_FREE_KEYS:
+            if f"{prefix}{k}" in RESUME_FREE_KEYS:
                 continue
             if isinstance(v, dict):
                 out.update(flat(v, f"{prefix}{k}."))
@@ -245,7 +248,9 @@ def _check_same_run(previous: dict[str, Any], record: dict[str, Any]) -> None:
                 out[f"{prefix}{k}"] = v
         return out
 
-    old, new = flat(previous.get("config", {})), flat(record["config"])
+    # A run from before differential privacy existed had it off.
+    old = flat({"privacy": to_dict(PrivacySpec()), **previous.get("config", {})})
+    new = flat(record["config"])
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
@@ -271,6 +276,7 @@ class RoundsResult:
     resumed_after: int  # rounds already complete when this call started
     clients: int
     main_metric: str
+    stopped: str | None = None  # why the run ended before --rounds (--dp-target-epsilon), if it did
 
 
 def cli_resume_hint(config: RoundsConfig) -> Callable[[Path], str]:
@@ -299,6 +305,7 @@ class Setup:
     recorder: RoundRecorder
     start_round: int
     resume_hint: Callable[[Path], str]
+    stopped: str | None = None  # why the run ends before --rounds (a privacy budget), if it does
 
     @property
     def run_dir(self) -> Path:
@@ -335,6 +342,9 @@ def prepare(
         strategy = build_strategy(
             config.aggregation, client_lora, seed=config.train.seed, client_ids=shards.client_ids
         )
+        n = len(shards.client_ids)
+        strategy = with_privacy(strategy, config.privacy, clients=n, per_round=config.clients_in_round(n),
+                                seed=config.train.seed)  # fmt: skip
     except ValueError as e:
         raise InputError(str(e)) from None
     base, data, _ = load_model_and_data(
@@ -365,6 +375,13 @@ def prepare(
         },
     )
     start = recorder.start(config, record)
+    stopped = None
+    if isinstance(strategy, PrivacyStrategy):
+        progress.log(strategy.describe())
+        last, stopped = strategy.rounds_allowed(config.rounds)
+        if stopped is not None:  # the privacy budget ends the run early, as a smaller --rounds would
+            progress.log(stopped)
+            config = replace(config, rounds=max(last, start))
 
     sizes = np.asarray(shards.sizes)
     per_round = config.clients_in_round(len(shards.client_ids))
@@ -381,7 +398,7 @@ def prepare(
         f"{device.type}, {precision}" + (f"; resuming after round {start}" if start else "")
     )
     return Setup(config, task, device, precision, data, shards, model, strategy, initial, recorder, start,
-                 resume_hint or cli_resume_hint(config))  # fmt: skip
+                 resume_hint or cli_resume_hint(config), stopped)  # fmt: skip
 
 
 def _largest(strategy: Strategy, client_ids: list[int]) -> LoraSpec:
@@ -562,7 +579,7 @@ class RoundDriver:
         s = self.s
         final = s.recorder.finish(s.strategy.export(self.current), {"round": s.config.rounds, **self.metrics})
         return RoundsResult(s.run_dir, final, s.recorder.history, self.metrics, s.start_round,
-                            len(self.client_ids), s.task.main_metric)  # fmt: skip
+                            len(self.client_ids), s.task.main_metric, s.stopped)  # fmt: skip
 
 
 def round_info(row: HistoryRow, task: GlueTask) -> str:

@@ -17,7 +17,17 @@ from fedlora_cli.errors import InputError
 RUN_RECORD = "run.json"
 HISTORY = "history.jsonl"
 METRICS = "metrics.json"
-_PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "numpy", "flwr")
+_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "flwr",
+    "dp-accounting",
+)
 
 
 def timestamp() -> str:

@@ -11,6 +11,7 @@ from fedlora_cli.config import (
     AggregationSpec,
     DataSpec,
     OutputSpec,
+    PrivacySpec,
     RoundsConfig,
     TrainSpec,
 )
@@ -106,6 +107,12 @@ def rounds(
             help="flower: seconds to wait for a round's replies; later ones count as failed \\[default: wait for all]",
         ),
     ] = None,
+    dp_clip: c.DpClipOpt = None,
+    dp_noise_multiplier: c.DpNoiseOpt = None,
+    dp_delta: c.DpDeltaOpt = None,
+    dp_where: c.DpWhereOpt = _R.privacy.where,
+    dp_target_epsilon: c.DpTargetOpt = None,
+    dp_secret_noise: c.DpSecretNoiseOpt = _R.privacy.secret_noise,
 ) -> None:
     """Federated rounds: each client trains LoRA A/B and the head on its shard, the server averages them."""
     config = c.build(
@@ -139,6 +146,9 @@ def rounds(
             client_cpus=client_cpus,
             client_gpus=client_gpus,
             round_timeout=round_timeout,
+            privacy=PrivacySpec(
+                dp_clip, dp_noise_multiplier, dp_delta, dp_where, dp_target_epsilon, dp_secret_noise
+            ),
         )
     )
     from fedlora_cli.engines import run_rounds
@@ -154,12 +164,14 @@ def show_rounds(result) -> None:
     from rich.table import Table
 
     table = Table(title=f"fedlora rounds · {result.clients} clients", title_justify="left")
+    dp = any("privacy" in row.aggregation for row in result.history)
     for name in (
         "round",
         "clients",
         result.main_metric,
         "train loss",
         "agg error",
+        *(("ε", "clipped") if dp else ()),
         "MB down",
         "MB up",
         "seconds",
@@ -168,18 +180,27 @@ def show_rounds(result) -> None:
     for row in result.history:
         ev = row.eval or {}
         failed = len(row.failed)
+        privacy = row.aggregation.get("privacy") or {}
+        dp_cells = (
+            (f"{privacy['epsilon']:.3g}", f"{privacy['clipped']}/{len(row.clients)}")
+            if privacy
+            else ("–", "–")
+        )
         table.add_row(
             str(row.round),
             f"{len(row.clients)}" + (f" ({failed} failed)" if failed else ""),
             f"{ev[result.main_metric]:.4f}" if result.main_metric in ev else "–",
             f"{row.train_loss:.4f}",
             f"{row.aggregation['error']:.4f}",
+            *(dp_cells if dp else ()),
             f"{row.bytes_down / 2**20:.2f}",
             f"{row.bytes_up / 2**20:.2f}",
             f"{row.seconds['wall']:.1f}",
         )
     out = c.console()
     out.print(table)
+    if result.stopped:
+        out.print(result.stopped)
     if result.final_metrics:
         out.print(
             "final: "
