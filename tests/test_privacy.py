@@ -150,6 +150,39 @@ def test_z_zero_and_c_inf_give_bit_for_bit_the_method_without_dp(method):
 
 
 @pytest.mark.parametrize("method", ["naive", "svd"])
+def test_mixed_client_ranks_and_a_failed_client(method):
+    # --client-ranks 2,1,2: each reply is measured against the adapter its client was sent (its rank);
+    # without noise or clipping the result is the method's own (zero-padding / FlexLoRA) at equal weights
+    gen = torch.Generator().manual_seed(5)
+    broadcast = GlobalAdapter(random_state(gen), LORA)
+    spec = AggregationSpec(method, client_ranks="2,1,2")
+    plain = build_strategy(spec, LORA, seed=7, client_ids=[1, 2, 3])
+    dp = PrivacyStrategy(build_strategy(spec, LORA, seed=7, client_ids=[1, 2, 3]),
+                         PrivacySpec(clip=math.inf, noise_multiplier=0.0), clients=3, per_round=3, seed=7)  # fmt: skip
+    plans = [dp.plan(1, c, broadcast) for c in (1, 2, 3)]
+    assert [p.adapter.lora.r for p in plans] == [2, 1, 2]
+    states = [moved(p.adapter.state, gen, 0.3) for p in plans]
+    updates = [ClientUpdate(s, p.adapter.lora.scaling, 50) for s, p in zip(states, plans, strict=True)]
+    expected = plain.aggregate(1, broadcast, updates, sampled=3)
+    got = dp.aggregate(1, broadcast, updates, sampled=3)
+    for k, v in expected.adapter.state.items():
+        assert torch.equal(got.adapter.state[k], v), k
+    # client 2 (rank 1) fails: it counts as the adapter it was sent, with the same 1/3 weight
+    again = PrivacyStrategy(build_strategy(spec, LORA, seed=7, client_ids=[1, 2, 3]),
+                            PrivacySpec(clip=math.inf, noise_multiplier=0.0), clients=3, per_round=3, seed=7)  # fmt: skip
+    [again.plan(1, c, broadcast) for c in (1, 2, 3)]
+    partial = again.aggregate(1, broadcast, [updates[0], updates[2]], sampled=3)
+    as_sent = [
+        updates[0],
+        ClientUpdate(plans[1].adapter.state, plans[1].adapter.lora.scaling, 50),
+        updates[2],
+    ]
+    reference = plain.aggregate(1, broadcast, as_sent, sampled=3)
+    for k, v in reference.adapter.state.items():
+        torch.testing.assert_close(partial.adapter.state[k], v, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["naive", "svd"])
 def test_clipping_bounds_each_clients_contribution_and_missing_replies_count_as_zero(method):
     gen = torch.Generator().manual_seed(3)
     broadcast = GlobalAdapter({k: v.double() for k, v in random_state(gen).items()}, LORA)

@@ -69,10 +69,11 @@ class PrivacyStrategy(Strategy):
         self.clients, self.per_round = clients, per_round
         self.delta = spec.delta_for(clients)
         self.noise_key = [secrets.randbits(63), secrets.randbits(63)] if spec.secret_noise else [seed]
+        # This round's plans: each client's LoRA shape (rank, scaling), and the plan of each shape (every
+        # client of one shape is sent the same adapter): a reply is measured against what it was sent.
         self._round = 0
-        self._sent: dict[
-            int, tuple[tuple[int, float], ClientPlan]
-        ] = {}  # this round: client -> (shape, plan)
+        self._shapes: dict[int, tuple[int, float]] = {}
+        self._plans: dict[tuple[int, float], ClientPlan] = {}
         if spec.target_epsilon is not None and self.epsilon(1) > spec.target_epsilon:
             raise ValueError(
                 f"--dp-target-epsilon {spec.target_epsilon:g}: one round already spends ε = {self.epsilon(1):.3g} "
@@ -149,13 +150,15 @@ class PrivacyStrategy(Strategy):
         if self.dp.where == "client":
             plan = replace(plan, clip_norm=self.dp.clip, clip_space=self.update_space)
         if round_no != self._round:
-            self._round, self._sent = round_no, {}
+            self._round, self._shapes, self._plans = round_no, {}, {}
         shape = (plan.adapter.lora.r, plan.adapter.lora.scaling)
-        for other_shape, other in self._sent.values():
-            if other_shape == shape and not _same_state(other.adapter.state, plan.adapter.state):
-                raise ValueError(f"{self.inner.name} sends clients of one LoRA shape different adapters: "
-                                 "differential privacy needs one broadcast per shape")  # fmt: skip
-        self._sent[client_id] = (shape, plan)
+        first = self._plans.setdefault(shape, plan)
+        if first is not plan and (
+            first.train != plan.train or not _same_state(first.adapter.state, plan.adapter.state)
+        ):
+            raise ValueError(f"{self.inner.name} plans clients of one LoRA shape differently: differential "
+                             "privacy needs one broadcast per shape")  # fmt: skip
+        self._shapes[client_id] = shape
         return plan
 
     def check_update(self, plan: ClientPlan, update: ClientUpdate) -> str | None:
@@ -204,7 +207,7 @@ class PrivacyStrategy(Strategy):
             )
         if round_no != self._round:
             raise ValueError(f"round {round_no} was not planned by this strategy")
-        plans = self._plans_by_shape()
+        plans = self._plans
         replied: list[tuple[ClientUpdate, ClientPlan]] = []
         for i, update in enumerate(updates):
             shape = (lora_rank(update.state), update.scaling)
@@ -213,7 +216,7 @@ class PrivacyStrategy(Strategy):
                     f"update {i} has LoRA r={shape[0]}, alpha/r={shape[1]:g}: no client was sent that"
                 )
             replied.append((update, plans[shape]))
-        planned = Counter(shape for shape, _ in self._sent.values())
+        planned = Counter(self._shapes.values())
         missing = planned - Counter((lora_rank(u.state), u.scaling) for u in updates)
         failed = [plans[shape] for shape in sorted(missing.elements())]  # count as zero updates
 
@@ -221,7 +224,7 @@ class PrivacyStrategy(Strategy):
         norms = [privacy.update_norm(u.state, p.adapter.state, space=space, scaling=u.scaling,
                                      reference_scaling=p.adapter.lora.scaling) for u, p in replied]  # fmt: skip
         factors = [privacy.clip_factor(n, clip) for n in norms]
-        trained = frozenset().union(*(p.train for p in self._sent_plans()))
+        trained = frozenset().union(*(p.train for p in plans.values()))
         # Equal weights 1/m, computed as the methods compute normalised weights (bit-identical arithmetic).
         w = float(normalise_weights([1.0] * sampled)[0])
         rng = privacy.noise_generator(self.noise_key, round_no) if self.noise_std > 0 else None
@@ -245,7 +248,7 @@ class PrivacyStrategy(Strategy):
                 "min": min(norms, default=0.0),
                 "median": statistics.median(norms) if norms else 0.0,
                 "max": max(norms, default=0.0),
-            },  # fmt: skip
+            },
             "sampled": sampled,
             "clients": self.clients,
             "where": self.dp.where,
@@ -253,12 +256,6 @@ class PrivacyStrategy(Strategy):
             "noise": "secret" if self.dp.secret_noise else "seeded",
         }
         return Aggregated(GlobalAdapter(state, out.adapter.lora), record)
-
-    def _plans_by_shape(self) -> dict[tuple[int, float], ClientPlan]:
-        return {shape: plan for shape, plan in self._sent.values()}
-
-    def _sent_plans(self) -> list[ClientPlan]:
-        return [plan for _, plan in self._sent.values()]
 
 
 def _same_state(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
