@@ -7,8 +7,8 @@ rounds and local training; only the privacy settings change:
   z = 0                    DP-FedAvg's clipping to C and unweighted mean, no noise (ε = inf)
   z = ...                  Gaussian noise z·C on the sum of the clipped updates, ε at δ = 1/K²
 
-    python benchmarks/bench_privacy.py [--examples 1000] [--clients 10] [--rounds 8] [--clip 0.5]
-                                       [--noise 0,0.01,0.03,0.1,0.3] [--aggregation svd]
+    python benchmarks/bench_privacy.py [--examples 2000] [--clients 10] [--rounds 6] [--clip 2.0]
+                                       [--noise 0,0.003,0.01,0.03,0.1] [--aggregation svd]
 """
 
 from __future__ import annotations
@@ -42,11 +42,13 @@ from fedlora_cli.sharding import run_shard  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--glue", default=str(GLUE))
-    parser.add_argument("--examples", type=int, default=1000)
+    parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--clip", type=float, default=0.5, help="C, the L2 bound of one client's update")
-    parser.add_argument("--noise", default="0,0.01,0.03,0.1,0.3", help="noise multipliers z, comma-separated")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--clip", type=float, default=2.0, help="C, the L2 bound of one client's update")
+    parser.add_argument(
+        "--noise", default="0,0.003,0.01,0.03,0.1", help="noise multipliers z, comma-separated"
+    )
     parser.add_argument("--aggregation", default="svd")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=1)
