@@ -17,17 +17,7 @@ from fedlora_cli.errors import InputError
 RUN_RECORD = "run.json"
 HISTORY = "history.jsonl"
 METRICS = "metrics.json"
-_PACKAGES = (
-    "torch",
-    "transformers",
-    "peft",
-    "datasets",
-    "tokenizers",
-    "safetensors",
-    "numpy",
-    "flwr",
-    "dp-accounting",
-)
+_PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "numpy", "flwr", "dp-accounting")  # fmt: skip
 
 
 def timestamp() -> str:
