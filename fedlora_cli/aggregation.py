@@ -236,17 +236,21 @@ def resize_rank(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch
 
 
 def low_rank_factors(
-    bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], coeffs: Sequence[float], rtol: float = 1e-9
+    bs: Sequence[torch.Tensor],
+    as_: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    rtol: float = 1e-9,
+    atol: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact factors (B, A) of `Σ_i coeffs_i B_i A_i` with no loss beyond `rtol`: singular values below
-    `rtol · σ_max` are dropped (they are float noise), everything else is kept. float64 in and out;
-    A's rows are orthonormal. Rank 0 (empty factors) when the sum is zero."""
+    `max(rtol · σ_max, atol)` are dropped (they are float noise), everything else is kept. float64 in and
+    out; A's rows are orthonormal. Rank 0 (empty factors) when the sum is zero."""
     b_cat = torch.cat([c * _to64(b) for c, b in zip(coeffs, bs, strict=True)], dim=1)
     a_cat = torch.cat([_to64(a) for a in as_], dim=0)
     q_b, r_b = torch.linalg.qr(b_cat)
     q_a, r_a = torch.linalg.qr(a_cat.mT)
     u, sigma, vh = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
-    keep = int((sigma > rtol * sigma[0]).sum()) if sigma.numel() and sigma[0] > 0 else 0
+    keep = int((sigma > max(rtol * sigma[0], atol)).sum()) if sigma.numel() and sigma[0] > 0 else 0
     return (q_b @ u[:, :keep]) * sigma[:keep], vh[:keep] @ q_a.mT
 
 
@@ -343,7 +347,8 @@ def accumulate_residual(
     residual: `{prefix: (P, Q)}` with R = P Q (empty: R = 0); average: the adapter whose factors are
     B̄, Ā (the weighted means, `aggregate_naive`) at scaling `scaling`. The stacked factors are
     re-compressed by QR + SVD of the small core (`low_rank_factors`), dropping only singular values
-    below `rtol·σ_max`, so R' stays as small as its true rank (at most min(d_out, d_in)). Returns the
+    below rtol times the larger of σ_max and ‖this round's target‖ (float noise), so R' stays as small
+    as its true rank (at most min(d_out, d_in)). Returns the
     new residual in float64 and what the compression dropped, relative to ‖Σ_i w_i s_i B_i A_i‖ over
     all modules (the aggregation error of the global model: ~rtol).
     """
@@ -354,7 +359,8 @@ def accumulate_residual(
     for prefix, (a_key, b_key) in checked.modules.items():
         bs = [wi * c.scaling * _to64(c.state[b_key]) for wi, c in zip(w, clients, strict=True)]
         as_ = [_to64(c.state[a_key]) for c in clients]
-        target += _frobenius_sq(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+        module_target = _frobenius_sq(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+        target += module_target
         bs.append(-scaling * _to64(average[b_key]))
         as_.append(_to64(average[a_key]))
         if prefix in residual:
@@ -362,7 +368,10 @@ def accumulate_residual(
             bs.insert(0, _to64(p))
             as_.insert(0, _to64(q))
         b_cat, a_cat = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
-        p_new, q_new = low_rank_factors([b_cat], [a_cat], [1.0], rtol=rtol)
+        # The floor is relative to this round's update too: a residual that is zero up to float error
+        # (identical clients) must come out as rank 0, not as its own rounding noise.
+        floor = rtol * math.sqrt(module_target)
+        p_new, q_new = low_rank_factors([b_cat], [a_cat], [1.0], rtol=rtol, atol=floor)
         out[prefix] = (p_new, q_new)
         full = _frobenius_sq(b_cat, a_cat)
         kept = float(p_new.square().sum())  # Q has orthonormal rows: ||P Q|| = ||P||

@@ -420,6 +420,61 @@ def _read_rank_file(path: str) -> dict[int, int]:
     return table
 
 
+DP_WHERE = ("server", "client")
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """Client-level differential privacy (DP-FedAvg, McMahan et al., ICLR 2018); off unless `clip` is set.
+
+    Each client's update (its adapter state minus the broadcast, everything it sends) is clipped to L2
+    norm `clip`; the server adds N(0, (noise_multiplier·clip)²) to the sum of the clipped updates and
+    divides by the number of clients sampled. ε at `delta` comes from an RDP accountant (fedlora_cli.privacy).
+    """
+
+    clip: float | None = None  # C: L2 norm bound of one client's update; None: DP off
+    noise_multiplier: float | None = None  # z: noise std on the sum = z·C
+    delta: float | None = None  # δ of the (ε, δ) guarantee; None: 1 / clients²
+    where: str = "server"  # who clips: server, or client (the server never receives an unclipped update)
+    target_epsilon: float | None = None  # stop before a round that would spend more than this ε
+    secret_noise: bool = False  # noise seeded from the OS's random source, not from --seed
+
+    def __post_init__(self) -> None:
+        on = self.clip is not None
+        _check(on == (self.noise_multiplier is not None), "--dp-clip and --dp-noise-multiplier go together")
+        if not on:
+            for flag, value in (("--dp-delta", self.delta), ("--dp-target-epsilon", self.target_epsilon),
+                                ("--dp-where", None if self.where == "server" else self.where),
+                                ("--dp-secret-noise", self.secret_noise or None)):  # fmt: skip
+                _check(value is None, f"{flag} needs --dp-clip and --dp-noise-multiplier")
+            return
+        c, z = self.clip, self.noise_multiplier
+        _check(_number(c) and c > 0, f"--dp-clip must be a number > 0, got {c}")
+        _check(_number(z) and math.isfinite(z) and z >= 0,
+               f"--dp-noise-multiplier must be a finite number >= 0, got {z}")  # fmt: skip
+        _check(math.isfinite(c) or z == 0,
+               "--dp-clip inf needs --dp-noise-multiplier 0 (the noise std z·C would be infinite)")  # fmt: skip
+        d = self.delta
+        _check(d is None or (_number(d) and 0 < d < 1), f"--dp-delta must be in (0, 1), got {d}")
+        _check(self.where in DP_WHERE, f"--dp-where must be server or client, got {self.where!r}")
+        t = self.target_epsilon
+        _check(t is None or (_number(t) and math.isfinite(t) and t > 0),
+               f"--dp-target-epsilon must be a finite number > 0, got {t}")  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip is not None
+
+    def delta_for(self, clients: int) -> float:
+        """δ: --dp-delta, else 1/N². It must stay well below 1/N: publishing one randomly chosen client's
+        update in the clear satisfies (0, 1/N)-DP, so δ = 1/N promises nothing; 1/N² keeps it N times lower."""
+        return self.delta if self.delta is not None else 1.0 / clients**2
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+
+
 @dataclass(frozen=True)
 class RoundsConfig:
     """`fedlora rounds`: multi-round FedAvg of LoRA adapters over shards."""
@@ -444,6 +499,7 @@ class RoundsConfig:
     client_cpus: float = 1.0  # flower engine: CPUs per virtual client
     client_gpus: float = 0.0  # flower engine: GPU share per virtual client
     round_timeout: float | None = None  # flower engine: seconds to wait for a round's replies; None: all
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)  # client-level DP; off by default
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from fedlora_cli import atomic
-from fedlora_cli.aggregation import clip_update
-from fedlora_cli.config import LoraSpec, RoundsConfig, TrainSpec
+from fedlora_cli.config import LoraSpec, PrivacySpec, RoundsConfig, TrainSpec, to_dict
 from fedlora_cli.errors import FedloraError, InputError, Interrupted
 from fedlora_cli.evaluation import EvalResult, evaluate
 from fedlora_cli.features import TaskData, steps_per_epoch
@@ -51,6 +50,7 @@ from fedlora_cli.runs import (
 from fedlora_cli.runs.record import now
 from fedlora_cli.strategies import build_strategy
 from fedlora_cli.strategies.base import ClientPlan, ClientReport, GlobalAdapter, Strategy
+from fedlora_cli.strategies.privacy import PrivacyStrategy, with_privacy
 from fedlora_cli.tasks import GlueTask
 from fedlora_cli.trackers import report_round
 from fedlora_cli.training import train_model
@@ -68,7 +68,7 @@ STATE_FILE = "state.safetensors"  # a strategy's server state, beside round_NNN/
 # extending a run gives what running longer from the start would).
 RESUME_FREE_KEYS = {
     "output", "resume", "rounds", "client_cpus", "client_gpus", "eval_batch_size", "eval_each_round", "eval_clients",
-    "engine", "min_clients", "round_timeout",
+    "engine", "min_clients", "round_timeout", "privacy.target_epsilon",
 }  # fmt: skip
 
 
@@ -141,7 +141,10 @@ def train_client(
     }
     state = model.state()
     if plan.clip_norm is not None:  # differential privacy, clipped here: the server never sees more
-        state, train["update_norm"] = clip_update(state, plan.adapter.state, plan.clip_norm)
+        from fedlora_cli.privacy import clip_client_update
+
+        state, train["update_norm"] = clip_client_update(state, plan.adapter.state, plan.clip_norm,
+                                                         space=plan.clip_space, scaling=plan.adapter.lora.scaling)  # fmt: skip
     return ClientReport(plan.client_id, state, plan.adapter.lora, result.examples, seed, train, evaluation)
 
 
@@ -255,7 +258,7 @@ def _check_same_run(previous: dict[str, Any], record: dict[str, Any]) -> None:
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
-            if not prefix and k in RESUME_FREE_KEYS:
+            if f"{prefix}{k}" in RESUME_FREE_KEYS:
                 continue
             if isinstance(v, dict):
                 out.update(flat(v, f"{prefix}{k}."))
@@ -263,7 +266,9 @@ def _check_same_run(previous: dict[str, Any], record: dict[str, Any]) -> None:
                 out[f"{prefix}{k}"] = v
         return out
 
-    old, new = flat(previous.get("config", {})), flat(record["config"])
+    # A run from before differential privacy existed had it off.
+    old = flat({"privacy": to_dict(PrivacySpec()), **previous.get("config", {})})
+    new = flat(record["config"])
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
@@ -289,6 +294,7 @@ class RoundsResult:
     resumed_after: int  # rounds already complete when this call started
     clients: int
     main_metric: str
+    stopped: str | None = None  # why the run ended before --rounds (--dp-target-epsilon), if it did
 
 
 def cli_resume_hint(run_dir: Path) -> str:
@@ -312,6 +318,7 @@ class Setup:
     recorder: RoundRecorder
     start_round: int
     resume_hint: Callable[[Path], str]
+    stopped: str | None = None  # why the run ends before --rounds (a privacy budget), if it does
 
     @property
     def run_dir(self) -> Path:
@@ -350,6 +357,9 @@ def prepare(
         strategy = build_strategy(
             config.aggregation, client_lora, seed=config.train.seed, client_ids=shards.client_ids
         )
+        n = len(shards.client_ids)
+        strategy = with_privacy(strategy, config.privacy, clients=n, per_round=config.clients_in_round(n),
+                                seed=config.train.seed)  # fmt: skip
     except ValueError as e:
         raise InputError(str(e)) from None
     if note := clients_per_round_note(config, len(shards.client_ids)):
@@ -388,6 +398,13 @@ def prepare(
     tracker = as_tracker(progress)
     tracker.start_run(recorder.run_dir, recorder.run_dir.name)
     tracker.log_params({"command": "rounds", **record["config"]})
+    stopped = None
+    if isinstance(strategy, PrivacyStrategy):
+        progress.log(strategy.describe())
+        last, stopped = strategy.rounds_allowed(config.rounds)
+        if stopped is not None:  # the privacy budget ends the run early, as a smaller --rounds would
+            progress.log(stopped)
+            config = replace(config, rounds=max(last, start))
 
     sizes = np.asarray(shards.sizes)
     per_round = config.clients_in_round(len(shards.client_ids))
@@ -404,7 +421,7 @@ def prepare(
         f"{device.type}, {precision}" + (f"; resuming after round {start}" if start else "")
     )
     return Setup(config, task, device, precision, data, shards, model, strategy, initial, recorder, start,
-                 resume_hint or cli_resume_hint)  # fmt: skip
+                 resume_hint or cli_resume_hint, stopped)  # fmt: skip
 
 
 def _largest(strategy: Strategy, client_ids: list[int]) -> LoraSpec:
@@ -605,7 +622,7 @@ class RoundDriver:
             tracker.log_metrics(s.config.rounds, eval_metrics)
         tracker.log_artifact(final, "adapter")
         return RoundsResult(s.run_dir, final, s.recorder.history, self.metrics, s.start_round,
-                            len(self.client_ids), s.task.main_metric)  # fmt: skip
+                            len(self.client_ids), s.task.main_metric, s.stopped)  # fmt: skip
 
 
 def round_info(row: HistoryRow, task: GlueTask) -> str:

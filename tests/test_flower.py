@@ -173,7 +173,10 @@ def test_pyproject_declares_the_app_with_the_cli_defaults():
                "--run-name": "output.run-name", "--output-dir": "output.output-dir", "--engine": "engine",
                "--min-clients": "min-clients", "--client-cpus": "client-cpus", "--client-gpus": "client-gpus",
                "--round-timeout": "round-timeout", "--resume": "resume", "--overwrite": "output.overwrite",
-               "--client-ranks": "aggregation.client-ranks", "--prox-mu": "aggregation.prox-mu"}  # fmt: skip
+               "--client-ranks": "aggregation.client-ranks", "--prox-mu": "aggregation.prox-mu",
+               "--dp-clip": "privacy.clip", "--dp-noise-multiplier": "privacy.noise-multiplier",
+               "--dp-delta": "privacy.delta", "--dp-where": "privacy.where",
+               "--dp-target-epsilon": "privacy.target-epsilon", "--dp-secret-noise": "privacy.secret-noise"}  # fmt: skip
     params = {p.opts[0]: p for p in get_command(cli).commands["rounds"].params if getattr(p, "opts", None)}
     assert set(options) <= set(params)
     for flag, key in options.items():
@@ -321,6 +324,38 @@ def test_every_method_gives_the_same_rounds_on_flower_as_on_local(method, extra,
     for ra, rb in zip(history(a), history(b), strict=True):
         assert [c["rank"] for c in ra["client_metrics"]] == [c["rank"] for c in rb["client_metrics"]]
         assert rb["aggregation"]["method"] == method and not rb["failed"]
+
+
+def test_differential_privacy_gives_the_same_rounds_on_both_engines(tiny_model, glue_dir, shards, tmp_path):
+    pytest.importorskip("dp_accounting", reason="the `privacy` extra is not installed")
+    # clients clip their own update in product space (svd) and the plan says so over the wire; the
+    # server's noise is seeded from --seed, so both engines must produce the same global adapters
+    dp = [
+        "--dp-clip",
+        "0.2",
+        "--dp-noise-multiplier",
+        "0.5",
+        "--dp-where",
+        "client",
+        "--clients-per-round",
+        "2",
+    ]
+    with one_thread():
+        local = run(*rounds_args(tiny_model, glue_dir, shards, tmp_path, "dp-local", *dp))
+    assert local.exit_code == 0, local.stderr
+    flower = run(*rounds_args(tiny_model, glue_dir, shards, tmp_path, "dp-flower", "--engine", "flower", *dp))
+    assert flower.exit_code == 0, flower.stderr
+    a, b = tmp_path / "sst2_tiny-roberta" / "dp-local", tmp_path / "sst2_tiny-roberta" / "dp-flower"
+    assert_same_adapter(final_state(a), final_state(b))
+    for x, y in zip(history(a), history(b), strict=True):
+        px, py = x["aggregation"]["privacy"], y["aggregation"]["privacy"]
+        assert (
+            x["clients"] == y["clients"] and px["epsilon"] == py["epsilon"] and px["clipped"] == py["clipped"]
+        )
+        assert py["where"] == "client" and py["norms"]["max"] <= 0.2 * (1 + 1e-6)
+        assert [c["update_norm"] for c in y["client_metrics"]] == pytest.approx(
+            [c["update_norm"] for c in x["client_metrics"]], rel=1e-4
+        )
 
 
 def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_resumably(

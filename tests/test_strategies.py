@@ -398,3 +398,31 @@ def test_the_registry_is_the_cli_choices_and_the_readme_table():
     for name in METHODS:
         lora_modules(build_strategy(AggregationSpec(name), LoraSpec(), seed=0).initial(
             GlobalAdapter(state(8, 0), LoraSpec())).state)  # fmt: skip
+
+
+def test_exact_under_dp_without_noise_keeps_the_global_model_exact():
+    """DP noises exact's dense ΔW (update_space product); at z = 0 and C = ∞ the global model is still
+    exactly the (unweighted, DP-FedAvg) mean of the client updates, residual included."""
+    pytest.importorskip("dp_accounting", reason="the `privacy` extra is not installed")
+    from fedlora_cli.config import PrivacySpec
+    from fedlora_cli.strategies.privacy import with_privacy
+
+    inner = strategy("exact")
+    assert inner.update_space == "product"
+    dp = with_privacy(
+        inner, PrivacySpec(clip=float("inf"), noise_multiplier=0.0), clients=3, per_round=3, seed=0
+    )
+    current = GlobalAdapter(state(4, 0, zero_b=True), LoraSpec(4, 8.0))
+    for rnd in (1, 2):
+        plans = [dp.plan(rnd, c, current) for c in (1, 2, 3)]
+        updates = client_updates(plans, rnd)
+        before = inner.base_delta().get(M)
+        r_before = before[0].double() @ before[1].double() if before else 0.0
+        out = dp.aggregate(rnd, current, updates, sampled=3)
+        # each client moved from the broadcast; DP-FedAvg averages those moves with equal weights
+        moves = [product(u.state, 2.0) - product(current.state, 2.0) for u in updates]
+        expected = r_before + product(current.state, 2.0) + sum(moves) / 3
+        p, q = inner.base_delta()[M]
+        got = p.double() @ q.double() + product(out.adapter.state, 2.0)
+        assert float((got - expected).norm() / expected.norm()) < 1e-5
+        current = out.adapter

@@ -517,3 +517,42 @@ def show_run_result(command: str, result: Any) -> None:
         print_path("adapter", result.adapter_dir)
     if result.run_dir is not None:
         print_path("run", result.run_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# differential privacy (client level, DP-FedAvg): `fedlora rounds`
+
+DpClipOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--dp-clip",
+        help="DP: clip each client's update to this L2 norm C (turns DP on, with --dp-noise-multiplier)",
+    ),
+]
+DpNoiseOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--dp-noise-multiplier", help="DP: Gaussian noise of std z·C on the sum of the clipped updates"
+    ),
+]
+DpDeltaOpt = Annotated[
+    float | None,
+    typer.Option("--dp-delta", help="DP: δ of the reported (ε, δ) \\[default: 1 / clients²]"),
+]
+DpWhereOpt = Annotated[
+    str,
+    typer.Option(
+        "--dp-where", help="DP: who clips: server, or client (the server never receives an unclipped update)"
+    ),
+]
+DpTargetOpt = Annotated[
+    float | None,
+    typer.Option("--dp-target-epsilon", help="DP: stop before a round that would spend more than this ε"),
+]
+DpSecretNoiseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dp-secret-noise",
+        help="DP: draw the noise from a secret key (kept in the run folder for --resume), not from --seed",
+    ),
+]

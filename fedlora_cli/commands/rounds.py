@@ -11,6 +11,7 @@ from fedlora_cli.config import (
     AggregationSpec,
     DataSpec,
     OutputSpec,
+    PrivacySpec,
     RoundsConfig,
     TrainSpec,
 )
@@ -109,6 +110,12 @@ def rounds(
     ] = None,
     log_every: c.LogEveryOpt = c.DEFAULT_LOG_EVERY,
     report_to: c.ReportToOpt = None,
+    dp_clip: c.DpClipOpt = None,
+    dp_noise_multiplier: c.DpNoiseOpt = None,
+    dp_delta: c.DpDeltaOpt = None,
+    dp_where: c.DpWhereOpt = _R.privacy.where,
+    dp_target_epsilon: c.DpTargetOpt = None,
+    dp_secret_noise: c.DpSecretNoiseOpt = _R.privacy.secret_noise,
 ) -> None:
     """Federated rounds: each client trains LoRA A/B and the head on its shard, the server averages them."""
     config = c.build(
@@ -142,6 +149,9 @@ def rounds(
             client_cpus=client_cpus,
             client_gpus=client_gpus,
             round_timeout=round_timeout,
+            privacy=PrivacySpec(
+                dp_clip, dp_noise_multiplier, dp_delta, dp_where, dp_target_epsilon, dp_secret_noise
+            ),
         )
     )
     from fedlora_cli.engines import run_rounds
@@ -156,12 +166,14 @@ def show_rounds(result) -> None:
     from rich.table import Table
 
     table = Table(title=f"fedlora rounds · {result.clients} clients", title_justify="left")
+    dp = any("privacy" in row.aggregation for row in result.history)
     for name in (
         "round",
         "clients",
         result.main_metric,
         "train loss",
         "agg error",
+        *(("ε", "clipped") if dp else ()),
         "MB down",
         "MB up",
         "seconds",
@@ -171,18 +183,27 @@ def show_rounds(result) -> None:
         ev = row.eval or {}
         failed = len(row.failed)
         error = row.aggregation.get("error")
+        privacy = row.aggregation.get("privacy") or {}
+        dp_cells = (
+            (f"{privacy['epsilon']:.3g}", f"{privacy['clipped']}/{len(row.clients)}")
+            if privacy
+            else ("–", "–")
+        )
         table.add_row(
             str(row.round),
             f"{len(row.clients)}" + (f" ({failed} failed)" if failed else "") if row.round else "start",
             f"{ev[result.main_metric]:.4f}" if result.main_metric in ev else "–",
             f"{row.train_loss:.4f}" if row.train_loss is not None else "–",
             f"{error:.4f}" if error is not None else "–",
+            *(dp_cells if dp else ()),
             f"{row.bytes_down / 2**20:.2f}",
             f"{row.bytes_up / 2**20:.2f}",
             f"{row.seconds['wall']:.1f}",
         )
     out = c.console()
     out.print(table)
+    if result.stopped:
+        out.print(result.stopped)
     if result.final_metrics:
         out.print(
             "final: "

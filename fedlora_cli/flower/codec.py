@@ -247,7 +247,8 @@ def plan_to_content(plan: Any, round_no: int, run_config: ConfigRecord) -> Recor
     meta = ConfigRecord({"server-round": round_no, "client-id": plan.client_id, **lora_to_config(plan.adapter.lora),
                          "train-parts": sorted(plan.train), "prox-mu": float(plan.prox_mu),
                          "base-delta-key": plan.base_delta_key,
-                         "clip-norm": "" if plan.clip_norm is None else float(plan.clip_norm)})  # fmt: skip
+                         "clip-norm": "" if plan.clip_norm is None else float(plan.clip_norm),
+                         "clip-space": plan.clip_space})  # fmt: skip
     content = RecordDict({ARRAYS: state_to_arrays(plan.adapter.state), CONFIG: meta, RUN_CONFIG: run_config})
     if plan.base_delta:
         delta = {}
@@ -276,4 +277,5 @@ def plan_from_content(content: RecordDict) -> Any:
     adapter = GlobalAdapter(arrays_to_state(content.array_records[ARRAYS]), lora)
     clip = meta.get("clip-norm", "")
     return ClientPlan(int(meta["client-id"]), adapter, parts, float(meta.get("prox-mu", 0.0)), delta,
-                      str(meta.get("base-delta-key", "")), None if clip == "" else float(clip))  # fmt: skip
+                      str(meta.get("base-delta-key", "")), None if clip == "" else float(clip),
+                      str(meta.get("clip-space", "factors")))  # fmt: skip

@@ -94,9 +94,11 @@ def run_server(
         driver = RoundDriver(setup, progress)
         nodes = identify_clients(grid, setup.shards, config, progress)
         strategy = FedloraStrategy(driver, nodes)
-        progress.start("rounds", "rounds", total=config.rounds)
+        progress.start(
+            "rounds", "rounds", total=setup.config.rounds
+        )  # fewer than asked when a DP budget ends it
         progress.advance("rounds", setup.start_round)
-        remaining = config.rounds - setup.start_round
+        remaining = setup.config.rounds - setup.start_round
         if remaining > 0:
             strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout)  # type: ignore[arg-type]  # None: wait for all
         progress.stop("rounds")

@@ -36,7 +36,17 @@ RUNNING, COMPLETE, FAILED, INTERRUPTED = "running", "complete", "failed", "inter
 STATUSES = (RUNNING, COMPLETE, FAILED, INTERRUPTED)
 INTERRUPT_EXIT_CODES = (130, 143)  # Ctrl-C (SIGINT) and SIGTERM, as the shell reports them
 
-_PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "numpy", "flwr")
+_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "flwr",
+    "dp-accounting",
+)
 
 
 def now() -> str:

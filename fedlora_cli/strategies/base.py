@@ -60,6 +60,7 @@ class ClientPlan:
     base_delta: BaseDelta = field(default_factory=dict)  # frozen low-rank change of the base weights
     base_delta_key: str = ""  # names `base_delta` (same key, same tensors) so a model applies it once
     clip_norm: float | None = None  # client-side DP: clip the update (state − adapter) to this L2 norm
+    clip_space: str = "factors"  # ... measured in this space (Strategy.update_space; fedlora_cli.privacy)
 
     @property
     def num_bytes(self) -> int:
@@ -124,6 +125,12 @@ class Strategy:
     """
 
     name: ClassVar[str] = ""
+    # Where differential privacy (strategies/privacy.py) clips and noises a client's update: "factors"
+    # (the deltas of what clients send: A, B, head) when the method averages factors, or "product" (per
+    # module the dense ΔW = s·B·A, plus the head) when it aggregates the products (svd, exact). Privacy is
+    # the same either way (the method only ever sees one noised pseudo-update); the space decides which
+    # aggregation the method still performs on it.
+    update_space: ClassVar[str] = "factors"
 
     def __init__(
         self, spec: AggregationSpec, lora: LoraSpec, *, seed: int, client_ids: Sequence[int] = ()

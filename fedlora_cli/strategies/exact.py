@@ -12,7 +12,9 @@ from fedlora_cli.aggregation import (
     ClientUpdate,
     accumulate_residual,
     aggregate_naive,
+    aggregate_svd,
     lora_modules,
+    lora_rank,
     low_rank_factors,
     resize_rank,
 )
@@ -32,6 +34,7 @@ class ExactStrategy(Strategy):
     """
 
     name = "exact"
+    update_space = "product"  # differential privacy noises the dense ΔW (the mean it makes exact)
 
     def __init__(self, spec, lora, *, seed, client_ids=()) -> None:
         super().__init__(spec, lora, seed=seed, client_ids=client_ids)
@@ -46,8 +49,13 @@ class ExactStrategy(Strategy):
         *,
         sampled: int | None = None,
     ) -> Aggregated:
-        mean = aggregate_naive(updates, rank=self.global_rank)
         scaling = self.lora.scaling
+        if max(lora_rank(u.state) for u in updates) > self.global_rank:
+            # A (noised, DP) pseudo-update of a rank above the adapter's: its best rank-R part goes in
+            # the adapter, the rest in the residual — the global model is still exactly the mean.
+            mean = aggregate_svd(updates, rank=self.global_rank, alpha=scaling * self.global_rank)
+        else:
+            mean = aggregate_naive(updates, rank=self.global_rank)
         new, error = accumulate_residual(self.residual, updates, mean.state, scaling)
         self._set_residual({p: (pq[0].float(), pq[1].float()) for p, pq in new.items()})
         return Aggregated.of(self.name, replace(mean, error=error, module_errors={}), self.lora,

@@ -17,6 +17,7 @@ class SvdStrategy(Strategy):
     """
 
     name = "svd"
+    update_space = "product"  # DP noise goes on the mean of the products, before the SVD
 
     def aggregate(
         self,
