@@ -476,11 +476,48 @@ def _number(x: object) -> bool:
 
 
 @dataclass(frozen=True)
+class PartitionSpec:
+    """`rounds` shards the data itself (the partitioners of `fedlora shard`); off unless `clients` is set.
+
+    The manifests are written into the run folder (`shards/`), exactly as `fedlora shard` writes them.
+    """
+
+    clients: int | None = None  # K; None: the run reads --shards instead
+    mode: str = "iid"  # iid, overlap, category, category_overlap, dirichlet, quantity (see `fedlora shard`)
+    seed: int | None = None  # seeds the split; None: the run's --seed
+    dirichlet_alpha: float = 0.5  # dirichlet / quantity: concentration; smaller = more skew
+    overlap_ratio: float = 0.1  # overlap modes: share of each client's data drawn from a shared pool
+    category_key: str = "label"  # category modes: the column whose values are the categories
+    min_size: int = 1  # every client gets at least this many examples
+    bin_stsb: bool = True  # STS-B: stratify by 0.2-wide score bins
+
+    def __post_init__(self) -> None:
+        _check(
+            self.mode in SHARD_MODES,
+            f"--partition must be one of {', '.join(SHARD_MODES)}, got {self.mode!r}",
+        )
+        if self.clients is not None:
+            self.shard_config(DataSpec(task="sst2"), 0, "x")  # the same checks as `fedlora shard`
+
+    def shard_config(
+        self, data: DataSpec, run_seed: int, out: str, cache_dir: str | None = None
+    ) -> ShardConfig:
+        """What `fedlora shard` would be given to make these shards."""
+        return ShardConfig(
+            task=data.task, clients=self.clients or 0, mode=self.mode,
+            seed=self.seed if self.seed is not None else run_seed, out=out, data_dir=data.data_dir,
+            cache_dir=cache_dir, max_train_samples=data.max_train_samples, overlap_ratio=self.overlap_ratio,
+            category_key=self.category_key, dirichlet_alpha=self.dirichlet_alpha, min_size=self.min_size,
+            bin_stsb=self.bin_stsb,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class RoundsConfig:
-    """`fedlora rounds`: multi-round FedAvg of LoRA adapters over shards."""
+    """`fedlora rounds`: multi-round FedAvg of LoRA adapters over shards (`shards`, or made in memory: `partition`)."""
 
     data: DataSpec
-    shards: str  # folder of client_<i>.json manifests
+    shards: str  # folder of client_<i>.json manifests; "" when `partition` makes them
     model: ModelSpec = field(default_factory=ModelSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=1.0))  # epochs = local epochs
@@ -500,9 +537,12 @@ class RoundsConfig:
     client_gpus: float = 0.0  # flower engine: GPU share per virtual client
     round_timeout: float | None = None  # flower engine: seconds to wait for a round's replies; None: all
     privacy: PrivacySpec = field(default_factory=PrivacySpec)  # client-level DP; off by default
+    partition: PartitionSpec = field(default_factory=PartitionSpec)  # shard in memory instead of --shards
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        _check(not (self.shards and self.partition.clients is not None),
+               "give --shards DIR (made by fedlora shard) or --clients K (shard in memory), not both")  # fmt: skip
         _check_int("--eval-batch-size", self.eval_batch_size, 1)
         cpr, ff = self.clients_per_round, self.fraction_fit
         _check(cpr is None or cpr >= 1, f"--clients-per-round must be >= 1, got {cpr}")

@@ -12,6 +12,8 @@ This module knows no engine: the command picks one (`fedlora_cli.engines`).
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from fedlora_cli import atomic
-from fedlora_cli.config import LoraSpec, PrivacySpec, RoundsConfig, TrainSpec, to_dict
+from fedlora_cli.config import LoraSpec, PartitionSpec, PrivacySpec, RoundsConfig, TrainSpec, to_dict
 from fedlora_cli.errors import FedloraError, InputError, Interrupted
 from fedlora_cli.evaluation import EvalResult, evaluate
 from fedlora_cli.features import TaskData, steps_per_epoch
@@ -60,7 +62,8 @@ __all__ = [
     "RoundsResult", "Setup", "derive_seed", "prepare", "run_local", "select_clients", "train_client",
 ]  # fmt: skip
 
-STATE_FILE = "state.safetensors"  # a strategy's server state, beside round_NNN/global/adapter
+STATE_FILE = "state.safetensors"
+SHARDS_DIR = "shards"  # <run>/shards/: the manifests of a run that sharded the data itself (--clients K)  # a strategy's server state, beside round_NNN/global/adapter
 
 # Config keys that may change between a run and its resumption: where it is written, how the work is
 # spread (engine, resources, fault tolerance: both engines give the same rounds), what is evaluated, and
@@ -337,17 +340,114 @@ def prepare(
     resume_hint: Callable[[Path], str] | None = None,
 ) -> Setup:
     """Read shards and data, build the model and the strategy once, claim (or verify, for --resume) the run folder."""
-    from fedlora_cli.centralised import load_model_and_data
-    from fedlora_cli.config import clients_per_round_note
-    from fedlora_cli.modeling import check_lora_fits, count_parameters, resolve_device, resolve_precision
-    from fedlora_cli.sharding import read_shards, validate_shards
-    from fedlora_cli.training import planned_steps
+    from fedlora_cli.modeling import resolve_device, resolve_precision
 
     progress = progress or NullProgress()
+    config = with_shard_limits(config)
     task = config.data.glue_task
     device = resolve_device(config.model.device)
     precision = resolve_precision(config.train.precision, device)
-    shards = read_shards(config.shards)
+    path = run_path(config.output, task.name, config.model.short_name)
+    shards, staged = _shards(config, path, progress)
+    try:
+        return _prepare(config, shards, staged, path, progress=progress, argv=argv, resume_hint=resume_hint,
+                        task=task, device=device, precision=precision)  # fmt: skip
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def client_count(config: RoundsConfig) -> int:
+    """How many clients the run has (--clients K, or the client files of --shards), before it starts."""
+    from fedlora_cli.sharding import read_shards
+
+    if config.partition.clients is not None:
+        return config.partition.clients
+    if not config.shards:
+        raise InputError(
+            "give --shards DIR (made by `fedlora shard`) or --clients K to shard the data in memory"
+        )
+    return len(read_shards(config.shards).client_ids)
+
+
+def with_shard_limits(config: RoundsConfig) -> RoundsConfig:
+    """One shard source (--shards or --clients), and --max-train-samples as the shards were made with it.
+
+    Shards made from the first N training examples (`fedlora shard --max-train-samples N`) say so in
+    summary.json; the run takes N from there (a different N is an error), before any model is loaded.
+    """
+    from fedlora_cli.sharding import read_shards
+
+    if not config.shards and config.partition.clients is None:
+        raise InputError(
+            "give --shards DIR (made by `fedlora shard`) or --clients K to shard the data in memory"
+        )
+    if not config.shards:
+        return config
+    summary = read_shards(config.shards).summary or {}
+    params = summary.get("params") if isinstance(summary.get("params"), dict) else {}
+    made_with = params.get("max_train_samples")
+    if type(made_with) is not int or made_with < 1:
+        return config
+    given = config.data.max_train_samples
+    if given is None:
+        return replace(config, data=replace(config.data, max_train_samples=made_with))
+    if given != made_with:
+        raise InputError(
+            f"--max-train-samples {given}, but the shards in {config.shards} were made from the first {made_with} "
+            f"training examples: use --max-train-samples {made_with} (or leave it out)"
+        )
+    return config
+
+
+def _shards(config: RoundsConfig, run_dir: Path, progress: Progress) -> tuple[Any, Path | None]:
+    """The run's shards: --shards, or (--clients K) made now by `fedlora shard`'s partitioners.
+
+    Made shards are staged beside the run folder and moved into `<run>/shards/` once the run folder is
+    claimed (`_prepare`); a resumed run reads the ones it wrote.
+    """
+    import tempfile
+
+    from fedlora_cli.sharding import read_shards, run_shard
+
+    if config.shards:
+        return read_shards(config.shards), None
+    own = run_dir / SHARDS_DIR
+    if config.resume and (own / "summary.json").is_file():
+        return read_shards(own), None
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.shards.", suffix=".tmp", dir=run_dir.parent))
+    try:
+        spec = config.partition.shard_config(config.data, config.train.seed, str(staged / SHARDS_DIR),
+                                             cache_dir=config.model.cache_dir)  # fmt: skip
+        made = run_shard(spec, progress)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    for note in made.notes:
+        progress.log(f"note: {note}")
+    return read_shards(made.out), staged
+
+
+def _prepare(
+    config: RoundsConfig,
+    shards: Any,
+    staged: Path | None,
+    path: Path,
+    *,
+    progress: Progress,
+    argv: list[str] | None,
+    resume_hint: Callable[[Path], str] | None,
+    task: GlueTask,
+    device: torch.device,
+    precision: str,
+) -> Setup:
+    from fedlora_cli.centralised import load_model_and_data
+    from fedlora_cli.config import clients_per_round_note
+    from fedlora_cli.modeling import check_lora_fits, count_parameters
+    from fedlora_cli.sharding import validate_shards
+    from fedlora_cli.training import planned_steps
+
     init = read_adapter(config.init_adapter) if config.init_adapter else None
     if init is not None and (note := check_adapter_task(init, task, config.init_adapter)):
         progress.log(note)
@@ -377,7 +477,6 @@ def prepare(
         model.load_state(init.state, init.lora)
     initial = strategy.initial(GlobalAdapter(model.state(), start_lora))  # from the seed, or --init-adapter
 
-    path = run_path(config.output, task.name, config.model.short_name)
     recorder = RoundRecorder(path, config.model.resolved, task)
     record = run_record(
         command="rounds",
@@ -387,7 +486,9 @@ def prepare(
         extra={
             "data_fingerprints": data.fingerprints,
             "shards_fingerprint": shards.fingerprint,
-            "shards": str(Path(config.shards).resolve()),
+            "shards": str(Path(config.shards).resolve())
+            if config.shards
+            else str(path.resolve() / SHARDS_DIR),
             "client_sizes": dict(zip(map(str, shards.client_ids), shards.sizes, strict=True)),
             "client_ranks": {str(c): strategy.client_lora(c).r for c in shards.client_ids},
             "device": str(device),
@@ -395,6 +496,10 @@ def prepare(
         },
     )
     start = recorder.start(config, record)
+    if staged is not None:  # the shards this run made: into its folder, now that the folder is claimed
+        os.replace(staged / SHARDS_DIR, path / SHARDS_DIR)
+    if not config.shards:  # engines (and Flower clients) read the run's own manifests, like --shards
+        config = replace(config, shards=str(path / SHARDS_DIR), partition=PartitionSpec())
     tracker = as_tracker(progress)
     tracker.start_run(recorder.run_dir, recorder.run_dir.name)
     tracker.log_params({"command": "rounds", **record["config"]})

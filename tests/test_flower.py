@@ -176,7 +176,11 @@ def test_pyproject_declares_the_app_with_the_cli_defaults():
                "--client-ranks": "aggregation.client-ranks", "--prox-mu": "aggregation.prox-mu",
                "--dp-clip": "privacy.clip", "--dp-noise-multiplier": "privacy.noise-multiplier",
                "--dp-delta": "privacy.delta", "--dp-where": "privacy.where",
-               "--dp-target-epsilon": "privacy.target-epsilon", "--dp-secret-noise": "privacy.secret-noise"}  # fmt: skip
+               "--dp-target-epsilon": "privacy.target-epsilon", "--dp-secret-noise": "privacy.secret-noise",
+               "--clients": "partition.clients", "--partition": "partition.mode", "--partition-seed": "partition.seed",
+               "--dirichlet-alpha": "partition.dirichlet-alpha", "--overlap-ratio": "partition.overlap-ratio",
+               "--category-key": "partition.category-key", "--min-size": "partition.min-size",
+               "--bin-stsb": "partition.bin-stsb"}  # fmt: skip
     params = {p.opts[0]: p for p in get_command(cli).commands["rounds"].params if getattr(p, "opts", None)}
     assert set(options) <= set(params)
     for flag, key in options.items():
@@ -519,3 +523,18 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
                 return False
 
         assert not [p.pid for p in seen.values() if running(p)], "processes left running"
+
+
+def test_flower_simulation_of_a_run_that_shards_in_memory(tiny_model, glue_dir, tmp_path):
+    """--clients K: the manifests are made in the run folder and the virtual SuperNodes serve them."""
+    result = run("rounds", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--clients", "2",
+                 "--max-train-samples", "80", "--output-root", tmp_path, "--run-name", "mem", "--rounds", "1",
+                 "--engine", "flower", *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    run_dir = tmp_path / "sst2_tiny-roberta" / "mem"
+    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == [
+        "client_1.json",
+        "client_2.json",
+        "summary.json",
+    ]
+    assert history(run_dir)[0]["clients"] == [1, 2] and not history(run_dir)[0]["failed"]

@@ -417,6 +417,35 @@ OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="replace what fedlora wrote there before (never anything else)")
 ]
 
+
+# sharding options, shared by `shard` and `rounds` (which can shard in memory)
+def complete_mode(incomplete: str) -> list[str]:
+    from fedlora_cli.config import SHARD_MODES
+
+    return [m for m in SHARD_MODES if m.startswith(incomplete)]
+
+
+MODE_HELP = (
+    "iid (stratified), overlap, category, category_overlap, dirichlet (label skew) or quantity (size skew)"
+)
+OverlapRatioOpt = Annotated[
+    float,
+    typer.Option(
+        "--overlap-ratio", help="overlap modes: share of each client's data from a shared pool, in [0, 1)"
+    ),
+]
+CategoryKeyOpt = Annotated[
+    str, typer.Option("--category-key", help="category modes: label, genre (MNLI, STS-B) or another column")
+]
+DirichletAlphaOpt = Annotated[
+    float,
+    typer.Option("--dirichlet-alpha", help="dirichlet / quantity: concentration > 0; smaller = more skew"),
+]
+MinSizeOpt = Annotated[int, typer.Option("--min-size", help="every client gets at least this many examples")]
+BinStsbOpt = Annotated[
+    bool, typer.Option("--bin-stsb/--no-bin-stsb", help="STS-B: stratify by 0.2-wide score bins")
+]
+
 # The federated methods, from the ONE registry: shown as choices in -h and completed by the shell.
 Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
 AggregationOpt = Annotated[

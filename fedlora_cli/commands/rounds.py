@@ -11,6 +11,7 @@ from fedlora_cli.config import (
     AggregationSpec,
     DataSpec,
     OutputSpec,
+    PartitionSpec,
     PrivacySpec,
     RoundsConfig,
     TrainSpec,
@@ -22,8 +23,33 @@ _R = RoundsConfig(data=c._DATA, shards="")
 def rounds(
     task: c.TaskOpt,
     shards: Annotated[
-        str, typer.Option("--shards", help="folder of client_<i>.json manifests (fedlora shard)")
-    ],
+        str | None,
+        typer.Option(
+            "--shards",
+            help="folder of client_<i>.json manifests (fedlora shard); or shard in memory: --clients",
+        ),
+    ] = None,
+    clients: Annotated[
+        int | None,
+        typer.Option(
+            "--clients",
+            "-k",
+            help="shard the training set across K clients now (manifests go in the run folder)",
+        ),
+    ] = None,
+    partition: Annotated[
+        str,
+        typer.Option("--partition", help="with --clients: " + c.MODE_HELP, autocompletion=c.complete_mode),
+    ] = _R.partition.mode,
+    dirichlet_alpha: c.DirichletAlphaOpt = _R.partition.dirichlet_alpha,
+    overlap_ratio: c.OverlapRatioOpt = _R.partition.overlap_ratio,
+    category_key: c.CategoryKeyOpt = _R.partition.category_key,
+    min_size: c.MinSizeOpt = _R.partition.min_size,
+    bin_stsb: c.BinStsbOpt = _R.partition.bin_stsb,
+    partition_seed: Annotated[
+        int | None,
+        typer.Option("--partition-seed", help="with --clients: seeds the split \\[default: --seed]"),
+    ] = None,
     model: c.ModelOpt = None,
     model_size: c.ModelSizeOpt = None,
     data_dir: c.DataDirOpt = None,
@@ -121,7 +147,17 @@ def rounds(
     config = c.build(
         lambda: RoundsConfig(
             data=DataSpec(task, data_dir, max_seq_length, max_train_samples, max_eval_samples),
-            shards=shards,
+            shards=shards or "",
+            partition=PartitionSpec(
+                clients,
+                partition,
+                partition_seed,
+                dirichlet_alpha,
+                overlap_ratio,
+                category_key,
+                min_size,
+                bin_stsb,
+            ),
             model=c.model_spec(model, model_size, cache_dir, device),
             lora=c.lora_spec(lora_r, lora_alpha, lora_dropout, target_modules),
             train=TrainSpec(

@@ -7,17 +7,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from fedlora_cli.commands import _common as c
-from fedlora_cli.config import SHARD_MODES, ShardConfig
+from fedlora_cli.config import ShardConfig
 
 if TYPE_CHECKING:
     from fedlora_cli.sharding import ShardResult
 
 _SHARD = ShardConfig(task="sst2", clients=1)  # the defaults, from the one place they are set
 MAX_ROWS = 40  # a longer table shows its head and tail; summary.json has every client
-
-
-def _complete_mode(incomplete: str) -> list[str]:
-    return [m for m in SHARD_MODES if m.startswith(incomplete)]
 
 
 def shard(
@@ -27,9 +23,8 @@ def shard(
         str,
         typer.Option(
             "--mode",
-            help="iid (stratified), overlap, category, category_overlap, dirichlet (label skew) or "
-            "quantity (size skew)",
-            autocompletion=_complete_mode,
+            help=c.MODE_HELP,
+            autocompletion=c.complete_mode,
         ),
     ] = _SHARD.mode,
     seed: Annotated[
@@ -44,28 +39,11 @@ def shard(
     data_dir: c.DataDirOpt = None,
     cache_dir: c.CacheDirOpt = None,
     max_train_samples: c.MaxTrainOpt = None,
-    overlap_ratio: Annotated[
-        float,
-        typer.Option(
-            "--overlap-ratio", help="overlap modes: share of each client's data from a shared pool, in [0, 1)"
-        ),
-    ] = _SHARD.overlap_ratio,
-    category_key: Annotated[
-        str,
-        typer.Option("--category-key", help="category modes: label, genre (MNLI, STS-B) or another column"),
-    ] = _SHARD.category_key,
-    dirichlet_alpha: Annotated[
-        float,
-        typer.Option(
-            "--dirichlet-alpha", help="dirichlet / quantity: concentration > 0; smaller = more skew"
-        ),
-    ] = _SHARD.dirichlet_alpha,
-    min_size: Annotated[
-        int, typer.Option("--min-size", help="every client gets at least this many examples")
-    ] = _SHARD.min_size,
-    bin_stsb: Annotated[
-        bool, typer.Option("--bin-stsb/--no-bin-stsb", help="STS-B: stratify by 0.2-wide score bins")
-    ] = _SHARD.bin_stsb,
+    overlap_ratio: c.OverlapRatioOpt = _SHARD.overlap_ratio,
+    category_key: c.CategoryKeyOpt = _SHARD.category_key,
+    dirichlet_alpha: c.DirichletAlphaOpt = _SHARD.dirichlet_alpha,
+    min_size: c.MinSizeOpt = _SHARD.min_size,
+    bin_stsb: c.BinStsbOpt = _SHARD.bin_stsb,
     overwrite: Annotated[
         bool,
         typer.Option("--overwrite", help="replace the shard folder (and plot) fedlora wrote there before"),

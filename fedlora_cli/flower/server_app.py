@@ -74,13 +74,10 @@ def run_server(
     on_prepared: Callable[[Path], None] | None = None,
 ) -> Any:
     """All rounds of a run over the SuperNodes of `grid`; returns a `federation.RoundsResult`."""
-    from fedlora_cli.federation import RoundDriver, prepare
+    from fedlora_cli.federation import RoundDriver, client_count, prepare
     from fedlora_cli.runs import run_session
-    from fedlora_cli.sharding import read_shards
 
-    if not config.shards:
-        raise InputError("the run config needs shards: the folder of client_<i>.json made by `fedlora shard`")
-    clients = len(read_shards(config.shards).client_ids)
+    clients = client_count(config)
     per_round = config.clients_in_round(clients)
     if config.min_clients is not None and config.min_clients > per_round:
         raise InputError(
@@ -92,11 +89,9 @@ def run_server(
         on_prepared(setup.run_dir)
     with run_session(setup.run_dir):
         driver = RoundDriver(setup, progress)
-        nodes = identify_clients(grid, setup.shards, config, progress)
+        nodes = identify_clients(grid, setup.shards, setup.config, progress)
         strategy = FedloraStrategy(driver, nodes)
-        progress.start(
-            "rounds", "rounds", total=setup.config.rounds
-        )  # fewer than asked when a DP budget ends it
+        progress.start("rounds", "rounds", total=setup.config.rounds)  # fewer than asked when DP ends it
         progress.advance("rounds", setup.start_round)
         remaining = setup.config.rounds - setup.start_round
         if remaining > 0:

@@ -35,15 +35,14 @@ def run_flower_simulation(
     from flwr.simulation import run_simulation
 
     from fedlora_cli.errors import Interrupted
-    from fedlora_cli.federation import cli_resume_hint
+    from fedlora_cli.federation import cli_resume_hint, client_count
     from fedlora_cli.flower import client_app
     from fedlora_cli.flower.server_app import run_server
     from fedlora_cli.runs import RoundTree, interrupted_rounds_message
-    from fedlora_cli.sharding import read_shards
 
     progress = progress or NullProgress()
     _check_resources(config)
-    num_nodes = len(read_shards(config.shards).client_ids)
+    num_nodes = client_count(config)
     abort = threading.Event()
     outcome: dict[str, Any] = {}
 
