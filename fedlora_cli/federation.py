@@ -11,6 +11,7 @@ This module knows no engine: the command picks one (`fedlora_cli.engines`).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -73,6 +74,38 @@ RESUME_FREE_KEYS = {
     "output", "resume", "rounds", "client_cpus", "client_gpus", "eval_batch_size", "eval_each_round", "eval_clients",
     "engine", "min_clients", "round_timeout", "privacy.target_epsilon",
 }  # fmt: skip
+
+
+def resume_config(run_dir: Path, recorded: dict[str, Any], changes: dict[str, Any]) -> RoundsConfig:
+    """What `--resume RUN` continues: the run's recorded config, with `changes` (flattened config keys) that a
+    resume may make (RESUME_FREE_KEYS: --rounds, the engine, evaluation, …). Any other change is one error
+    naming the options, so the resumed run is the same experiment."""
+    from fedlora_cli.config import from_dict
+    from fedlora_cli.runs import flatten
+
+    def free(key: str) -> bool:
+        return key in RESUME_FREE_KEYS or key.split(".")[0] in RESUME_FREE_KEYS
+
+    before = flatten(recorded)
+    refused = {k: v for k, v in changes.items() if not free(k) and before.get(k) != v}
+    if refused:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in sorted(refused.items())[:4])
+        allowed = ", ".join(sorted(RESUME_FREE_KEYS - {"output", "resume"}))
+        raise InputError(f"--resume {run_dir}: {detail} would make it another experiment; a resume may change only "
+                         f"{allowed}")  # fmt: skip
+    merged = json.loads(json.dumps(recorded))
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = merged
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    merged["resume"] = True
+    merged["output"] = {**merged.get("output", {}), "output_dir": str(run_dir), "overwrite": False}
+    try:
+        return from_dict(RoundsConfig, merged)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"--resume {run_dir}: the recorded config cannot be rebuilt ({e})") from None
 
 
 class RoundFailed(FedloraError):
@@ -186,9 +219,9 @@ class RoundRecorder:
             done = self.tree.last_complete_round()
             self.tree.discard_after(done)
             changes = config_changes(previous.get("config", {}), record["config"])
-            record_resume(
-                root, argv=record["argv"], changes={k: v for k, v in changes.items() if k != "resume"}
-            )
+            # what changed in the experiment (not where it is written: --run-name vs --output-dir)
+            changes = {k: v for k, v in changes.items() if k != "resume" and not k.startswith("output.")}
+            record_resume(root, argv=record["argv"], changes=changes)
             # Each complete round's global/metrics.json holds its whole history row, so history.jsonl
             # is rebuilt from them: it can never disagree with the rounds actually on disk.
             first = 0 if (self.tree.global_dir(0) / METRICS).is_file() else 1

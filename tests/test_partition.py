@@ -84,3 +84,27 @@ def test_one_shard_source(tiny_model, glue_dir, tmp_path):
     one_error_line(rounds(tiny_model, glue_dir, tmp_path, "x", "--clients", "2", "--partition", "zipf"), 2,
                    "--partition must be one of")  # fmt: skip
     assert not list(tmp_path.glob("sst2_*"))
+
+
+def test_resume_run_reads_everything_from_the_run_and_allows_only_what_a_resume_may_change(
+    tiny_model, glue_dir, tmp_path
+):
+    first = rounds(tiny_model, glue_dir, tmp_path, "short", "--clients", "2", "--max-train-samples", "120",
+                   "--rounds", "1")  # fmt: skip
+    assert first.exit_code == 0, first.stderr
+    root = tmp_path / "sst2_tiny-roberta"
+    # RUN by name under --output-root: nothing else needed, and --rounds may grow
+    more = run("rounds", "--resume", "short", "--output-root", tmp_path, "--rounds", "2")
+    assert more.exit_code == 0, more.stderr
+    record = json.loads((root / "short" / "run.json").read_text())
+    assert [r["changes"] for r in record["resumes"]] == [{"rounds": [1, 2]}]
+    assert (
+        record["status"] == "complete"
+        and json.loads((root / "short" / "final" / "metrics.json").read_text())["rounds"] == 2
+    )
+    # an option that would make it another experiment is refused, by name, before anything changes
+    before = (root / "short" / "history.jsonl").read_text()
+    bad = run("rounds", "--resume", root / "short", "--rounds", "3", "--learning-rate", "0.5")
+    one_error_line(bad, 2, "train.learning_rate: 0.02 -> 0.5 would make it another experiment")
+    assert (root / "short" / "history.jsonl").read_text() == before
+    one_error_line(run("rounds", "--resume", "nowhere", "--output-root", tmp_path), 2, "no run nowhere")

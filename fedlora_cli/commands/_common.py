@@ -277,7 +277,22 @@ class FedloraCommand(TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         _ARGV.set(["fedlora", ctx.info_name, *args])  # exactly as typed, for run.json
         known, multi = _option_index(self)
-        return super().parse_args(ctx, rewrite_legacy_args(args, known, multi))
+        args = rewrite_legacy_args(args, known, multi)
+        if "--resume" in known:
+            args = _bare_resume(args)
+        return super().parse_args(ctx, args)
+
+
+RESUME_NAMED = "."  # `--resume` with no RUN: the run that --run-name / --output-dir name
+
+
+def _bare_resume(args: list[str]) -> list[str]:
+    """`--resume RUN` takes a value; a bare `--resume` (the older form) means RESUME_NAMED."""
+    out = []
+    for i, arg in enumerate(args):
+        bare = arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-"))
+        out.append(f"--resume={RESUME_NAMED}" if bare else arg)
+    return out
 
 
 class FedloraGroup(TyperGroup):
@@ -358,6 +373,20 @@ TaskOpt = Annotated[
     str,
     typer.Option("--task", "-t", help="GLUE task: " + ", ".join(task_names()), autocompletion=complete_task),
 ]
+OptionalTaskOpt = Annotated[
+    str | None,
+    typer.Option("--task", "-t", help="GLUE task: " + ", ".join(task_names()), autocompletion=complete_task),
+]
+
+
+def complete_run(ctx: Any, incomplete: str) -> list[str]:
+    """Run names under the command's root (`--root`, or `--output-root`) for shell completion."""
+    from fedlora_cli.runs.query import run_names
+
+    root = ctx.params.get("root") or ctx.params.get("output_root") or OutputSpec().root
+    return run_names(root, incomplete)
+
+
 ModelOpt = Annotated[
     str | None,
     typer.Option(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,12 +16,14 @@ from fedlora_cli.config import (
     RoundsConfig,
     TrainSpec,
 )
+from fedlora_cli.errors import InputError
 
 _R = RoundsConfig(data=c._DATA, shards="")
 
 
 def rounds(
-    task: c.TaskOpt,
+    ctx: typer.Context,
+    task: c.OptionalTaskOpt = None,
     shards: Annotated[
         str | None,
         typer.Option(
@@ -112,8 +114,14 @@ def rounds(
     output_dir: c.OutputDirOpt = None,
     overwrite: c.OverwriteOpt = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="continue the run after its last complete round")
-    ] = False,
+        str | None,
+        typer.Option(
+            "--resume",
+            help="continue a run after its last complete round: --resume RUN (a run folder or name; its run.json "
+            "gives every other option), or --resume with the --run-name / --output-dir of the run",
+            autocompletion=c.complete_run,
+        ),
+    ] = None,
     engine: Annotated[
         str, typer.Option("--engine", help="local (one process) or flower (Flower's simulation engine)")
     ] = _R.engine,
@@ -144,57 +152,81 @@ def rounds(
     dp_secret_noise: c.DpSecretNoiseOpt = _R.privacy.secret_noise,
 ) -> None:
     """Federated rounds: each client trains LoRA A/B and the head on its shard, the server averages them."""
-    config = c.build(
-        lambda: RoundsConfig(
-            data=DataSpec(task, data_dir, max_seq_length, max_train_samples, max_eval_samples),
-            shards=shards or "",
-            partition=PartitionSpec(
-                clients,
-                partition,
-                partition_seed,
-                dirichlet_alpha,
-                overlap_ratio,
-                category_key,
-                min_size,
-                bin_stsb,
-            ),
-            model=c.model_spec(model, model_size, cache_dir, device),
-            lora=c.lora_spec(lora_r, lora_alpha, lora_dropout, target_modules),
-            train=TrainSpec(
-                local_epochs,
-                batch_size,
-                learning_rate,
-                weight_decay,
-                warmup_ratio,
-                max_grad_norm,
-                precision,
-                seed,
-            ),
-            aggregation=AggregationSpec(c.method_name(aggregation), svd_rank, alpha, client_ranks, prox_mu),
-            output=OutputSpec(output_root, run_name, output_dir, overwrite),
-            rounds=num_rounds,
-            init_adapter=init_adapter,
-            resume=resume,
-            eval_each_round=eval_each_round,
-            eval_clients=eval_clients,
-            eval_batch_size=eval_batch_size,
-            clients_per_round=clients_per_round,
-            fraction_fit=fraction_fit,
-            engine=engine,
-            min_clients=min_clients,
-            client_cpus=client_cpus,
-            client_gpus=client_gpus,
-            round_timeout=round_timeout,
-            privacy=PrivacySpec(
-                dp_clip, dp_noise_multiplier, dp_delta, dp_where, dp_target_epsilon, dp_secret_noise
-            ),
-        )
-    )
+    options = {k: v for k, v in locals().items() if k != "ctx"}
+    if resume is not None and resume != c.RESUME_NAMED:
+        config = _resumed(options, ctx)
+    else:
+        if task is None:
+            raise InputError("--task is required (or --resume RUN, which reads it from the run)")
+        config = c.build(lambda: _config(options))
     from fedlora_cli.engines import run_rounds
 
     with c.reporter(log_every=log_every, report_to=report_to) as progress:
         result = run_rounds(config, progress=progress, argv=c.argv())
     show_rounds(result)
+
+
+def _config(o: dict[str, Any]) -> RoundsConfig:
+    """The RoundsConfig of a set of `rounds` options (the function's parameters, by name)."""
+    return RoundsConfig(
+        data=DataSpec(o["task"], o["data_dir"], o["max_seq_length"], o["max_train_samples"], o["max_eval_samples"]),
+        shards=o["shards"] or "",
+        partition=PartitionSpec(o["clients"], o["partition"], o["partition_seed"], o["dirichlet_alpha"],
+                                o["overlap_ratio"], o["category_key"], o["min_size"], o["bin_stsb"]),
+        model=c.model_spec(o["model"], o["model_size"], o["cache_dir"], o["device"]),
+        lora=c.lora_spec(o["lora_r"], o["lora_alpha"], o["lora_dropout"], o["target_modules"]),
+        train=TrainSpec(o["local_epochs"], o["batch_size"], o["learning_rate"], o["weight_decay"], o["warmup_ratio"],
+                        o["max_grad_norm"], o["precision"], o["seed"]),
+        aggregation=AggregationSpec(c.method_name(o["aggregation"]), o["svd_rank"], o["alpha"], o["client_ranks"],
+                                    o["prox_mu"]),
+        output=OutputSpec(o["output_root"], o["run_name"], o["output_dir"], o["overwrite"]),
+        rounds=o["num_rounds"],
+        init_adapter=o["init_adapter"],
+        resume=o["resume"] is not None,
+        eval_each_round=o["eval_each_round"],
+        eval_clients=o["eval_clients"],
+        eval_batch_size=o["eval_batch_size"],
+        clients_per_round=o["clients_per_round"],
+        fraction_fit=o["fraction_fit"],
+        engine=o["engine"],
+        min_clients=o["min_clients"],
+        client_cpus=o["client_cpus"],
+        client_gpus=o["client_gpus"],
+        round_timeout=o["round_timeout"],
+        privacy=PrivacySpec(o["dp_clip"], o["dp_noise_multiplier"], o["dp_delta"], o["dp_where"],
+                            o["dp_target_epsilon"], o["dp_secret_noise"]),
+    )  # fmt: skip
+
+
+def _resumed(options: dict[str, Any], ctx: typer.Context) -> RoundsConfig:
+    """`--resume RUN`: the run's recorded config, with the options given beside RUN that a resume may change.
+
+    Which options were given is read from the command line (and --config), and turned into config keys
+    by building the config twice: with those options, and with every option at its default.
+    """
+    import inspect
+
+    from fedlora_cli.config import to_dict
+    from fedlora_cli.federation import resume_config
+    from fedlora_cli.runs import flatten, read_record
+    from fedlora_cli.runs.query import resolve_run
+
+    run_dir = resolve_run(options["resume"], options["output_root"])
+    record = read_record(run_dir)
+    if record.command != "rounds":
+        raise InputError(
+            f"--resume {options['resume']}: {run_dir} is a `{record.command}` run, not a `rounds` run"
+        )
+    defaults = {name: p.default for name, p in inspect.signature(rounds).parameters.items() if name != "ctx"}
+    given = {n for n in options if (src := ctx.get_parameter_source(n)) is not None and src.name != "DEFAULT"}
+    task = options["task"] or record.config.get("data", {}).get("task")
+    fixed = {"task": task, "resume": None}  # built only to compare: not a run of its own
+    both = ({**defaults, **fixed}, {**defaults, **{n: options[n] for n in given}, **fixed})
+    at_default, asked = (flatten(to_dict(c.build(lambda o=o: _config(o)))) for o in both)
+    changes = {
+        k: v for k, v in asked.items() if at_default.get(k) != v and not k.startswith(("output.", "resume"))
+    }
+    return resume_config(run_dir, record.config, changes)
 
 
 def show_rounds(result) -> None:

@@ -18,15 +18,9 @@ runs_app = typer.Typer(
 )
 
 
-def complete_run(ctx: typer.Context, incomplete: str) -> list[str]:
-    from fedlora_cli.runs.query import run_names
-
-    return run_names(ctx.params.get("root") or "runs", incomplete)
-
-
 RootOpt = Annotated[str, typer.Option("--root", help="where runs are searched by name")]
 RunArg = Annotated[
-    str, typer.Argument(help="a run folder, or a run's name under --root", autocompletion=complete_run)
+    str, typer.Argument(help="a run folder, or a run's name under --root", autocompletion=c.complete_run)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
@@ -170,7 +164,7 @@ def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
 
 def compare(
     runs: Annotated[
-        list[str], typer.Argument(help="two or more runs (folders or names)", autocompletion=complete_run)
+        list[str], typer.Argument(help="two or more runs (folders or names)", autocompletion=c.complete_run)
     ],
     root: RootOpt = "runs",
     plot: Annotated[
