@@ -92,6 +92,24 @@ class PlannedRun:
 
 
 @dataclass(frozen=True)
+class TableSpec:
+    """`[sweep.table]`: the report as a pivot — one row per setting, one column per value of an option.
+
+    rows: what makes a row (`arm`, and/or option names such as `aggregation`); columns: the option whose
+    values become columns (e.g. `task`), averaged in a last column; reference: the arm every row's gap is
+    measured against (e.g. the centralised arm); also: {column value: metric}, an extra column of
+    another metric for that value (e.g. {mrpc = "f1"}); figures: an option — one figure per value of it.
+    Values are shown × 100 (as GLUE tables are).
+    """
+
+    rows: tuple[str, ...]
+    columns: str
+    reference: str | None = None
+    also: dict[str, str] = field(default_factory=dict)
+    figures: str | None = None
+
+
+@dataclass(frozen=True)
 class Sweep:
     name: str
     file: Path
@@ -100,6 +118,7 @@ class Sweep:
     metric: str | None
     cells: tuple[Cell, ...]
     spec: dict[str, Any] = field(repr=False)
+    table: TableSpec | None = None
 
     @property
     def folder(self) -> Path:
@@ -123,9 +142,13 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
     arms = data.get("arms", {})
     if not isinstance(head, dict) or not isinstance(base, dict) or not isinstance(arms, dict):
         raise InputError(f"sweep {path}: [sweep], [base] and [arms.<name>] must be tables")
-    bad_head = sorted(set(head) - {"name", "root", "seeds", "metric"})
+    bad_head = sorted(set(head) - {"name", "root", "seeds", "metric", "table"})
     if bad_head:
-        raise InputError(f"sweep {path}: unknown key {bad_head[0]!r} in [sweep] (name, root, seeds, metric)")
+        raise InputError(
+            f"sweep {path}: unknown key {bad_head[0]!r} in [sweep] (name, root, seeds, metric, table)"
+        )
+    table = _table_spec(head.get("table"), f"sweep {path} [sweep.table]")
+    base, arms = _expand_env(base, f"sweep {path}"), _expand_env(arms, f"sweep {path}")
     name = str(head.get("name") or path.stem)
     if _label(name) != name or name in (".", ".."):
         raise InputError(f"sweep {path}: name {name!r} must be a plain folder name (letters, digits, . + -)")
@@ -174,8 +197,50 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
     root = Path(str(head.get("root", "runs"))).expanduser()
     metric = head.get("metric")
     return Sweep(
-        name, path.resolve(), root, tuple(seeds), str(metric) if metric else None, tuple(cells), data
+        name, path.resolve(), root, tuple(seeds), str(metric) if metric else None, tuple(cells), data, table
     )
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    """`${NAME}` in option values is the environment variable NAME (paths that differ between machines:
+    a model folder, the GLUE folder); an unset one is an error, never a literal `$NAME` path."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, where) for v in value]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+    for name in re.findall(r"\$\{(\w+)\}", value):
+        if name not in os.environ:
+            raise InputError(
+                f"{where}: {value!r} needs the environment variable {name}: set it (see the file's comments)"
+            )
+    return re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], value)
+
+
+def _table_spec(data: Any, where: str) -> TableSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise InputError(f"{where} must be a table (rows, columns, reference, also, figures)")
+    unknown = sorted(set(data) - {"rows", "columns", "reference", "also", "figures"})
+    if unknown:
+        raise InputError(f"{where}: unknown key {unknown[0]!r} (rows, columns, reference, also, figures)")
+    rows, columns = data.get("rows", ["arm"]), data.get("columns")
+    if (
+        not isinstance(rows, list)
+        or not all(isinstance(r, str) for r in rows)
+        or not isinstance(columns, str)
+    ):
+        raise InputError(
+            f'{where}: rows must be a list of names and columns a name, e.g. rows = ["arm"], columns = "task"'
+        )
+    also = data.get("also", {})
+    if not isinstance(also, dict) or not all(isinstance(v, str) for v in also.values()):
+        raise InputError(f'{where}: also must map a column value to a metric, e.g. also = {{ mrpc = "f1" }}')
+    reference, figures = data.get("reference"), data.get("figures")
+    return TableSpec(tuple(rows), columns, str(reference) if reference else None, dict(also),
+                     str(figures) if figures else None)  # fmt: skip
 
 
 def _check_owned(options: dict[str, Any], where: str) -> None:
@@ -388,10 +453,14 @@ def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) 
     writer.writerows(rows)
     written = {"csv": atomic.write_text(sweep.folder / "report.csv", buf.getvalue())}
     metric = next((c.metric for c in cells if c.metric), "metric")
-    lines = [f"# sweep {sweep.name}: {metric}, mean ± std over seeds {', '.join(map(str, sweep.seeds))}", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]  # fmt: skip
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    written["md"] = atomic.write_text(sweep.folder / "report.md", "\n".join(lines) + "\n")
+    title = f"# sweep {sweep.name}: {metric}, mean ± std over seeds {', '.join(map(str, sweep.seeds))}\n\n"
+    written["md"] = atomic.write_text(sweep.folder / "report.md", title + markdown_table(header, rows))
+    if sweep.table is not None:
+        header, rows = pivot(sweep, cells)
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+        written["table csv"] = atomic.write_text(sweep.folder / "table.csv", buf.getvalue())
+        written["table md"] = atomic.write_text(sweep.folder / "table.md", markdown_table(header, rows))
     if figure:
         try:
             from fedlora_cli.plots import require_matplotlib
@@ -400,7 +469,96 @@ def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) 
         except InputError:
             return written
         written["png"] = plot_sweep(sweep, cells, sweep.folder / "report.png")
+        by = sweep.table.figures if sweep.table is not None else None
+        for value in _ordered(c.cell.options.get(by) for c in cells) if by else []:
+            subset = [c for c in cells if c.cell.options.get(by) == value]
+            name = f"report-{_label(value)}.png"
+            written[f"png {value}"] = plot_sweep(
+                sweep, subset, sweep.folder / name, title=f"{sweep.name}: {value}"
+            )
     return written
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _ordered(values: Any) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _value_of(folder: Path, metric: str) -> float | None:
+    from fedlora_cli.runs.query import load_run
+
+    info = load_run(folder)
+    value = info.final.metrics.get(metric) if info.final is not None and info.status == COMPLETE else None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def pivot(sweep: Sweep, cells: list[CellReport]) -> tuple[list[str], list[list[str]]]:
+    """The [sweep.table] view: a row per setting, a column per value of `columns` (mean ± std over seeds,
+    × 100), extra metrics for some columns (`also`), the average over columns (mean ± std of each seed's
+    average), and its gap to the `reference` arm's average."""
+    t = sweep.table
+    assert t is not None
+    columns = _ordered(r.cell.options.get(t.columns) for r in cells)
+    groups: dict[tuple, dict[Any, CellReport]] = {}
+    for r in cells:
+        key = tuple(r.cell.arm if k == "arm" else r.cell.options.get(k) for k in t.rows)
+        groups.setdefault(key, {})[r.cell.options.get(t.columns)] = r
+    header = list(t.rows)
+    for col in columns:
+        header.append(f"{col} ({_metric_of(groups, col)})")
+        if col in t.also:
+            header.append(f"{col} ({t.also[col]})")
+    header += ["average", *([f"Δ vs {t.reference}"] if t.reference else [])]
+
+    def seed_averages(by_col: dict[Any, CellReport]) -> list[float]:
+        if set(by_col) != set(columns):
+            return []
+        seeds = set.intersection(*(set(r.values) for r in by_col.values()))
+        return [statistics.fmean(by_col[c].values[s] for c in columns) for s in sorted(seeds)]
+
+    reference = next((seed_averages(g) for k, g in groups.items() if t.reference and t.reference in k), [])
+    ref_mean = statistics.fmean(reference) if reference else None
+    rows = []
+    for key, by_col in groups.items():
+        row = ["–" if v is None else str(v) for v in key]
+        for col in columns:
+            r = by_col.get(col)
+            row.append(_pm([*r.values.values()]) if r else "")
+            if col in t.also:
+                extra = (
+                    [_value_of(sweep.folder / f"{r.cell.name}-seed{s}", t.also[col]) for s in r.values]
+                    if r
+                    else []
+                )
+                row.append(_pm([v for v in extra if v is not None]))
+        averages = seed_averages(by_col)
+        row.append(_pm(averages))
+        if t.reference:
+            gap = statistics.fmean(averages) - ref_mean if averages and ref_mean is not None else None
+            row.append("" if gap is None else f"{100 * gap:+.1f}")
+        rows.append(row)
+    return header, rows
+
+
+def _metric_of(groups: dict[tuple, dict[Any, CellReport]], column: Any) -> str:
+    return next((g[column].metric for g in groups.values() if column in g and g[column].metric), "metric")
+
+
+def _pm(values: list[float]) -> str:
+    """mean ± sample std over seeds, × 100 (one decimal); the mean alone for one seed."""
+    if not values:
+        return ""
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -409,7 +567,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) >= 2 else None)
 
 
-def plot_sweep(sweep: Sweep, cells: list[CellReport], path: Path) -> Path:
+def plot_sweep(sweep: Sweep, cells: list[CellReport], path: Path, title: str | None = None) -> Path:
     """One figure: per cell, the metric and training loss per round, mean with a ± std band over seeds."""
     from fedlora_cli.plots import Curve, plot_curves
     from fedlora_cli.runs.query import read_history, round_loss, round_metric
@@ -435,6 +593,7 @@ def plot_sweep(sweep: Sweep, cells: list[CellReport], path: Path) -> Path:
                                 [x[1] for x in m], [x[1] for x in lo]))  # fmt: skip
         else:
             curves.append(Curve(report_.cell.name, final=report_.mean, final_std=report_.std))
+    title = title or f"sweep {sweep.name}"
     return plot_curves(
-        curves, path, metric=metric, title=f"sweep {sweep.name} (mean ± std over {len(sweep.seeds)} seeds)"
+        curves, path, metric=metric, title=f"{title} (mean ± std over {len(sweep.seeds)} seeds)"
     )
