@@ -147,7 +147,7 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
         raise InputError(
             f"sweep {path}: unknown key {bad_head[0]!r} in [sweep] (name, root, seeds, metric, table)"
         )
-    table = _table_spec(head.get("table"), f"sweep {path} [sweep.table]")
+    table_spec = _table_spec(head.get("table"), f"sweep {path} [sweep.table]")
     base, arms = _expand_env(base, f"sweep {path}"), _expand_env(arms, f"sweep {path}")
     name = str(head.get("name") or path.stem)
     if _label(name) != name or name in (".", ".."):
@@ -197,7 +197,14 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
     root = Path(str(head.get("root", "runs"))).expanduser()
     metric = head.get("metric")
     return Sweep(
-        name, path.resolve(), root, tuple(seeds), str(metric) if metric else None, tuple(cells), data, table
+        name,
+        path.resolve(),
+        root,
+        tuple(seeds),
+        str(metric) if metric else None,
+        tuple(cells),
+        data,
+        table_spec,
     )
 
 

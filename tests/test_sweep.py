@@ -176,3 +176,44 @@ def test_a_sweep_rounds_run_reruns_bit_identically(swept):
     result = run("runs", "rerun", folder / "fed_aggregation=svd-seed1", "--verify")
     assert result.exit_code == 0, result.stderr
     assert "verified: bit-identical" in result.stdout
+
+
+def test_the_pivot_table_is_mean_and_std_over_seeds_by_column_with_the_average_and_its_gap(
+    tmp_path, monkeypatch
+):
+    """[sweep.table]: rows = settings, columns = tasks, × 100; the average is over each seed's average."""
+    from fedlora_cli.sweeps import CellReport, load_sweep, pivot
+
+    monkeypatch.setenv("FEDLORA_TEST_MODEL", "/models/m")
+    data = {
+        "sweep": {
+            "seeds": [1, 2],
+            "table": {"rows": ["arm", "aggregation"], "columns": "task", "reference": "central"},
+        },
+        "base": {"model": "${FEDLORA_TEST_MODEL}"},
+        "arms": {
+            "central": {"command": "train", "grid": {"task": ["sst2", "rte"]}},
+            "fed": {"command": "rounds", "grid": {"task": ["sst2", "rte"], "aggregation": ["svd"]}},
+        },
+    }
+    sweep = load_sweep(tmp_path / "t.toml", data)
+    assert all(c.options["model"] == "/models/m" for c in sweep.cells)  # ${VAR} from the environment
+    values = {  # cell -> seed -> value
+        "central_task=sst2": {1: 0.90, 2: 0.92}, "central_task=rte": {1: 0.60, 2: 0.64},
+        "fed_task=sst2_aggregation=svd": {1: 0.88, 2: 0.86}, "fed_task=rte_aggregation=svd": {1: 0.58, 2: 0.60},
+    }  # fmt: skip
+    cells = [CellReport(c, "accuracy", values[c.name], 2) for c in sweep.cells]
+    header, rows = pivot(sweep, cells)
+    assert header == ["arm", "aggregation", "sst2 (accuracy)", "rte (accuracy)", "average", "Δ vs central"]
+    central_avg = [statistics.fmean([0.90, 0.60]), statistics.fmean([0.92, 0.64])]
+    fed_avg = [statistics.fmean([0.88, 0.58]), statistics.fmean([0.86, 0.60])]
+
+    def pm(v):
+        return f"{100 * statistics.fmean(v):.1f} ± {100 * statistics.stdev(v):.1f}"
+
+    assert rows[0] == ["central", "–", pm([0.90, 0.92]), pm([0.60, 0.64]), pm(central_avg), "+0.0"]
+    gap = 100 * (statistics.fmean(fed_avg) - statistics.fmean(central_avg))
+    assert rows[1] == ["fed", "svd", pm([0.88, 0.86]), pm([0.58, 0.60]), pm(fed_avg), f"{gap:+.1f}"]
+    monkeypatch.delenv("FEDLORA_TEST_MODEL")
+    with pytest.raises(Exception, match="needs the environment variable FEDLORA_TEST_MODEL"):
+        load_sweep(tmp_path / "t.toml", data)
