@@ -26,6 +26,7 @@ from fedlora_cli.modeling import (
     save_adapter,
 )
 from fedlora_cli.progress import NullProgress, Progress
+from fedlora_cli.runlock import RunLock
 from fedlora_cli.runs import (
     METRICS,
     RUN_ENTRIES,
@@ -84,11 +85,13 @@ def _train_and_eval_metrics(training: TrainResult | None, evaluation: EvalResult
 
 
 class _RunFolder:
-    """Claims a run folder; if the run fails, removes what it wrote (nothing half-written stays)."""
+    """Claims a run folder; if the run fails, removes what it wrote (nothing half-written stays).
+
+    The caller holds the folder's RunLock, which creates the folder and removes it again when it stays empty.
+    """
 
     def __init__(self, path: Path, overwrite: bool) -> None:
         self.path = path
-        self.created = not path.exists()
         claim_run_dir(path, overwrite=overwrite)  # empty now, whether new or overwritten
 
     def __enter__(self) -> Path:
@@ -105,8 +108,6 @@ class _RunFolder:
                 elif target.exists() or target.is_symlink():
                     target.unlink()
             atomic.remove_stale_temporaries(self.path)
-            if self.created and not any(self.path.iterdir()):
-                self.path.rmdir()
         if exc_type is KeyboardInterrupt:
             raise Interrupted(
                 f"interrupted: the unfinished run {self.path} was removed; nothing else changed"
@@ -172,6 +173,14 @@ def run_train(
     task = config.data.glue_task
     out = run_path(config.output, task.name, config.model.short_name, prefix="train-")
     external_adapter = _claim_outputs(config, out)
+    with RunLock(out, "train"):  # before any work: a second process on this folder stops here
+        return _train(config, out, external_adapter, progress, argv)
+
+
+def _train(
+    config: TrainConfig, out: Path, external_adapter: Path | None, progress: Progress, argv
+) -> RunResult:
+    task = config.data.glue_task
     device = resolve_device(config.model.device)
     precision = resolve_precision(config.train.precision, device)
     init = read_adapter(config.init_adapter) if config.init_adapter else None
@@ -233,6 +242,12 @@ def run_baseline(
     task = config.data.glue_task
     out = run_path(config.output, task.name, config.model.short_name, prefix="baseline-")
     _claim_outputs(config, out)
+    with RunLock(out, "baseline"):  # before any work: a second process on this folder stops here
+        return _baseline(config, out, progress, argv)
+
+
+def _baseline(config: BaselineConfig, out: Path, progress: Progress, argv) -> RunResult:
+    task = config.data.glue_task
     device = resolve_device(config.model.device)
     precision = resolve_precision(config.train.precision, device)
     base, data, tokenizer = load_model_and_data(

@@ -87,6 +87,13 @@ def rounds(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the run after its last complete round")
     ] = False,
+    resume_from_round: Annotated[
+        int | None,
+        typer.Option(
+            "--resume-from-round",
+            help="continue the run after this complete round, discarding the later ones (implies --resume)",
+        ),
+    ] = None,
     engine: Annotated[
         str, typer.Option("--engine", help="local (one process) or flower (Flower's simulation engine)")
     ] = _R.engine,
@@ -130,6 +137,7 @@ def rounds(
             rounds=num_rounds,
             init_adapter=init_adapter,
             resume=resume,
+            resume_from_round=resume_from_round,
             eval_each_round=eval_each_round,
             eval_clients=eval_clients,
             eval_batch_size=eval_batch_size,

@@ -87,18 +87,21 @@ def run_server(
         )
     grid = PollingGrid(grid, abort)
     setup = prepare(config, progress=progress, argv=argv, resume_hint=resume_hint)
-    if on_prepared is not None:
-        on_prepared(setup.run_dir)
-    driver = RoundDriver(setup, progress)
-    nodes = identify_clients(grid, setup.shards, config, progress)
-    strategy = FedloraStrategy(driver, nodes)
-    progress.start("rounds", "rounds", total=config.rounds)
-    progress.advance("rounds", setup.start_round)
-    remaining = config.rounds - setup.start_round
-    if remaining > 0:
-        strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout)  # type: ignore[arg-type]  # None: wait for all
-    progress.stop("rounds")
-    return driver.finish()
+    try:
+        if on_prepared is not None:
+            on_prepared(setup.run_dir)
+        driver = RoundDriver(setup, progress)
+        nodes = identify_clients(grid, setup.shards, config, progress)
+        strategy = FedloraStrategy(driver, nodes)
+        progress.start("rounds", "rounds", total=config.rounds)
+        progress.advance("rounds", setup.start_round)
+        remaining = config.rounds - setup.start_round
+        if remaining > 0:
+            strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout)  # type: ignore[arg-type]  # None: wait for all
+        progress.stop("rounds")
+        return driver.finish()
+    finally:
+        setup.recorder.close()  # the run folder's lock
 
 
 # ---------------------------------------------------------------------------------------------------

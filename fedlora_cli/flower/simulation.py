@@ -35,7 +35,7 @@ def run_flower_simulation(
     from flwr.simulation import run_simulation
 
     from fedlora_cli.errors import Interrupted
-    from fedlora_cli.federation import cli_resume_hint
+    from fedlora_cli.federation import check_run_folder, cli_resume_hint
     from fedlora_cli.flower import client_app
     from fedlora_cli.flower.server_app import run_server
     from fedlora_cli.runs import RoundTree, interrupted_rounds_message
@@ -43,6 +43,7 @@ def run_flower_simulation(
 
     progress = progress or NullProgress()
     _check_resources(config)
+    check_run_folder(config)  # a run in use, or a --resume of no run, fails before Ray starts
     num_nodes = len(read_shards(config.shards).client_ids)
     abort = threading.Event()
     outcome: dict[str, Any] = {}
@@ -127,23 +128,28 @@ def _check_resources(config: RoundsConfig) -> None:
 
 @contextlib.contextmanager
 def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
-    """Ctrl-C asks the ServerApp to stop at its next wait, so Flower and Ray shut down in order (a
-    KeyboardInterrupt inside Flower's engine can leave a thread waiting on Ray forever); a second
+    """Ctrl-C or SIGTERM asks the ServerApp to stop at its next wait, so Flower and Ray shut down in order
+    (a KeyboardInterrupt inside Flower's engine can leave a thread waiting on Ray forever); a second
     Ctrl-C interrupts at once."""
+    from fedlora_cli import termination
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if abort.is_set():
+        if signum == signal.SIGTERM:
+            termination.note()  # the CLI exits with 143
+        elif abort.is_set():
             raise KeyboardInterrupt
         abort.set()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class _ErrorLog(logging.Handler):
