@@ -108,7 +108,7 @@ class _RunFolder:
                 elif target.exists() or target.is_symlink():
                     target.unlink()
             atomic.remove_stale_temporaries(self.path)
-        if exc_type is KeyboardInterrupt:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C or SIGTERM
             raise Interrupted(
                 f"interrupted: the unfinished run {self.path} was removed; nothing else changed"
             )
