@@ -555,6 +555,12 @@ class RoundDriver:
             value = report.train.get(key)
             if not isinstance(value, int | float) or not math.isfinite(value):
                 return f"its training {key} is missing or not a finite number ({value!r})"
+        seed = derive_seed(self.s.config.train.seed, plan.round_no, report.client_id)
+        if report.seed != seed:
+            return f"trained with seed {report.seed!r}, not this round's seed {seed} for it"
+        for key, value in (report.eval or {}).items():
+            if not isinstance(value, int | float) or math.isinf(value):
+                return f"its evaluation {key} is not a number ({value!r})"
         return self.s.strategy.check_update(client_plan, report.update())
 
     def close_round(

@@ -18,7 +18,6 @@ tokenized data still comes from fedlora's disk cache.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,9 +34,6 @@ from fedlora_cli.flower import codec
 from fedlora_cli.flower.codec import ARRAYS, CONFIG, IDENTITY, METRICS, REPORT, RUN_CONFIG
 
 app = ClientApp()
-
-# Test hook, harmless elsewhere: "2" makes client 2 fail every round, "2@3" only in round 3 (comma-separated).
-FAIL_ENV = "FEDLORA_TEST_FAIL_CLIENTS"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,7 +68,6 @@ def train(msg: Message, context: Context) -> Message:
             raise InputError(f"malformed TRAIN message ({e})") from None
         if plan.client_id != shard.client_id:
             raise InputError(f"this node serves client {shard.client_id}, not client {plan.client_id}")
-        _test_hook(shard.client_id, round_no)
         worker = _worker(config, plan.adapter.lora)
         worker.check(shard)
         report = train_client(
@@ -117,15 +112,6 @@ def _answer(msg: Message, make_reply: Callable[[], Message]) -> Message:
         return make_reply()
     except FedloraError as e:
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(e)), reply_to=msg)
-
-
-def _test_hook(client_id: int, round_no: int) -> None:
-    for entry in filter(None, (e.strip() for e in os.environ.get(FAIL_ENV, "").split(","))):
-        client, _, only_round = entry.partition("@")
-        if client == str(client_id) and (not only_round or only_round == str(round_no)):
-            raise FedloraError(
-                f"client {client_id} failed on purpose in round {round_no} ({FAIL_ENV} is set)"
-            )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -164,11 +164,16 @@ def query_nodes(grid: Grid, nodes: list[int], shards: Any, config: RoundsConfig)
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise InputError(f"SuperNode {node} cannot serve a client: {one_line(reply.error.reason)}")
-        identity = reply.content.config_records[IDENTITY]
-        cid = int(identity["client-id"])
+        try:
+            identity = reply.content.config_records[IDENTITY]
+            cid = codec.whole(identity, "client-id", 0, codec.MAX_EXAMPLES)
+        except (KeyError, ValueError) as e:
+            raise InputError(
+                f"SuperNode {node} gave a malformed answer to which client it serves ({e})"
+            ) from None
         if cid not in expected:
             raise InputError(f"SuperNode {node} serves client {cid}, which is not in {shards.directory}")
-        if identity["fingerprint"] != expected[cid]:
+        if identity.get("fingerprint") != expected[cid]:
             raise InputError(
                 f"SuperNode {node} serves client {cid} with other indices than {shards.directory}/"
                 f"client_{cid}.json: give every node its manifest from the same `fedlora shard` run"

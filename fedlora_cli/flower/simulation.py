@@ -25,9 +25,17 @@ from fedlora_cli.progress import NullProgress, Progress
 
 
 def run_flower_simulation(
-    config: RoundsConfig, *, progress: Progress | None = None, argv: list[str] | None = None
+    config: RoundsConfig,
+    *,
+    progress: Progress | None = None,
+    argv: list[str] | None = None,
+    client_app: Any = None,
 ) -> Any:
-    """Run `fedlora rounds` on Flower's simulation engine; returns the same `federation.RoundsResult`."""
+    """Run `fedlora rounds` on Flower's simulation engine; returns the same `federation.RoundsResult`.
+
+    `client_app`: the ClientApp the virtual SuperNodes run (default: fedlora's); tests pass one that
+    misbehaves, to see the server cope with untrusted clients.
+    """
     _telemetry_off()
     require_flower()  # before anything imports flwr: a missing extra is one line, exit 2
     from flwr.app import Context
@@ -36,7 +44,7 @@ def run_flower_simulation(
 
     from fedlora_cli.errors import Interrupted
     from fedlora_cli.federation import check_run_folder, cli_resume_hint
-    from fedlora_cli.flower import client_app
+    from fedlora_cli.flower import client_app as fedlora_client
     from fedlora_cli.flower.server_app import run_server
     from fedlora_cli.runs import RoundTree, interrupted_rounds_message
     from fedlora_cli.sharding import read_shards
@@ -71,7 +79,7 @@ def run_flower_simulation(
 
     with _quiet_flower() as flower_errors, _ctrl_c_sets(abort):
         try:
-            run_simulation(server_app=server, client_app=client_app.app, num_supernodes=num_nodes,
+            run_simulation(server_app=server, client_app=client_app or fedlora_client.app, num_supernodes=num_nodes,
                            backend_config=backend)  # fmt: skip
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
             abort.set()
