@@ -5,6 +5,7 @@ package). `run_flower_simulation(config, client_app=lying_app({...}))` runs them
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -83,9 +84,47 @@ LIES: dict[str, tuple[Callable[[RecordDict], None], str]] = {
 }
 
 
+class _Slow:
+    """Progress that takes `seconds` per optimizer step: a slow machine, as fedlora's training loop sees it."""
+
+    def __init__(self, inner, seconds: float) -> None:
+        self.inner, self.seconds = inner, seconds
+
+    def start(self, *args, **kwargs) -> None:
+        self.inner.start(*args, **kwargs)
+
+    def advance(self, *args, **kwargs) -> None:
+        time.sleep(self.seconds)
+        self.inner.advance(*args, **kwargs)
+
+    def stop(self, *args, **kwargs) -> None:
+        self.inner.stop(*args, **kwargs)
+
+    def log(self, message: str) -> None:
+        self.inner.log(message)
+
+
+@contextlib.contextmanager
+def _slow_steps(seconds: float):
+    """Training in this (actor) process takes `seconds` per step while the block runs."""
+    from fedlora_cli import federation
+
+    real = federation.train_model
+
+    def slow(*args, progress=None, **kwargs):
+        return real(*args, progress=_Slow(progress, seconds), **kwargs)
+
+    federation.train_model = slow
+    try:
+        yield
+    finally:
+        federation.train_model = real
+
+
 def lying_app(behaviour: dict[int, dict[int, str]]) -> ClientApp:
     """fedlora's ClientApp, but client c in round r does `behaviour[c][r]`: a LIES key, "fail" (an error
-    reply), or "sleep:<seconds>" (stalls before training: a client that misses --round-timeout)."""
+    reply), "sleep:<seconds>" (stalls before its turn, holding its worker: a client that misses
+    --round-timeout), or "slow:<seconds>" (trains at that many seconds per optimizer step)."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
@@ -99,6 +138,9 @@ def lying_app(behaviour: dict[int, dict[int, str]]) -> ClientApp:
         if what is not None and what.startswith("sleep:"):
             time.sleep(float(what.removeprefix("sleep:")))
             return call_next(msg, context)
+        if what is not None and what.startswith("slow:"):
+            with _slow_steps(float(what.removeprefix("slow:"))):
+                return call_next(msg, context)
         reply = call_next(msg, context)
         if what is not None and not reply.has_error():
             LIES[what][0](reply.content)

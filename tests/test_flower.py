@@ -10,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,53 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     for k in a:
         rel = ((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp_min(1e-12)).item()
         assert rel <= rtol, (k, rel)
+
+
+class ProcessWatch:
+    """Every process descending from `pid` (default: this one) while the block runs; `survivors()` says
+    which are still running afterwards — orphans included, whoever their parent is by then."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid or os.getpid())
+        self.seen: dict[int, psutil.Process] = {}
+        self.names: dict[int, str] = {}  # as they were named while they ran
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.1):
+            with contextlib.suppress(psutil.Error):
+                for proc in self.root.children(recursive=True):
+                    if proc.pid not in self.seen:
+                        with contextlib.suppress(psutil.Error):
+                            self.names[proc.pid] = proc.name()
+                        self.seen[proc.pid] = proc
+
+    def __enter__(self) -> ProcessWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def survivors(self, wait: float = 10.0) -> list[str]:
+        import psutil
+
+        def running(p) -> bool:
+            try:
+                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+
+        deadline = time.monotonic() + wait
+        while (alive := [p for p in self.seen.values() if running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return [f"{p.pid} {self.names.get(p.pid, '?')}" for p in alive if running(p)]
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +417,7 @@ def flower_config(model, glue, shards, root, name, **options) -> RoundsConfig:
     return RoundsConfig(
         data=DataSpec("sst2", str(glue), max_eval_samples=100), shards=str(shards), model=ModelSpec(str(model)),
         train=TrainSpec(epochs=1.0, learning_rate=2e-2, precision="fp32"),
-        output=OutputSpec(root=str(root), run_name=name), rounds=2, engine="flower", **options,
+        output=OutputSpec(root=str(root), run_name=name), engine="flower", **{"rounds": 2, **options},
     )  # fmt: skip
 
 
@@ -383,8 +432,9 @@ def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_res
     config = flower_config(tiny_model, glue_dir, shards, tmp_path, "faults", min_clients=2)
     # round 1: one of three fails; round 2: two fail
     failing = lying_app({2: {1: "fail", 2: "fail"}, 3: {2: "fail"}})
-    with pytest.raises(RoundFailed) as stopped:
+    with ProcessWatch() as watch, pytest.raises(RoundFailed) as stopped:
         run_flower_simulation(config, client_app=failing)
+    assert watch.seen and not watch.survivors()  # Ray started processes, and none outlived the failed run
     message = str(stopped.value)
     run_dir = tmp_path / "sst2_tiny-roberta" / "faults"
     assert message.startswith("round 2: 1 of 3 selected clients replied but 2 are needed")
@@ -447,6 +497,85 @@ def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(tiny
     assert not [
         p for p in run_dir.glob("round_*/client_*") if p.name != "client_001"
     ]  # nothing of a liar kept
+
+
+def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(tiny_model, glue_dir, tmp_path):
+    """Round 1: client 3 trains too slowly and client 4 stalls, both past --round-timeout. Neither gets
+    more work while it is still busy (more would queue behind it and hold a second worker), and fedlora's
+    client stops its own turn at the deadline: every later round gets its healthy clients."""
+    from lying_clients import lying_app
+
+    from fedlora_cli.flower.simulation import run_flower_simulation
+
+    order = np.random.default_rng(6).permutation(600).tolist()
+    shards = write_manifests(tmp_path / "shards", [order[30 * i : 30 * (i + 1)] for i in range(4)])
+    timeout = 15.0
+    behaviour = {
+        3: {1: "slow:5"},
+        4: {1: f"sleep:{timeout + 5:g}"},
+    }  # 4 steps of 5 s; a stall past the deadline
+    config = flower_config(tiny_model, glue_dir, shards, tmp_path, "slow", rounds=3, min_clients=2,
+                           round_timeout=timeout, client_cpus=0.5)  # fmt: skip
+    config = replace(config, train=replace(config.train, batch_size=8))
+    result = run_flower_simulation(config, client_app=lying_app(behaviour))
+    rows = history(result.run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["clients"][:2] == [1, 2] for r in rows)
+    first = {f["client"]: f["reason"] for f in rows[0]["failed"]}
+    assert first == {3: "no reply within 15 s (--round-timeout)", 4: "no reply within 15 s (--round-timeout)"}
+    for row in rows[1:]:
+        reasons = {f["client"]: f["reason"] for f in row["failed"]}
+        assert reasons[4] == "still busy with round 1, which stopped waiting for it (--round-timeout)"
+        assert 3 in row["clients"] or reasons[3] == reasons[4]  # back as soon as its turn was stopped
+
+
+def test_a_client_stops_its_turn_once_the_server_stopped_waiting(tiny_model, glue_dir, shards):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedlora_cli.errors import FedloraError
+    from fedlora_cli.flower import client_app
+
+    config = codec.from_run_config({"data.task": "sst2", "data.data-dir": str(glue_dir), "shards": str(shards),
+                                    "model.name": str(tiny_model), "round-timeout": 5.0})  # fmt: skip
+    state = {"a.lora_A.weight": torch.zeros(8, 4), "a.lora_B.weight": torch.zeros(4, 8)}
+    content = RecordDict({codec.ARRAYS: codec.state_to_arrays(state), codec.RUN_CONFIG: codec.run_config_record(config),
+                          codec.CONFIG: ConfigRecord({"server-round": 2, "client-id": 1, **codec.lora_to_config(LoraSpec())})})  # fmt: skip
+    late = fake_message(0, 5, "train", content)
+    late.metadata.created_at = time.time() - 6  # sent 6 s ago; the round waits 5 s
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = client_app.app(late, context)
+    assert reply.has_error() and "round 2's --round-timeout has passed" in reply.error.reason
+    deadline = client_app.Deadline(time.time() + 0.2, 3)
+    deadline.advance("client")  # in time
+    time.sleep(0.3)
+    with pytest.raises(FedloraError, match="round 3's --round-timeout has passed"):
+        deadline.advance("client")  # the training loop's next step stops the turn
+
+
+def test_sigterm_stops_a_flower_simulation_resumably_and_leaves_no_ray_process(tiny_model, glue_dir, shards,
+                                                                                tmp_path):  # fmt: skip
+    out = tmp_path / "run"
+    args = ["rounds", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--shards", shards,
+            "--output-dir", out, *FAST]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora_cli", *map(str, args), "--rounds", "30", "--engine",
+                             "flower"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    with ProcessWatch(proc.pid) as watch:
+        deadline = time.monotonic() + 150
+        while not (out / "round_001" / "global" / "metrics.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err and "SIGTERM received" not in err, err
+    assert lines[0].startswith("error: terminated (SIGTERM): ") and f"--output-dir {out} --resume" in lines[0]
+    assert "raylet" in watch.names.values()
+    assert not watch.survivors(), "Ray processes outlived the run"
+    again = run(*args, "--rounds", "2", "--resume")  # engine local may continue a Flower run
+    assert again.exit_code == 0, again.stderr
+    assert [r["round"] for r in history(out)] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ tokenized data still comes from fedlora's disk cache.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from fedlora_cli.config import RoundsConfig
 from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.flower import codec
 from fedlora_cli.flower.codec import ARRAYS, CONFIG, IDENTITY, METRICS, REPORT, RUN_CONFIG
+from fedlora_cli.progress import NullProgress
 
 app = ClientApp()
 
@@ -68,12 +70,15 @@ def train(msg: Message, context: Context) -> Message:
             raise InputError(f"malformed TRAIN message ({e})") from None
         if plan.client_id != shard.client_id:
             raise InputError(f"this node serves client {shard.client_id}, not client {plan.client_id}")
+        deadline = Deadline.of(msg, config, round_no)
+        deadline.check()  # a message that waited past its round (a busy node, a queue): no work at all
         worker = _worker(config, plan.adapter.lora)
         worker.check(shard)
         report = train_client(
             worker.model, worker.data, shard.indices, plan, config.train, round_no=round_no,
             run_seed=config.train.seed, device=worker.device, precision=worker.precision,
             task=worker.task if config.eval_clients else None, eval_batch_size=config.eval_batch_size,
+            progress=deadline,
         )  # fmt: skip
         content = RecordDict({
             ARRAYS: codec.state_to_arrays(report.state),
@@ -104,6 +109,35 @@ def evaluate(msg: Message, context: Context) -> Message:
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return _answer(msg, answer)
+
+
+class Deadline(NullProgress):
+    """Stops a client's turn once the server has stopped waiting for it (--round-timeout after the message
+    was created): a timed-out client frees its worker (a Ray actor in simulation, the SuperNode's
+    process) for the next message instead of finishing work nobody reads. Checked before training and
+    at every optimizer step. Uses the server's clock (the message's creation time) against this
+    machine's: clocks kept by NTP differ by far less than a sensible --round-timeout.
+    """
+
+    def __init__(self, deadline: float | None, round_no: int) -> None:
+        self.deadline = deadline
+        self.round_no = round_no
+
+    @classmethod
+    def of(cls, msg: Message, config: RoundsConfig, round_no: int) -> Deadline:
+        timeout = config.round_timeout
+        return cls(None if timeout is None else msg.metadata.created_at + timeout, round_no)
+
+    def check(self) -> None:
+        if self.deadline is not None and time.time() > self.deadline:
+            raise FedloraError(f"stopped: round {self.round_no}'s --round-timeout has passed, so the server no "
+                               f"longer waits for this client")  # fmt: skip
+
+    def start(self, key: str, description: str, total: int | None = None) -> None:
+        self.check()
+
+    def advance(self, key: str, n: int = 1, info: str | None = None) -> None:
+        self.check()
 
 
 def _answer(msg: Message, make_reply: Callable[[], Message]) -> Message:
