@@ -72,8 +72,8 @@ __all__ = [
 # how many rounds there are in all (each round's clients and seeds do not depend on the total, so
 # extending a run gives what running longer from the start would).
 RESUME_FREE_KEYS = {
-    "output", "resume", "resume_from_round", "rounds", "client_cpus", "client_gpus", "eval_batch_size", "eval_each_round", "eval_clients",
-    "engine", "min_clients", "round_timeout",
+    "output", "resume", "resume_from_round", "rounds", "client_cpus", "client_gpus", "eval_batch_size",
+    "eval_each_round", "eval_clients", "engine", "min_clients", "round_timeout",
 }  # fmt: skip
 
 

@@ -522,7 +522,13 @@ def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(tiny_model, g
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["clients"][:2] == [1, 2] for r in rows)
     first = {f["client"]: f["reason"] for f in rows[0]["failed"]}
-    assert first == {3: "no reply within 15 s (--round-timeout)", 4: "no reply within 15 s (--round-timeout)"}
+    missed = "no reply within 15 s (--round-timeout)"
+    assert sorted(first) == [3, 4] and first[4] == missed
+    # the slow client stopped its own turn at the deadline: its error reply may just make it in time
+    assert first[3] in (
+        missed,
+        "stopped: round 1's --round-timeout has passed, so the server no longer waits for this client",
+    )
     for row in rows[1:]:
         reasons = {f["client"]: f["reason"] for f in row["failed"]}
         assert reasons[4] == "still busy with round 1, which stopped waiting for it (--round-timeout)"

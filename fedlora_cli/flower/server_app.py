@@ -374,9 +374,8 @@ class PollingGrid(Grid):
     def __init__(self, grid: Grid, abort: threading.Event | None = None) -> None:
         self.grid = grid
         self.abort = abort or threading.Event()
-        self.unanswered: dict[
-            str, int
-        ] = {}  # message id -> node: the last send_and_receive's unanswered ones
+        # message id -> node of the messages the last send_and_receive got no reply to
+        self.unanswered: dict[str, int] = {}
 
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
