@@ -28,10 +28,16 @@ class ClientUpdate:
     state: Mapping[str, torch.Tensor]
     scaling: float
     weight: float
+    name: str = ""  # how messages name this client ("client 3", an adapter path); default: its position
 
     def __post_init__(self) -> None:
         if not _positive_number(self.scaling):
             raise ValueError(f"scaling must be a finite number > 0 (lora_alpha / r), got {self.scaling!r}")
+
+
+def _who(clients: Sequence[ClientUpdate], i: int) -> str:
+    """A client as messages name it: its own name (the engines give the client id), else its 1-based position."""
+    return clients[i].name or f"client #{i + 1}"
 
 
 @dataclass(frozen=True)
@@ -314,7 +320,9 @@ def aggregate_one_factor(
             r_i = mine.shape[0] if trained == "B" else mine.shape[1]
             expected = fixed[:r_i] if trained == "B" else fixed[:, :r_i]
             if r_i > rank or not torch.equal(mine.to(fixed.dtype), expected):
-                raise ValueError(f"client {i}: {fixed_key} is not the frozen factor the clients were sent")
+                raise ValueError(
+                    f"{_who(clients, i)}: {fixed_key} is not the frozen factor the clients were sent"
+                )
         bs = [_to64(c.state[b_key]) for c in clients]
         as_ = [_to64(c.state[a_key]) for c in clients]
         if trained == "B":
@@ -427,29 +435,31 @@ def _check_clients(clients: Sequence[ClientUpdate]) -> _Checked:
         if other != key_set:
             missing, extra = sorted(key_set - other), sorted(other - key_set)
             raise ValueError(
-                f"client {i} has different keys from client 0: missing {missing[:3]}, extra {extra[:3]}"
+                f"{_who(clients, i)} has different keys from {_who(clients, 0)}: missing {missing[:3]}, extra {extra[:3]}"
                 f" ({len(missing)} missing, {len(extra)} extra)"
             )
         for key, t in c.state.items():
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"client {i}: {key!r} is {kind}; adapter tensors must be floating point")
+                raise ValueError(
+                    f"{_who(clients, i)}: {key!r} is {kind}; adapter tensors must be floating point"
+                )
 
     modules = lora_modules(clients[0].state)
     if not modules:
-        raise ValueError(f"client 0 has no LoRA modules: no key ends in {_A_SUFFIX!r}")
+        raise ValueError(f"{_who(clients, 0)} has no LoRA modules: no key ends in {_A_SUFFIX!r}")
     module_dims: dict[str, tuple[int, int]] = {}
     for prefix, (a_key, b_key) in modules.items():
         for i, c in enumerate(clients):
             a, b = c.state[a_key], c.state[b_key]
-            _module_rank(f"{prefix} (client {i})", a, b)
+            _module_rank(f"{prefix} ({_who(clients, i)})", a, b)
             dims = (b.shape[0], a.shape[1])
             if i == 0:
                 module_dims[prefix] = dims
             elif dims != module_dims[prefix]:
                 raise ValueError(
-                    f"LoRA module {prefix!r}: client {i} has d_out x d_in = {dims[0]} x {dims[1]}, "
-                    f"client 0 has {module_dims[prefix][0]} x {module_dims[prefix][1]}"
+                    f"LoRA module {prefix!r}: {_who(clients, i)} has d_out x d_in = {dims[0]} x {dims[1]}, "
+                    f"{_who(clients, 0)} has {module_dims[prefix][0]} x {module_dims[prefix][1]}"
                 )
 
     lora_keys = {k for pair in modules.values() for k in pair}
@@ -459,9 +469,14 @@ def _check_clients(clients: Sequence[ClientUpdate]) -> _Checked:
         for i, c in enumerate(clients):
             if c.state[key].shape != shape:
                 raise ValueError(
-                    f"client {i}: {key!r} has shape {tuple(c.state[key].shape)}, client 0 has {tuple(shape)}"
+                    f"{_who(clients, i)}: {key!r} has shape {tuple(c.state[key].shape)}, {_who(clients, 0)} has {tuple(shape)}"
                 )
 
+    for i, c in enumerate(clients):
+        if not _positive_number(c.weight):
+            raise ValueError(
+                f"{_who(clients, i)}: weight must be a finite number > 0 (training examples), got {c.weight!r}"
+            )
     weights = normalise_weights([c.weight for c in clients])
     # Mixed precisions across clients resolve to the wider dtype, so nothing is rounded twice.
     dtypes = {k: functools.reduce(torch.promote_types, (c.state[k].dtype for c in clients)) for k in keys}

@@ -34,6 +34,7 @@ from fedlora_cli.modeling import (
     save_adapter,
 )
 from fedlora_cli.progress import NullProgress, Progress, as_tracker
+from fedlora_cli.runlock import RunLock
 from fedlora_cli.runs import (
     COMPLETE,
     METRICS,
@@ -194,6 +195,14 @@ def run_train(
     task = config.data.glue_task
     out = run_path(config.output, task.name, config.model.short_name, prefix="train-")
     external_adapter = _claim_outputs(config, out)
+    with RunLock(out, "train"):  # before any work: a second process on this folder stops here
+        return _train(config, out, external_adapter, progress, argv)
+
+
+def _train(
+    config: TrainConfig, out: Path, external_adapter: Path | None, progress: Progress, argv
+) -> RunResult:
+    task = config.data.glue_task
     device = resolve_device(config.model.device)
     precision = resolve_precision(config.train.precision, device)
     init = read_adapter(config.init_adapter) if config.init_adapter else None
@@ -259,10 +268,16 @@ def run_baseline(
     """Full fine-tuning of every weight (the upper reference point), or zero-shot evaluation."""
     progress = progress or NullProgress()
     task = config.data.glue_task
-    device = resolve_device(config.model.device)
-    precision = resolve_precision(config.train.precision, device)
     out = run_path(config.output, task.name, config.model.short_name, prefix="baseline-")
     _claim_outputs(config, out)
+    with RunLock(out, "baseline"):  # before any work: a second process on this folder stops here
+        return _baseline(config, out, progress, argv)
+
+
+def _baseline(config: BaselineConfig, out: Path, progress: Progress, argv) -> RunResult:
+    task = config.data.glue_task
+    device = resolve_device(config.model.device)
+    precision = resolve_precision(config.train.precision, device)
     base, data, tokenizer = load_model_and_data(
         config.model, config.data, config.train.seed, train=config.do_train, progress=progress
     )

@@ -526,6 +526,7 @@ class RoundsConfig:
     rounds: int = 5
     init_adapter: str | None = None  # the round-1 global adapter; None: fresh LoRA from the seed
     resume: bool = False
+    resume_from_round: int | None = None  # resume after this complete round, discarding the later ones
     eval_each_round: bool = True  # evaluate the global adapter after every round (always after the last)
     eval_clients: bool = False  # also evaluate each client's adapter (costly: one dev pass per client)
     eval_batch_size: int = 64
@@ -557,10 +558,15 @@ class RoundsConfig:
         _check(self.client_gpus >= 0, f"--client-gpus must be >= 0, got {self.client_gpus}")
         rt = self.round_timeout
         _check(rt is None or rt > 0, f"--round-timeout must be > 0 seconds, got {rt}")
-        if self.resume:
+        if self.resuming:
             named = self.output.run_name is not None or self.output.output_dir is not None
             _check(named, "--resume needs the --run-name (or --output-dir) of the run to continue")
         check_rounds_numbers(self)
+
+    @property
+    def resuming(self) -> bool:
+        """--resume, or --resume-from-round N (which implies it)."""
+        return self.resume or self.resume_from_round is not None
 
     def clients_in_round(self, total: int) -> int:
         """How many of `total` clients train each round."""
@@ -606,6 +612,8 @@ def check_rounds_numbers(config: RoundsConfig) -> None:
     _check_number("--client-gpus", config.client_gpus, 0)
     if config.round_timeout is not None:
         _check_number("--round-timeout", config.round_timeout, 0, low_open=True)
+    if config.resume_from_round is not None:
+        _check_int("--resume-from-round", config.resume_from_round, 0, config.rounds)
 
 
 def clients_per_round_note(config: RoundsConfig, total: int) -> str | None:

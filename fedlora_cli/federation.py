@@ -30,14 +30,26 @@ from fedlora_cli.errors import FedloraError, InputError, Interrupted
 from fedlora_cli.evaluation import EvalResult, evaluate
 from fedlora_cli.features import TaskData, steps_per_epoch
 from fedlora_cli.history import HistoryRow
+from fedlora_cli.integrity import (
+    STATE_FILE,
+    check_round,
+    damaged,
+    last_recorded_round,
+    read_round_record,
+    round_digests,
+    sealed,
+)
 from fedlora_cli.modeling import LoraModel, check_adapter_task, read_adapter, save_adapter
+from fedlora_cli.ownership import RUN_RECORD, entries, read_object
 from fedlora_cli.progress import NullProgress, Progress, as_tracker
+from fedlora_cli.runlock import RunLock
 from fedlora_cli.runs import (
     ADAPTER_DIR,
     METRICS,
     RUN_OPTION,
     RoundTree,
     claim_run_dir,
+    complete_rounds,
     config_changes,
     final_metrics,
     interrupted_rounds_message,
@@ -63,16 +75,16 @@ __all__ = [
     "RoundsResult", "Setup", "derive_seed", "prepare", "run_local", "select_clients", "train_client",
 ]  # fmt: skip
 
-STATE_FILE = "state.safetensors"
-SHARDS_DIR = "shards"  # <run>/shards/: the manifests of a run that sharded the data itself (--clients K)  # a strategy's server state, beside round_NNN/global/adapter
+
+SHARDS_DIR = "shards"  # <run>/shards/: the manifests of a run that sharded the data itself (--clients K)
 
 # Config keys that may change between a run and its resumption: where it is written, how the work is
 # spread (engine, resources, fault tolerance: both engines give the same rounds), what is evaluated, and
 # how many rounds there are in all (each round's clients and seeds do not depend on the total, so
 # extending a run gives what running longer from the start would).
 RESUME_FREE_KEYS = {
-    "output", "resume", "rounds", "client_cpus", "client_gpus", "eval_batch_size", "eval_each_round", "eval_clients",
-    "engine", "min_clients", "round_timeout", "privacy.target_epsilon",
+    "output", "resume", "resume_from_round", "rounds", "client_cpus", "client_gpus", "eval_batch_size",
+    "eval_each_round", "eval_clients", "engine", "min_clients", "round_timeout", "privacy.target_epsilon",
 }  # fmt: skip
 
 
@@ -189,51 +201,102 @@ def train_client(
 
 
 class RoundRecorder:
-    """Writes the run tree of a `rounds` run and decides where a resumed run continues."""
+    """Writes the run tree of a `rounds` run and decides where a resumed run continues.
+
+    It holds the run folder's lock (runlock.py) from `claim` until `close`: one process per run.
+    """
 
     def __init__(self, run_dir: Path, base_model: str, task: GlueTask) -> None:
         self.tree = RoundTree(run_dir)
         self.base_model = base_model
         self.task = task
         self.history: list[HistoryRow] = []
+        self.lock = RunLock(run_dir, "rounds")
 
     @property
     def run_dir(self) -> Path:
         return self.tree.root
 
-    def start(self, config: RoundsConfig, record: dict[str, Any]) -> int:
-        """Claim the folder (or verify it for --resume); return the last complete round."""
+    def claim(self, config: RoundsConfig) -> None:
+        """Before any work: a --resume needs a run to continue; then hold the folder's lock (or say who does)."""
         root = self.tree.root
-        exists = root.is_dir() and any(root.iterdir())
-        if exists and not config.resume and not config.output.overwrite:
+        if config.resuming and not root.is_dir():
+            raise InputError(f"--resume: there is no run at {root}: check {RUN_OPTION}, or start the run "
+                             f"without --resume")  # fmt: skip
+        if root.exists() and not root.is_dir():
+            raise InputError(f"{root} exists and is not a folder: choose another {RUN_OPTION}")
+        self.lock.acquire()
+
+    def close(self) -> None:
+        """Release the folder's lock (the run is finished, failed or interrupted; what is complete stays)."""
+        self.lock.release()
+
+    def start(self, config: RoundsConfig, record: dict[str, Any]) -> int:
+        """Under the lock: start the run in its folder, or check it for --resume; return the last complete round.
+
+        A folder holding nothing but fedlora's temporaries, or a rounds run that never completed a round
+        (killed right after it started), may be started again without --overwrite, or resumed.
+        """
+        root = self.tree.root
+        begun = bool(entries(root))  # anything beyond temporaries and lock files
+        if config.resuming and begun:
+            return self._resume(config, record)
+        if begun and not self._never_completed_a_round() and not config.output.overwrite:
             raise InputError(
                 f"run {root} already exists: pass --resume to continue it, --overwrite to replace it, or "
                 f"choose another {RUN_OPTION}"
             )
-        if exists and not config.resume:
-            claim_run_dir(root, overwrite=True)  # only ever deletes a fedlora run (ownership.RUN)
-            exists = False
-        if exists:
-            previous = read_json(root / "run.json", "run record")
-            _check_same_run(previous, record)
-            done = self.tree.last_complete_round()
-            self.tree.discard_after(done)
-            changes = config_changes(previous.get("config", {}), record["config"])
-            # what changed in the experiment (not where it is written: --run-name vs --output-dir)
-            changes = {k: v for k, v in changes.items() if k != "resume" and not k.startswith("output.")}
-            record_resume(root, argv=record["argv"], changes=changes)
-            # Each complete round's global/metrics.json holds its whole history row, so history.jsonl
-            # is rebuilt from them: it can never disagree with the rounds actually on disk.
-            first = 0 if (self.tree.global_dir(0) / METRICS).is_file() else 1
-            self.history = [
-                HistoryRow.from_json(read_json(self.tree.global_dir(r) / METRICS))
-                for r in range(first, done + 1)
-            ]
-            write_history(root, [row.to_json() for row in self.history])
-            return done
-        root.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(root, overwrite=True)  # only ever deletes a fedlora run (ownership.RUN)
         write_record(root, record)
         return 0
+
+    def _never_completed_a_round(self) -> bool:
+        record = read_object(self.tree.root / RUN_RECORD)
+        return (
+            record is not None and record.get("command") == "rounds" and last_recorded_round(self.tree) == 0
+        )
+
+    def _resume(self, config: RoundsConfig, record: dict[str, Any]) -> int:
+        """Check the run, then the round it continues from (integrity.check_round), and only then discard
+        what came after that round."""
+        root = self.tree.root
+        previous = read_json(root / RUN_RECORD, "run record")
+        if previous.get("command") != "rounds":
+            raise InputError(f"--resume: {root} is not a `fedlora rounds` run (its run.json says "
+                             f"{previous.get('command')!r})")  # fmt: skip
+        _check_same_run(previous, record)
+        last = last_recorded_round(self.tree)
+        done = last if config.resume_from_round is None else config.resume_from_round
+        if done > config.rounds:
+            raise InputError(f"--rounds {config.rounds}, but {complete_rounds(root, done)}: ask for more rounds, or "
+                             f"go back with --resume-from-round N")  # fmt: skip
+        if done > last:
+            complete = f"its last complete round is {last}" if last else "no round of it is complete"
+            raise InputError(f"--resume-from-round {done}: {root} has no complete round {done} ({complete})")
+        # Each complete round's global/metrics.json holds its whole history row, so history.jsonl is
+        # rebuilt from them: it can never disagree with the rounds actually on disk (round 0, the
+        # starting adapter's evaluation, when it was made).
+        first = 0 if (self.tree.global_dir(0) / METRICS).is_file() else 1
+        rows = [self._history_row(r) for r in range(first, done + 1)]
+        if done:
+            check_round(self.tree, done)
+        self.tree.discard_after(done)
+        self.history = rows
+        write_history(root, [row.to_json() for row in rows])
+        # what changed in the experiment (not where it is written: --run-name vs --output-dir)
+        changes = config_changes(previous.get("config", {}), record["config"])
+        changes = {k: v for k, v in changes.items() if k not in ("resume", "resume_from_round")
+                   and not k.startswith("output.")}  # fmt: skip
+        record_resume(root, argv=record["argv"], changes=changes)
+        return done
+
+    def _history_row(self, round_no: int) -> HistoryRow:
+        try:
+            return HistoryRow.from_json(read_round_record(self.tree, round_no))
+        except TypeError:
+            raise damaged(
+                self.tree.global_dir(round_no) / METRICS, "is not a round record", round_no
+            ) from None
 
     def _meta(self, origin: str, round_no: int, **extra: Any) -> dict[str, Any]:
         return {"task": self.task.name, "label_names": list(self.task.label_names), "origin": origin,
@@ -261,8 +324,10 @@ class RoundRecorder:
         return size
 
     def complete_round(self, row: HistoryRow) -> None:
-        """Write the round's record last: global/metrics.json marks the round complete, then history."""
-        atomic.write_json(self.tree.global_dir(row.round) / METRICS, row.to_json())
+        """Write the round's record last: global/metrics.json marks the round complete (with the sha256 of
+        every file the round wrote, for --resume), then history."""
+        files = round_digests(self.tree, row.round)
+        atomic.write_json(self.tree.global_dir(row.round) / METRICS, sealed(row.to_json(), files))
         self.history.append(row)
         write_history(self.tree.root, [r.to_json() for r in self.history])
 
@@ -372,22 +437,39 @@ def prepare(
     argv: list[str] | None = None,
     resume_hint: Callable[[Path], str] | None = None,
 ) -> Setup:
-    """Read shards and data, build the model and the strategy once, claim (or verify, for --resume) the run folder."""
-    from fedlora_cli.modeling import resolve_device, resolve_precision
+    """Read shards and data, build the model and the strategy once, claim (or verify, for --resume) the run folder.
 
+    The run folder's lock is taken first, before any work, and held by the returned Setup's recorder
+    until `setup.recorder.close()` (the engines do that when the run ends, however it ends).
+    """
     progress = progress or NullProgress()
     config = with_shard_limits(config)
     task = config.data.glue_task
-    device = resolve_device(config.model.device)
-    precision = resolve_precision(config.train.precision, device)
     path = run_path(config.output, task.name, config.model.short_name)
-    shards, staged = _shards(config, path, progress)
+    recorder = RoundRecorder(path, config.model.resolved, task)
+    recorder.claim(config)
     try:
-        return _prepare(config, shards, staged, path, progress=progress, argv=argv, resume_hint=resume_hint,
-                        task=task, device=device, precision=precision)  # fmt: skip
-    finally:
-        if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
+        shards, staged = _shards(config, path, progress)
+        try:
+            return _prepare(
+                config, shards, staged, recorder, progress=progress, argv=argv, resume_hint=resume_hint
+            )
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+    except BaseException:
+        recorder.close()
+        raise
+
+
+def check_run_folder(config: RoundsConfig) -> None:
+    """The run folder checks `prepare` starts with (a --resume needs a run; no other process holds it), for
+    an engine to run before it spends time starting up (the Flower simulation starts Ray). `prepare` runs
+    them again and holds the lock from then on."""
+    path = run_path(config.output, config.data.glue_task.name, config.model.short_name)
+    recorder = RoundRecorder(path, config.model.resolved, config.data.glue_task)
+    recorder.claim(config)
+    recorder.close()
 
 
 def client_count(config: RoundsConfig) -> int:
@@ -446,7 +528,7 @@ def _shards(config: RoundsConfig, run_dir: Path, progress: Progress) -> tuple[An
     if config.shards:
         return read_shards(config.shards), None
     own = run_dir / SHARDS_DIR
-    if config.resume and (own / "summary.json").is_file():
+    if config.resuming and (own / "summary.json").is_file():
         return read_shards(own), None
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.shards.", suffix=".tmp", dir=run_dir.parent))
@@ -466,20 +548,21 @@ def _prepare(
     config: RoundsConfig,
     shards: Any,
     staged: Path | None,
-    path: Path,
+    recorder: RoundRecorder,
     *,
     progress: Progress,
     argv: list[str] | None,
     resume_hint: Callable[[Path], str] | None,
-    task: GlueTask,
-    device: torch.device,
-    precision: str,
 ) -> Setup:
     from fedlora_cli.centralised import load_model_and_data
     from fedlora_cli.config import clients_per_round_note
-    from fedlora_cli.modeling import check_lora_fits, count_parameters
+    from fedlora_cli.modeling import check_lora_fits, count_parameters, resolve_device, resolve_precision
     from fedlora_cli.sharding import validate_shards
     from fedlora_cli.training import planned_steps
+
+    task, path = config.data.glue_task, recorder.run_dir
+    device = resolve_device(config.model.device)
+    precision = resolve_precision(config.train.precision, device)
 
     init = read_adapter(config.init_adapter) if config.init_adapter else None
     if init is not None and (note := check_adapter_task(init, task, config.init_adapter)):
@@ -510,7 +593,6 @@ def _prepare(
         model.load_state(init.state, init.lora)
     initial = strategy.initial(GlobalAdapter(model.state(), start_lora))  # from the seed, or --init-adapter
 
-    recorder = RoundRecorder(path, config.model.resolved, task)
     record = run_record(
         command="rounds",
         config=config,
@@ -600,7 +682,7 @@ class RoundDriver:
             self.current = setup.initial
         last = setup.recorder.history[-1] if setup.recorder.history else None
         self.metrics: dict[str, float] = dict(last.eval or {}) if last is not None else {}
-        if not setup.start_round and setup.config.eval_each_round:
+        if not setup.start_round and setup.config.eval_each_round and not setup.recorder.history:
             self._record_round_zero()
 
     def _record_round_zero(self) -> None:
@@ -651,6 +733,12 @@ class RoundDriver:
             value = report.train.get(key)
             if not isinstance(value, int | float) or not math.isfinite(value):
                 return f"its training {key} is missing or not a finite number ({value!r})"
+        seed = derive_seed(self.s.config.train.seed, plan.round_no, report.client_id)
+        if report.seed != seed:
+            return f"trained with seed {report.seed!r}, not this round's seed {seed} for it"
+        for key, value in (report.eval or {}).items():
+            if not isinstance(value, int | float) or math.isinf(value):
+                return f"its evaluation {key} is not a number ({value!r})"
         return self.s.strategy.check_update(client_plan, report.update())
 
     def close_round(
@@ -676,13 +764,10 @@ class RoundDriver:
         if len(usable) < self.need or not usable:
             done = s.recorder.tree.last_complete_round()
             detail = "; ".join(f"client {f['client']}: {str(f['reason'])[:160]}" for f in failures)
-            kept = {0: f"No round of {s.run_dir} is complete", 1: f"Round 1 of {s.run_dir} is kept"}.get(
-                done, f"Rounds 1-{done} of {s.run_dir} are kept"
-            )
             raise RoundFailed(
                 f"round {round_no}: {len(usable)} of {len(plan.selected)} selected clients replied but "
-                f"{self.need} are needed (--min-clients) — {detail}. {kept}: fix the clients and "
-                f"continue with {s.resume_hint(s.run_dir)}"
+                f"{self.need} are needed (--min-clients) — {detail}; {complete_rounds(s.run_dir, done)}: fix "
+                f"the clients and continue with {s.resume_hint(s.run_dir)}"
             )
 
         t = time.perf_counter()
@@ -786,6 +871,8 @@ def run_local(
     except KeyboardInterrupt:
         done = setup.recorder.tree.last_complete_round()
         raise Interrupted(interrupted_rounds_message(setup.run_dir, done)) from None
+    finally:
+        setup.recorder.close()
 
 
 def _local_loop(driver: RoundDriver, progress: Progress) -> RoundsResult:

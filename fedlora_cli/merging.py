@@ -86,7 +86,8 @@ def run_merge(config: MergeConfig, *, argv: list[str] | None = None) -> MergeRes
     # Adapters may have different ranks; the merged adapter's default rank is the largest, at its scaling.
     lora = max((a.lora for a in adapters), key=lambda spec: spec.r)
     updates = [
-        ClientUpdate(a.state, scaling=a.lora.scaling, weight=w) for a, w in zip(adapters, raw, strict=True)
+        ClientUpdate(a.state, scaling=a.lora.scaling, weight=w, name=f"adapter {path}")
+        for a, w, path in zip(adapters, raw, config.adapters, strict=True)
     ]
     spec = config.aggregation
     why_not = get_method(spec.method).merge

@@ -31,6 +31,8 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_META)
 RUN_RECORD = "run.json"
 METRICS = "metrics.json"
 HISTORY = "history.jsonl"
+# A run folder's lock (runlock.py): the OS lock file, and the note of which process holds it.
+LOCK_FILES = (".fedlora.lock", ".fedlora.lock.json")
 SUMMARY_FILE = "summary.json"
 CLIENT_FILE = re.compile(r"^client_(\d+)\.json$")
 ROUND_DIR = re.compile(r"^round_\d{3,}$")
@@ -97,8 +99,9 @@ def _describe(foreign: list[str], output: Output) -> str:
 
 
 def entries(folder: Path) -> list[str]:
-    """The names in `folder`, less the temporaries of interrupted atomic writes (those are fedlora's)."""
-    return sorted(e.name for e in folder.iterdir() if not is_leftover(e.name))
+    """The names in `folder`, less the temporaries of interrupted atomic writes and a run's lock files
+    (those are fedlora's, and say nothing about what the folder holds)."""
+    return sorted(e.name for e in folder.iterdir() if not is_leftover(e.name) and e.name not in LOCK_FILES)
 
 
 def read_object(path: Path) -> dict[str, Any] | None:

@@ -87,7 +87,7 @@ class PlannedRun:
         """What the command gets: the cell's options, the seed, where to write, and whether to resume."""
         out = {**self.cell.options, "seed": self.seed, "output-dir": str(self.folder)}
         if self.action == "resume":
-            out["resume"] = True
+            out["resume"] = str(self.folder)  # `--resume RUN`: the run's own record says the rest
         return out
 
 

@@ -404,15 +404,15 @@ def test_different_key_sets_name_the_client_and_key():
     clients = mixed_clients()
     state = dict(clients[2].state)
     del state[HEAD_B]
-    clients[2] = ClientUpdate(state, 1.0, 1)
-    with pytest.raises(ValueError, match=r"client 2 .*missing \['base_model.model.classifier.dense.bias'\]"):
+    clients[2] = ClientUpdate(state, 1.0, 1, name="client 7")  # messages use the client's id when it has one
+    with pytest.raises(ValueError, match=r"client 7 .*missing \['base_model.model.classifier.dense.bias'\]"):
         aggregate_svd(clients, rank=2, alpha=4.0)
 
 
 def test_dense_shape_mismatch_names_key_and_shapes():
     clients = mixed_clients()
     clients[1] = ClientUpdate(dict(clients[1].state) | {HEAD_W: torch.zeros(3, 5)}, 1.0, 1)
-    with pytest.raises(ValueError, match=r"client 1: .*dense.weight.*\(3, 5\).*\(3, 4\)"):
+    with pytest.raises(ValueError, match=r"client #2: .*dense.weight.*\(3, 5\).*\(3, 4\)"):
         aggregate_svd(clients, rank=2, alpha=4.0)
 
 
@@ -420,14 +420,14 @@ def test_module_dims_mismatch_names_module_and_sizes():
     clients = mixed_clients()
     bad = dict(clients[1].state) | {a_key(QUERY): torch.zeros(4, 21)}
     clients[1] = ClientUpdate(bad, 1.0, 1)
-    with pytest.raises(ValueError, match=r"query.*client 1 has d_out x d_in = 24 x 21.*24 x 20"):
+    with pytest.raises(ValueError, match=r"query.*client #2 has d_out x d_in = 24 x 21.*24 x 20"):
         aggregate_svd(clients, rank=2, alpha=4.0)
 
 
 def test_non_floating_tensor_is_rejected():
     clients = mixed_clients()
     clients[0] = ClientUpdate(dict(clients[0].state) | {HEAD_B: torch.zeros(3, dtype=torch.int64)}, 1.0, 1)
-    with pytest.raises(ValueError, match=r"client 0: .*dense.bias.*int64"):
+    with pytest.raises(ValueError, match=r"client #1: .*dense.bias.*int64"):
         aggregate_naive(clients)
 
 

@@ -10,12 +10,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr", reason="the `flower` extra is not installed")
@@ -23,7 +27,15 @@ pytest.importorskip("flwr", reason="the `flower` extra is not installed")
 from clitools import one_error_line, run  # noqa: E402
 from test_rounds import write_manifests  # noqa: E402
 
-from fedlora_cli.config import DataSpec, LoraSpec, RoundsConfig  # noqa: E402
+from fedlora_cli.config import (  # noqa: E402
+    AggregationSpec,
+    DataSpec,
+    LoraSpec,
+    ModelSpec,
+    OutputSpec,
+    RoundsConfig,
+    TrainSpec,
+)
 from fedlora_cli.flower import codec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +89,53 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         assert rel <= rtol, (k, rel)
 
 
+class ProcessWatch:
+    """Every process descending from `pid` (default: this one) while the block runs; `survivors()` says
+    which are still running afterwards — orphans included, whoever their parent is by then."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid or os.getpid())
+        self.seen: dict[int, psutil.Process] = {}
+        self.names: dict[int, str] = {}  # as they were named while they ran
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.1):
+            with contextlib.suppress(psutil.Error):
+                for proc in self.root.children(recursive=True):
+                    if proc.pid not in self.seen:
+                        with contextlib.suppress(psutil.Error):
+                            self.names[proc.pid] = proc.name()
+                        self.seen[proc.pid] = proc
+
+    def __enter__(self) -> ProcessWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def survivors(self, wait: float = 10.0) -> list[str]:
+        import psutil
+
+        def running(p) -> bool:
+            try:
+                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+
+        deadline = time.monotonic() + wait
+        while (alive := [p for p in self.seen.values() if running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return [f"{p.pid} {self.names.get(p.pid, '?')}" for p in alive if running(p)]
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     order = np.random.default_rng(0).permutation(600).tolist()
@@ -122,6 +181,12 @@ def test_run_config_round_trips_every_kind_of_field():
         codec.from_run_config({"data.task": "sst2", "train.lr": 0.1})
 
 
+VALID_REPORT = dict(
+    codec.report_to_config(3, 60, 12345, LoraSpec(), {"loss": 0.5, "last_loss": 0.25, "steps": 3, "seconds": 1.5,
+                           "samples_per_second": 40.0, "tokens_per_second": 900.0, "order": "ab12"}, {"accuracy": 0.75})
+)  # fmt: skip
+
+
 def test_adapter_state_lora_and_report_round_trip_exactly():
     state = {
         "a.lora_A.weight": torch.randn(4, 16),
@@ -134,10 +199,37 @@ def test_adapter_state_lora_and_report_round_trip_exactly():
     assert arrays.count_bytes() > sum(t.numel() * 4 for t in state.values())  # payload + .npy headers + keys
     spec = LoraSpec(8, 16.0, 0.1, ("query", "value"))
     assert codec.lora_from_config(codec.lora_to_config(spec)) == spec
-    train = {"loss": 0.5, "steps": 3, "order": "ab12"}
+    train = {"loss": 0.5, "last_loss": 0.25, "steps": 3, "seconds": 1.5, "samples_per_second": 40.0,
+             "tokens_per_second": 900.0, "order": "ab12"}  # fmt: skip
     record = codec.report_to_config(3, 60, 2**32 - 1, spec, train, {"accuracy": 0.75})
     assert codec.report_from_config(record) == {"client_id": 3, "examples": 60, "seed": 2**32 - 1, "lora": spec,
                                                 "train": train, "eval": {"accuracy": 0.75}}  # fmt: skip
+
+
+HOSTILE = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(), st.text(max_size=300),
+    st.binary(max_size=8), st.lists(st.integers(), max_size=3), st.lists(st.text(max_size=5), max_size=3),
+    st.lists(st.floats(), max_size=3),
+)  # fmt: skip
+
+
+@settings(max_examples=400)
+@given(st.dictionaries(st.sampled_from(sorted(VALID_REPORT)), HOSTILE, min_size=1, max_size=4),
+       st.sets(st.sampled_from(sorted(VALID_REPORT)), max_size=2))  # fmt: skip
+def test_a_hostile_report_is_a_value_error_never_anything_else(changed, dropped):
+    """Whatever a client puts in its report (ConfigRecord types, any value), reading it either gives
+    well-typed fields or raises the one error the server turns into a failed client."""
+    record = {k: v for k, v in {**VALID_REPORT, **changed}.items() if k not in dropped}
+    try:
+        info = codec.report_from_config(record)
+    except ValueError:
+        return
+    assert type(info["client_id"]) is int and type(info["examples"]) is int and type(info["seed"]) is int
+    assert 0 <= info["examples"] < 2**63 and 0 <= info["seed"] < 2**32
+    assert all(type(v) in (int, float) and v == v and abs(v) < float("inf") for k, v in info["train"].items()
+               if k != "order") and isinstance(info["train"]["order"], str)  # fmt: skip
+    assert isinstance(info["lora"], LoraSpec)
+    json.dumps(info["train"])  # what is kept can be written to the run tree
 
 
 def test_pyproject_declares_the_app_with_the_cli_defaults():
@@ -172,7 +264,7 @@ def test_pyproject_declares_the_app_with_the_cli_defaults():
                "--fraction-fit": "fraction-fit", "--init-adapter": "init-adapter", "--output-root": "output.root",
                "--run-name": "output.run-name", "--output-dir": "output.output-dir", "--engine": "engine",
                "--min-clients": "min-clients", "--client-cpus": "client-cpus", "--client-gpus": "client-gpus",
-               "--round-timeout": "round-timeout", "--resume": "resume", "--overwrite": "output.overwrite",
+               "--round-timeout": "round-timeout", "--overwrite": "output.overwrite",
                "--client-ranks": "aggregation.client-ranks", "--prox-mu": "aggregation.prox-mu",
                "--dp-clip": "privacy.clip", "--dp-noise-multiplier": "privacy.noise-multiplier",
                "--dp-delta": "privacy.delta", "--dp-where": "privacy.where",
@@ -362,29 +454,41 @@ def test_differential_privacy_gives_the_same_rounds_on_both_engines(tiny_model, 
         )
 
 
-def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_resumably(
-    tiny_model, glue_dir, shards, tmp_path, monkeypatch
-):
-    from fedlora_cli.flower.client_app import FAIL_ENV
+def flower_config(model, glue, shards, root, name, **options) -> RoundsConfig:
+    """The RoundsConfig `rounds_args` gives on the command line, for calling the simulation runner directly."""
+    return RoundsConfig(
+        data=DataSpec("sst2", str(glue), max_eval_samples=100), shards=str(shards), model=ModelSpec(str(model)),
+        train=TrainSpec(epochs=1.0, learning_rate=2e-2, precision="fp32"),
+        output=OutputSpec(root=str(root), run_name=name), engine="flower", **{"rounds": 2, **options},
+    )  # fmt: skip
 
-    args = rounds_args(
-        tiny_model, glue_dir, shards, tmp_path, "faults", "--engine", "flower", "--min-clients", "2"
-    )
-    monkeypatch.setenv(FAIL_ENV, "2@1,2@2,3@2")  # round 1: one of three fails; round 2: two fail
-    first = run(*args)
-    message = one_error_line(first, 1, "round 2: 1 of 3 selected clients replied but 2 are needed")
-    assert (
-        "client 3 failed on purpose" in message
-        and f"--output-dir {tmp_path / 'sst2_tiny-roberta' / 'faults'} --resume" in message
-    )
+
+def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_resumably(
+    tiny_model, glue_dir, shards, tmp_path
+):
+    from lying_clients import lying_app
+
+    from fedlora_cli.federation import RoundFailed
+    from fedlora_cli.flower.simulation import run_flower_simulation
+
+    config = flower_config(tiny_model, glue_dir, shards, tmp_path, "faults", min_clients=2)
+    # round 1: one of three fails; round 2: two fail
+    failing = lying_app({2: {1: "fail", 2: "fail"}, 3: {2: "fail"}})
+    with ProcessWatch() as watch, pytest.raises(RoundFailed) as stopped:
+        run_flower_simulation(config, client_app=failing)
+    assert watch.seen and not watch.survivors()  # Ray started processes, and none outlived the failed run
+    message = str(stopped.value)
     run_dir = tmp_path / "sst2_tiny-roberta" / "faults"
+    assert message.startswith("round 2: 1 of 3 selected clients replied but 2 are needed")
+    assert "client 3: client 3 failed on purpose in round 2" in message
+    assert f"round 1 of {run_dir} is complete" in message and f"--output-dir {run_dir} --resume" in message
     rows = history(run_dir)
     assert [r["round"] for r in rows] == [1] and rows[0]["clients"] == [1, 3]
-    assert [(f["client"], "failed on purpose" in f["reason"]) for f in rows[0]["failed"]] == [(2, True)]
+    assert rows[0]["failed"][0]["client"] == 2 and "failed on purpose" in rows[0]["failed"][0]["reason"]
     assert rows[0]["examples"] == 60 + 100 and not (run_dir / "round_002" / "global").exists()
 
-    monkeypatch.delenv(FAIL_ENV)
-    again = run(*args, "--resume")
+    again = run(*rounds_args(tiny_model, glue_dir, shards, tmp_path, "faults", "--engine", "flower", "--min-clients",
+                             "2", "--resume"))  # fmt: skip
     assert again.exit_code == 0, again.stderr
     assert "resumed after round 1" in again.stdout
     rows = history(run_dir)
@@ -393,6 +497,133 @@ def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_res
     )
     assert files_of(run_dir) == sorted(set(expected_files(2, [1, 2, 3])) - {
         f"round_001/client_002/{f}" for f in [*ADAPTER_FILES, "metrics.json"]})  # fmt: skip
+
+
+def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(tiny_model, glue_dir, tmp_path):
+    """Every reply is checked before it counts: a client that lies (NaN or integer tensors, a claimed 10**12
+    examples, hostile types, missing fields, another client's id …) is a failed client with its reason,
+    and the global adapter is exactly what the honest client alone gives."""
+    from lying_clients import LIES, lying_app
+
+    from fedlora_cli.flower.simulation import run_flower_simulation
+
+    order = np.random.default_rng(5).permutation(600).tolist()
+    liars = list(range(2, 10))
+    shards = write_manifests(
+        tmp_path / "shards", [order[30 * i : 30 * (i + 1)] for i in range(len(liars) + 1)]
+    )
+    lies = [*LIES, "fail"]
+    assert len(lies) == 2 * len(liars)  # every lie told once, in one of two rounds
+    behaviour = {c: {1: lies[k], 2: lies[k + len(liars)]} for k, c in enumerate(liars)}
+    config = flower_config(tiny_model, glue_dir, shards, tmp_path, "liars", min_clients=1,
+                           aggregation=AggregationSpec(method="naive"))  # fmt: skip
+    result = run_flower_simulation(config, client_app=lying_app(behaviour))
+    run_dir = result.run_dir
+    for row in history(run_dir):
+        assert row["clients"] == [1]
+        reasons = {f["client"]: f["reason"] for f in row["failed"]}
+        assert sorted(reasons) == liars
+        for c in liars:
+            lie = behaviour[c][row["round"]]
+            expected = "failed on purpose" if lie == "fail" else LIES[lie][1]
+            assert expected in reasons[c], (c, lie, reasons[c])
+        # one honest client, weight 1: the global adapter is its adapter, untouched by any liar
+        honest = load_file(
+            str(run_dir / f"round_{row['round']:03d}/client_001/adapter/adapter_model.safetensors")
+        )
+        global_ = load_file(
+            str(run_dir / f"round_{row['round']:03d}/global/adapter/adapter_model.safetensors")
+        )
+        assert set(honest) == set(global_) and all(torch.equal(honest[k], global_[k]) for k in honest)
+    assert (run_dir / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [
+        p for p in run_dir.glob("round_*/client_*") if p.name != "client_001"
+    ]  # nothing of a liar kept
+
+
+def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(tiny_model, glue_dir, tmp_path):
+    """Round 1: client 3 trains too slowly and client 4 stalls, both past --round-timeout. Neither gets
+    more work while it is still busy (more would queue behind it and hold a second worker), and fedlora's
+    client stops its own turn at the deadline: every later round gets its healthy clients."""
+    from lying_clients import lying_app
+
+    from fedlora_cli.flower.simulation import run_flower_simulation
+
+    order = np.random.default_rng(6).permutation(600).tolist()
+    shards = write_manifests(tmp_path / "shards", [order[30 * i : 30 * (i + 1)] for i in range(4)])
+    timeout = 15.0
+    behaviour = {
+        3: {1: "slow:5"},
+        4: {1: f"sleep:{timeout + 5:g}"},
+    }  # 4 steps of 5 s; a stall past the deadline
+    config = flower_config(tiny_model, glue_dir, shards, tmp_path, "slow", rounds=3, min_clients=2,
+                           round_timeout=timeout, client_cpus=0.5)  # fmt: skip
+    config = replace(config, train=replace(config.train, batch_size=8))
+    result = run_flower_simulation(config, client_app=lying_app(behaviour))
+    rows = history(result.run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["clients"][:2] == [1, 2] for r in rows)
+    first = {f["client"]: f["reason"] for f in rows[0]["failed"]}
+    missed = "no reply within 15 s (--round-timeout)"
+    assert sorted(first) == [3, 4] and first[4] == missed
+    # the slow client stopped its own turn at the deadline: its error reply may just make it in time
+    assert first[3] in (
+        missed,
+        "stopped: round 1's --round-timeout has passed, so the server no longer waits for this client",
+    )
+    for row in rows[1:]:
+        reasons = {f["client"]: f["reason"] for f in row["failed"]}
+        assert reasons[4] == "still busy with round 1, which stopped waiting for it (--round-timeout)"
+        assert 3 in row["clients"] or reasons[3] == reasons[4]  # back as soon as its turn was stopped
+
+
+def test_a_client_stops_its_turn_once_the_server_stopped_waiting(tiny_model, glue_dir, shards):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedlora_cli.errors import FedloraError
+    from fedlora_cli.flower import client_app
+
+    config = codec.from_run_config({"data.task": "sst2", "data.data-dir": str(glue_dir), "shards": str(shards),
+                                    "model.name": str(tiny_model), "round-timeout": 5.0})  # fmt: skip
+    state = {"a.lora_A.weight": torch.zeros(8, 4), "a.lora_B.weight": torch.zeros(4, 8)}
+    content = RecordDict({codec.ARRAYS: codec.state_to_arrays(state), codec.RUN_CONFIG: codec.run_config_record(config),
+                          codec.CONFIG: ConfigRecord({"server-round": 2, "client-id": 1, **codec.lora_to_config(LoraSpec())})})  # fmt: skip
+    late = fake_message(0, 5, "train", content)
+    late.metadata.created_at = time.time() - 6  # sent 6 s ago; the round waits 5 s
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = client_app.app(late, context)
+    assert reply.has_error() and "round 2's --round-timeout has passed" in reply.error.reason
+    deadline = client_app.Deadline(time.time() + 0.2, 3)
+    deadline.advance("client")  # in time
+    time.sleep(0.3)
+    with pytest.raises(FedloraError, match="round 3's --round-timeout has passed"):
+        deadline.advance("client")  # the training loop's next step stops the turn
+
+
+def test_sigterm_stops_a_flower_simulation_resumably_and_leaves_no_ray_process(tiny_model, glue_dir, shards,
+                                                                                tmp_path):  # fmt: skip
+    out = tmp_path / "run"
+    args = ["rounds", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--shards", shards,
+            "--output-dir", out, *FAST]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora_cli", *map(str, args), "--rounds", "30", "--engine",
+                             "flower"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    with ProcessWatch(proc.pid) as watch:
+        deadline = time.monotonic() + 150
+        while not (out / "round_001" / "global" / "metrics.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err and "SIGTERM received" not in err, err
+    assert lines[0].startswith("error: terminated (SIGTERM): ") and f"--output-dir {out} --resume" in lines[0]
+    assert "raylet" in watch.names.values()
+    assert not watch.survivors(), "Ray processes outlived the run"
+    again = run(*args, "--rounds", "2", "--resume")  # engine local may continue a Flower run
+    assert again.exit_code == 0, again.stderr
+    assert [r["round"] for r in history(out)] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -296,26 +296,39 @@ def _bare_resume(args: list[str]) -> list[str]:
 
 
 class FedloraGroup(TyperGroup):
-    """The app's group: the error boundary for expected failures."""
+    """The app's group: the error boundary for expected failures, Ctrl-C and SIGTERM."""
 
     def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except FedloraError as e:
-            if os.environ.get(DEBUG_ENV):
-                raise
-            print_error(str(e))
-            raise typer.Exit(e.exit_code) from None
-        except OSError as e:  # an I/O failure no layer below named more precisely: still one line
-            if os.environ.get(DEBUG_ENV):
-                raise
-            print_error(io_message("access", e.filename, e))
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            if os.environ.get(DEBUG_ENV):
-                raise
-            print_error("interrupted: stopped before finishing (files are written whole or not at all)")
-            raise typer.Exit(Interrupted.exit_code) from None
+        from fedlora_cli import termination
+
+        with termination.sigterm_as_interrupt():  # SIGTERM stops every command as Ctrl-C does
+            try:
+                return super().invoke(ctx)
+            except FedloraError as e:
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                _fail(str(e), e.exit_code, interrupted=isinstance(e, Interrupted))
+            except OSError as e:  # an I/O failure no layer below named more precisely: still one line
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                _fail(io_message("access", e.filename, e), 1)
+            except KeyboardInterrupt:
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                message = "interrupted: stopped before finishing (files are written whole or not at all)"
+                _fail(message, Interrupted.exit_code, interrupted=True)
+
+
+def _fail(message: str, code: int, *, interrupted: bool = False) -> None:
+    """One red line and the exit code; after a SIGTERM, exit code 143 and the reason said as such."""
+    from fedlora_cli import termination
+
+    if termination.received():
+        code = termination.EXIT_CODE
+        if interrupted:
+            message = termination.reword(message)
+    print_error(message)
+    raise typer.Exit(code) from None
 
 
 T = TypeVar("T")

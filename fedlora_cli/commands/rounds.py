@@ -122,6 +122,13 @@ def rounds(
             autocompletion=c.complete_run,
         ),
     ] = None,
+    resume_from_round: Annotated[
+        int | None,
+        typer.Option(
+            "--resume-from-round",
+            help="continue the run after this complete round, discarding the later ones (implies --resume)",
+        ),
+    ] = None,
     engine: Annotated[
         str, typer.Option("--engine", help="local (one process) or flower (Flower's simulation engine)")
     ] = _R.engine,
@@ -183,6 +190,7 @@ def _config(o: dict[str, Any]) -> RoundsConfig:
         rounds=o["num_rounds"],
         init_adapter=o["init_adapter"],
         resume=o["resume"] is not None,
+        resume_from_round=o["resume_from_round"],
         eval_each_round=o["eval_each_round"],
         eval_clients=o["eval_clients"],
         eval_batch_size=o["eval_batch_size"],

@@ -18,7 +18,7 @@ tokenized data still comes from fedlora's disk cache.
 
 from __future__ import annotations
 
-import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,11 +33,9 @@ from fedlora_cli.config import RoundsConfig
 from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.flower import codec
 from fedlora_cli.flower.codec import ARRAYS, CONFIG, IDENTITY, METRICS, REPORT, RUN_CONFIG
+from fedlora_cli.progress import NullProgress
 
 app = ClientApp()
-
-# Test hook, harmless elsewhere: "2" makes client 2 fail every round, "2@3" only in round 3 (comma-separated).
-FAIL_ENV = "FEDLORA_TEST_FAIL_CLIENTS"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,13 +70,15 @@ def train(msg: Message, context: Context) -> Message:
             raise InputError(f"malformed TRAIN message ({e})") from None
         if plan.client_id != shard.client_id:
             raise InputError(f"this node serves client {shard.client_id}, not client {plan.client_id}")
-        _test_hook(shard.client_id, round_no)
+        deadline = Deadline.of(msg, config, round_no)
+        deadline.check()  # a message that waited past its round (a busy node, a queue): no work at all
         worker = _worker(config, plan.adapter.lora)
         worker.check(shard)
         report = train_client(
             worker.model, worker.data, shard.indices, plan, config.train, round_no=round_no,
             run_seed=config.train.seed, device=worker.device, precision=worker.precision,
             task=worker.task if config.eval_clients else None, eval_batch_size=config.eval_batch_size,
+            progress=deadline,
         )  # fmt: skip
         content = RecordDict({
             ARRAYS: codec.state_to_arrays(report.state),
@@ -111,21 +111,41 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _answer(msg, answer)
 
 
+class Deadline(NullProgress):
+    """Stops a client's turn once the server has stopped waiting for it (--round-timeout after the message
+    was created): a timed-out client frees its worker (a Ray actor in simulation, the SuperNode's
+    process) for the next message instead of finishing work nobody reads. Checked before training and
+    at every optimizer step. Uses the server's clock (the message's creation time) against this
+    machine's: clocks kept by NTP differ by far less than a sensible --round-timeout.
+    """
+
+    def __init__(self, deadline: float | None, round_no: int) -> None:
+        self.deadline = deadline
+        self.round_no = round_no
+
+    @classmethod
+    def of(cls, msg: Message, config: RoundsConfig, round_no: int) -> Deadline:
+        timeout = config.round_timeout
+        return cls(None if timeout is None else msg.metadata.created_at + timeout, round_no)
+
+    def check(self) -> None:
+        if self.deadline is not None and time.time() > self.deadline:
+            raise FedloraError(f"stopped: round {self.round_no}'s --round-timeout has passed, so the server no "
+                               f"longer waits for this client")  # fmt: skip
+
+    def start(self, key: str, description: str, total: int | None = None) -> None:
+        self.check()
+
+    def advance(self, key: str, n: int = 1, info: str | None = None) -> None:
+        self.check()
+
+
 def _answer(msg: Message, make_reply: Callable[[], Message]) -> Message:
     """Expected failures go back as an error reply with the one-line message; bugs propagate to Flower."""
     try:
         return make_reply()
     except FedloraError as e:
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(e)), reply_to=msg)
-
-
-def _test_hook(client_id: int, round_no: int) -> None:
-    for entry in filter(None, (e.strip() for e in os.environ.get(FAIL_ENV, "").split(","))):
-        client, _, only_round = entry.partition("@")
-        if client == str(client_id) and (not only_round or only_round == str(round_no)):
-            raise FedloraError(
-                f"client {client_id} failed on purpose in round {round_no} ({FAIL_ENV} is set)"
-            )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ tuples (target modules) as a comma-separated string.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -19,7 +20,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedlora_cli.config import DataSpec, LoraSpec, RoundsConfig
+from fedlora_cli.config import MAX_COUNT, DataSpec, LoraSpec, RoundsConfig
 
 RunConfig = dict[str, bool | int | float | str]
 
@@ -170,8 +171,15 @@ def state_to_arrays(state: Mapping[str, Any]) -> ArrayRecord:
 
 
 def arrays_to_state(arrays: ArrayRecord) -> dict[str, Any]:
-    """Back to `{key: torch.Tensor}`, keys in the order they were sent."""
-    return dict(arrays.to_torch_state_dict())
+    """Back to `{key: torch.Tensor}`, keys in the order they were sent.
+
+    What a client sent is untrusted: any failure to decode it (a dtype torch has no tensor for, a
+    damaged buffer …) is a ValueError, which the server counts as a failed client.
+    """
+    try:
+        return dict(arrays.to_torch_state_dict())
+    except Exception as e:  # decoding untrusted bytes may fail in any way numpy or torch can
+        raise ValueError(f"unreadable arrays ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def lora_to_config(spec: LoraSpec) -> dict[str, Any]:
@@ -184,12 +192,50 @@ def lora_to_config(spec: LoraSpec) -> dict[str, Any]:
 
 
 def lora_from_config(record: Mapping[str, Any]) -> LoraSpec:
+    """A LoRA shape from a record; ValueError (only) when a field is missing or of the wrong type or range."""
+    modules = _field(record, "lora-target-modules")
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+        raise ValueError(f"lora-target-modules must be a list of module names, got {_show(modules)}")
     return LoraSpec(
-        r=int(record["lora-r"]),
-        alpha=float(record["lora-alpha"]),
-        dropout=float(record["lora-dropout"]),
-        target_modules=tuple(record["lora-target-modules"]),
-    )
+        r=whole(record, "lora-r", 1, MAX_COUNT),
+        alpha=number(record, "lora-alpha", finite=True),
+        dropout=number(record, "lora-dropout", finite=True),
+        target_modules=tuple(modules),
+    )  # LoraSpec's own checks (alpha > 0, 0 <= dropout < 1) raise ValueError too
+
+
+# ---------------------------------------------------------------------------------------------------
+# typed reading of an untrusted record: every failure is a ValueError naming the field
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field(record: Mapping[str, Any], key: str) -> Any:
+    if key not in record:
+        raise ValueError(f"the report has no {key}")
+    return record[key]
+
+
+def whole(record: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    """A whole number in [low, high]: not a bool, not a float, not a string of digits."""
+    value = _field(record, key)
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{key} must be a whole number in {low}..{high:,}, got {_show(value)}")
+    return value
+
+
+def number(record: Mapping[str, Any], key: str, *, finite: bool) -> float:
+    """A real number (int or float, not a bool); finite unless `finite=False` (then NaN is allowed, ±Inf not)."""
+    value = _field(record, key)
+    if type(value) not in (int, float):
+        raise ValueError(f"{key} must be a number, got {_show(value)}")
+    value = float(value)
+    if math.isinf(value) or (finite and math.isnan(value)):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    return value
 
 
 def run_config_record(config: RoundsConfig) -> ConfigRecord:
@@ -216,22 +262,46 @@ def report_to_config(client_id: int, examples: int, seed: int, lora: LoraSpec, t
     return ConfigRecord(record)
 
 
+# What a client's `train` statistics must hold (federation.train_client writes them): name -> kind.
+# "number": a finite real number; "count": a whole number >= 0; "text": a short string. update_norm is
+# there only when the plan clips the update (client-side DP).
+TRAIN_FIELDS = {"loss": "number", "last_loss": "number", "steps": "count", "seconds": "number",
+                "samples_per_second": "number", "tokens_per_second": "number", "order": "text"}  # fmt: skip
+OPTIONAL_TRAIN_FIELDS = {"update_norm": "number"}
+MAX_EXAMPLES = 2**63 - 1  # the range of a count; the server then compares it with the shard's size
+
+
 def report_from_config(record: Mapping[str, Any]) -> dict[str, Any]:
     """`client_id`, `examples`, `seed`, `lora`, `train` and `eval` (None when the client did not evaluate).
 
-    Raises KeyError / ValueError / TypeError on a malformed record (the server counts that client as failed).
+    The record comes from an untrusted client: every field must be present and of its type, or this
+    raises ValueError naming it — never anything else (the server counts that client as failed).
+    Unknown `train.*` fields are dropped. Whether the values are *right* (the example count equals the
+    shard's size, the seed is the round's …) is `RoundDriver.check_report`'s business.
     """
-    train = {k.removeprefix("train."): v for k, v in record.items() if k.startswith("train.")}
+    train: dict[str, Any] = {}
+    for name, kind in {**TRAIN_FIELDS, **OPTIONAL_TRAIN_FIELDS}.items():
+        key = f"train.{name}"
+        if key not in record and name in OPTIONAL_TRAIN_FIELDS:
+            continue
+        if kind == "number":
+            train[name] = number(record, key, finite=True)
+        elif kind == "count":
+            train[name] = whole(record, key, 0, MAX_EXAMPLES)
+        else:
+            text = _field(record, key)
+            if not isinstance(text, str) or len(text) > 256:
+                raise ValueError(f"{key} must be a short text, got {_show(text)}")
+            train[name] = text
     evaluation = {
-        k.removeprefix(_EVAL_PREFIX): float(v) for k, v in record.items() if k.startswith(_EVAL_PREFIX)
+        k.removeprefix(_EVAL_PREFIX): number(record, k, finite=False)
+        for k in record
+        if k.startswith(_EVAL_PREFIX)
     }
-    examples = record["examples"]
-    if type(examples) is not int:
-        raise TypeError(f"examples must be a whole number, got {examples!r}")
     return {
-        "client_id": int(record["client-id"]),
-        "examples": examples,
-        "seed": int(record["seed"]),
+        "client_id": whole(record, "client-id", 0, MAX_EXAMPLES),
+        "examples": whole(record, "examples", 0, MAX_EXAMPLES),
+        "seed": whole(record, "seed", 0, 2**32 - 1),
         "lora": lora_from_config(record),
         "train": train,
         "eval": evaluation or None,

@@ -29,6 +29,9 @@ from fedlora_cli.progress import Progress
 
 app = ServerApp()
 POLL_SECONDS = 0.25  # how often replies are pulled (Flower's HTTP grid waits 3 s between pulls)
+# The least time SuperNodes get to say which client they serve: the first answer costs a node its start-up
+# (Ray starting actors, importing torch), which a --round-timeout sized for training need not cover.
+IDENTIFY_SECONDS = 120.0
 _log = logging.getLogger("flwr")
 
 
@@ -85,19 +88,24 @@ def run_server(
         )
     grid = PollingGrid(grid, abort)
     setup = prepare(config, progress=progress, argv=argv, resume_hint=resume_hint)
-    if on_prepared is not None:
-        on_prepared(setup.run_dir)
-    with run_session(setup.run_dir):
-        driver = RoundDriver(setup, progress)
-        nodes = identify_clients(grid, setup.shards, setup.config, progress)
-        strategy = FedloraStrategy(driver, nodes)
-        progress.start("rounds", "rounds", total=setup.config.rounds)  # fewer than asked when DP ends it
-        progress.advance("rounds", setup.start_round)
-        remaining = setup.config.rounds - setup.start_round
-        if remaining > 0:
-            strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout)  # type: ignore[arg-type]  # None: wait for all
-        progress.stop("rounds")
-        return driver.finish()
+    try:
+        if on_prepared is not None:
+            on_prepared(setup.run_dir)
+        with run_session(setup.run_dir):
+            driver = RoundDriver(setup, progress)
+            nodes = identify_clients(grid, setup.shards, setup.config, progress)
+            strategy = FedloraStrategy(driver, nodes)
+            progress.start("rounds", "rounds", total=setup.config.rounds)  # fewer than asked when DP ends it
+            progress.advance("rounds", setup.start_round)
+            remaining = setup.config.rounds - setup.start_round
+            if remaining > 0:
+                strategy.start(
+                    grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout
+                )  # type: ignore[arg-type]  # None: wait for all
+            progress.stop("rounds")
+            return driver.finish()
+    finally:
+        setup.recorder.close()  # the run folder's lock
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,14 +121,15 @@ def identify_clients(
     count as failed whenever they are selected). A node that serves a client with other indices than
     the server's manifest, or the same client as another node, is a setup error.
     """
-    deadline = None if config.round_timeout is None else time.monotonic() + config.round_timeout
+    wait = identify_timeout(config)
+    deadline = None if wait is None else time.monotonic() + wait
     served: dict[int, int] = {}
     asked: set[int] = set()
     said_waiting = False
     while True:
         new = [n for n in grid.get_node_ids() if n not in asked]
         asked.update(new)
-        for cid, node in query_nodes(grid, new, shards, config).items():
+        for cid, node in query_nodes(grid, new, shards, config, wait).items():
             if cid in served:
                 raise InputError(
                     f"SuperNodes {served[cid]} and {node} both serve client {cid}: give each its own shard"
@@ -140,7 +149,14 @@ def identify_clients(
     return served
 
 
-def query_nodes(grid: Grid, nodes: list[int], shards: Any, config: RoundsConfig) -> dict[int, int]:
+def identify_timeout(config: RoundsConfig) -> float | None:
+    """How long to wait for SuperNodes to say which client they serve (None: until all have)."""
+    return None if config.round_timeout is None else max(config.round_timeout, IDENTIFY_SECONDS)
+
+
+def query_nodes(
+    grid: Grid, nodes: list[int], shards: Any, config: RoundsConfig, timeout: float | None
+) -> dict[int, int]:
     """One QUERY to each of `nodes`; {client id: node id} of those that answered, checked against `shards`."""
     from fedlora_cli.sharding import shard_fingerprint
 
@@ -156,15 +172,20 @@ def query_nodes(grid: Grid, nodes: list[int], shards: Any, config: RoundsConfig)
         for n in nodes
     ]
     found: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
+    for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise InputError(f"SuperNode {node} cannot serve a client: {one_line(reply.error.reason)}")
-        identity = reply.content.config_records[IDENTITY]
-        cid = int(identity["client-id"])
+        try:
+            identity = reply.content.config_records[IDENTITY]
+            cid = codec.whole(identity, "client-id", 0, codec.MAX_EXAMPLES)
+        except (KeyError, ValueError) as e:
+            raise InputError(
+                f"SuperNode {node} gave a malformed answer to which client it serves ({e})"
+            ) from None
         if cid not in expected:
             raise InputError(f"SuperNode {node} serves client {cid}, which is not in {shards.directory}")
-        if identity["fingerprint"] != expected[cid]:
+        if identity.get("fingerprint") != expected[cid]:
             raise InputError(
                 f"SuperNode {node} serves client {cid} with other indices than {shards.directory}/"
                 f"client_{cid}.json: give every node its manifest from the same `fedlora shard` run"
@@ -195,6 +216,9 @@ class FedloraStrategy(FedAvg):
                          arrayrecord_key=ARRAYS, configrecord_key=CONFIG)  # fmt: skip
         self.nodes = nodes  # client id -> node id
         self._round: dict[str, Any] = {}
+        # Nodes still working on a TRAIN message whose round stopped waiting for them: node -> (message id,
+        # round). They get no new work until that message is answered (see `_free_nodes`).
+        self.busy: dict[int, tuple[str, int]] = {}
 
     def summary(self) -> None:
         d = self.driver
@@ -214,12 +238,18 @@ class FedloraStrategy(FedAvg):
         cfg = self.driver.s.config
         if any(c not in self.nodes for c in plan.selected):
             self.nodes.update(_late_nodes(grid, self.nodes, self.driver.s.shards, cfg))
+        self._free_nodes(grid)
         run_config = codec.run_config_record(cfg)
         messages, sent, unserved, bytes_down = [], {}, [], 0
+        busy: list[dict[str, Any]] = []
         for cid in plan.selected:
             node = self.nodes.get(cid)
             if node is None:
                 unserved.append(cid)
+                continue
+            if node in self.busy:  # more work would only queue behind it (and hold a worker in simulation)
+                reason = f"still busy with round {self.busy[node][1]}, which stopped waiting for it (--round-timeout)"
+                busy.append({"client": cid, "node": node, "reason": reason})
                 continue
             content = codec.plan_to_content(plan.plans[cid], plan.round_no, run_config)
             bytes_down += sum(r.count_bytes() for r in content.array_records.values())
@@ -229,8 +259,18 @@ class FedloraStrategy(FedAvg):
                 )
             )
             sent[node] = cid
-        self._round = {"plan": plan, "sent": sent, "unserved": unserved, "bytes_down": bytes_down}
+        self._round = {"plan": plan, "sent": sent, "unserved": unserved, "busy": busy, "bytes_down": bytes_down,
+                       "grid": grid}  # fmt: skip
         return messages
+
+    def _free_nodes(self, grid: Grid) -> None:
+        """Busy nodes whose old TRAIN message has been answered since (a late reply, which is discarded, or
+        Flower's error for a message that expired or a node that left) may work again."""
+        if not self.busy:
+            return
+        waiting = {message_id: node for node, (message_id, _) in self.busy.items()}
+        for reply in grid.pull_messages(list(waiting)):
+            self.busy.pop(waiting.get(reply.metadata.reply_to_message_id, -1), None)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
@@ -239,7 +279,10 @@ class FedloraStrategy(FedAvg):
         ok, failed = sort_replies(r["sent"], replies, self.driver.s.config.round_timeout)
         failed += [
             {"client": c, "node": None, "reason": "no SuperNode serves this client"} for c in r["unserved"]
-        ]
+        ] + r["busy"]
+        for message_id, node in getattr(r["grid"], "unanswered", {}).items():
+            if node in r["sent"]:  # timed out: it is still working on this round, or never got to it
+                self.busy[node] = (message_id, r["plan"].round_no)
         reports = []
         for cid, msg in ok:
             report = self._report(cid, msg)
@@ -279,7 +322,7 @@ def _late_nodes(grid: Grid, known: dict[int, int], shards: Any, config: RoundsCo
     """Identify SuperNodes that connected after the start (a node that restarted gets a new id)."""
     fresh = [n for n in grid.get_node_ids() if n not in set(known.values())]
     try:
-        found = query_nodes(grid, fresh, shards, replace(config, round_timeout=config.round_timeout or 60.0))
+        found = query_nodes(grid, fresh, shards, config, config.round_timeout or 60.0)
     except InputError as e:
         _log.warning("fedlora: ignoring newly connected SuperNodes: %s", e)
         return {}
@@ -332,6 +375,8 @@ class PollingGrid(Grid):
     def __init__(self, grid: Grid, abort: threading.Event | None = None) -> None:
         self.grid = grid
         self.abort = abort or threading.Event()
+        # message id -> node of the messages the last send_and_receive got no reply to
+        self.unanswered: dict[str, int] = {}
 
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
@@ -367,7 +412,8 @@ class PollingGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
+        messages = list(messages)
+        pending = set(self.push_messages(messages))  # pushing also gives each message its id
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
@@ -377,6 +423,8 @@ class PollingGrid(Grid):
             if not pending or (end is not None and time.monotonic() >= end):
                 break
             self.wait(POLL_SECONDS)
+        self.unanswered = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                           if m.metadata.message_id in pending}  # fmt: skip
         return replies
 
 

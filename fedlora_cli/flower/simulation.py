@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fedlora_cli.config import RoundsConfig
@@ -25,9 +25,17 @@ from fedlora_cli.progress import NullProgress, Progress
 
 
 def run_flower_simulation(
-    config: RoundsConfig, *, progress: Progress | None = None, argv: list[str] | None = None
+    config: RoundsConfig,
+    *,
+    progress: Progress | None = None,
+    argv: list[str] | None = None,
+    client_app: Any = None,
 ) -> Any:
-    """Run `fedlora rounds` on Flower's simulation engine; returns the same `federation.RoundsResult`."""
+    """Run `fedlora rounds` on Flower's simulation engine; returns the same `federation.RoundsResult`.
+
+    `client_app`: the ClientApp the virtual SuperNodes run (default: fedlora's); tests pass one that
+    misbehaves, to see the server cope with untrusted clients.
+    """
     _telemetry_off()
     require_flower()  # before anything imports flwr: a missing extra is one line, exit 2
     from flwr.app import Context
@@ -35,13 +43,14 @@ def run_flower_simulation(
     from flwr.simulation import run_simulation
 
     from fedlora_cli.errors import Interrupted
-    from fedlora_cli.federation import cli_resume_hint, client_count
-    from fedlora_cli.flower import client_app
+    from fedlora_cli.federation import check_run_folder, cli_resume_hint, client_count
+    from fedlora_cli.flower import client_app as fedlora_client
     from fedlora_cli.flower.server_app import run_server
     from fedlora_cli.runs import RoundTree, interrupted_rounds_message
 
     progress = progress or NullProgress()
     _check_resources(config)
+    check_run_folder(config)  # a run in use, or a --resume of no run, fails before Ray starts
     num_nodes = client_count(config)
     abort = threading.Event()
     outcome: dict[str, Any] = {}
@@ -67,9 +76,9 @@ def run_flower_simulation(
             return Interrupted("interrupted before the first round started")
         return Interrupted(interrupted_rounds_message(run_dir, RoundTree(run_dir).last_complete_round()))
 
-    with _quiet_flower() as flower_errors, _ctrl_c_sets(abort):
+    with _quiet_flower() as flower_errors, _ray_session(backend["init_args"]), _ctrl_c_sets(abort):
         try:
-            run_simulation(server_app=server, client_app=client_app.app, num_supernodes=num_nodes,
+            run_simulation(server_app=server, client_app=client_app or fedlora_client.app, num_supernodes=num_nodes,
                            backend_config=backend)  # fmt: skip
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
             abort.set()
@@ -125,24 +134,103 @@ def _check_resources(config: RoundsConfig) -> None:
 
 
 @contextlib.contextmanager
+def _ray_session(init_args: dict[str, Any]) -> Iterator[None]:
+    """Start Ray as Flower's RayBackend would (Flower then uses it), and stop all of it whatever happens.
+
+    Started here rather than inside Flower for two reasons. `ray.init` takes SIGTERM over: first a Python
+    handler that exits on the spot, then a native one that aborts the process (no clean-up, no message,
+    exit -6); here SIGTERM during the start becomes the CLI's Terminated, and the CLI's handler is put
+    back after it (`_ctrl_c_sets`, entered next, then turns SIGTERM into an orderly stop). And on every
+    way out — success, a failure, Ctrl-C, SIGTERM, even half-way through ray.init — `ray.shutdown()`
+    runs and every Ray process this run started (GCS, raylet, agents, workers) is stopped.
+    """
+    import ray
+
+    from fedlora_cli import termination
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    started: dict[int, Any] = {}
+    try:
+        if not ray.is_initialized():
+            # As flwr's RayBackend.init_ray: the workers import what this process can (fedlora, tests' apps).
+            pythonpath = os.pathsep.join(sys.path)
+            if os.environ.get("PYTHONPATH"):
+                pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+            os.environ["PYTHONPATH"] = pythonpath
+            try:
+                ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            except SystemExit as e:  # ray.init's own SIGTERM handler, until it is done, exits on the spot
+                if e.code != signal.SIGTERM:
+                    raise
+                termination.note()
+                raise termination.Terminated from None
+            finally:
+                if main:  # Ray's native SIGTERM handler out, ours (the CLI's) back in
+                    signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+        started.update(_ray_processes())
+        yield
+    finally:
+        started.update(_ray_processes())
+        ray.shutdown()
+        # Ray's agents that were still starting when their raylet stopped outlive it for up to a minute
+        # (they notice late); they are this run's, so they go now.
+        _stop(started.values())
+
+
+def _ray_processes() -> dict[int, Any]:
+    """This process's descendants that are Ray's (GCS, raylet, agents, workers), by pid."""
+    import psutil  # a dependency of peft, so always there
+
+    found: dict[int, Any] = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            name, command = proc.name(), " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if name.startswith("ray::") or name in ("raylet", "gcs_server") or f"{os.sep}ray{os.sep}" in command:
+            found[proc.pid] = proc
+    return found
+
+
+def _stop(processes: Iterable[Any], grace: float = 3.0) -> None:
+    """Terminate the processes still running (psutil checks a pid was not reused), then kill the stubborn."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=grace)
+    for proc in stubborn:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+@contextlib.contextmanager
 def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
-    """Ctrl-C asks the ServerApp to stop at its next wait, so Flower and Ray shut down in order (a
-    KeyboardInterrupt inside Flower's engine can leave a thread waiting on Ray forever); a second
+    """Ctrl-C or SIGTERM asks the ServerApp to stop at its next wait, so Flower and Ray shut down in order
+    (a KeyboardInterrupt inside Flower's engine can leave a thread waiting on Ray forever); a second
     Ctrl-C interrupts at once."""
+    from fedlora_cli import termination
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if abort.is_set():
+        if signum == signal.SIGTERM:
+            termination.note()  # the CLI exits with 143
+        elif abort.is_set():
             raise KeyboardInterrupt
         abort.set()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class _ErrorLog(logging.Handler):

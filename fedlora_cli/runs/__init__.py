@@ -78,6 +78,8 @@ def claim_run_dir(path: Path, *, overwrite: bool, what: str = RUN_OPTION) -> Pat
     with atomic.writing(path):
         if path.is_dir():
             for entry in path.iterdir():
+                if entry.name in ownership.LOCK_FILES:  # this process's own lock (runlock.py)
+                    continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
                 else:
@@ -91,13 +93,16 @@ def interrupted_rounds_message(run_dir: Path, complete: int) -> str:
 
     `--output-dir` names the run whether it was started with `--run-name` or `--output-dir`.
     """
+    return f"interrupted: {complete_rounds(run_dir, complete)}; continue with `fedlora rounds … --output-dir {run_dir} --resume`"
+
+
+def complete_rounds(run_dir: Path, complete: int) -> str:
+    """The one phrase for what a stopped run keeps (never "rounds 1..0")."""
     if complete == 0:
-        kept = f"no round of {run_dir} was complete"
-    elif complete == 1:
-        kept = f"round 1 of {run_dir} is complete"
-    else:
-        kept = f"rounds 1-{complete} of {run_dir} are complete"
-    return f"interrupted: {kept}; continue with `fedlora rounds … --output-dir {run_dir} --resume`"
+        return f"no round of {run_dir} was complete"
+    if complete == 1:
+        return f"round 1 of {run_dir} is complete"
+    return f"rounds 1-{complete} of {run_dir} are complete"
 
 
 def _is_dead_run(path: Path) -> bool:

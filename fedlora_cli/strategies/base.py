@@ -89,7 +89,9 @@ class ClientReport:
         return self.wire_bytes if self.wire_bytes is not None else state_bytes(self.state)
 
     def update(self) -> ClientUpdate:
-        return ClientUpdate(self.state, scaling=self.lora.scaling, weight=self.examples)
+        return ClientUpdate(
+            self.state, scaling=self.lora.scaling, weight=self.examples, name=f"client {self.client_id}"
+        )
 
     def summary(self) -> dict[str, Any]:
         return {"client": self.client_id, "examples": self.examples, "seed": self.seed, "rank": self.lora.r,

@@ -1,0 +1,94 @@
+"""SIGTERM (scancel, docker stop) stops every command as Ctrl-C does: one line, exit 143, and a run that
+is resumable (`rounds`) or removed (`train`, `baseline`) — never a stub folder that blocks its name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clitools import one_error_line, run
+from test_rounds import write_manifests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    order = np.random.default_rng(4).permutation(600).tolist()
+    return write_manifests(tmp_path_factory.mktemp("shards") / "k2", [order[:50], order[50:100]])
+
+
+def start(*args) -> subprocess.Popen:
+    """`python -m fedlora_cli …` as a user starts it: its own process, stderr not a terminal."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedlora_cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def terminate_when(proc: subprocess.Popen, ready, timeout: float = 120) -> tuple[int, str]:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "never got there"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_sigterm_stops_rounds_resumably(tiny_model, glue_dir, shards, tmp_path):
+    out = tmp_path / "run"
+    common = ["rounds", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--shards", shards,
+              "--output-dir", out, "--local-epochs", "1", "--precision", "fp32", "--max-eval-samples", "20"]  # fmt: skip
+    proc = start(*common, "--rounds", "50")
+    code, err = terminate_when(proc, (out / "round_001" / "global" / "metrics.json").is_file)
+    assert code == 143, err
+    [line] = error_lines(err)
+    assert line.startswith("error: terminated (SIGTERM): ") and f"--output-dir {out} --resume" in line
+    assert not list(out.glob(".fedlora.lock*"))  # the lock went with the process
+    again = run(*common, "--rounds", "2", "--resume")
+    assert again.exit_code == 0, again.stderr
+    assert (out / "round_002" / "global" / "metrics.json").is_file() and (out / "final" / "adapter").is_dir()
+
+
+def test_sigterm_leaves_an_unfinished_train_run_marked_interrupted_and_reusable(
+    tiny_model, glue_dir, tmp_path
+):
+    out = tmp_path / "train"
+    proc = start("train", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--epochs", "500",
+                 "--batch-size", "8", "--precision", "fp32", "--output-dir", out)  # fmt: skip
+    code, err = terminate_when(proc, (out / "run.json").is_file)  # training has started
+    assert code == 143, err
+    [line] = error_lines(err)
+    assert line.startswith(f"error: terminated (SIGTERM): {out} is marked interrupted")
+    # nothing half-written, and no stub that blocks the name: only the record, saying what happened
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_sigterm_in_any_command_is_one_line_and_exit_143(tiny_model, glue_dir, monkeypatch):
+    from fedlora_cli import centralised
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(centralised, "evaluate", terminated)
+    result = run(
+        "eval", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--max-eval-samples", "10"
+    )
+    one_error_line(result, 143, "terminated (SIGTERM): stopped before finishing")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command put the default back
