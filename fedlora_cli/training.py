@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedlora_cli import memory
 from fedlora_cli.config import TrainSpec
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.features import TokenizedSplit, make_batches, steps_per_epoch
@@ -149,8 +150,7 @@ def train_model(
     order_hash = hashlib.sha256()
 
     model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    cuda_memory = memory.PeakMemory(device, rss=False).start()  # nests inside a round's scope
     progress.start(progress_key, description, total=total_steps)
     losses = torch.zeros(total_steps, dtype=torch.float32)  # kept on CPU; one host sync per step below
     samples = real = padded = 0
@@ -191,7 +191,7 @@ def train_model(
     model.eval()
 
     tail = losses[-min(per_epoch, total_steps) :]
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    peak = cuda_memory.stop()["cuda_peak_mb"]
     return TrainResult(
         loss=float(losses.mean()),
         last_loss=float(tail.mean()),

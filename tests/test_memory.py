@@ -142,3 +142,25 @@ def test_kernel_caches_stay_bounded_when_every_batch_has_a_new_shape():
         pytest.skip(f"this CPU's bf16 matmuls do not cache kernels per shape (+{default:.0f} MB)")
     bounded = grown("import fedlora_cli.modeling")  # what every fedlora process does first
     assert bounded < default / 3, (bounded, default)
+
+
+def test_cuda_peaks_nest_a_clients_reset_does_not_lose_the_rounds_peak(monkeypatch):
+    """train_model resets CUDA's peak counter for its own peak; the round's scope still sees the max."""
+    state = {"now": 100.0, "peak": 100.0}  # MiB, a fake CUDA allocator
+
+    def allocate(mb):
+        state["now"] += mb
+        state["peak"] = max(state["peak"], state["now"])
+        state["now"] -= mb
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"] * 2**20)
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"])
+    )
+    gpu = torch.device("cuda", 0)
+    round_scope = memory.PeakMemory(gpu, rss=False).start()
+    allocate(500)  # the round's biggest moment: before the client
+    with memory.PeakMemory(gpu, rss=False) as client:
+        allocate(200)
+    assert client.summary()["cuda_peak_mb"] == 300
+    assert round_scope.stop() == {"peak_rss_mb": None, "rss_mb": None, "cuda_peak_mb": 600}
