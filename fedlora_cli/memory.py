@@ -1,15 +1,16 @@
-"""Process memory: bounded oneDNN shape caches, RSS and CUDA peaks per round, freed memory given back.
+"""Process memory: bounded oneDNN kernel caches, RSS and CUDA peaks per round, freed memory given back.
 
-Where the memory of a `rounds` run went before (MiniLM, bf16, 3 clients x 200 SST-2 examples; the
-README's performance section has the numbers and the commands):
+Where the memory of a `rounds` run went (MiniLM, bf16; README "Memory" has the numbers and commands):
 - oneDNN, the library behind PyTorch's bf16 matmuls on CPU, and ideep, its C++ wrapper, each keep a
   compiled kernel per distinct input shape, up to 1024 entries each. Dynamic padding makes every
-  (batch, length) pair a new shape, so each client and each evaluation added ~40 MB that was never
-  given back, until the caches were full (the growth with the number of clients).
-- glibc keeps freed heap pages for reuse: 150-300 MB between clients once the caches above were
-  bounded. `release()` hands them back (`malloc_trim`).
+  (batch, length) pair a new shape, so each client and each evaluation added ~40 MB that stayed,
+  until the caches were full: the growth with the number of clients. Bounded here.
+- glibc keeps freed heap pages for reuse: ~150 MB after a round on MiniLM, ~550 MB on roberta-base
+  size, more or less depending on the last client. `release()` hands them back.
+- Elsewhere: bf16 autocast's per-step weight copies (training.hold_frozen_weights), and
+  scikit-learn's imports for the metrics (evaluation.py).
 
-No torch import at module level: the CLI imports this before it knows whether it will train.
+No torch import at module level.
 """
 
 from __future__ import annotations
