@@ -11,9 +11,11 @@ loading the model and the data), and its RSS is the one at its end. Settings and
   roberta       roberta-base size (real config and tokenizer, random weights), 3 clients
                 x 200 examples, 2 rounds, eval each round                                  peak <= 1.5 GB
 
-Batch 16, bf16 where the CPU has it (`--precision auto`), max length 128, 400 dev sentences.
+Batch 16, bf16 where the CPU has it (`--precision auto`), max length 128, 400 dev sentences. The peak
+grows with the padded tokens of a forward pass (activations): with `--batch-size 32` (the CLI's
+default), add `--max-tokens 1024` to split the longest batches into passes.
 
-    python benchmarks/bench_memory.py [--only minilm,minilm-many,roberta] [--batch-size 16]
+    python benchmarks/bench_memory.py [--only minilm,minilm-many,roberta] [--batch-size 16] [--max-tokens N]
 """
 
 from __future__ import annotations
@@ -95,7 +97,9 @@ def child(setting: dict) -> None:
         data=DataSpec("sst2", str(GLUE), max_train_samples=n, max_eval_samples=400),
         shards=str(shards),
         model=ModelSpec(setting["model_dir"]),
-        train=TrainSpec(epochs=1, batch_size=setting["batch_size"], learning_rate=2e-3),
+        train=TrainSpec(
+            epochs=1, batch_size=setting["batch_size"], learning_rate=2e-3, max_tokens=setting["max_tokens"]
+        ),  # fmt: skip
         output=OutputSpec(root=str(work / "runs"), run_name="bench"),
         rounds=setting["rounds"],
         clients_per_round=setting["per_round"],
@@ -122,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SETTINGS), help="comma-separated settings to run")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, help="fedlora's --max-tokens (default: one pass per batch)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -132,11 +137,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDLORA_CACHE": tempfile.mkdtemp(prefix="fedlora-bench-")}
     failures = []
     for name in args.only.split(","):
-        setting = {
-            **SETTINGS[name],
-            "batch_size": args.batch_size,
-            "work": tempfile.mkdtemp(prefix="fedlora-mem-"),
-        }
+        setting = {**SETTINGS[name], "batch_size": args.batch_size, "max_tokens": args.max_tokens,
+                   "work": tempfile.mkdtemp(prefix="fedlora-mem-")}  # fmt: skip
         model_dir = minilm() if setting["model"] == "minilm" else roberta_base_random()
         if model_dir is None:
             print(f"{name}: skipped (no roberta-base tokenizer under {SHARED / 'models'})")
@@ -154,8 +156,10 @@ def main() -> None:
 def show(name: str, setting: dict, report: dict) -> list[str]:
     rows, sizes = report["rounds"], report["sizes"]
     per_round = setting["per_round"] or setting["clients"]
+    split = f", --max-tokens {setting['max_tokens']}" if setting["max_tokens"] else ""
     print(f"\n{name}: {setting['clients']} clients ({min(sizes)}-{max(sizes)} examples), {per_round} per round, "
-          f"{setting['rounds']} rounds, batch {setting['batch_size']}, {report['precision']}, "
+          f"{setting['rounds']} rounds, batch {setting['batch_size']}"
+          f"{split}, {report['precision']}, "
           f"eval {'each round' if setting['eval'] else 'after the last round'}; {report['seconds']:.0f} s")  # fmt: skip
     print(f"{'round':>5} {'peak RSS MB':>12} {'RSS MB at end':>14} {'after release()':>16}")
     for row in rows:

@@ -132,6 +132,9 @@ class TrainSpec:
     precision: str = "auto"  # auto: bf16 where the hardware has it natively, else fp32
     seed: int = 42
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
+    # Padded tokens per forward/backward pass: a larger batch is split into passes whose gradients add up
+    # to the batch's (the same optimizer step; activation memory bounded by this). None: one pass.
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
@@ -142,6 +145,10 @@ class TrainSpec:
         _check(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         _check(
             self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"
+        )
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1,
+            f"--max-tokens must be >= 1, got {self.max_tokens}",
         )
 
 

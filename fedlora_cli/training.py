@@ -112,6 +112,38 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def split_batch(idx: np.ndarray, lengths: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
+    """The passes of one batch: as few as keep each under `max_tokens` padded tokens (one if None).
+
+    Activation memory grows with the padded tokens of a pass (examples x longest example), so this
+    bounds it whatever `--batch-size` and the sentence lengths are. Length-grouped batches come longest
+    first, so later passes are padded less. An example longer than `max_tokens` is a pass of its own.
+    """
+    if max_tokens is None:
+        return [idx]
+    rows = max(1, max_tokens // int(lengths[idx].max()))  # examples per pass at the batch's width
+    passes = math.ceil(len(idx) / rows)
+    return [idx] if passes <= 1 else np.array_split(idx, passes)
+
+
+def backward(model, data: TokenizedSplit, idx: np.ndarray, parts: list[np.ndarray], device, precision: str):
+    """Forward and backward of one batch, pass by pass; returns the batch's mean loss (detached).
+
+    Each pass's mean loss is weighted by its share of the batch, so the gradients add up to the whole
+    batch's mean-loss gradient (up to float rounding, and dropout draws its masks pass by pass).
+    """
+    total = None
+    for part in parts:
+        batch = {k: v.to(device, non_blocking=True) for k, v in data.collate(part).items()}
+        with autocast(device, precision):
+            loss = model(**batch).loss
+        if len(parts) > 1:
+            loss = loss * (len(part) / len(idx))
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
 def train_model(
     model: torch.nn.Module,
     data: TokenizedSplit,
@@ -163,11 +195,8 @@ def train_model(
             if step >= total_steps:
                 break
             order_hash.update(idx.tobytes())
-            batch = {k: v.to(device, non_blocking=True) for k, v in data.collate(idx).items()}
-            with autocast(device, precision):
-                out = model(**batch)
-            loss = out.loss
-            loss.backward()
+            parts = split_batch(idx, lengths, spec.max_tokens)
+            loss = backward(model, data, idx, parts, device, precision)
             if spec.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
             optimizer.step()
@@ -180,10 +209,9 @@ def train_model(
                     f"or use --precision fp32"
                 )
             losses[step] = value
-            n_real = int(lengths[idx].sum())
             samples += len(idx)
-            real += n_real
-            padded += len(idx) * int(lengths[idx].max())
+            real += int(lengths[idx].sum())
+            padded += sum(len(part) * int(lengths[part].max()) for part in parts)
             step += 1
             progress.advance(progress_key, 1, info=f"loss {value:.4f}")
     seconds = time.perf_counter() - start

@@ -168,7 +168,7 @@ def test_pyproject_declares_the_app_with_the_cli_defaults():
                "--fraction-fit": "fraction-fit", "--init-adapter": "init-adapter", "--output-root": "output.root",
                "--run-name": "output.run-name", "--output-dir": "output.output-dir", "--engine": "engine",
                "--min-clients": "min-clients", "--client-cpus": "client-cpus", "--client-gpus": "client-gpus",
-               "--round-timeout": "round-timeout", "--resume": "resume"}  # fmt: skip
+               "--round-timeout": "round-timeout", "--resume": "resume", "--max-tokens": "train.max-tokens"}  # fmt: skip
     params = {p.opts[0]: p for p in get_command(cli).commands["rounds"].params if getattr(p, "opts", None)}
     assert set(options) <= set(params)
     for flag, key in options.items():
