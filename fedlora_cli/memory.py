@@ -200,7 +200,7 @@ def paused_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector while transformers and PEFT are imported and a model is built.
 
     Those imports create ~400k long-lived objects; the collector runs full passes over all of them as
-    they pile up (6 passes, 0.6 s of a 3 s model load on MiniLM) and frees nothing. Reference
+    they pile up (6 passes, 0.3-0.6 s of CPU when MiniLM loads) and frees nothing. Reference
     counting still frees everything else; collection resumes, as it was, afterwards.
     """
     was_enabled = gc.isenabled()
