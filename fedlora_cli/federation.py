@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlora_cli import atomic
+from fedlora_cli import atomic, memory
 from fedlora_cli.config import LoraSpec, PartitionSpec, PrivacySpec, RoundsConfig, TrainSpec, to_dict
 from fedlora_cli.errors import FedloraError, InputError, Interrupted
 from fedlora_cli.evaluation import EvalResult, evaluate
@@ -660,6 +660,7 @@ class RoundPlan:
     plans: dict[int, ClientPlan]
     broadcast: GlobalAdapter  # the global adapter this round started from
     started: float  # time.perf_counter() when the round was planned
+    memory: Any = None  # memory.PeakMemory, measuring this process from planning to closing
 
 
 class RoundDriver:
@@ -706,7 +707,9 @@ class RoundDriver:
         started = time.perf_counter()
         selected = select_clients(self.client_ids, self.per_round, self.s.config.train.seed, round_no)
         plans = {cid: self.s.strategy.plan(round_no, cid, self.current) for cid in selected}
-        return RoundPlan(round_no, selected, plans, self.current, started)
+        return RoundPlan(
+            round_no, selected, plans, self.current, started, memory.PeakMemory(self.s.device).start()
+        )
 
     def check_report(self, plan: RoundPlan, report: ClientReport) -> str | None:
         """Why a client's report cannot count (None: it can). Nothing a client says is taken on trust."""
@@ -762,6 +765,8 @@ class RoundDriver:
                 failures.append({"client": report.client_id, "node": None, "reason": reason})
         failures.sort(key=lambda f: f["client"])
         if len(usable) < self.need or not usable:
+            if plan.memory is not None:
+                plan.memory.stop()
             done = s.recorder.tree.last_complete_round()
             detail = "; ".join(f"client {f['client']}: {str(f['reason'])[:160]}" for f in failures)
             raise RoundFailed(
@@ -820,12 +825,22 @@ class RoundDriver:
             time=now(),
             learning_rate=config.train.learning_rate,
             eval_loss=evaluation.loss if evaluation is not None else None,
+            extra={"memory": self._round_memory(plan)},
         )
         s.recorder.complete_round(row)
         report_round(self.progress, row.to_json())
         info = round_info(row, s.task) + (f" · {len(failures)} failed" if failures else "")
         self.progress.advance("rounds", 1, info=info)
         return row
+
+    @staticmethod
+    def _round_memory(plan: RoundPlan) -> dict[str, float | None]:
+        """This process's peak RSS (and CUDA peak) over the round, then RSS after handing freed memory back.
+
+        Releasing once per round keeps the process flat over many clients and rounds (memory.release).
+        """
+        memory.release()
+        return plan.memory.stop() if plan.memory is not None else {}
 
     def evaluate_global(self) -> EvalResult:
         """The current global model (adapter and the strategy's base delta) on the dev split(s)."""
