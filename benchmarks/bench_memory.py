@@ -77,7 +77,7 @@ class RoundMemory:
 def child(setting: dict) -> None:
     """One measured run, in this (fresh) process; prints one JSON line."""
     from fedlora_cli.config import DataSpec, ModelSpec, OutputSpec, RoundsConfig, ShardConfig, TrainSpec
-    from fedlora_cli.federation import run_rounds
+    from fedlora_cli.engines import run_rounds
     from fedlora_cli.memory import process_peak_rss_mb
     from fedlora_cli.sharding import run_shard
 

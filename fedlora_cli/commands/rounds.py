@@ -216,9 +216,9 @@ def _resumed(options: dict[str, Any], ctx: typer.Context) -> RoundsConfig:
     import inspect
 
     from fedlora_cli.config import to_dict
-    from fedlora_cli.federation import resume_config
     from fedlora_cli.runs import flatten, read_record
     from fedlora_cli.runs.query import resolve_run
+    from fedlora_cli.runs.rounds import resume_config
 
     run_dir = resolve_run(options["resume"], options["output_root"])
     record = read_record(run_dir)
