@@ -483,7 +483,11 @@ def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) 
             subset = [c for c in cells if c.cell.options.get(by) == value]
             name = f"report-{_label(value)}.png"
             written[f"png {value}"] = plot_sweep(
-                sweep, subset, sweep.folder / name, title=f"{sweep.name}: {value}"
+                sweep,
+                subset,
+                sweep.folder / name,
+                title=f"{sweep.name}: {value}",
+                drop=f"{by}={_label(value)}",
             )
     return written
 
@@ -576,8 +580,12 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) >= 2 else None)
 
 
-def plot_sweep(sweep: Sweep, cells: list[CellReport], path: Path, title: str | None = None) -> Path:
-    """One figure: per cell, the metric and training loss per round, mean with a ± std band over seeds."""
+def plot_sweep(
+    sweep: Sweep, cells: list[CellReport], path: Path, title: str | None = None, drop: str | None = None
+) -> Path:
+    """One figure: per cell, the metric and training loss per round, mean with a ± std band over seeds.
+
+    `drop`: a `key=value` part of the cell names that every cell here shares (left out of the legend)."""
     from fedlora_cli.plots import Curve, plot_curves
     from fedlora_cli.runs.query import read_history, round_loss, round_metric
 
@@ -598,11 +606,20 @@ def plot_sweep(sweep: Sweep, cells: list[CellReport], path: Path, title: str | N
         if rounds:
             m = [_mean_std(by_round_metric.get(r, [])) for r in rounds]
             lo = [_mean_std(by_round_loss.get(r, [])) for r in rounds]
-            curves.append(Curve(report_.cell.name, rounds, [x[0] for x in m], [x[0] for x in lo],
+            curves.append(Curve(_legend(report_.cell.name, drop), rounds, [x[0] for x in m], [x[0] for x in lo],
                                 [x[1] for x in m], [x[1] for x in lo]))  # fmt: skip
         else:
-            curves.append(Curve(report_.cell.name, final=report_.mean, final_std=report_.std))
+            curves.append(Curve(_legend(report_.cell.name, drop), final=report_.mean, final_std=report_.std))
     title = title or f"sweep {sweep.name}"
-    return plot_curves(
-        curves, path, metric=metric, title=f"{title} (mean ± std over {len(sweep.seeds)} seeds)"
-    )
+    counts = sorted({len(c.values) for c in cells if c.values}) or [0]
+    seeds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(counts[0])
+    seeds += " seed" if counts[-1] == 1 else " seeds"
+    return plot_curves(curves, path, metric=metric, title=f"{title} (mean ± std over {seeds})")
+
+
+def _legend(name: str, drop: str | None) -> str:
+    """A cell's name without the part every curve of the figure shares."""
+    if not drop:
+        return name
+    parts = [p for p in name.split("_") if p != drop]
+    return "_".join(parts) or name
