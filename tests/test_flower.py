@@ -307,6 +307,72 @@ def fake_message(src: int, dst: int, kind: str, content=None, error=None, reply_
     return Message(content=content if content is not None else RecordDict(), metadata=meta)
 
 
+def test_the_federation_config_keeps_fractional_client_cpus():
+    """Flower 1.42 takes whole CPUs per simulated client: a fraction scales Ray's CPU count instead."""
+    from fedlora_cli.flower.simulation import federation_config
+
+    whole = federation_config(3, 1.0, 0.0, 2)
+    assert whole["num-supernodes"] == 3 and whole["client-resources-num-cpus"] == 1
+    assert "init-args-num-cpus" not in whole  # Ray counts the machine's CPUs itself
+    half = federation_config(4, 0.5, 0.25, 2)
+    assert (
+        half["client-resources-num-cpus"] == 1 and half["init-args-num-cpus"] == 4
+    )  # four at once on 2 CPUs
+    assert half["client-resources-num-gpus"] == 0.25
+    third = federation_config(2, 1.5, 0.0, 16)
+    assert third["client-resources-num-cpus"] == 3 and third["init-args-num-cpus"] == 32
+
+
+def test_the_relay_carries_settings_progress_stop_and_the_outcome():
+    """The command and its ServerApp (another process in a real run; a thread here) over the relay: the exact
+    settings go one way; progress, tracker calls and the outcome the other; Ctrl-C reaches the ServerApp's
+    stop switch; a connection without the token is dropped."""
+    from fedlora_cli.errors import Interrupted
+    from fedlora_cli.federation import RoundFailed
+    from fedlora_cli.flower import relay
+    from fedlora_cli.progress import RecordingProgress
+
+    config = RoundsConfig(data=DataSpec("sst2", "/data/glue"), shards="/s/k3", train=TrainSpec(learning_rate=1e-3 / 3),
+                          engine="flower")  # fmt: skip
+    recorded, seen = RecordingProgress(), {}
+
+    def run(cfg, argv, progress, abort, on_prepared):
+        seen.update(config=cfg, argv=argv)
+        on_prepared(Path("/runs/x"))
+        progress.start("rounds", "rounds", 2)
+        progress.advance("rounds", 1, "round 1")
+        progress.log_metrics(1, {"eval/accuracy": 0.5})
+        assert abort.wait(30)  # the command's stop
+        raise Interrupted("interrupted")
+
+    with relay.Relay(codec.to_run_config(config), ["fedlora", "rounds"], recorded) as command:
+        host, port, _ = command.address.split(":")
+        stranger = socket.create_connection((host, int(port)))
+        stranger.sendall(b'{"hello": "not the token"}\n')
+        serverapp = threading.Thread(target=lambda: relay.Link(command.address).serve(run))
+        serverapp.start()
+        deadline = time.monotonic() + 30
+        while command.run_dir is None and time.monotonic() < deadline:
+            command.pump(0.1)
+        assert command.run_dir == Path("/runs/x") and command.stop()
+        while command.outcome is None and time.monotonic() < deadline:
+            command.pump(0.1)
+        serverapp.join(timeout=30)
+        assert stranger.recv(100) == b""  # dropped, never told the settings
+        stranger.close()
+    assert seen == {"config": config, "argv": ["fedlora", "rounds"]}  # exactly, floats included
+    assert recorded.events == [("start", "rounds", "rounds", 2), ("advance", "rounds", 1, "round 1"),
+                               ("metrics", 1, {"eval/accuracy": 0.5})]  # fmt: skip
+    error = relay.error_from_json(command.outcome["error"])
+    assert type(error) is Interrupted and error.exit_code == 130
+    failed = relay.error_from_json(relay.error_to_json(RoundFailed("round 2: 1 of 3 replied")))
+    assert type(failed) is RoundFailed and str(failed) == "round 2: 1 of 3 replied"
+    bug = relay.error_from_json(relay.error_to_json(ValueError("boom\nmore")))
+    assert (
+        type(bug).__name__ == "FedloraError" and str(bug) == "the Flower simulation failed: ValueError: boom"
+    )
+
+
 def test_failed_and_missing_replies_are_failures_with_their_reason():
     from flwr.app import Error
 
@@ -464,16 +530,17 @@ def flower_config(model, glue, shards, root, name, **options) -> RoundsConfig:
 
 
 def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_resumably(
-    tiny_model, glue_dir, shards, tmp_path
+    tiny_model, glue_dir, shards, tmp_path, monkeypatch
 ):
-    from lying_clients import lying_app
+    from lying_clients import lying_app_named
 
     from fedlora_cli.federation import RoundFailed
     from fedlora_cli.flower.simulation import run_flower_simulation
 
     config = flower_config(tiny_model, glue_dir, shards, tmp_path, "faults", min_clients=2)
     # round 1: one of three fails; round 2: two fail
-    failing = lying_app({2: {1: "fail", 2: "fail"}, 3: {2: "fail"}})
+    monkeypatch.syspath_prepend(str(tmp_path / "apps"))
+    failing = lying_app_named(tmp_path / "apps", {2: {1: "fail", 2: "fail"}, 3: {2: "fail"}})
     with ProcessWatch() as watch, pytest.raises(RoundFailed) as stopped:
         run_flower_simulation(config, client_app=failing)
     assert watch.seen and not watch.survivors()  # Ray started processes, and none outlived the failed run
@@ -499,11 +566,13 @@ def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_res
         f"round_001/client_002/{f}" for f in [*ADAPTER_FILES, "metrics.json"]})  # fmt: skip
 
 
-def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(tiny_model, glue_dir, tmp_path):
+def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(
+    tiny_model, glue_dir, tmp_path, monkeypatch
+):
     """Every reply is checked before it counts: a client that lies (NaN or integer tensors, a claimed 10**12
     examples, hostile types, missing fields, another client's id …) is a failed client with its reason,
     and the global adapter is exactly what the honest client alone gives."""
-    from lying_clients import LIES, lying_app
+    from lying_clients import LIES, lying_app_named
 
     from fedlora_cli.flower.simulation import run_flower_simulation
 
@@ -517,7 +586,8 @@ def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(tiny
     behaviour = {c: {1: lies[k], 2: lies[k + len(liars)]} for k, c in enumerate(liars)}
     config = flower_config(tiny_model, glue_dir, shards, tmp_path, "liars", min_clients=1,
                            aggregation=AggregationSpec(method="naive"))  # fmt: skip
-    result = run_flower_simulation(config, client_app=lying_app(behaviour))
+    monkeypatch.syspath_prepend(str(tmp_path / "apps"))
+    result = run_flower_simulation(config, client_app=lying_app_named(tmp_path / "apps", behaviour))
     run_dir = result.run_dir
     for row in history(run_dir):
         assert row["clients"] == [1]
@@ -541,11 +611,13 @@ def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(tiny
     ]  # nothing of a liar kept
 
 
-def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(tiny_model, glue_dir, tmp_path):
+def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(
+    tiny_model, glue_dir, tmp_path, monkeypatch
+):
     """Round 1: client 3 trains too slowly and client 4 stalls, both past --round-timeout. Neither gets
     more work while it is still busy (more would queue behind it and hold a second worker), and fedlora's
     client stops its own turn at the deadline: every later round gets its healthy clients."""
-    from lying_clients import lying_app
+    from lying_clients import lying_app_named
 
     from fedlora_cli.flower.simulation import run_flower_simulation
 
@@ -559,7 +631,8 @@ def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(tiny_model, g
     config = flower_config(tiny_model, glue_dir, shards, tmp_path, "slow", rounds=3, min_clients=2,
                            round_timeout=timeout, client_cpus=0.5)  # fmt: skip
     config = replace(config, train=replace(config.train, batch_size=8))
-    result = run_flower_simulation(config, client_app=lying_app(behaviour))
+    monkeypatch.syspath_prepend(str(tmp_path / "apps"))
+    result = run_flower_simulation(config, client_app=lying_app_named(tmp_path / "apps", behaviour))
     rows = history(result.run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["clients"][:2] == [1, 2] for r in rows)
