@@ -307,6 +307,31 @@ def fake_message(src: int, dst: int, kind: str, content=None, error=None, reply_
     return Message(content=content if content is not None else RecordDict(), metadata=meta)
 
 
+def test_fedlora_clientapp_serves_fedlora_apps_only_and_speaks_plain_http_on_loopback_only(tmp_path):
+    import io
+    import zipfile
+
+    from fedlora_cli.flower import worker
+
+    def fab(pyproject: str) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            z.writestr("pyproject.toml", pyproject)
+        return buffer.getvalue()
+
+    ours = (ROOT / "pyproject.toml").read_text()
+    assert (
+        worker.fab_client_app(fab(ours)) == worker.CLIENT_APP
+    )  # what `flwr run .` submits from this project
+    other = '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "evil.client:app"\n'
+    assert worker.fab_client_app(fab(other)) == "evil.client:app"  # run_task answers it with an error
+    assert worker.fab_client_app(b"not a zip") is None and worker.fab_client_app(fab("[tool]")) is None
+    assert worker.is_loopback("127.0.0.1:9094") and worker.is_loopback("localhost:9094")
+    assert worker.is_loopback("[::1]:9094") and not worker.is_loopback("10.0.0.5:9094")
+    one_error_line(run("clientapp", "--supernode", "10.0.0.5:9094"), 2,
+                   "--supernode 10.0.0.5:9094: plain HTTP to another machine")  # fmt: skip
+
+
 def test_the_federation_config_keeps_fractional_client_cpus():
     """Flower 1.42 takes whole CPUs per simulated client: a fraction scales Ray's CPU count instead."""
     from fedlora_cli.flower.simulation import federation_config
@@ -724,6 +749,8 @@ def executable(name: str) -> str:
 
 
 def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, glue_dir, tmp_path):
+    """The README's recipe on one machine: each SuperNode with `--isolation process` and a `fedlora clientapp`
+    beside it, which answers every message of the run in one process (no `flwr-clientapp` is ever started)."""
     psutil = pytest.importorskip("psutil")  # comes with flwr[simulation] (Ray)
     order = np.random.default_rng(1).permutation(600).tolist()
     shards = write_manifests(tmp_path / "shards", [order[:40], order[40:100]])
@@ -731,12 +758,14 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
     link_port, node_ports = free_port(), [free_port(), free_port()]
     started: list[subprocess.Popen] = []
     seen: dict[int, psutil.Process] = {}  # every process started, directly or by Flower (superexec, apps)
+    names: dict[int, str] = {}
 
     def env_for(role: str) -> dict[str, str]:
         home = tmp_path / role  # each "machine" its own HOME / FLWR_HOME: the user's ~/.flwr is untouched
         home.mkdir(exist_ok=True)
         return {**os.environ, "HOME": str(home), "FLWR_HOME": str(home / ".flwr"), "FLWR_TELEMETRY_ENABLED": "0",
-                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(ROOT)}  # fmt: skip
 
     def start(role: str, *cmd: str) -> None:
         log = open(tmp_path / f"{role}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -750,7 +779,10 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
             with contextlib.suppress(psutil.NoSuchProcess):
                 p = psutil.Process(proc.pid)
                 for q in [p, *p.children(recursive=True)]:
-                    seen.setdefault(q.pid, q)
+                    if q.pid not in seen:
+                        seen[q.pid] = q
+                        with contextlib.suppress(psutil.Error):
+                            names[q.pid] = " ".join(q.cmdline()[:3])
 
     def logs() -> str:
         return "\n".join(
@@ -764,7 +796,16 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
         for i, port in enumerate(node_ports, start=1):
             node_config = f"shard-manifest='{shards / f'client_{i}.json'}' data-dir='{glue_dir}'"
             start(f"node{i}", executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                  "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config)  # fmt: skip
+                  "--host", "127.0.0.1", "--port", str(port), "--isolation", "process", "--node-config", node_config)  # fmt: skip
+            start(
+                f"clientapp{i}",
+                sys.executable,
+                "-m",
+                "fedlora_cli",
+                "clientapp",
+                "--supernode",
+                f"127.0.0.1:{port}",
+            )
         wait_for_port(link_port, deadline)
         cli_home = tmp_path / "cli" / ".flwr"
         cli_home.mkdir(parents=True)
@@ -788,6 +829,11 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
             time.sleep(0.5)
 
         assert files_of(run_dir) == expected_files(2, [1, 2])
+        track()
+        assert not [n for n in names.values() if "flwr-clientapp" in n], names  # never a process per message
+        for i in (1, 2):  # each node's messages, all answered by its one clientapp process
+            served = (tmp_path / f"clientapp{i}.log").read_text()
+            assert "query (run" in served and ", round 1): " in served and ", round 2): " in served, served
         rows = history(run_dir)
         assert [r["round"] for r in rows] == [1, 2] and all(
             r["clients"] == [1, 2] and r["failed"] == [] for r in rows

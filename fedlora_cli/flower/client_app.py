@@ -11,9 +11,10 @@ node-local files are:
 - `data-dir`, `model`, `device`: node-local replacements for the run config's `data.data-dir`,
   `model.name` and `model.device`.
 
-The base model and the tokenized data are built once per process and kept (a Ray actor in simulation
-serves many rounds); Flower's deployment runtime starts a fresh process per message, where the
-tokenized data still comes from fedlora's disk cache.
+The base model and the tokenized data are built once per process and kept: a Ray actor in simulation
+serves many rounds, and so does `fedlora clientapp` (worker.py) beside a SuperNode. Flower's own
+deployment runtime starts a fresh process per message, where they are built again (the tokenized data
+from fedlora's disk cache).
 """
 
 from __future__ import annotations
