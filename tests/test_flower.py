@@ -196,7 +196,31 @@ def test_adapter_state_lora_and_report_round_trip_exactly():
     arrays = codec.state_to_arrays(state)
     back = codec.arrays_to_state(arrays)
     assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
-    assert arrays.count_bytes() > sum(t.numel() * 4 for t in state.values())  # payload + .npy headers + keys
+    assert len(arrays) == 1  # one object on Flower's wire, not one per tensor
+    assert arrays.count_bytes() > sum(
+        t.numel() * 4 for t in state.values()
+    )  # payload + safetensors header + keys
+
+
+def test_an_unreadable_adapter_is_a_value_error():
+    """A client's arrays are untrusted: every way they can be wrong is the one error the server turns into a
+    failed client."""
+    from flwr.app import Array, ArrayRecord
+    from safetensors.torch import save
+
+    state = {"a.lora_A.weight": torch.randn(4, 16), "head.bias": torch.randn(2)}
+    blob = bytes(codec.state_to_arrays(state)[codec.PACKED].data)
+
+    def packed(data: bytes, stype: str = codec.PACKED_STYPE, key: str = codec.PACKED) -> ArrayRecord:
+        return ArrayRecord({key: Array(dtype="uint8", shape=(len(data),), stype=stype, data=data)})
+
+    lying_order = save(state, metadata={"order": json.dumps(["a.lora_A.weight", "other"])})
+    no_order = save(state)
+    for bad in [packed(blob[:-7]), packed(blob[:5]), packed(b"\xff" * 64), packed(blob, stype="numpy.ndarray"),
+                packed(blob, key="other"), ArrayRecord.from_torch_state_dict(state), packed(lying_order),
+                packed(no_order), packed(len(blob).to_bytes(8, "little") + blob[8:])]:  # fmt: skip
+        with pytest.raises(ValueError, match="unreadable arrays"):
+            codec.arrays_to_state(bad)
     spec = LoraSpec(8, 16.0, 0.1, ("query", "value"))
     assert codec.lora_from_config(codec.lora_to_config(spec)) == spec
     train = {"loss": 0.5, "last_loss": 0.25, "steps": 3, "seconds": 1.5, "samples_per_second": 40.0,
