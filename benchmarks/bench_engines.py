@@ -12,7 +12,7 @@ and with one thread (`local-1`, the thread count each Flower client has).
 The SuperNodes (and their `fedlora clientapp`) get one thread each (OMP_NUM_THREADS=1), as Ray gives
 each simulated client one CPU; engine local trains one client at a time with all cores.
 
-    python benchmarks/bench_engines.py [--clients 3] [--per-client 200] [--rounds 3] [--engines local,superlink]
+    python benchmarks/bench_engines.py [--clients 3] [--per-client 200] [--rounds 5] [--engines local,superlink]
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--glue", default=str(GLUE))
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--per-client", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", default="fp32", help="fp32 keeps the engines comparable; bf16 is "
                         "noisier across thread counts")  # fmt: skip
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"which of {', '.join(ENGINES)} to run "
