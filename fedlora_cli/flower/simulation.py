@@ -107,6 +107,7 @@ def run_flower_simulation(
 def _follow(link: Any, superlink: _SuperLink, abort: threading.Event) -> None:
     """Feed the ServerApp's progress to the display until the run has an outcome or stops."""
     asked_to_stop = False
+    submitted = time.monotonic()
     while link.outcome is None:
         if abort.is_set() and not asked_to_stop:
             asked_to_stop = link.stop()
@@ -116,6 +117,9 @@ def _follow(link: Any, superlink: _SuperLink, abort: threading.Event) -> None:
         if link.lost or (not link.connected and superlink.simulation_ended()):
             return
         superlink.check_alive()
+        if not link.connected and not superlink.simulations and time.monotonic() - submitted > START_SECONDS:
+            raise FedloraError(f"Flower's SuperExec did not start the simulation within {START_SECONDS:g} s: "
+                               f"{superlink.last_log_line() or 'no error logged'}")  # fmt: skip
 
 
 def _interrupted(run_dir: Path | None) -> Exception:
@@ -253,7 +257,7 @@ class _SuperLink:
             self.check_alive()
             if time.monotonic() > deadline:
                 raise FedloraError(f"Flower's SuperLink did not start within {START_SECONDS:g} s: "
-                                   f"{self._last_log_line() or 'no output'}")  # fmt: skip
+                                   f"{self.last_log_line() or 'no output'}")  # fmt: skip
             time.sleep(0.1)
 
     def _listening(self) -> bool:
@@ -304,7 +308,7 @@ class _SuperLink:
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise FedloraError(f"Flower's SuperLink exited (code {self.proc.returncode}): "
-                               f"{self._last_log_line() or 'no output'}")  # fmt: skip
+                               f"{self.last_log_line() or 'no output'}")  # fmt: skip
 
     def simulation_ended(self) -> bool:
         """A flwr-simulation process ran and has exited (its parent, the SuperExec, leaves it a zombie)."""
@@ -338,9 +342,9 @@ class _SuperLink:
             if details and details != "N/A":
                 return _reason(details.removeprefix("Simulation failed with exception:")) or details
             return f"the run ended as {run.get('status')} without a result"
-        return self._last_log_line() or "no error was recorded"
+        return self.last_log_line() or "no error was recorded"
 
-    def _last_log_line(self) -> str | None:
+    def last_log_line(self) -> str | None:
         with contextlib.suppress(OSError):
             lines = [line for line in self.log.read_text(errors="replace").splitlines() if "ERROR" in line]
             return _one_line(lines[-1]) if lines else None
