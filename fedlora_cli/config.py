@@ -167,6 +167,9 @@ class TrainSpec:
     precision: str = "auto"  # auto: bf16 where the hardware has it natively, else fp32
     seed: int = 42
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
+    # Padded tokens per forward/backward pass: a larger batch is split into passes whose gradients add up
+    # to the batch's (the same optimizer step; activation memory bounded by this). None: one pass.
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # --epochs is --local-epochs in `rounds`; the steps it gives are checked with the data (planned_steps)
@@ -180,6 +183,10 @@ class TrainSpec:
             self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"
         )
         check_seed(self.seed)
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1,
+            f"--max-tokens must be >= 1, got {self.max_tokens}",
+        )
 
 
 @dataclass(frozen=True)

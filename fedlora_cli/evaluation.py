@@ -1,4 +1,4 @@
-"""Predictions on the dev split(s) and GLUE metrics (scikit-learn / scipy), with throughput."""
+"""Predictions on the dev split(s) and GLUE metrics (plain numpy), with throughput."""
 
 from __future__ import annotations
 
@@ -11,27 +11,72 @@ from fedlora_cli.tasks import GlueTask
 
 
 def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """GLUE's metrics for one split: `predictions` are class ids, or scores for STS-B."""
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    """GLUE's metrics for one split: `predictions` are class ids, or scores for STS-B.
 
+    Plain numpy, with the definitions scikit-learn and scipy use (tests check them against both):
+    importing `sklearn.metrics` took ~2 s and ~100 MB (it pulls in pandas and pyarrow) for a few sums.
+    """
     out: dict[str, float] = {}
     for name in task.metrics:
         if name == "accuracy":
-            out[name] = float(accuracy_score(labels, predictions))
+            out[name] = float(np.mean(predictions == labels)) if len(labels) else 0.0
         elif name == "f1":
-            out[name] = float(f1_score(labels, predictions))
+            out[name] = binary_f1(predictions, labels)
         elif name == "mcc":
-            out[name] = float(matthews_corrcoef(labels, predictions))
-        elif name in ("pearson", "spearman"):
-            from scipy.stats import pearsonr, spearmanr
-
-            fn = pearsonr if name == "pearson" else spearmanr
-            # A constant prediction has no correlation; report 0 rather than NaN so tables stay readable.
-            value = float(fn(predictions, labels)[0]) if np.std(predictions) > 0 else 0.0
-            out[name] = value
+            out[name] = matthews(predictions, labels)
+        elif name == "pearson":
+            out[name] = pearson(predictions, labels)
+        elif name == "spearman":
+            out[name] = pearson(average_ranks(predictions), average_ranks(labels))
         else:  # pragma: no cover - tasks.py only names the metrics above
             raise ValueError(f"unknown metric {name!r}")
     return out
+
+
+def binary_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """F1 of the positive class (1): 2tp / (2tp + fp + fn); 0 when there is no positive at all."""
+    pred, true = np.asarray(predictions) == 1, np.asarray(labels) == 1
+    tp = int(np.sum(pred & true))
+    wrong = int(np.sum(pred != true))
+    return 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
+
+
+def matthews(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation (multi-class form, as scikit-learn's); 0 when either side is constant."""
+    classes, encoded = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
+    true, pred = encoded[: len(labels)], encoded[len(labels) :]
+    k = len(classes)
+    confusion = np.bincount(true * k + pred, minlength=k * k).reshape(k, k).astype(np.float64)
+    t_sum, p_sum = confusion.sum(axis=1), confusion.sum(axis=0)
+    n = confusion.sum()
+    cov_tp = np.trace(confusion) * n - t_sum @ p_sum
+    cov_pp = n * n - p_sum @ p_sum
+    cov_tt = n * n - t_sum @ t_sum
+    return float(cov_tp / np.sqrt(cov_tt * cov_pp)) if cov_tt * cov_pp > 0 else 0.0
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r in float64; 0 rather than NaN when either side is constant, so tables stay readable."""
+    x = np.asarray(x, dtype=np.float64) - np.mean(x)
+    y = np.asarray(y, dtype=np.float64) - np.mean(y)
+    norm = np.linalg.norm(x) * np.linalg.norm(y)
+    if norm == 0 or not np.isfinite(norm):
+        return 0.0
+    return float(np.clip(x @ y / norm, -1.0, 1.0))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing the mean of their ranks (scipy's `rankdata(method="average")`)."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    first = np.r_[True, sorted_x[1:] != sorted_x[:-1]]  # where each run of equal values starts
+    group = np.cumsum(first) - 1
+    starts = np.r_[np.flatnonzero(first), len(x)]
+    mean_rank = (starts[:-1] + 1 + starts[1:]) / 2  # positions start+1 .. end, averaged
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = mean_rank[group]
+    return ranks
 
 
 def combine_splits(task: GlueTask, per_split: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -80,8 +125,9 @@ def predict(model, data, batch_size: int, device, precision: str) -> tuple[np.nd
     import torch
 
     from fedlora_cli.features import make_batches
-    from fedlora_cli.training import autocast
+    from fedlora_cli.training import autocast, hold_frozen_weights
 
+    hold_frozen_weights(model, precision)
     model.eval()
     lengths = data.lengths
     outputs: np.ndarray | None = None

@@ -125,7 +125,9 @@ class Sweep:
         return self.root / self.name
 
     def runs(self) -> list[tuple[Cell, int, Path]]:
-        return [(c, s, self.folder / f"{c.name}-seed{s}") for c in self.cells for s in self.seeds]
+        """Every (cell, seed), seed by seed: the first seed of every cell comes first, so a sweep that is
+        stopped early still has a whole table (of fewer seeds), and later seeds narrow it."""
+        return [(c, s, self.folder / f"{c.name}-seed{s}") for s in self.seeds for c in self.cells]
 
 
 def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:

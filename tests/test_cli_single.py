@@ -39,6 +39,20 @@ def test_help_is_fast_and_imports_no_torch():
     assert elapsed < 2.0  # ~0.2 s here; generous for slow CI disks
 
 
+def test_training_on_local_glue_files_imports_neither_datasets_nor_sklearn(tiny_model, glue_dir, tmp_path):
+    """The local-GLUE path needs neither: each costs seconds of start-up and ~100 MB (pandas, pyarrow)."""
+    heavy = ("datasets", "sklearn", "pandas", "pyarrow")
+    args = ["train", "--task", "sst2", "--model", str(tiny_model), "--data-dir", str(glue_dir), "--epochs", "1",
+            "--max-train-samples", "64", "--max-eval-samples", "32", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    code = (
+        f"import sys\nfrom fedlora_cli.app import app\ntry:\n    app({args!r})\nexcept SystemExit as e:\n"
+        f"    assert not e.code, e.code\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_train_writes_exactly_the_run_and_learns(trained):
     out, result = trained
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())

@@ -296,7 +296,7 @@ def test_pyproject_declares_the_app_with_the_cli_defaults():
                "--clients": "partition.clients", "--partition": "partition.mode", "--partition-seed": "partition.seed",
                "--dirichlet-alpha": "partition.dirichlet-alpha", "--overlap-ratio": "partition.overlap-ratio",
                "--category-key": "partition.category-key", "--min-size": "partition.min-size",
-               "--bin-stsb": "partition.bin-stsb"}  # fmt: skip
+               "--bin-stsb": "partition.bin-stsb", "--max-tokens": "train.max-tokens"}  # fmt: skip
     params = {p.opts[0]: p for p in get_command(cli).commands["rounds"].params if getattr(p, "opts", None)}
     assert set(options) <= set(params)
     for flag, key in options.items():

@@ -76,6 +76,7 @@ def test_run_tree_is_exactly_as_documented(federated):
     for h in history:
         assert h["bytes_up"] > 0 and h["bytes_down"] > 0 and h["seconds"]["wall"] > 0
         assert h["learning_rate"] == 2e-2 and h["eval_loss"] > 0 and h["time"]
+        assert h["memory"]["peak_rss_mb"] >= h["memory"]["rss_mb"] > 0 and h["memory"]["cuda_peak_mb"] is None
         assert 0 <= h["aggregation"]["error"] < 1 and h["eval"]["accuracy"] >= 0
         assert [c["examples"] for c in h["client_metrics"]] == [100, 200, 300]
     record = json.loads((run_dir / "run.json").read_text())

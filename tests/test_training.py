@@ -111,3 +111,48 @@ def test_progress_sees_one_step_per_optimizer_step(sst2):
     steps = [e for e in progress.events if e[0] == "advance"]
     assert len(steps) == 15 and all(e[2] == 1 and e[3].startswith("loss ") for e in steps)
     assert progress.events[-1] == ("stop", "k")
+
+
+def test_split_batch_keeps_every_pass_under_the_token_budget():
+    from fedlora_cli.training import split_batch
+
+    lengths = np.array([20, 19, 18, 10, 9, 5, 40])
+    idx = np.arange(6)  # widest example: 20 tokens
+    assert [p.tolist() for p in split_batch(idx, lengths, None)] == [idx.tolist()]
+    assert [p.tolist() for p in split_batch(idx, lengths, 200)] == [idx.tolist()]  # 6 x 20 fits
+    for budget in (20, 30, 45, 64, 100):
+        parts = split_batch(idx, lengths, budget)
+        assert np.concatenate(parts).tolist() == idx.tolist()  # every example once, in order
+        assert all(len(p) * lengths[p].max() <= budget for p in parts), budget
+        assert len(parts) == -(-6 // (budget // 20))  # as few passes as the budget allows
+    assert [len(p) for p in split_batch(np.array([6, 0]), lengths, 30)] == [1, 1]  # too long: alone
+
+
+def test_split_passes_give_the_whole_batchs_gradient(sst2):
+    from fedlora_cli.training import backward, split_batch
+
+    spec, data = sst2
+    model = _lora(spec)
+    model.module.eval()  # no dropout: the passes then see exactly what the whole batch sees
+    idx = np.arange(40)
+    grads = []
+    for budget in (None, 100):
+        parts = split_batch(idx, data.train.lengths, budget)
+        loss = backward(model.module, data.train, idx, parts, CPU, "fp32")
+        trainable = model.module.named_parameters()
+        grads.append((loss, len(parts), {n: p.grad.clone() for n, p in trainable if p.requires_grad}))
+        model.module.zero_grad(set_to_none=True)
+    (whole, one, g1), (split, many, g2) = grads
+    assert one == 1 and many > 2
+    assert torch.allclose(whole, split, rtol=1e-5)
+    assert all(torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-7) for n in g1)
+
+
+def test_max_tokens_trains_the_same_steps_and_learns(sst2):
+    spec, data = sst2
+    model = _lora(spec)
+    train = TrainSpec(epochs=5, learning_rate=1e-2, batch_size=32, precision="fp32", max_tokens=128)
+    result = train_model(model.module, data.train, train, device=CPU, precision="fp32", seed=1)
+    assert result.steps == 5 * -(-len(data.train) // 32) and result.samples_seen == 5 * len(data.train)
+    acc = evaluate(model.module, get_task("sst2"), data.evals, 64, CPU, "fp32").metrics["accuracy"]
+    assert acc >= 0.9, acc

@@ -446,6 +446,13 @@ MaxGradNormOpt = Annotated[float, typer.Option("--max-grad-norm", help="gradient
 PrecisionOpt = Annotated[
     str, typer.Option("--precision", help="auto (bf16 where the hardware has it), fp32 or bf16")
 ]
+MaxTokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-tokens",
+        help="padded tokens per forward/backward pass: larger batches are split (same step, less memory)",
+    ),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seeds the head init, dropout and data order")]
 EvalBatchSizeOpt = Annotated[int, typer.Option("--eval-batch-size", help="examples per evaluation batch")]
 OutputRootOpt = Annotated[

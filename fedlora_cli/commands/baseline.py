@@ -34,6 +34,7 @@ def baseline(
     max_grad_norm: c.MaxGradNormOpt = _BASE_TRAIN.max_grad_norm,
     precision: c.PrecisionOpt = _BASE_TRAIN.precision,
     seed: c.SeedOpt = _BASE_TRAIN.seed,
+    max_tokens: c.MaxTokensOpt = _BASE_TRAIN.max_tokens,
     eval_batch_size: c.EvalBatchSizeOpt = 64,
     save_model: Annotated[
         bool, typer.Option("--save-model", help="also write the fine-tuned weights (large) to <run>/model")
@@ -54,7 +55,15 @@ def baseline(
             data=DataSpec(task, data_dir, max_seq_length, max_train_samples, max_eval_samples),
             model=c.model_spec(model, model_size, cache_dir, device),
             train=TrainSpec(
-                epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_grad_norm, precision, seed
+                epochs,
+                batch_size,
+                learning_rate,
+                weight_decay,
+                warmup_ratio,
+                max_grad_norm,
+                precision,
+                seed,
+                max_tokens=max_tokens,
             ),
             output=OutputSpec(output_root, run_name, output_dir, overwrite),
             eval_batch_size=eval_batch_size,

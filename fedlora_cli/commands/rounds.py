@@ -71,6 +71,7 @@ def rounds(
     max_grad_norm: c.MaxGradNormOpt = _R.train.max_grad_norm,
     precision: c.PrecisionOpt = _R.train.precision,
     seed: c.SeedOpt = _R.train.seed,
+    max_tokens: c.MaxTokensOpt = _R.train.max_tokens,
     lora_r: c.LoraROpt = c._LORA.r,
     lora_alpha: c.LoraAlphaOpt = c._LORA.alpha,
     lora_dropout: c.LoraDropoutOpt = c._LORA.dropout,
@@ -183,7 +184,7 @@ def _config(o: dict[str, Any]) -> RoundsConfig:
         model=c.model_spec(o["model"], o["model_size"], o["cache_dir"], o["device"]),
         lora=c.lora_spec(o["lora_r"], o["lora_alpha"], o["lora_dropout"], o["target_modules"]),
         train=TrainSpec(o["local_epochs"], o["batch_size"], o["learning_rate"], o["weight_decay"], o["warmup_ratio"],
-                        o["max_grad_norm"], o["precision"], o["seed"]),
+                        o["max_grad_norm"], o["precision"], o["seed"], max_tokens=o["max_tokens"]),
         aggregation=AggregationSpec(c.method_name(o["aggregation"]), o["svd_rank"], o["alpha"], o["client_ranks"],
                                     o["prox_mu"]),
         output=OutputSpec(o["output_root"], o["run_name"], o["output_dir"], o["overwrite"]),
@@ -215,9 +216,9 @@ def _resumed(options: dict[str, Any], ctx: typer.Context) -> RoundsConfig:
     import inspect
 
     from fedlora_cli.config import to_dict
-    from fedlora_cli.federation import resume_config
     from fedlora_cli.runs import flatten, read_record
     from fedlora_cli.runs.query import resolve_run
+    from fedlora_cli.runs.rounds import resume_config
 
     run_dir = resolve_run(options["resume"], options["output_root"])
     record = read_record(run_dir)

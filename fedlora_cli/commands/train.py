@@ -32,6 +32,7 @@ def train(
     max_grad_norm: c.MaxGradNormOpt = c._TRAIN.max_grad_norm,
     precision: c.PrecisionOpt = c._TRAIN.precision,
     seed: c.SeedOpt = c._TRAIN.seed,
+    max_tokens: c.MaxTokensOpt = c._TRAIN.max_tokens,
     eval_batch_size: c.EvalBatchSizeOpt = 64,
     do_eval: Annotated[
         bool, typer.Option("--eval/--no-eval", help="evaluate on the dev split(s) at the end")
@@ -61,7 +62,15 @@ def train(
             model=c.model_spec(model, model_size, cache_dir, device),
             lora=c.lora_spec(lora_r, lora_alpha, lora_dropout, target_modules),
             train=TrainSpec(
-                epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_grad_norm, precision, seed
+                epochs,
+                batch_size,
+                learning_rate,
+                weight_decay,
+                warmup_ratio,
+                max_grad_norm,
+                precision,
+                seed,
+                max_tokens=max_tokens,
             ),
             output=OutputSpec(output_root, run_name, output_dir, overwrite),
             eval_batch_size=eval_batch_size,

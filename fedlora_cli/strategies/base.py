@@ -114,10 +114,6 @@ class Aggregated:
         return cls(GlobalAdapter(result.state, new_lora), record)
 
 
-class NotForMerge(ValueError):
-    """A method that needs rounds (a broadcast to train from) cannot merge existing adapters."""
-
-
 class Strategy:
     """A federated method. Subclasses implement `aggregate` and may override the other hooks.
 
