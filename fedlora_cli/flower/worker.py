@@ -131,7 +131,7 @@ def serve(
     check_flower()
     stop = stop or threading.Event()
     client = connect(address, root_certificates=root_certificates, auth_secret=auth_secret)
-    served, waiting = 0, False
+    served, waiting, trimmed = 0, False, True
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.ERROR)  # Flower's retry notices: this loop says when it waits
@@ -154,10 +154,15 @@ def serve(
             waiting = False
             if res.HasField("task") and res.token:
                 outcome = run_task(address, res.token, root_certificates=root_certificates)
-                served += 1
+                served, trimmed = served + 1, False
                 if on_task is not None:
                     on_task(outcome)
             else:
+                if not trimmed:  # idle after a task (between rounds): give the freed heap back once
+                    from fedlora_cli import memory
+
+                    memory.release()
+                    trimmed = True
                 stop.wait(poll)
     finally:
         flwr_log.setLevel(level)
