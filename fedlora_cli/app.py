@@ -7,6 +7,7 @@ import typer
 from fedlora_cli import __version__
 from fedlora_cli.commands import _common as c
 from fedlora_cli.commands.baseline import baseline
+from fedlora_cli.commands.clientapp import clientapp
 from fedlora_cli.commands.download import download
 from fedlora_cli.commands.eval import eval_command
 from fedlora_cli.commands.merge import merge
@@ -37,6 +38,7 @@ _COMMANDS = [
     ("shard", shard, FEDERATED),
     ("rounds", rounds, FEDERATED),
     ("merge", merge, FEDERATED),
+    ("clientapp", clientapp, FEDERATED),
     ("sweep", sweep, EXPERIMENTS),
 ]
 for _name, _fn, _panel in _COMMANDS:

@@ -1,6 +1,8 @@
 """Untrusted clients for tests: fedlora's own ClientApp handlers behind a Flower mod that makes chosen
 clients fail, stall, or lie in their TRAIN replies (fault injection from the tests, never a hook in the
-package). `run_flower_simulation(config, client_app=lying_app({...}))` runs them on the simulation engine.
+package). The simulation's ClientApps run in Flower's processes, which load their app by name:
+`run_flower_simulation(config, client_app=lying_app_named(folder, {...}))` writes a module in `folder` (which
+must be on sys.path) whose `app` is `lying_app({...})`, and runs it on the simulation engine.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
@@ -151,3 +154,15 @@ def lying_app(behaviour: dict[int, dict[int, str]]) -> ClientApp:
     app.train()(fedlora.train)
     app.evaluate()(fedlora.evaluate)
     return app
+
+
+def lying_app_named(
+    folder: Path, behaviour: dict[int, dict[int, str]], name: str = "lying_client_app"
+) -> str:
+    """`lying_app(behaviour)` as Flower names a component ("module:attribute"), from a module written to
+    `folder` (put it on sys.path: the simulation's processes import from there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(
+        f"from lying_clients import lying_app\n\napp = lying_app({behaviour!r})\n"
+    )
+    return f"{name}:app"

@@ -196,7 +196,31 @@ def test_adapter_state_lora_and_report_round_trip_exactly():
     arrays = codec.state_to_arrays(state)
     back = codec.arrays_to_state(arrays)
     assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
-    assert arrays.count_bytes() > sum(t.numel() * 4 for t in state.values())  # payload + .npy headers + keys
+    assert len(arrays) == 1  # one object on Flower's wire, not one per tensor
+    assert arrays.count_bytes() > sum(
+        t.numel() * 4 for t in state.values()
+    )  # payload + safetensors header + keys
+
+
+def test_an_unreadable_adapter_is_a_value_error():
+    """A client's arrays are untrusted: every way they can be wrong is the one error the server turns into a
+    failed client."""
+    from flwr.app import Array, ArrayRecord
+    from safetensors.torch import save
+
+    state = {"a.lora_A.weight": torch.randn(4, 16), "head.bias": torch.randn(2)}
+    blob = bytes(codec.state_to_arrays(state)[codec.PACKED].data)
+
+    def packed(data: bytes, stype: str = codec.PACKED_STYPE, key: str = codec.PACKED) -> ArrayRecord:
+        return ArrayRecord({key: Array(dtype="uint8", shape=(len(data),), stype=stype, data=data)})
+
+    lying_order = save(state, metadata={"order": json.dumps(["a.lora_A.weight", "other"])})
+    no_order = save(state)
+    for bad in [packed(blob[:-7]), packed(blob[:5]), packed(b"\xff" * 64), packed(blob, stype="numpy.ndarray"),
+                packed(blob, key="other"), ArrayRecord.from_torch_state_dict(state), packed(lying_order),
+                packed(no_order), packed(len(blob).to_bytes(8, "little") + blob[8:])]:  # fmt: skip
+        with pytest.raises(ValueError, match="unreadable arrays"):
+            codec.arrays_to_state(bad)
     spec = LoraSpec(8, 16.0, 0.1, ("query", "value"))
     assert codec.lora_from_config(codec.lora_to_config(spec)) == spec
     train = {"loss": 0.5, "last_loss": 0.25, "steps": 3, "seconds": 1.5, "samples_per_second": 40.0,
@@ -305,6 +329,97 @@ def fake_message(src: int, dst: int, kind: str, content=None, error=None, reply_
     if error is not None:
         return Message(error=error, metadata=meta)
     return Message(content=content if content is not None else RecordDict(), metadata=meta)
+
+
+def test_fedlora_clientapp_serves_fedlora_apps_only_and_speaks_plain_http_on_loopback_only(tmp_path):
+    import io
+    import zipfile
+
+    from fedlora_cli.flower import worker
+
+    def fab(pyproject: str) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            z.writestr("pyproject.toml", pyproject)
+        return buffer.getvalue()
+
+    ours = (ROOT / "pyproject.toml").read_text()
+    assert (
+        worker.fab_client_app(fab(ours)) == worker.CLIENT_APP
+    )  # what `flwr run .` submits from this project
+    other = '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "evil.client:app"\n'
+    assert worker.fab_client_app(fab(other)) == "evil.client:app"  # run_task answers it with an error
+    assert worker.fab_client_app(b"not a zip") is None and worker.fab_client_app(fab("[tool]")) is None
+    assert worker.is_loopback("127.0.0.1:9094") and worker.is_loopback("localhost:9094")
+    assert worker.is_loopback("[::1]:9094") and not worker.is_loopback("10.0.0.5:9094")
+    one_error_line(run("clientapp", "--supernode", "10.0.0.5:9094"), 2,
+                   "--supernode 10.0.0.5:9094: plain HTTP to another machine")  # fmt: skip
+
+
+def test_the_federation_config_keeps_fractional_client_cpus():
+    """Flower 1.42 takes whole CPUs per simulated client: a fraction scales Ray's CPU count instead."""
+    from fedlora_cli.flower.simulation import federation_config
+
+    whole = federation_config(3, 1.0, 0.0, 2)
+    assert whole["num-supernodes"] == 3 and whole["client-resources-num-cpus"] == 1
+    assert "init-args-num-cpus" not in whole  # Ray counts the machine's CPUs itself
+    half = federation_config(4, 0.5, 0.25, 2)
+    assert (
+        half["client-resources-num-cpus"] == 1 and half["init-args-num-cpus"] == 4
+    )  # four at once on 2 CPUs
+    assert half["client-resources-num-gpus"] == 0.25
+    third = federation_config(2, 1.5, 0.0, 16)
+    assert third["client-resources-num-cpus"] == 3 and third["init-args-num-cpus"] == 32
+
+
+def test_the_relay_carries_settings_progress_stop_and_the_outcome():
+    """The command and its ServerApp (another process in a real run; a thread here) over the relay: the exact
+    settings go one way; progress, tracker calls and the outcome the other; Ctrl-C reaches the ServerApp's
+    stop switch; a connection without the token is dropped."""
+    from fedlora_cli.errors import Interrupted
+    from fedlora_cli.federation import RoundFailed
+    from fedlora_cli.flower import relay
+    from fedlora_cli.progress import RecordingProgress
+
+    config = RoundsConfig(data=DataSpec("sst2", "/data/glue"), shards="/s/k3", train=TrainSpec(learning_rate=1e-3 / 3),
+                          engine="flower")  # fmt: skip
+    recorded, seen = RecordingProgress(), {}
+
+    def run(cfg, argv, progress, abort, on_prepared):
+        seen.update(config=cfg, argv=argv)
+        on_prepared(Path("/runs/x"))
+        progress.start("rounds", "rounds", 2)
+        progress.advance("rounds", 1, "round 1")
+        progress.log_metrics(1, {"eval/accuracy": 0.5})
+        assert abort.wait(30)  # the command's stop
+        raise Interrupted("interrupted")
+
+    with relay.Relay(codec.to_run_config(config), ["fedlora", "rounds"], recorded) as command:
+        host, port, _ = command.address.split(":")
+        stranger = socket.create_connection((host, int(port)))
+        stranger.sendall(b'{"hello": "not the token"}\n')
+        serverapp = threading.Thread(target=lambda: relay.Link(command.address).serve(run))
+        serverapp.start()
+        deadline = time.monotonic() + 30
+        while command.run_dir is None and time.monotonic() < deadline:
+            command.pump(0.1)
+        assert command.run_dir == Path("/runs/x") and command.stop()
+        while command.outcome is None and time.monotonic() < deadline:
+            command.pump(0.1)
+        serverapp.join(timeout=30)
+        assert stranger.recv(100) == b""  # dropped, never told the settings
+        stranger.close()
+    assert seen == {"config": config, "argv": ["fedlora", "rounds"]}  # exactly, floats included
+    assert recorded.events == [("start", "rounds", "rounds", 2), ("advance", "rounds", 1, "round 1"),
+                               ("metrics", 1, {"eval/accuracy": 0.5})]  # fmt: skip
+    error = relay.error_from_json(command.outcome["error"])
+    assert type(error) is Interrupted and error.exit_code == 130
+    failed = relay.error_from_json(relay.error_to_json(RoundFailed("round 2: 1 of 3 replied")))
+    assert type(failed) is RoundFailed and str(failed) == "round 2: 1 of 3 replied"
+    bug = relay.error_from_json(relay.error_to_json(ValueError("boom\nmore")))
+    assert (
+        type(bug).__name__ == "FedloraError" and str(bug) == "the Flower simulation failed: ValueError: boom"
+    )
 
 
 def test_failed_and_missing_replies_are_failures_with_their_reason():
@@ -464,16 +579,17 @@ def flower_config(model, glue, shards, root, name, **options) -> RoundsConfig:
 
 
 def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_resumably(
-    tiny_model, glue_dir, shards, tmp_path
+    tiny_model, glue_dir, shards, tmp_path, monkeypatch
 ):
-    from lying_clients import lying_app
+    from lying_clients import lying_app_named
 
     from fedlora_cli.federation import RoundFailed
     from fedlora_cli.flower.simulation import run_flower_simulation
 
     config = flower_config(tiny_model, glue_dir, shards, tmp_path, "faults", min_clients=2)
     # round 1: one of three fails; round 2: two fail
-    failing = lying_app({2: {1: "fail", 2: "fail"}, 3: {2: "fail"}})
+    monkeypatch.syspath_prepend(str(tmp_path / "apps"))
+    failing = lying_app_named(tmp_path / "apps", {2: {1: "fail", 2: "fail"}, 3: {2: "fail"}})
     with ProcessWatch() as watch, pytest.raises(RoundFailed) as stopped:
         run_flower_simulation(config, client_app=failing)
     assert watch.seen and not watch.survivors()  # Ray started processes, and none outlived the failed run
@@ -499,11 +615,13 @@ def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_res
         f"round_001/client_002/{f}" for f in [*ADAPTER_FILES, "metrics.json"]})  # fmt: skip
 
 
-def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(tiny_model, glue_dir, tmp_path):
+def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(
+    tiny_model, glue_dir, tmp_path, monkeypatch
+):
     """Every reply is checked before it counts: a client that lies (NaN or integer tensors, a claimed 10**12
     examples, hostile types, missing fields, another client's id …) is a failed client with its reason,
     and the global adapter is exactly what the honest client alone gives."""
-    from lying_clients import LIES, lying_app
+    from lying_clients import LIES, lying_app_named
 
     from fedlora_cli.flower.simulation import run_flower_simulation
 
@@ -517,7 +635,8 @@ def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(tiny
     behaviour = {c: {1: lies[k], 2: lies[k + len(liars)]} for k, c in enumerate(liars)}
     config = flower_config(tiny_model, glue_dir, shards, tmp_path, "liars", min_clients=1,
                            aggregation=AggregationSpec(method="naive"))  # fmt: skip
-    result = run_flower_simulation(config, client_app=lying_app(behaviour))
+    monkeypatch.syspath_prepend(str(tmp_path / "apps"))
+    result = run_flower_simulation(config, client_app=lying_app_named(tmp_path / "apps", behaviour))
     run_dir = result.run_dir
     for row in history(run_dir):
         assert row["clients"] == [1]
@@ -541,11 +660,13 @@ def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(tiny
     ]  # nothing of a liar kept
 
 
-def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(tiny_model, glue_dir, tmp_path):
+def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(
+    tiny_model, glue_dir, tmp_path, monkeypatch
+):
     """Round 1: client 3 trains too slowly and client 4 stalls, both past --round-timeout. Neither gets
     more work while it is still busy (more would queue behind it and hold a second worker), and fedlora's
     client stops its own turn at the deadline: every later round gets its healthy clients."""
-    from lying_clients import lying_app
+    from lying_clients import lying_app_named
 
     from fedlora_cli.flower.simulation import run_flower_simulation
 
@@ -559,7 +680,8 @@ def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(tiny_model, g
     config = flower_config(tiny_model, glue_dir, shards, tmp_path, "slow", rounds=3, min_clients=2,
                            round_timeout=timeout, client_cpus=0.5)  # fmt: skip
     config = replace(config, train=replace(config.train, batch_size=8))
-    result = run_flower_simulation(config, client_app=lying_app(behaviour))
+    monkeypatch.syspath_prepend(str(tmp_path / "apps"))
+    result = run_flower_simulation(config, client_app=lying_app_named(tmp_path / "apps", behaviour))
     rows = history(result.run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["clients"][:2] == [1, 2] for r in rows)
@@ -651,6 +773,8 @@ def executable(name: str) -> str:
 
 
 def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, glue_dir, tmp_path):
+    """The README's recipe on one machine: each SuperNode with `--isolation process` and a `fedlora clientapp`
+    beside it, which answers every message of the run in one process (no `flwr-clientapp` is ever started)."""
     psutil = pytest.importorskip("psutil")  # comes with flwr[simulation] (Ray)
     order = np.random.default_rng(1).permutation(600).tolist()
     shards = write_manifests(tmp_path / "shards", [order[:40], order[40:100]])
@@ -658,12 +782,14 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
     link_port, node_ports = free_port(), [free_port(), free_port()]
     started: list[subprocess.Popen] = []
     seen: dict[int, psutil.Process] = {}  # every process started, directly or by Flower (superexec, apps)
+    names: dict[int, str] = {}
 
     def env_for(role: str) -> dict[str, str]:
         home = tmp_path / role  # each "machine" its own HOME / FLWR_HOME: the user's ~/.flwr is untouched
         home.mkdir(exist_ok=True)
         return {**os.environ, "HOME": str(home), "FLWR_HOME": str(home / ".flwr"), "FLWR_TELEMETRY_ENABLED": "0",
-                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(ROOT)}  # fmt: skip
 
     def start(role: str, *cmd: str) -> None:
         log = open(tmp_path / f"{role}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -677,7 +803,10 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
             with contextlib.suppress(psutil.NoSuchProcess):
                 p = psutil.Process(proc.pid)
                 for q in [p, *p.children(recursive=True)]:
-                    seen.setdefault(q.pid, q)
+                    if q.pid not in seen:
+                        seen[q.pid] = q
+                        with contextlib.suppress(psutil.Error):
+                            names[q.pid] = " ".join(q.cmdline()[:3])
 
     def logs() -> str:
         return "\n".join(
@@ -691,7 +820,16 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
         for i, port in enumerate(node_ports, start=1):
             node_config = f"shard-manifest='{shards / f'client_{i}.json'}' data-dir='{glue_dir}'"
             start(f"node{i}", executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                  "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config)  # fmt: skip
+                  "--host", "127.0.0.1", "--port", str(port), "--isolation", "process", "--node-config", node_config)  # fmt: skip
+            start(
+                f"clientapp{i}",
+                sys.executable,
+                "-m",
+                "fedlora_cli",
+                "clientapp",
+                "--supernode",
+                f"127.0.0.1:{port}",
+            )
         wait_for_port(link_port, deadline)
         cli_home = tmp_path / "cli" / ".flwr"
         cli_home.mkdir(parents=True)
@@ -715,6 +853,11 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
             time.sleep(0.5)
 
         assert files_of(run_dir) == expected_files(2, [1, 2])
+        track()
+        assert not [n for n in names.values() if "flwr-clientapp" in n], names  # never a process per message
+        for i in (1, 2):  # each node's messages, all answered by its one clientapp process
+            served = (tmp_path / f"clientapp{i}.log").read_text()
+            assert "query (run" in served and ", round 1): " in served and ", round 2): " in served, served
         rows = history(run_dir)
         assert [r["round"] for r in rows] == [1, 2] and all(
             r["clients"] == [1, 2] and r["failed"] == [] for r in rows

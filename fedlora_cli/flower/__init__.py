@@ -11,12 +11,14 @@ from fedlora_cli.errors import InputError
 INSTALL_HINT = "pip install 'fedlora[flower]'"
 
 
-def require_flower() -> None:
+def require_flower(what: str = "--engine flower", *, simulation: bool = True) -> None:
     """Fail with one actionable line when Flower (or its simulation engine, Ray) is not installed."""
     try:
         import flwr  # noqa: F401
     except ImportError:
-        raise InputError(f"--engine flower needs Flower: {INSTALL_HINT}") from None
+        raise InputError(f"{what} needs Flower: {INSTALL_HINT}") from None
+    if not simulation:
+        return
     try:
         import ray  # noqa: F401
     except ImportError:

@@ -1,8 +1,8 @@
 """The ClientApp: one client's turn of `fedlora rounds` (`federation.train_client`) behind Flower's Message API.
 
-Every message carries the server's resolved settings (a "run-config" ConfigRecord: Flower's
-`run_simulation` hands apps no run config, and this way clients always train with exactly the
-server's options). The SuperNode's node config says which shard the node serves and where its
+Every message carries the server's resolved settings (a "run-config" ConfigRecord: clients always
+train with exactly the server's options, however the ServerApp got them — from the run config in a
+deployment, from the command over the relay in `--engine flower`). The SuperNode's node config says which shard the node serves and where its
 node-local files are:
 
 - `partition-id` (set by Flower's simulation): the i-th client of the run config's `shards` folder;
@@ -11,9 +11,10 @@ node-local files are:
 - `data-dir`, `model`, `device`: node-local replacements for the run config's `data.data-dir`,
   `model.name` and `model.device`.
 
-The base model and the tokenized data are built once per process and kept (a Ray actor in simulation
-serves many rounds); Flower's deployment runtime starts a fresh process per message, where the
-tokenized data still comes from fedlora's disk cache.
+The base model and the tokenized data are built once per process and kept: a Ray actor in simulation
+serves many rounds, and so does `fedlora clientapp` (worker.py) beside a SuperNode. Flower's own
+deployment runtime starts a fresh process per message, where they are built again (the tokenized data
+from fedlora's disk cache).
 """
 
 from __future__ import annotations

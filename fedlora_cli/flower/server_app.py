@@ -37,7 +37,19 @@ _log = logging.getLogger("flwr")
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment (`flwr run .`): settings from the run config, progress as Flower log lines."""
+    """`fedlora rounds --engine flower` (simulation.py): settings, progress display, Ctrl-C and the result go over
+    the relay to the command. Deployment (`flwr run .`): settings from the run config, progress as Flower log
+    lines."""
+    from fedlora_cli.flower import relay
+
+    link = relay.link_from_env()
+    if link is not None:
+        from fedlora_cli.federation import cli_resume_hint
+
+        link.serve(lambda config, argv, progress, abort, on_prepared: run_server(
+            grid, replace(config, engine="flower"), progress=progress, argv=argv, resume_hint=cli_resume_hint,
+            abort=abort, on_prepared=on_prepared))  # fmt: skip
+        return
     try:
         config = replace(codec.from_run_config(context.run_config), engine="flower")
     except ValueError as e:

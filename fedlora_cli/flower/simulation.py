@@ -1,21 +1,41 @@
-"""`fedlora rounds --engine flower`: the ServerApp and ClientApp on Flower's simulation engine (Ray).
+"""`fedlora rounds --engine flower`: the ServerApp and ClientApp on Flower's simulation runtime, run the way
+Flower 1.42 documents it — `flwr run` against a SuperLink in simulation mode.
 
-One virtual SuperNode per shard (node i serves the i-th client of --shards), each ClientApp call in a
-Ray actor with --client-cpus / --client-gpus. Everything runs in the current environment: nothing is
-installed at run time and telemetry is off. Flower's and Ray's log output is kept off the terminal;
-a failure comes back as one line.
+Flower 1.42 deprecates `flwr.simulation.run_simulation` ("Please use `flwr run` in the CLI instead");
+`flwr run` with a local connection starts `flower-superlink --simulation`, whose SuperExec runs the app
+in a `flwr-simulation` process: the ServerApp in a thread, each ClientApp call in a Ray actor. fedlora
+does the same with a SuperLink of its own — on a free loopback port, with its own FLWR_HOME in a
+temporary folder, started for this run and stopped with it (Flower's managed local SuperLink would stay
+in the background after the run):
+
+- the app: a FAB of one pyproject.toml that names fedlora's ServerApp and ClientApp; fedlora and its
+  dependencies come from this environment (`--disable-runtime-dependency-installation`: nothing is
+  installed at run time) and telemetry is off;
+- the federation (`flwr run --federation-config`): one virtual SuperNode per shard (node i serves the
+  i-th client of --shards), each ClientApp call with --client-cpus CPUs and a --client-gpus share;
+- the run's settings, the progress display, Ctrl-C / SIGTERM and the result: over the relay (relay.py)
+  between this process and the ServerApp, so the run tree, the bar and the summary are engine local's;
+- quiet: the SuperLink's, Flower's and Ray's output go to a log file in the temporary folder; a
+  failure comes back as one line;
+- clean: every process below the SuperLink (SuperExec, flwr-simulation, Ray) is stopped when the run
+  ends, however it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import json
 import os
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
-import warnings
+import time
 from collections.abc import Iterable, Iterator
+from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from fedlora_cli.config import RoundsConfig
@@ -23,100 +43,422 @@ from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.flower import require_flower
 from fedlora_cli.progress import NullProgress, Progress
 
+SERVER_APP = "fedlora_cli.flower.server_app:app"
+CLIENT_APP = "fedlora_cli.flower.client_app:app"
+CONNECTION = "fedlora-simulation"  # the SuperLink connection's name in the run's own Flower config
+START_SECONDS = 60.0  # for the SuperLink to listen, and for `flwr run` to submit
+END_SECONDS = 15.0  # for flwr-simulation to shut Ray down in order once the ServerApp is done
+POLL_SECONDS = 0.25
+
 
 def run_flower_simulation(
     config: RoundsConfig,
     *,
     progress: Progress | None = None,
     argv: list[str] | None = None,
-    client_app: Any = None,
+    client_app: str | None = None,
 ) -> Any:
-    """Run `fedlora rounds` on Flower's simulation engine; returns the same `federation.RoundsResult`.
+    """Run `fedlora rounds` on Flower's simulation runtime; returns the same `federation.RoundsResult`.
 
-    `client_app`: the ClientApp the virtual SuperNodes run (default: fedlora's); tests pass one that
+    `client_app`: the ClientApp the virtual SuperNodes run, as Flower names app components
+    (`"module:attribute"`, importable from this process's sys.path); default fedlora's. Tests pass one that
     misbehaves, to see the server cope with untrusted clients.
     """
     _telemetry_off()
     require_flower()  # before anything imports flwr: a missing extra is one line, exit 2
-    from flwr.app import Context
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
-    from fedlora_cli.errors import Interrupted
-    from fedlora_cli.federation import check_run_folder, cli_resume_hint, client_count
-    from fedlora_cli.flower import client_app as fedlora_client
-    from fedlora_cli.flower.server_app import run_server
-    from fedlora_cli.runs import RoundTree, interrupted_rounds_message
+    from fedlora_cli.flower import codec, relay
 
     progress = progress or NullProgress()
     _check_resources(config)
-    check_run_folder(config)  # a run in use, or a --resume of no run, fails before Ray starts
-    num_nodes = client_count(config)
     abort = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    server = ServerApp()
-
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        outcome["thread"] = threading.current_thread()
-        outcome["result"] = run_server(
-            grid, config, progress=progress, argv=argv, resume_hint=cli_resume_hint, abort=abort,
-            on_prepared=lambda run_dir: outcome.__setitem__("run_dir", run_dir),
-        )  # fmt: skip
-
-    backend = {
-        "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
-        "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
-    }
-
-    def interrupted() -> Interrupted:
-        run_dir = outcome.get("run_dir")
-        if run_dir is None:
-            return Interrupted("interrupted before the first round started")
-        return Interrupted(interrupted_rounds_message(run_dir, RoundTree(run_dir).last_complete_round()))
-
-    with _quiet_flower() as flower_errors, _ray_session(backend["init_args"]), _ctrl_c_sets(abort):
+    with (
+        tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp,
+        relay.Relay(codec.to_run_config(config), argv, progress) as link,
+        _SuperLink(Path(tmp), link.address) as superlink,
+        _ctrl_c_sets(abort),
+    ):
         try:
-            run_simulation(server_app=server, client_app=client_app or fedlora_client.app, num_supernodes=num_nodes,
-                           backend_config=backend)  # fmt: skip
-        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
+            superlink.launch()  # it starts while this process loads the core (torch …) for the checks
+            from fedlora_cli.federation import check_run_folder, client_count
+
+            check_run_folder(config)  # a run in use, or a --resume of no run, fails before the simulation
+            nodes = client_count(config)
+            app = write_app(Path(tmp) / "app", client_app or CLIENT_APP)
+            superlink.wait_until_listening()
+            if not abort.is_set():
+                superlink.submit(
+                    app, federation_config(nodes, config.client_cpus, config.client_gpus, _cpu_count())
+                )
+                _follow(link, superlink, abort)
+            if link.outcome is not None:  # the ServerApp is done: Flower shuts Ray down in order
+                superlink.wait_for_simulation(END_SECONDS)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop everything now (the `with` does)
             abort.set()
-            thread = outcome.get("thread")
-            if thread is not None:
-                thread.join(timeout=60)
-            raise interrupted() from None
-        except FedloraError:
-            if abort.is_set():
-                raise interrupted() from None
-            raise
-        except Exception as e:  # Flower wraps what went wrong (twice): say what the innermost error says
-            root = e
-            while root.__cause__ is not None:
-                root = root.__cause__
-            text = str(root).strip().splitlines()[0] if str(root).strip() else ""
-            reason = (
-                f"{type(root).__name__}: {text}" if text else (flower_errors.last() or type(root).__name__)
-            )
-            raise FedloraError(f"the Flower simulation failed: {reason}") from e
-    if "result" not in outcome:
-        raise FedloraError(
-            f"the Flower simulation ended without a result: {flower_errors.last() or 'no error logged'}"
+        if abort.is_set() and (link.outcome is None or "error" in link.outcome):
+            raise _interrupted(link.run_dir) from None
+        if link.outcome is None:
+            raise FedloraError(f"the Flower simulation failed: {superlink.failure()}")
+        if "error" in link.outcome:
+            raise relay.error_from_json(link.outcome["error"])
+        result = relay.result_from_json(link.outcome["result"])
+    return result
+
+
+def _follow(link: Any, superlink: _SuperLink, abort: threading.Event) -> None:
+    """Feed the ServerApp's progress to the display until the run has an outcome or stops."""
+    asked_to_stop = False
+    submitted = time.monotonic()
+    while link.outcome is None:
+        if abort.is_set() and not asked_to_stop:
+            asked_to_stop = link.stop()
+            if not asked_to_stop:  # no ServerApp yet: nothing has started that needs an orderly stop
+                return
+        link.pump(POLL_SECONDS)
+        if link.lost or (not link.connected and superlink.simulation_ended()):
+            return
+        superlink.check_alive()
+        if not link.connected and not superlink.simulations and time.monotonic() - submitted > START_SECONDS:
+            raise FedloraError(f"Flower's SuperExec did not start the simulation within {START_SECONDS:g} s: "
+                               f"{superlink.last_log_line() or 'no error logged'}")  # fmt: skip
+
+
+def _interrupted(run_dir: Path | None) -> Exception:
+    from fedlora_cli.errors import Interrupted
+    from fedlora_cli.runs import RoundTree, interrupted_rounds_message
+
+    if run_dir is None:
+        return Interrupted("interrupted before the first round started")
+    return Interrupted(interrupted_rounds_message(run_dir, RoundTree(run_dir).last_complete_round()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the app and the federation, as Flower takes them
+
+
+def write_app(folder: Path, client_app: str) -> Path:
+    """A Flower app folder: one pyproject.toml naming fedlora's ServerApp and `client_app`, with the run config
+    declared as fedlora's pyproject.toml declares it. No code: fedlora comes from this environment."""
+    from fedlora_cli import __version__
+    from fedlora_cli.flower import codec
+
+    lines = [
+        "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",
+        "[project]", 'name = "fedlora"', f"version = {codec.toml_value(__version__)}", "dependencies = []", "",
+        "[tool.flwr.app]", 'publisher = "fedlora"', "",
+        "[tool.flwr.app.components]", f"serverapp = {codec.toml_value(SERVER_APP)}",
+        f"clientapp = {codec.toml_value(client_app)}", "",
+        "[tool.flwr.app.config]",
+        *(f"{key} = {codec.toml_value(value)}" for key, value in codec.default_run_config().items()),
+    ]  # fmt: skip
+    folder.mkdir(parents=True)
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def federation_config(nodes: int, client_cpus: float, client_gpus: float, cpus: int) -> dict[str, Any]:
+    """`flwr run --federation-config` for `nodes` virtual SuperNodes.
+
+    Flower 1.42's simulation config takes whole CPUs per client (`client-resources-num-cpus` is an integer
+    field). Ray's CPUs are a scheduling count, so a fractional --client-cpus keeps its meaning by giving Ray
+    k times the machine's CPUs and each client k x --client-cpus of them (0.5 on 2 CPUs: 1 of 4, so four
+    clients at once, as before).
+    """
+    scale = Fraction(client_cpus).limit_denominator(1000).denominator
+    out: dict[str, Any] = {
+        "num-supernodes": nodes,
+        "client-resources-num-cpus": max(1, round(client_cpus * scale)),
+        "client-resources-num-gpus": float(client_gpus),
+        "init-args-logging-level": "ERROR",
+        "init-args-log-to-driver": False,
+    }
+    if scale != 1:
+        out["init-args-num-cpus"] = cpus * scale
+    return out
+
+
+def _config_args(values: dict[str, Any]) -> str:
+    from fedlora_cli.flower import codec
+
+    return " ".join(f"{k}={codec.toml_value(v)}" for k, v in values.items())
+
+
+# ---------------------------------------------------------------------------------------------------
+# the SuperLink and everything below it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tool(name: str) -> str:
+    """Flower's console scripts of this environment (the SuperLink starts `flower-superexec` from PATH)."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+class _SuperLink:
+    """A SuperLink in simulation mode, for one run: started, watched, and stopped with every process below it."""
+
+    def __init__(self, work: Path, relay_address: str) -> None:
+        from fedlora_cli.flower import relay
+
+        self.work = work
+        self.port = _free_port()
+        self.log = work / "superlink.log"
+        self.proc: subprocess.Popen | None = None
+        self.run_id: str | None = None
+        self.seen: dict[int, Any] = {}  # pid -> psutil.Process of everything below the SuperLink
+        self.simulations: dict[int, Any] = {}  # the flwr-simulation processes among them
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._watch = threading.Thread(
+            target=self._track_forever, name="fedlora-superlink-watch", daemon=True
         )
-    return outcome["result"]
+        flwr_home = (
+            work / "flwr-home"
+        )  # Flower's config and installed apps; HOME stays the user's (model caches)
+        flwr_home.mkdir()
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        # The SuperExec, flwr-simulation and Ray's workers inherit this: they import what this process can
+        # (fedlora, a test's ClientApp), stay quiet, and find the relay.
+        paths = [p for p in sys.path if p] + (
+            [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+        )
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # the SuperExec starts flwr-simulation sooner
+            "PYTHONPATH": os.pathsep.join(paths),
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            relay.ENV: relay_address,
+        }
+
+    # -- start ------------------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        command = [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                   "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        with open(self.log, "ab") as log:
+            # a session of its own: Ctrl-C in the terminal reaches this process only, which stops the run in order
+            self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, **_die_with_parent())  # fmt: skip
+        self._watch.start()
+
+    def wait_until_listening(self) -> None:
+        deadline = time.monotonic() + START_SECONDS
+        while not self._listening():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise FedloraError(f"Flower's SuperLink did not start within {START_SECONDS:g} s: "
+                                   f"{self.last_log_line() or 'no output'}")  # fmt: skip
+            time.sleep(0.1)
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def submit(self, app: Path, federation: dict[str, Any]) -> None:
+        """`flwr run APP CONNECTION --federation-config …`; keeps the run id."""
+        command = [_tool("flwr"), "run", str(app), CONNECTION, "--federation-config", _config_args(federation),
+                   "--format", "json"]  # fmt: skip
+        try:
+            done = subprocess.run(command, env=self.env, cwd=self.work, capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=START_SECONDS, start_new_session=True)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise FedloraError(
+                f"`flwr run` did not submit the simulation within {START_SECONDS:g} s"
+            ) from None
+        answer: dict[str, Any] = {}
+        with contextlib.suppress(ValueError):
+            answer = json.loads(done.stdout[done.stdout.find("{") :]) if "{" in done.stdout else {}
+        if done.returncode != 0 or not answer.get("success"):
+            reason = (
+                _reason(answer.get("error-message")) or _last_line(done.stderr) or _last_line(done.stdout)
+            )
+            raise FedloraError(
+                f"`flwr run` could not start the simulation: {reason or f'exit {done.returncode}'}"
+            )
+        self.run_id = str(answer.get("run-id"))
+
+    # -- watch ------------------------------------------------------------------------------------
+
+    def _track_forever(self) -> None:
+        while not self._stop.wait(0.2):
+            self._track()
+
+    def _track(self) -> None:
+        import psutil  # a dependency of peft and of Ray, so always there
+
+        if self.proc is None:
+            return
+        with self._lock, contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(self.proc.pid).children(recursive=True):
+                if proc.pid not in self.seen:
+                    self.seen[proc.pid] = proc
+                    if _is_simulation(proc):
+                        self.simulations[proc.pid] = proc
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise FedloraError(f"Flower's SuperLink exited (code {self.proc.returncode}): "
+                               f"{self.last_log_line() or 'no output'}")  # fmt: skip
+
+    def simulation_ended(self) -> bool:
+        """A flwr-simulation process ran and has exited (its parent, the SuperExec, leaves it a zombie)."""
+        import psutil
+
+        def running(proc: Any) -> bool:
+            try:
+                return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+
+        self._track()
+        started = list(self.simulations.values())
+        return bool(started) and not any(running(p) for p in started)
+
+    def wait_for_simulation(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.simulation_ended() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def failure(self) -> str:
+        """Why the simulation ended without a result, as the SuperLink recorded it."""
+        if self.run_id is None:
+            return "it was not started"
+        with contextlib.suppress(Exception):
+            done = subprocess.run([_tool("flwr"), "ls", CONNECTION, "--run-id", self.run_id, "--format", "json"],
+                                  env=self.env, cwd=self.work, capture_output=True, text=True, timeout=30,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+            run = json.loads(done.stdout[done.stdout.find("{") :])["runs"][0]
+            details = str(run.get("status-details") or "").strip()
+            if details and details != "N/A":
+                return _reason(details.removeprefix("Simulation failed with exception:")) or details
+            return f"the run ended as {run.get('status')} without a result"
+        return self.last_log_line() or "no error was recorded"
+
+    def last_log_line(self) -> str | None:
+        with contextlib.suppress(OSError):
+            lines = [line for line in self.log.read_text(errors="replace").splitlines() if "ERROR" in line]
+            return _one_line(lines[-1]) if lines else None
+        return None
+
+    # -- stop -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the SuperLink and every process below it at once (SuperExec, flwr-simulation, Ray)."""
+        import psutil
+
+        if self.proc is None:
+            return
+        self._stop.set()
+        if self._watch.is_alive():
+            self._watch.join()
+        self._track()
+        processes = list(self.seen.values())
+        if self.proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                processes.insert(0, psutil.Process(self.proc.pid))
+        _stop(processes)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def __enter__(self) -> _SuperLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_simulation(proc: Any) -> bool:
+    try:
+        return any("flwr-simulation" in part for part in proc.cmdline()[:3])
+    except Exception:
+        return False
+
+
+def _die_with_parent() -> dict[str, Any]:
+    """On Linux the SuperLink gets SIGTERM when this process dies, even by SIGKILL (its SuperExec, its
+    flwr-simulation and Ray follow their parents out). Elsewhere an orphaned SuperLink outlives a SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return {}
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def set_death_signal() -> None:  # runs in the child between fork and exec: no imports, no allocation
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return {"preexec_fn": set_death_signal}
+
+
+def _stop(processes: Iterable[Any], grace: float = 3.0) -> None:
+    """Terminate the processes still running (psutil checks a pid was not reused), then kill the stubborn."""
+    import psutil
+
+    alive = []
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running():
+                alive.append(proc)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=grace)
+    for proc in stubborn:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(stubborn, timeout=grace)
+
+
+def _reason(text: str | None) -> str | None:
+    """Flower's multi-line messages in one line: its bullet points ("- Unable to load module x"), or the first line."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    bullets = [line[2:] for line in lines if line.startswith("- ")]
+    return _one_line("; ".join(bullets) if bullets else lines[0]) if lines else None
+
+
+def _last_line(text: str | None) -> str | None:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return _one_line(lines[-1]) if lines else None
+
+
+def _one_line(text: str) -> str:
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------
+# this process
 
 
 def _telemetry_off() -> None:
-    """Flower reads FLWR_TELEMETRY_ENABLED once, when flwr is first imported (Ray's workers inherit it)."""
+    """Flower reads FLWR_TELEMETRY_ENABLED once, when flwr is first imported (the SuperLink inherits it)."""
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     telemetry = sys.modules.get("flwr.supercore.telemetry")
     if telemetry is not None:  # flwr was imported before this call (library use)
         telemetry.FLWR_TELEMETRY_ENABLED = "0"
 
 
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _check_resources(config: RoundsConfig) -> None:
     """Ray cannot place a virtual client that asks for more than the machine has: say so before it hangs."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = _cpu_count()
     if config.client_cpus > cpus:
         raise InputError(f"--client-cpus {config.client_cpus:g}: this machine has {cpus} CPUs, so no virtual "
                          f"client would fit; use --client-cpus {cpus} or less")  # fmt: skip
@@ -134,84 +476,9 @@ def _check_resources(config: RoundsConfig) -> None:
 
 
 @contextlib.contextmanager
-def _ray_session(init_args: dict[str, Any]) -> Iterator[None]:
-    """Start Ray as Flower's RayBackend would (Flower then uses it), and stop all of it whatever happens.
-
-    Started here rather than inside Flower for two reasons. `ray.init` takes SIGTERM over: first a Python
-    handler that exits on the spot, then a native one that aborts the process (no clean-up, no message,
-    exit -6); here SIGTERM during the start becomes the CLI's Terminated, and the CLI's handler is put
-    back after it (`_ctrl_c_sets`, entered next, then turns SIGTERM into an orderly stop). And on every
-    way out — success, a failure, Ctrl-C, SIGTERM, even half-way through ray.init — `ray.shutdown()`
-    runs and every Ray process this run started (GCS, raylet, agents, workers) is stopped.
-    """
-    import ray
-
-    from fedlora_cli import termination
-
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGTERM) if main else None
-    started: dict[int, Any] = {}
-    try:
-        if not ray.is_initialized():
-            # As flwr's RayBackend.init_ray: the workers import what this process can (fedlora, tests' apps).
-            pythonpath = os.pathsep.join(sys.path)
-            if os.environ.get("PYTHONPATH"):
-                pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-            os.environ["PYTHONPATH"] = pythonpath
-            try:
-                ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
-            except SystemExit as e:  # ray.init's own SIGTERM handler, until it is done, exits on the spot
-                if e.code != signal.SIGTERM:
-                    raise
-                termination.note()
-                raise termination.Terminated from None
-            finally:
-                if main:  # Ray's native SIGTERM handler out, ours (the CLI's) back in
-                    signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
-        started.update(_ray_processes())
-        yield
-    finally:
-        started.update(_ray_processes())
-        ray.shutdown()
-        # Ray's agents that were still starting when their raylet stopped outlive it for up to a minute
-        # (they notice late); they are this run's, so they go now.
-        _stop(started.values())
-
-
-def _ray_processes() -> dict[int, Any]:
-    """This process's descendants that are Ray's (GCS, raylet, agents, workers), by pid."""
-    import psutil  # a dependency of peft, so always there
-
-    found: dict[int, Any] = {}
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            name, command = proc.name(), " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if name.startswith("ray::") or name in ("raylet", "gcs_server") or f"{os.sep}ray{os.sep}" in command:
-            found[proc.pid] = proc
-    return found
-
-
-def _stop(processes: Iterable[Any], grace: float = 3.0) -> None:
-    """Terminate the processes still running (psutil checks a pid was not reused), then kill the stubborn."""
-    import psutil
-
-    alive = [p for p in processes if p.is_running()]
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, stubborn = psutil.wait_procs(alive, timeout=grace)
-    for proc in stubborn:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
-@contextlib.contextmanager
 def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
-    """Ctrl-C or SIGTERM asks the ServerApp to stop at its next wait, so Flower and Ray shut down in order
-    (a KeyboardInterrupt inside Flower's engine can leave a thread waiting on Ray forever); a second
-    Ctrl-C interrupts at once."""
+    """Ctrl-C or SIGTERM asks the ServerApp to stop at its next wait, so the round in progress ends in order and
+    the run stays resumable; a second Ctrl-C stops everything at once."""
     from fedlora_cli import termination
 
     if threading.current_thread() is not threading.main_thread():
@@ -231,41 +498,3 @@ def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-class _ErrorLog(logging.Handler):
-    """Keeps Flower's error records (first line each) instead of printing them."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage().strip()
-        if text and not text.startswith("Traceback"):
-            self.lines.append(text.splitlines()[0][:300])
-
-    def last(self) -> str | None:
-        return self.lines[-1] if self.lines else None
-
-
-@contextlib.contextmanager
-def _quiet_flower() -> Iterator[_ErrorLog]:
-    """Flower logs every step at INFO and deprecation notices at WARNING: keep them off the terminal."""
-    logger = logging.getLogger("flwr")
-    saved = (logger.level, list(logger.handlers), logger.propagate)
-    errors = _ErrorLog()
-    logger.handlers = [errors]
-    logger.propagate = False
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            # Ray's notice that it will stop hiding GPUs from num_gpus=0 actors: not the user's business.
-            warnings.filterwarnings(
-                "ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning
-            )
-            yield errors
-    finally:
-        logger.setLevel(saved[0])
-        logger.handlers = saved[1]
-        logger.propagate = saved[2]
