@@ -217,3 +217,12 @@ def test_the_pivot_table_is_mean_and_std_over_seeds_by_column_with_the_average_a
     monkeypatch.delenv("FEDLORA_TEST_MODEL")
     with pytest.raises(Exception, match="needs the environment variable FEDLORA_TEST_MODEL"):
         load_sweep(tmp_path / "t.toml", data)
+
+
+def test_a_per_value_figure_leaves_the_shared_option_out_of_its_legend():
+    from fedlora_cli.sweeps import _legend
+
+    assert _legend("iid3_task=sst2_aggregation=svd", "task=sst2") == "iid3_aggregation=svd"
+    assert _legend("central_task=sst2", "task=sst2") == "central"
+    assert _legend("central_task=sst2", None) == "central_task=sst2"
+    assert _legend("task=sst2", "task=sst2") == "task=sst2"  # never an empty label
