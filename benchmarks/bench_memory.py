@@ -44,9 +44,9 @@ FLAT_TOLERANCE = 0.05  # round 20's RSS within 5% of round 2's
 class RoundMemory:
     """A Progress that records memory each time the round loop reports a finished round.
 
-    At the end of a round it also calls `memory.release()`, as the round loop is to do once the hook is
-    wired (issue 12), and records the RSS after it: what glibc keeps free varies with the last client,
-    what is left after the trim is what the process needs.
+    At the end of a round it records the RSS after the round loop's `memory.release()` (and trims once
+    more, which costs nothing then): what glibc keeps free varies with the last client, what is left
+    after the trim is what the process needs.
     """
 
     def __init__(self) -> None:
