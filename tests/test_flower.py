@@ -398,6 +398,8 @@ def test_the_relay_carries_settings_progress_stop_and_the_outcome():
         host, port, _ = command.address.split(":")
         stranger = socket.create_connection((host, int(port)))
         stranger.sendall(b'{"hello": "not the token"}\n')
+        odd = socket.create_connection((host, int(port)))
+        odd.sendall(b'["hello"]\n')  # JSON, but not an object
         serverapp = threading.Thread(target=lambda: relay.Link(command.address).serve(run))
         serverapp.start()
         deadline = time.monotonic() + 30
@@ -407,7 +409,7 @@ def test_the_relay_carries_settings_progress_stop_and_the_outcome():
         while command.outcome is None and time.monotonic() < deadline:
             command.pump(0.1)
         serverapp.join(timeout=30)
-        assert stranger.recv(100) == b""  # dropped, never told the settings
+        assert stranger.recv(100) == b"" and odd.recv(100) == b""  # dropped, never told the settings
         stranger.close()
     assert seen == {"config": config, "argv": ["fedlora", "rounds"]}  # exactly, floats included
     assert recorded.events == [("start", "rounds", "rounds", 2), ("advance", "rounds", 1, "round 1"),

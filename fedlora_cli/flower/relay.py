@@ -139,7 +139,12 @@ class Relay:
         except ValueError:  # not ours: not JSON
             self._drop(sock)
             return
-        if entry[1].closed or (messages and messages[0].get("hello") != self.token) or self.conn is not None:
+        said = messages[0].get("hello") if messages and isinstance(messages[0], dict) else None
+        if (
+            entry[1].closed
+            or (messages and not secrets.compare_digest(str(said), self.token))
+            or self.conn is not None
+        ):
             self._drop(sock)
             return
         if not messages:
