@@ -113,6 +113,10 @@ def _band(
         ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
 
 
+LEGEND_INSIDE = 6  # curves whose legend fits inside the metric's axes
+LEGEND_COLUMNS = 3
+
+
 def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, title: str) -> Path:
     """The metric (left) and the training loss (right) per round of every curve, on one figure.
 
@@ -124,8 +128,17 @@ def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, ti
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    labels = len(curves)
+    below = labels > LEGEND_INSIDE  # many curves: the legend goes under the axes, in columns
+    rows = -(-labels // LEGEND_COLUMNS) if below else 0
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.22 * rows), constrained_layout=True)
+    if labels > 10:  # matplotlib's default cycle repeats after 10 colours
+        pairs = plt.get_cmap("tab20").colors  # dark/light pairs: the ten dark hues first, then the light
+        colors = [*pairs[0::2], *pairs[1::2]]
+        for ax in (left, right):
+            ax.set_prop_cycle(color=colors)
     for curve in curves:
         if curve.rounds:
             _band(left, curve.rounds, curve.metric, curve.metric_std, curve.label)
@@ -143,7 +156,11 @@ def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, ti
     right.set_title("training loss per round")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    if curves:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if curves and below:
+        fig.legend(*left.get_legend_handles_labels(), loc="outside lower center", ncol=LEGEND_COLUMNS,
+                   fontsize="small")  # fmt: skip
+    elif curves:
         left.legend(fontsize="small")
     fig.suptitle(title)
     buf = io.BytesIO()
