@@ -479,8 +479,9 @@ def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) 
             return written
         written["png"] = plot_sweep(sweep, cells, sweep.folder / "report.png")
         by = sweep.table.figures if sweep.table is not None else None
-        for value in _ordered(c.cell.options.get(by) for c in cells) if by else []:
-            subset = [c for c in cells if c.cell.options.get(by) == value]
+        for value in _ordered(c.cell.options[by] for c in cells if by in c.cell.options) if by else []:
+            # cells without the option (a centralised reference without --partition) go in every figure
+            subset = [c for c in cells if c.cell.options.get(by, value) == value]
             name = f"report-{_label(value)}.png"
             written[f"png {value}"] = plot_sweep(
                 sweep,

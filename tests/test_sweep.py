@@ -226,3 +226,28 @@ def test_a_per_value_figure_leaves_the_shared_option_out_of_its_legend():
     assert _legend("central_task=sst2", "task=sst2") == "central"
     assert _legend("central_task=sst2", None) == "central_task=sst2"
     assert _legend("task=sst2", "task=sst2") == "task=sst2"  # never an empty label
+
+
+def test_one_figure_per_value_and_the_reference_without_that_option_in_each(tmp_path, monkeypatch):
+    """figures = "partition": a figure for iid and one for dirichlet, each with the centralised arm (which has no
+    --partition) as its reference; no figure for 'no partition'."""
+    pytest.importorskip("matplotlib")
+    from fedlora_cli import sweeps
+
+    data = {
+        "sweep": {"name": "s", "seeds": [1], "table": {"rows": ["arm", "partition"], "columns": "task",
+                                                        "reference": "central", "figures": "partition"}},
+        "base": {"task": "sst2"},
+        "arms": {"central": {"command": "train"},
+                 "fed": {"command": "rounds", "grid": {"partition": ["iid", "dirichlet"]}}},
+    }  # fmt: skip
+    sweep = sweeps.load_sweep(tmp_path / "s.toml", data)
+    sweep.folder.mkdir(parents=True, exist_ok=True)
+    cells = [sweeps.CellReport(c, "accuracy", {1: 0.8}, 1) for c in sweep.cells]
+    drawn = {}
+    monkeypatch.setattr(sweeps, "plot_sweep", lambda sw, subset, path, **kw: drawn.setdefault(
+        path.name, sorted(c.cell.name for c in subset)) and path)  # fmt: skip
+    sweeps.write_report(sweep, cells)
+    assert drawn["report-iid.png"] == ["central", "fed_partition=iid"]
+    assert drawn["report-dirichlet.png"] == ["central", "fed_partition=dirichlet"]
+    assert set(drawn) == {"report.png", "report-iid.png", "report-dirichlet.png"}
