@@ -11,9 +11,9 @@ tuples (target modules) as a comma-separated string.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import struct
 import types
 import typing
 import warnings
@@ -23,6 +23,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora_cli.config import MAX_COUNT, DataSpec, LoraSpec, RoundsConfig
+from fedlora_cli.runs.record import safetensors_header
 
 RunConfig = dict[str, bool | int | float | str]
 
@@ -199,8 +200,8 @@ def arrays_to_state(arrays: ArrayRecord) -> dict[str, Any]:
             raise ValueError(f"expected one {PACKED_STYPE} array {PACKED!r}, got {sorted(arrays.keys())[:5]}")
         blob = bytes(arrays[PACKED].data)
         state = load(blob)
-        (size,) = struct.unpack("<Q", blob[:8])
-        order = json.loads(json.loads(blob[8 : 8 + size])["__metadata__"]["order"])
+        header, _ = safetensors_header(io.BytesIO(blob))
+        order = json.loads(header["__metadata__"]["order"])
         if not isinstance(order, list) or sorted(order) != sorted(state):
             raise ValueError("the key order does not list the tensors")
         return {key: state[key] for key in order}

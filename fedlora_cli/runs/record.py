@@ -457,11 +457,15 @@ def state_digest(state: Mapping[str, Any]) -> str:
     return _digest(io.BytesIO(save(tensors)))
 
 
+def safetensors_header(f: Any) -> tuple[dict[str, Any], int]:
+    """The JSON header of the safetensors stream `f` (at its start) and the offset where its tensor data begins."""
+    (length,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(length)), 8 + length
+
+
 def _digest(f: Any) -> str:
     h = hashlib.sha256()
-    (length,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(length))
-    base = 8 + length
+    header, base = safetensors_header(f)
     for name in sorted(k for k in header if k != "__metadata__"):
         info = header[name]
         start, end = info["data_offsets"]
