@@ -44,9 +44,9 @@ FLAT_TOLERANCE = 0.05  # round 20's RSS within 5% of round 2's
 class RoundMemory:
     """A Progress that records memory each time the round loop reports a finished round.
 
-    At the end of a round it records the RSS after the round loop's `memory.release()` (and trims once
-    more, which costs nothing then): what glibc keeps free varies with the last client, what is left
-    after the trim is what the process needs.
+    At the end of a round it records the RSS after the round loop's `memory.release()` (which comes before
+    the round is reported): what glibc keeps free varies with the last client, what is left after the trim
+    is what the process needs.
     """
 
     def __init__(self) -> None:
@@ -60,10 +60,9 @@ class RoundMemory:
 
     def advance(self, key: str, n: int = 1, info: str | None = None) -> None:
         if key == "rounds" and n:
-            from fedlora_cli.memory import PeakMemory, release, rss_mb
+            from fedlora_cli.memory import PeakMemory, rss_mb
 
             row = {"round": len(self.rows) + 1, **self.peak.stop()}
-            release()
             self.rows.append({**row, "released_rss_mb": rss_mb()})
             self.peak = PeakMemory().start()
 
