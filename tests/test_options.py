@@ -12,6 +12,7 @@ from fedlora_cli.config import (
     DataSpec,
     LoraSpec,
     RoundsConfig,
+    SvdOptions,
     TrainSpec,
     clients_per_round_note,
 )
@@ -91,14 +92,17 @@ def test_config_checks_are_the_dataclasses_own():
         (lambda: TrainSpec(seed=2**32), "--seed"),
         (lambda: LoraSpec(alpha=math.nan), "--lora-alpha"),
         (lambda: DataSpec("sst2", max_seq_length=2**40), "--max-seq-length"),
-        (lambda: AggregationSpec("svd", rank=0), "--svd-rank"),
-        (lambda: AggregationSpec("naive", alpha=4.0), "--alpha applies to --aggregation svd only"),
+        (lambda: AggregationSpec("svd", svd=SvdOptions(rank=0)), "--svd-rank"),
+        (
+            lambda: AggregationSpec("naive", svd=SvdOptions(alpha=4.0)),
+            "--alpha applies to --aggregation svd only",
+        ),
         (lambda: RoundsConfig(DataSpec("sst2"), "s", min_clients=0), "--min-clients"),
     ]:
         with pytest.raises(ValueError, match=message):
             build()
     AggregationSpec("naive")  # nothing ignored: fine
-    AggregationSpec("svd", rank=4, alpha=8.0)
+    AggregationSpec("svd", svd=SvdOptions(rank=4, alpha=8.0))
 
 
 def test_clamped_clients_per_round_gets_a_warning_line():

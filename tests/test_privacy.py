@@ -20,7 +20,7 @@ from test_rounds import write_manifests  # noqa: E402
 
 from fedlora_cli import privacy  # noqa: E402
 from fedlora_cli.aggregation import ClientUpdate  # noqa: E402
-from fedlora_cli.config import AggregationSpec, LoraSpec, PrivacySpec  # noqa: E402
+from fedlora_cli.config import AggregationSpec, LoraSpec, PrivacySpec, SvdOptions  # noqa: E402
 from fedlora_cli.strategies import build_strategy  # noqa: E402
 from fedlora_cli.strategies.base import GlobalAdapter  # noqa: E402
 from fedlora_cli.strategies.privacy import PrivacyStrategy  # noqa: E402
@@ -46,7 +46,7 @@ def moved(state: dict[str, torch.Tensor], gen: torch.Generator, scale: float) ->
 def wrapped(
     method: str, clients: int, per_round: int, seed: int = 7, rank: int | None = None, **dp
 ) -> PrivacyStrategy:
-    spec = AggregationSpec(method, rank=rank)
+    spec = AggregationSpec(method, svd=SvdOptions(rank=rank))
     inner = build_strategy(spec, LORA, seed=seed, client_ids=range(1, clients + 1))
     return PrivacyStrategy(inner, PrivacySpec(**dp), clients=clients, per_round=per_round, seed=seed)
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_rounds import write_manifests
 
 from fedlora_cli.aggregation import ClientUpdate, aggregate_svd, lora_modules
-from fedlora_cli.config import AggregationSpec, LoraSpec
+from fedlora_cli.config import AggregationSpec, LoraSpec, SvdOptions
 from fedlora_cli.strategies import METHODS, build_strategy
 from fedlora_cli.strategies.base import GlobalAdapter, fit
 
@@ -34,9 +34,10 @@ def product(st: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
     return scaling * st[B].double() @ st[A].double()
 
 
-def strategy(method: str, r: int = 4, lora_alpha: float = 8.0, ids=(1, 2, 3), **spec):
+def strategy(method: str, r: int = 4, lora_alpha: float = 8.0, ids=(1, 2, 3), rank=None, alpha=None, **spec):
+    svd = SvdOptions(rank=rank, alpha=alpha)  # svd's own options (refused for the other methods)
     return build_strategy(
-        AggregationSpec(method, **spec), LoraSpec(r, lora_alpha), seed=0, client_ids=list(ids)
+        AggregationSpec(method, svd=svd, **spec), LoraSpec(r, lora_alpha), seed=0, client_ids=list(ids)
     )
 
 
@@ -390,7 +391,7 @@ def test_the_registry_is_the_cli_choices_and_the_readme_table():
     from fedlora_cli.app import app
 
     rounds = get_command(app).commands["rounds"]
-    choice = next(p for p in rounds.params if p.name == "aggregation").type
+    choice = next(p for p in rounds.params if "--aggregation" in getattr(p, "opts", ())).type
     assert list(choice.choices) == list(METHODS)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in METHODS:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import contextvars
-import enum
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand, TyperGroup, click
 
-from fedlora_cli.config import DataSpec, LoraSpec, ModelSpec, OutputSpec, TrainSpec, model_from_size
+from fedlora_cli.commands._options import Command, Extra, OptionError, Rename, Values
+from fedlora_cli.config import model_from_size
 from fedlora_cli.errors import FedloraError, InputError, Interrupted, io_message
 from fedlora_cli.progress import DEFAULT_LOG_EVERY
-from fedlora_cli.strategies.registry import METHODS
 from fedlora_cli.tasks import task_names
+
+__all__ = ["Command", "Extra", "Rename", "Values"]  # the pieces every command module takes from here
 
 DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 to see tracebacks of expected errors too
 
@@ -198,10 +200,46 @@ def options_to_defaults(command: Any, options: dict[str, Any], source: str) -> d
             )
         if isinstance(value, dict):
             raise InputError(f"{source}: {key!r} is a table; give option values only (key = value)")
-        if getattr(param, "multiple", False) and not isinstance(value, list):
+        many = getattr(param, "multiple", False)
+        if many and not isinstance(value, list):
             value = [value]
+        for item in value if many else [value]:
+            problem = _toml_type_problem(param, item)
+            if problem is not None:
+                raise InputError(f"{source}: {key} = {_toml_repr(value)}: {problem}")
         out[param.name] = value
     return out
+
+
+def _toml_type_problem(param: Any, value: Any) -> str | None:
+    """Why a --config value cannot be the option's value (None: it can). Click would convert 2.5 to 2 and
+    true to 1 for an integer; a file must say what it means."""
+    from typer.core import click
+
+    kind = param.type
+    if isinstance(value, list | dict):
+        return (
+            "give one value, not a list or table"
+            if not isinstance(value, dict)
+            else "give a value, not a table"
+        )
+    if getattr(param, "is_flag", False) or isinstance(kind, click.types.BoolParamType):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(kind, click.types.IntParamType):
+        return None if type(value) is int else "must be a whole number"
+    if isinstance(kind, click.types.FloatParamType):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+        return None if ok else "must be a number"
+    if isinstance(kind, click.Choice):
+        return None if value in kind.choices else f"must be one of {', '.join(map(str, kind.choices))}"
+    if isinstance(kind, click.types.StringParamType):
+        return None if isinstance(value, str) else "must be a text (in quotes)"
+    return None
+
+
+def _toml_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_toml(path: str | os.PathLike, what: str = "--config") -> dict[str, Any]:
@@ -312,11 +350,21 @@ class FedloraGroup(TyperGroup):
                 if os.environ.get(DEBUG_ENV):
                     raise
                 _fail(io_message("access", e.filename, e), 1)
+            except (click.BadParameter, click.NoSuchOption) as e:  # a bad option value: one line too
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                _fail(e.message if isinstance(e, OptionError) else _usage_line(e), 2)
             except KeyboardInterrupt:
                 if os.environ.get(DEBUG_ENV):
                     raise
                 message = "interrupted: stopped before finishing (files are written whole or not at all)"
                 _fail(message, Interrupted.exit_code, interrupted=True)
+
+
+def _usage_line(e: Any) -> str:
+    """Click's message for a bad option, on one line, with where to look."""
+    command = e.ctx.command_path if getattr(e, "ctx", None) is not None else "fedlora"
+    return f"{' '.join(e.format_message().split())} (see `{command} -h`)"
 
 
 def _fail(message: str, code: int, *, interrupted: bool = False) -> None:
@@ -342,25 +390,8 @@ def build(factory: Callable[[], T]) -> T:
         raise InputError(str(e)) from None
 
 
-def resolve_model(model: str | None, model_size: str | None) -> str:
-    """`--model` wins; the reference's `--model-size base|large` means roberta-base / roberta-large."""
-    if model:
-        return model
-    if model_size:
-        return build(lambda: model_from_size(model_size))
-    return ModelSpec().name
-
-
-def model_spec(model: str | None, model_size: str | None, cache_dir: str | None, device: str) -> ModelSpec:
-    return ModelSpec(resolve_model(model, model_size), cache_dir, device)
-
-
-def lora_spec(r: int, alpha: float, dropout: float, target_modules: Sequence[str] | None) -> LoraSpec:
-    return LoraSpec(r, alpha, dropout, split_list(target_modules) or LoraSpec().target_modules)
-
-
 def split_list(values: Sequence[str] | None) -> tuple[str, ...]:
-    """`--target-modules query,value` and `--target-modules query --target-modules value` alike."""
+    """`--task a,b` and `--task a --task b` alike."""
     out: list[str] = []
     for v in values or ():
         out.extend(part.strip() for part in v.split(",") if part.strip())
@@ -376,159 +407,50 @@ def argv() -> list[str]:
     return _ARGV.get() or list(sys.argv)
 
 
-# ---------------------------------------------------------------------------------------------------
-# option types, defined once. Defaults come from the frozen configs (one source of defaults).
-
-_MODEL, _LORA, _TRAIN, _OUT = ModelSpec(), LoraSpec(), TrainSpec(), OutputSpec()
-_DATA = DataSpec(task="sst2")
-
-TaskOpt = Annotated[
-    str,
-    typer.Option("--task", "-t", help="GLUE task: " + ", ".join(task_names()), autocompletion=complete_task),
-]
-OptionalTaskOpt = Annotated[
-    str | None,
-    typer.Option("--task", "-t", help="GLUE task: " + ", ".join(task_names()), autocompletion=complete_task),
-]
-
-
 def complete_run(ctx: Any, incomplete: str) -> list[str]:
     """Run names under the command's root (`--root`, or `--output-root`) for shell completion."""
+    from fedlora_cli.config import OutputSpec
     from fedlora_cli.runs.query import run_names
 
-    root = ctx.params.get("root") or ctx.params.get("output_root") or OutputSpec().root
+    root = ctx.params.get("root") or ctx.params.get("output__root") or OutputSpec().root
     return run_names(root, incomplete)
 
 
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help="roberta-base, roberta-large, any hub id, or a local model folder \\[default: roberta-base]",
-    ),
-]
-ModelSizeOpt = Annotated[
-    str | None, typer.Option("--model-size", help="base or large: shorthand for --model roberta-<size>")
-]
-DataDirOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data-dir", help="folder in the original GLUE layout (SST-2/train.tsv …); default: the hub"
-    ),
-]
-CacheDirOpt = Annotated[
-    str | None, typer.Option("--cache-dir", help="Hugging Face cache for models and hub datasets")
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps")]
-MaxSeqLenOpt = Annotated[
-    int, typer.Option("--max-seq-length", help="tokens per example; longer is truncated")
-]
-MaxTrainOpt = Annotated[
-    int | None, typer.Option("--max-train-samples", help="use only the first N training examples")
-]
-MaxEvalOpt = Annotated[
-    int | None, typer.Option("--max-eval-samples", help="use only the first N examples of each dev split")
-]
-LoraROpt = Annotated[int, typer.Option("--lora-r", help="LoRA rank r")]
-LoraAlphaOpt = Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha: ΔW is scaled by alpha / r")]
-LoraDropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="dropout on the LoRA input")]
-TargetModulesOpt = Annotated[
-    list[str] | None,
-    typer.Option("--target-modules", help="modules that get LoRA, comma-separated \\[default: query,value]"),
-]
-EpochsOpt = Annotated[float, typer.Option("--epochs", help="passes over the training data")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="examples per optimizer step")]
-LearningRateOpt = Annotated[float, typer.Option("--learning-rate", "--lr", help="peak learning rate")]
-WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (matrices only)")]
-WarmupOpt = Annotated[float, typer.Option("--warmup-ratio", help="share of steps with linear warmup")]
-MaxGradNormOpt = Annotated[float, typer.Option("--max-grad-norm", help="gradient clipping; 0 turns it off")]
-PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="auto (bf16 where the hardware has it), fp32 or bf16")
-]
-MaxTokensOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-tokens",
-        help="padded tokens per forward/backward pass: larger batches are split (same step, less memory)",
-    ),
-]
-SeedOpt = Annotated[int, typer.Option("--seed", help="seeds the head init, dropout and data order")]
-EvalBatchSizeOpt = Annotated[int, typer.Option("--eval-batch-size", help="examples per evaluation batch")]
-OutputRootOpt = Annotated[
-    str, typer.Option("--output-root", help="runs go to <root>/<task>_<model>/<run-name>")
-]
-RunNameOpt = Annotated[
-    str | None, typer.Option("--run-name", help="the run's folder name \\[default: a timestamp]")
-]
-OutputDirOpt = Annotated[str | None, typer.Option("--output-dir", help="write the run exactly here instead")]
-OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="replace what fedlora wrote there before (never anything else)")
-]
+# ---------------------------------------------------------------------------------------------------
+# options of the terminal, not of any config (the config's own come from its fields: _options.py)
 
 
-# sharding options, shared by `shard` and `rounds` (which can shard in memory)
-def complete_mode(incomplete: str) -> list[str]:
-    from fedlora_cli.config import SHARD_MODES
+def _model_from_size(size: str, given: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
+    """`--model-size base|large` means roberta-<size>, unless --model is given too (--model wins)."""
+    if ("model", "name") in given:
+        return {}
+    return {("model", "name"): build(lambda: model_from_size(size))}
 
-    return [m for m in SHARD_MODES if m.startswith(incomplete)]
 
-
-MODE_HELP = (
-    "iid (stratified), overlap, category, category_overlap, dirichlet (label skew) or quantity (size skew)"
+MODEL_SIZE = Extra(
+    "model_size",
+    Annotated[
+        str | None,
+        typer.Option(
+            "--model-size",
+            help="base or large: shorthand for --model roberta-<size>",
+            rich_help_panel="Model",
+        ),
+    ],
+    apply=_model_from_size,
 )
-OverlapRatioOpt = Annotated[
-    float,
-    typer.Option(
-        "--overlap-ratio", help="overlap modes: share of each client's data from a shared pool, in [0, 1)"
-    ),
-]
-CategoryKeyOpt = Annotated[
-    str, typer.Option("--category-key", help="category modes: label, genre (MNLI, STS-B) or another column")
-]
-DirichletAlphaOpt = Annotated[
-    float,
-    typer.Option("--dirichlet-alpha", help="dirichlet / quantity: concentration > 0; smaller = more skew"),
-]
-MinSizeOpt = Annotated[int, typer.Option("--min-size", help="every client gets at least this many examples")]
-BinStsbOpt = Annotated[
-    bool, typer.Option("--bin-stsb/--no-bin-stsb", help="STS-B: stratify by 0.2-wide score bins")
-]
-
-# The federated methods, from the ONE registry: shown as choices in -h and completed by the shell.
-Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
-AggregationOpt = Annotated[
-    Method,
-    typer.Option(
-        "--aggregation",
-        help="how client adapters become one: "
-        + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
-    ),
-]
-SvdRankOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--svd-rank", help="svd: rank of the aggregated adapter \\[default: the largest client rank]"
-    ),
-]
-AlphaOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--alpha", help="svd: lora_alpha of the aggregated adapter \\[default: keeps the clients' alpha/r]"
-    ),
-]
-LogEveryOpt = Annotated[
-    int,
-    typer.Option(
-        "--log-every",
-        help="report the training loss every N optimizer steps (plain log lines, trackers); 0: never",
-    ),
-]
-
-
-def method_name(value: Any) -> str:
-    """An --aggregation value (the Method enum, or a plain string from library callers) as its name."""
-    return value.value if isinstance(value, enum.Enum) else str(value)
+LOG_EVERY = Extra(
+    "log_every",
+    Annotated[
+        int,
+        typer.Option(
+            "--log-every",
+            rich_help_panel="Output",
+            help="report the training loss every N optimizer steps (plain log lines, trackers); 0: never",
+        ),
+    ],
+    DEFAULT_LOG_EVERY,
+)
 
 
 def complete_tracker(incomplete: str) -> list[str]:
@@ -537,15 +459,29 @@ def complete_tracker(incomplete: str) -> list[str]:
     return [t for t in TRACKERS if t.startswith(incomplete.lower())]
 
 
-ReportToOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--report-to",
-        help="log metrics and config to tensorboard, mlflow and/or wandb (comma-separated or repeated; "
-        "each an extra: pip install 'fedlora[mlflow]')",
-        autocompletion=complete_tracker,
-    ),
-]
+REPORT_TO = Extra(
+    "report_to",
+    Annotated[
+        list[str] | None,
+        typer.Option(
+            "--report-to",
+            autocompletion=complete_tracker,
+            rich_help_panel="Output",
+            help="log metrics and config to tensorboard, mlflow and/or wandb (comma-"
+            "separated or repeated; each an extra: pip install 'fedlora\\[mlflow]')",
+        ),
+    ],
+)
+
+
+def reference_flag(flag: str) -> Extra:
+    """A switch the reference scripts passed that fedlora does anyway (`--do_train` …): accepted, hidden."""
+    name = "reference_" + flag.removeprefix("--").replace("-", "_")
+    return Extra(
+        name,
+        Annotated[bool, typer.Option(flag, hidden=True, help="accepted for the reference scripts")],
+        True,
+    )
 
 
 def summary_table(title: str, rows: Sequence[tuple[str, Any]]) -> Any:
@@ -583,9 +519,12 @@ def show_run_result(command: str, result: Any) -> None:
             ("steps", t.steps),
             ("train loss (mean / last epoch)", f"{t.loss:.4f} / {t.last_loss:.4f}"),
             ("train time", f"{t.seconds:.1f} s"),
-            ("throughput", f"{t.samples_per_second:.1f} samples/s, {t.tokens_per_second:,.0f} tokens/s "
-                           f"({t.padded_tokens_per_second:,.0f} incl. padding)"),
-        ]  # fmt: skip
+            (
+                "throughput",
+                f"{t.samples_per_second:.1f} samples/s, {t.tokens_per_second:,.0f} tokens/s "
+                f"({t.padded_tokens_per_second:,.0f} incl. padding)",
+            ),
+        ]
     e = result.evaluation
     if e is not None:
         rows.append(("eval examples", e.examples))
@@ -595,42 +534,3 @@ def show_run_result(command: str, result: Any) -> None:
         print_path("adapter", result.adapter_dir)
     if result.run_dir is not None:
         print_path("run", result.run_dir)
-
-
-# ---------------------------------------------------------------------------------------------------
-# differential privacy (client level, DP-FedAvg): `fedlora rounds`
-
-DpClipOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--dp-clip",
-        help="DP: clip each client's update to this L2 norm C (turns DP on, with --dp-noise-multiplier)",
-    ),
-]
-DpNoiseOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--dp-noise-multiplier", help="DP: Gaussian noise of std z·C on the sum of the clipped updates"
-    ),
-]
-DpDeltaOpt = Annotated[
-    float | None,
-    typer.Option("--dp-delta", help="DP: δ of the reported (ε, δ) \\[default: 1 / clients²]"),
-]
-DpWhereOpt = Annotated[
-    str,
-    typer.Option(
-        "--dp-where", help="DP: who clips: server, or client (the server never receives an unclipped update)"
-    ),
-]
-DpTargetOpt = Annotated[
-    float | None,
-    typer.Option("--dp-target-epsilon", help="DP: stop before a round that would spend more than this ε"),
-]
-DpSecretNoiseOpt = Annotated[
-    bool,
-    typer.Option(
-        "--dp-secret-noise",
-        help="DP: draw the noise from a secret key (kept in the run folder for --resume), not from --seed",
-    ),
-]

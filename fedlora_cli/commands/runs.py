@@ -224,7 +224,7 @@ def rerun(
             help="check the new final adapter is bit-identical to the recorded one (exit 1 if not)",
         ),
     ] = False,
-    log_every: c.LogEveryOpt = c.DEFAULT_LOG_EVERY,
+    log_every: c.LOG_EVERY.annotation = c.DEFAULT_LOG_EVERY,
 ) -> None:
     """Run the recorded config again into a new folder beside it, `<name>-rerun-<n>`."""
     from fedlora_cli.runs.query import resolve_run

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from fedlora_cli.commands import _common as c
 from fedlora_cli.config import ShardConfig
@@ -12,74 +10,21 @@ from fedlora_cli.config import ShardConfig
 if TYPE_CHECKING:
     from fedlora_cli.sharding import ShardResult
 
-_SHARD = ShardConfig(task="sst2", clients=1)  # the defaults, from the one place they are set
 MAX_ROWS = 40  # a longer table shows its head and tail; summary.json has every client
+OPTIONS = c.Command(ShardConfig, required={"task", "clients"})
 
 
-def shard(
-    task: c.TaskOpt,
-    clients: Annotated[int, typer.Option("--clients", "-k", help="number of clients K", show_default=False)],
-    mode: Annotated[
-        str,
-        typer.Option(
-            "--mode",
-            help=c.MODE_HELP,
-            autocompletion=c.complete_mode,
-        ),
-    ] = _SHARD.mode,
-    seed: Annotated[
-        int, typer.Option("--seed", help="seeds the split: same seed, same shards")
-    ] = _SHARD.seed,
-    out: Annotated[
-        str | None,
-        typer.Option(
-            "--out", help="folder for client_<i>.json + summary.json \\[default: shards/<task>_<mode>_k<K>]"
-        ),
-    ] = None,
-    data_dir: c.DataDirOpt = None,
-    cache_dir: c.CacheDirOpt = None,
-    max_train_samples: c.MaxTrainOpt = None,
-    overlap_ratio: c.OverlapRatioOpt = _SHARD.overlap_ratio,
-    category_key: c.CategoryKeyOpt = _SHARD.category_key,
-    dirichlet_alpha: c.DirichletAlphaOpt = _SHARD.dirichlet_alpha,
-    min_size: c.MinSizeOpt = _SHARD.min_size,
-    bin_stsb: c.BinStsbOpt = _SHARD.bin_stsb,
-    overwrite: Annotated[
-        bool,
-        typer.Option("--overwrite", help="replace the shard folder (and plot) fedlora wrote there before"),
-    ] = False,
-    plot: Annotated[
-        str | None,
-        typer.Option(
-            "--plot", help="also draw the per-client label distribution to FILE.png (needs fedlora\\[plot])"
-        ),
-    ] = None,
-) -> None:
+def _shard(ctx: Any, values: c.Values) -> None:
     """Split the training set across K clients: iid, overlapping, by category, or Dirichlet-skewed."""
-    config = c.build(
-        lambda: ShardConfig(
-            task=task,
-            clients=clients,
-            mode=mode,
-            seed=seed,
-            out=out,
-            data_dir=data_dir,
-            cache_dir=cache_dir,
-            max_train_samples=max_train_samples,
-            overlap_ratio=overlap_ratio,
-            category_key=category_key,
-            dirichlet_alpha=dirichlet_alpha,
-            min_size=min_size,
-            bin_stsb=bin_stsb,
-            overwrite=overwrite,
-            plot=plot,
-        )
-    )
+    config = values.config(ShardConfig)
     from fedlora_cli.sharding import run_shard
 
     with c.reporter(transient=True) as progress:
         result = run_shard(config, progress=progress)
     show_shard_result(result, config)
+
+
+shard = OPTIONS.wrap(_shard)
 
 
 def _labels_cell(counts: dict[str, Any], regression: bool) -> str:

@@ -1,16 +1,15 @@
 """What crosses Flower's wire: adapter states as ArrayRecords (one safetensors array each), LoRA shapes and reports as ConfigRecords,
 and `RoundsConfig` as Flower's flat run config.
 
-The run config is derived from the `RoundsConfig` dataclasses, so the defaults in pyproject.toml's
-`[tool.flwr.app.config]`, the CLI's and the Flower apps' are one set (a test checks pyproject.toml).
-Keys are the field names in kebab-case, nested specs under their section: `rounds`,
-`train.learning-rate`, `lora.r`. Flower's config values cannot be None, so None is written as "";
-tuples (target modules) as a comma-separated string.
+The run config is derived from the option fields of `RoundsConfig` (fedlora_cli/options.py), so the
+defaults in pyproject.toml's `[tool.flwr.app.config]` (`pyproject_block`; a test checks the file), the
+CLI's and the Flower apps' are one set. Keys are the field paths in kebab-case: `rounds`,
+`train.learning-rate`, `aggregation.svd.rank`. Flower's config values cannot be None, so None is written
+as ""; tuples (target modules) as a comma-separated string.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -23,6 +22,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora_cli.config import MAX_COUNT, DataSpec, LoraSpec, RoundsConfig
+from fedlora_cli.options import OptionField, build, walk
 from fedlora_cli.runs.record import safetensors_header
 
 RunConfig = dict[str, bool | int | float | str]
@@ -44,12 +44,9 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _is_spec(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def run_config_key(path: tuple[str, ...]) -> str:
+    """A config field's run-config key: its path in kebab-case, `train.learning-rate`, `aggregation.svd.rank`."""
+    return ".".join(_kebab(p) for p in path)
 
 
 def _encode(value: Any) -> bool | int | float | str:
@@ -92,16 +89,19 @@ def _decode(key: str, value: Any, tp: Any) -> Any:
     return str(value)
 
 
+def _fields() -> list[OptionField]:
+    """Every field of RoundsConfig, CLI option or not (resume, the token cache): the run config has them all."""
+    return list(walk(RoundsConfig))
+
+
 def to_run_config(config: RoundsConfig) -> RunConfig:
     """A `RoundsConfig` as Flower's flat run config (what `[tool.flwr.app.config]` holds)."""
     out: RunConfig = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            for g in dataclasses.fields(value):
-                out[f"{f.name}.{_kebab(g.name)}"] = _encode(getattr(value, g.name))
-        else:
-            out[_kebab(f.name)] = _encode(value)
+    for f in _fields():
+        value: Any = config
+        for part in f.path:
+            value = getattr(value, part)
+        out[run_config_key(f.path)] = _encode(value)
     return out
 
 
@@ -111,37 +111,19 @@ def from_run_config(run_config: Mapping[str, Any]) -> RoundsConfig:
     Bad values raise ValueError naming the key (the config's own checks run too); unknown keys
     are ignored with a warning, so a run config written by a newer fedlora still loads.
     """
+    values: dict[tuple[str, ...], Any] = {}
     known: set[str] = set()
-    top: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(RoundsConfig)}
-    for name, tp in _hints(RoundsConfig).items():
-        if _is_spec(tp):
-            section: dict[str, Any] = {}
-            for sub, sub_tp in _hints(tp).items():
-                key = f"{name}.{_kebab(sub)}"
-                known.add(key)
-                if key in run_config:
-                    section[sub] = _decode(key, run_config[key], sub_tp)
-            if tp is DataSpec:
-                if "task" not in section:
-                    raise ValueError("the run config needs data.task (a GLUE task, e.g. sst2)")
-                top[name] = DataSpec(**section)
-            elif section:
-                # Start from RoundsConfig's own default for the section (its TrainSpec has 1 local
-                # epoch, not TrainSpec's 3), then apply the keys given.
-                factory = fields[name].default_factory
-                base = factory() if factory is not dataclasses.MISSING else tp()
-                top[name] = dataclasses.replace(base, **section)
-        else:
-            key = _kebab(name)
-            known.add(key)
-            if key in run_config:
-                top[name] = _decode(key, run_config[key], tp)
+    for f in _fields():
+        key = run_config_key(f.path)
+        known.add(key)
+        if key in run_config:
+            values[f.path] = _decode(key, run_config[key], f.type)
+    if ("data", "task") not in values:
+        raise ValueError("the run config needs data.task (a GLUE task, e.g. sst2)")
     unknown = sorted(set(run_config) - known)
     if unknown:
         warnings.warn(f"ignoring unknown run config keys {unknown}", stacklevel=2)
-    top.setdefault("shards", "")
-    return RoundsConfig(**top)
+    return build(RoundsConfig, values)
 
 
 def default_run_config() -> RunConfig:
@@ -153,6 +135,22 @@ def run_config_overrides(config: RoundsConfig) -> RunConfig:
     """The keys where `config` differs from the defaults: what `flwr run --run-config` would need."""
     defaults, mine = default_run_config(), to_run_config(config)
     return {k: v for k, v in mine.items() if defaults.get(k) != v}
+
+
+def pyproject_block() -> str:
+    """`[tool.flwr.app.config]` of pyproject.toml, made from the fields (a test checks the file holds it)."""
+    lines = ["[tool.flwr.app.config]"]
+    defaults = default_run_config()
+    for f in _fields():
+        key = run_config_key(f.path)
+        help_text = " ".join(f.option.help.split())
+        if f.option.default_text:
+            help_text += f" [default: {f.option.default_text}]"
+        choices = f.option.choice_values()
+        if choices:
+            help_text += f" ({' | '.join(choices)})"
+        lines.append(f"{key} = {toml_value(defaults[key])}  # {help_text}")
+    return "\n".join(lines) + "\n"
 
 
 def toml_value(value: bool | int | float | str) -> str:
@@ -376,3 +374,7 @@ def plan_from_content(content: RecordDict) -> Any:
     return ClientPlan(int(meta["client-id"]), adapter, parts, float(meta.get("prox-mu", 0.0)), delta,
                       str(meta.get("base-delta-key", "")), None if clip == "" else float(clip),
                       str(meta.get("clip-space", "factors")))  # fmt: skip
+
+
+if __name__ == "__main__":  # python -m fedlora_cli.flower.codec: the run-config block of pyproject.toml
+    print(pyproject_block(), end="")

@@ -27,6 +27,7 @@ from fedlora_cli.integrity import (
     sealed,
 )
 from fedlora_cli.modeling import read_adapter, save_adapter
+from fedlora_cli.options import walk
 from fedlora_cli.ownership import RUN_RECORD, entries, read_object
 from fedlora_cli.runlock import RunLock
 from fedlora_cli.runs import (
@@ -47,14 +48,11 @@ from fedlora_cli.runs import (
 from fedlora_cli.strategies.base import ClientReport, GlobalAdapter
 from fedlora_cli.tasks import GlueTask
 
-# Config keys that may change between a run and its resumption: where it is written, how the work is
-# spread (engine, resources, fault tolerance: both engines give the same rounds), what is evaluated, and
-# how many rounds there are in all (each round's clients and seeds do not depend on the total, so
-# extending a run gives what running longer from the start would).
-RESUME_FREE_KEYS = {
-    "output", "resume", "resume_from_round", "rounds", "client_cpus", "client_gpus", "eval_batch_size",
-    "eval_each_round", "eval_clients", "engine", "min_clients", "round_timeout", "privacy.target_epsilon",
-}  # fmt: skip
+# Config keys that may change between a run and its resumption — the option fields marked `resume_free`:
+# where it is written, how the work is spread (engine, resources, fault tolerance: both engines give the
+# same rounds), what is evaluated, and how many rounds there are in all (each round's clients and seeds do
+# not depend on the total, so extending a run gives what running longer from the start would).
+RESUME_FREE_KEYS = {f.dotted for f in walk(RoundsConfig) if f.option.resume_free}
 
 
 def resume_config(run_dir: Path, recorded: dict[str, Any], changes: dict[str, Any]) -> RoundsConfig:
@@ -71,7 +69,7 @@ def resume_config(run_dir: Path, recorded: dict[str, Any], changes: dict[str, An
     refused = {k: v for k, v in changes.items() if not free(k) and before.get(k) != v}
     if refused:
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in sorted(refused.items())[:4])
-        allowed = ", ".join(sorted(RESUME_FREE_KEYS - {"output", "resume"}))
+        allowed = ", ".join(sorted(k for k in RESUME_FREE_KEYS if not k.startswith(("output.", "resume"))))
         raise InputError(f"--resume {run_dir}: {detail} would make it another experiment; a resume may change only "
                          f"{allowed}")  # fmt: skip
     merged = json.loads(json.dumps(recorded))

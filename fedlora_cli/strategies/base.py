@@ -148,14 +148,15 @@ class Strategy:
     @property
     def global_rank(self) -> int:
         """Rank of the aggregated adapter: --svd-rank, else the largest client rank."""
-        if self.spec.rank is not None:
-            return self.spec.rank
+        if self.spec.svd.rank is not None:  # svd's own option (config refuses it for the other methods)
+            return self.spec.svd.rank
         return max(self.ranks.values(), default=self.lora.r)
 
     @property
     def global_alpha(self) -> float:
         """lora_alpha of the aggregated adapter: --alpha, else the clients' scaling at the global rank."""
-        return self.spec.alpha if self.spec.alpha is not None else self.lora.scaling * self.global_rank
+        alpha = self.spec.svd.alpha
+        return alpha if alpha is not None else self.lora.scaling * self.global_rank
 
     # --- the hooks -------------------------------------------------------------------------------
 

@@ -2,21 +2,48 @@
 
 Kept free of torch (the CLI's `--help` reads it); each entry names the module that implements the
 method, imported only when a run needs it. Adding a method = one module under `strategies/` + one
-line here.
+line here; a method with hyperparameters of its own also declares them in a spec here (`options`),
+held by `config.AggregationSpec` in a field named after the method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from fedlora_cli.options import Spec, at_least, every, integer, number, option, optional
+
+
+@dataclass(frozen=True)
+class SvdOptions(Spec):
+    """svd's own options: the shape of the aggregated adapter."""
+
+    panel: ClassVar[str] = "Method"
+
+    rank: int | None = option(
+        None,
+        "--svd-rank",
+        check=optional(every(at_least(1), integer(1))),
+        help="svd: rank of the aggregated adapter",
+        default_text="the largest client rank",
+    )
+    alpha: float | None = option(
+        None,
+        "--alpha",
+        check=optional(number(0, low_open=True)),
+        help="svd: lora_alpha of the aggregated adapter",
+        default_text="keeps the clients' alpha/r",
+    )
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     target: str  # "module:Class" of the Strategy
-    summary: str  # one line for `-h` and the README
+    summary: str  # one line for the docs' method table
+    label: str = ""  # the name papers give it, for `-h`
     merge: str | None = None  # why `fedlora merge` cannot use it (None: it can)
-    shapes_output: bool = False  # takes --svd-rank / --alpha (the aggregated adapter's rank and alpha)
+    options: Any = None  # the Spec class of the method's own options (None: it has none)
 
 
 METHODS: dict[str, Method] = {
@@ -24,16 +51,19 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("svd", "fedlora_cli.strategies.svd:SvdStrategy",
                "mean of the updates ΔW_i = s·B_i·A_i, truncated by SVD to --svd-rank (FlexLoRA with mixed ranks)",
-               shapes_output=True),
+               label="ΔW+SVD; FlexLoRA with mixed ranks", options=SvdOptions),
         Method("naive", "fedlora_cli.strategies.naive:NaiveStrategy",
-               "mean of A and mean of B (zero-padded for mixed ranks: HetLoRA); not the mean of the products"),
+               "mean of A and mean of B (zero-padded for mixed ranks); not the mean of the products",
+               label="FedIT: mean A, mean B"),
         Method("exact", "fedlora_cli.strategies.exact:ExactStrategy",
-               "FedEx-LoRA: mean of A and of B, plus the residual folded into a frozen low-rank base delta"),
+               "FedEx-LoRA: mean of A and of B, plus the residual folded into a frozen low-rank base delta",
+               label="FedEx-LoRA"),
         Method("ffa", "fedlora_cli.strategies.ffa:FfaStrategy",
-               "FFA-LoRA: A frozen from the seed, only B (and the head) train; averaging B is exact"),
+               "FFA-LoRA: A frozen from the seed, only B (and the head) train; averaging B is exact",
+               label="FFA-LoRA"),
         Method("rolora", "fedlora_cli.strategies.rolora:RoloraStrategy",
                "RoLoRA: rounds alternate training B and A (the other frozen); every average is exact",
-               merge="it alternates factors over rounds; merge with svd, naive, exact or ffa"),
+               label="RoLoRA", merge="it alternates factors over rounds; merge with svd, naive, exact or ffa"),
     )
 }  # fmt: skip
 
