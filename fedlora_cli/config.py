@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora_cli.sharding.registry import partitioner_names
 from fedlora_cli.strategies.registry import get_method
 from fedlora_cli.tasks import get_task
 
@@ -302,7 +303,7 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-SHARD_MODES = ("iid", "overlap", "category", "category_overlap", "dirichlet", "quantity")
+SHARD_MODES = partitioner_names()  # the partitioner registry is the one source of mode names
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typer.core import TyperCommand, TyperGroup
 from fedlora_cli.config import DataSpec, LoraSpec, ModelSpec, OutputSpec, TrainSpec, model_from_size
 from fedlora_cli.errors import FedloraError, InputError, Interrupted, io_message
 from fedlora_cli.progress import DEFAULT_LOG_EVERY
+from fedlora_cli.sharding.registry import PARTITIONERS
 from fedlora_cli.strategies.registry import METHODS
 from fedlora_cli.tasks import task_names
 
@@ -469,14 +470,10 @@ OverwriteOpt = Annotated[
 
 # sharding options, shared by `shard` and `rounds` (which can shard in memory)
 def complete_mode(incomplete: str) -> list[str]:
-    from fedlora_cli.config import SHARD_MODES
-
-    return [m for m in SHARD_MODES if m.startswith(incomplete)]
+    return [m for m in PARTITIONERS if m.startswith(incomplete)]
 
 
-MODE_HELP = (
-    "iid (stratified), overlap, category, category_overlap, dirichlet (label skew) or quantity (size skew)"
-)
+MODE_HELP = "; ".join(f"{p.name}: {p.summary}" for p in PARTITIONERS.values())
 OverlapRatioOpt = Annotated[
     float,
     typer.Option(
