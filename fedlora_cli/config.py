@@ -30,6 +30,7 @@ from fedlora_cli.options import (
     optional,
     seed,
 )
+from fedlora_cli.sharding.registry import PARTITIONERS, partitioner_names
 from fedlora_cli.strategies.registry import METHODS, SvdOptions, get_method, method_names
 from fedlora_cli.tasks import get_task, task_names
 
@@ -45,9 +46,9 @@ ENGINES = ("local", "flower")
 DP_WHERE = ("server", "client")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 
-SHARD_MODES = ("iid", "overlap", "category", "category_overlap", "dirichlet", "quantity")
-MODE_HELP = (
-    "iid (stratified), overlap, category, category_overlap, dirichlet (label skew) or quantity (size skew)"
+SHARD_MODES = partitioner_names()  # the partitioner registry is the one source of mode names
+MODE_HELP = "how the training set is split: " + "; ".join(
+    f"{p.name}: {p.summary}" for p in PARTITIONERS.values()
 )
 
 MAX_EPOCHS = 1000.0  # more passes than any fine-tuning needs; a typo'd 1e9 would run for centuries
