@@ -834,6 +834,7 @@ class PrivacySpec(Spec):
         "server",
         "--dp-where",
         choices=DP_WHERE,
+        check=lambda flag, v: _check(v in DP_WHERE, f"{flag} must be server or client, got {v!r}"),
         help="who clips: server, or client (the server never receives an unclipped update)",
     )
     target_epsilon: float | None = option(
@@ -873,7 +874,6 @@ class PrivacySpec(Spec):
         )
         d = self.delta
         _check(d is None or (_number(d) and 0 < d < 1), f"--dp-delta must be in (0, 1), got {d}")
-        _check(self.where in DP_WHERE, f"--dp-where must be server or client, got {self.where!r}")
         t = self.target_epsilon
         _check(
             t is None or (_number(t) and math.isfinite(t) and t > 0),

@@ -206,7 +206,10 @@ def options_to_defaults(command: Any, options: dict[str, Any], source: str) -> d
         for item in value if many else [value]:
             problem = _toml_type_problem(param, item)
             if problem is not None:
-                raise InputError(f"{source}: {key} = {_toml_repr(value)}: {problem}")
+                flag = param.opts[0]
+                raise InputError(
+                    f"{source}: invalid value for '{flag}': {key} = {_toml_repr(value)}: {problem}"
+                )
         out[param.name] = value
     return out
 
@@ -268,7 +271,7 @@ def _load_config(ctx: Any, param: Any, value: str | None) -> None:
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
-def options_to_args(command: Any, options: dict[str, Any]) -> list[str]:
+def options_to_args(command: Any, options: dict[str, Any], source: str = "sweep") -> list[str]:
     """A mapping of long option names to values -> the command-line arguments that say the same.
 
     Used by sweeps, so that each run's run.json holds a full, copy-pasteable command line.
@@ -276,7 +279,7 @@ def options_to_args(command: Any, options: dict[str, Any]) -> list[str]:
     params = option_params(command)
     args: list[str] = []
     for key, value in options.items():
-        options_to_defaults(command, {key: value}, "sweep")  # the same checks as --config
+        options_to_defaults(command, {key: value}, source)  # the same checks as --config
         param = params.get(str(key)) or params[str(key).replace("_", "-")]
         flag = param.opts[0]
         if value is None:

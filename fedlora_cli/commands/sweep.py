@@ -17,7 +17,7 @@ def _command(ctx: Any, name: str) -> Any:
 def _check_cell(ctx: Any, command: str, options: dict[str, Any], where: str) -> None:
     """Parse a cell's options as the command would (names and value types), before any run starts."""
     cmd = _command(ctx, command)
-    args = c.options_to_args(cmd, {**options, "seed": 0, "output-dir": "x"})
+    args = c.options_to_args(cmd, {**options, "seed": 0, "output-dir": "x"}, where)
     try:
         cmd.make_context(command, args, parent=ctx.find_root()).close()
     except Exception as e:  # click's usage errors: a value of the wrong type, a missing required option
