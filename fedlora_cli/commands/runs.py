@@ -65,7 +65,8 @@ def list_command(
         str | None, typer.Option("--command", help="only runs of this command (train, rounds …)")
     ] = None,
     method: Annotated[
-        str | None, typer.Option("--method", help="only runs of this method (svd, naive, lora, full …)")
+        str | None,
+        typer.Option("--method", help="only runs of this method (svd, svd+dp, naive, lora, full …)"),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
