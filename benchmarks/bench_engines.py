@@ -218,8 +218,8 @@ def main() -> None:
                 torch.set_num_threads(threads)
             total = time.perf_counter() - t
         runs[engine] = run_dir
-        rows = [row for row in read_history(run_dir) if row["round"] > 0]  # round 0: the start's evaluation
-        timings[engine] = (total, [row["seconds"]["wall"] for row in rows])
+        rows = [row for row in read_history(run_dir) if row.round > 0]  # round 0: the start's evaluation
+        timings[engine] = (total, [row.seconds["wall"] for row in rows])
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"MiniLM-L6, SST-2: {args.clients} iid clients x {args.per_client} examples, {args.rounds} rounds, "

@@ -41,8 +41,7 @@ from fedlora_cli.config import (  # noqa: E402  # noqa: E402
     TrainSpec,
 )
 from fedlora_cli.engines import run_rounds  # noqa: E402
-from fedlora_cli.history import HistoryRow  # noqa: E402
-from fedlora_cli.runs import read_history  # noqa: E402
+from fedlora_cli.runs import HistoryRow, read_history  # noqa: E402
 from fedlora_cli.sharding import run_shard  # noqa: E402
 from fedlora_cli.strategies import registry  # noqa: E402
 from fedlora_cli.strategies.base import Aggregated, GlobalAdapter  # noqa: E402
@@ -96,7 +95,7 @@ def run_one(
     name = f"k{clients}_{method}"
     run_dir = work / "runs" / name
     if (run_dir / "final" / "metrics.json").is_file():
-        return [HistoryRow.from_json(r) for r in read_history(run_dir)], float("nan")
+        return read_history(run_dir), float("nan")
     config = RoundsConfig(
         data=DataSpec("sst2", str(glue), max_train_samples=n, max_eval_samples=args.eval_samples),
         shards=str(shards),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -17,6 +16,7 @@ import torch
 from fedlora_cli import __version__, atomic, memory, ownership
 from fedlora_cli.config import MAX_COUNT, DataSpec, LoraSpec, ModelSpec
 from fedlora_cli.errors import FedloraError, InputError, OutputError, first_line
+from fedlora_cli.jsonfile import read_json, read_json_or_none
 from fedlora_cli.ownership import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_META, ADAPTER_WEIGHTS
 from fedlora_cli.tasks import GlueTask
 
@@ -78,12 +78,7 @@ def _check_local_model(spec: ModelSpec, what: str) -> None:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise InputError(f"--model {name}: the folder has no config.json; is it a Hugging Face model folder?")
-    try:
-        config = json.loads(config_file.read_bytes())
-    except ValueError as e:
-        raise InputError(f"--model {name}: config.json is not valid JSON ({first_line(e)})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"--model {name}: config.json must be a JSON object, got {type(config).__name__}")
+    config = read_json(config_file, "model config", hint=f"--model {name} needs a Hugging Face model folder")
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
@@ -497,10 +492,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
                 f"safe_serialization=True) to get {ADAPTER_WEIGHTS}"
             )
         raise InputError(f"adapter {path}: no {ADAPTER_WEIGHTS}")
-    try:
-        cfg = json.loads(cfg_path.read_bytes())
-    except ValueError as e:
-        raise InputError(f"adapter {path}: {ADAPTER_CONFIG} is not valid JSON ({first_line(e)})") from None
+    cfg = read_json(cfg_path, "adapter config")
     lora = _lora_from_config(cfg, path)
     try:
         state = load_file(str(weights))
@@ -577,11 +569,9 @@ def check_adapter_tensors(state: dict[str, torch.Tensor], lora: LoraSpec, where:
 
 def adapter_base_model(path: str | os.PathLike) -> str | None:
     """The base model an adapter folder names (`base_model_name_or_path`), or None if it names none."""
-    try:
-        cfg = json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None  # read_adapter reports what is wrong with the folder, with the rest of the checks
-    name = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    # None when unreadable: read_adapter reports what is wrong with the folder, with the rest of the checks
+    cfg = read_json_or_none(Path(path).expanduser() / ADAPTER_CONFIG)
+    name = cfg.get("base_model_name_or_path") if cfg is not None else None
     return name if isinstance(name, str) and name.strip() else None
 
 

@@ -12,7 +12,6 @@ No torch here: sharding uses it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 
 from fedlora_cli.atomic import is_leftover, occupied
 from fedlora_cli.errors import InputError
+from fedlora_cli.jsonfile import read_json_or_none
 
 # the names fedlora writes (modeling, runs and sharding import them from here)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -105,14 +105,8 @@ def entries(folder: Path) -> list[str]:
 
 
 def read_object(path: Path) -> dict[str, Any] | None:
-    """A JSON object from a regular file, or None (missing, not a regular file, not JSON, not an object)."""
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """A JSON object from a regular file that is not a link (fedlora never writes one), else None."""
+    return None if path.is_symlink() else read_json_or_none(path)
 
 
 def _is_file(path: Path) -> bool:
@@ -148,11 +142,10 @@ def run_foreign(folder: Path) -> list[str]:
     metrics.json, adapter/ and (baseline) model/; `rounds` runs hold run.json, history.jsonl, shards/,
     round_NNN/ and final/."""
     names = entries(folder)
-    record = read_object(folder / RUN_RECORD)
-    versions = record.get("versions") if record is not None else None
-    command = record.get("command") if record is not None else None
-    if not (isinstance(versions, dict) and "fedlora" in versions and command in RUN_COMMANDS):
+    record = _run_record(folder)
+    if record is None or "fedlora" not in record.versions or record.command not in RUN_COMMANDS:
         return names
+    command = record.command
     foreign: list[str] = []
     for name in names:
         target = folder / name
@@ -169,6 +162,19 @@ def run_foreign(folder: Path) -> list[str]:
             continue  # save_pretrained's files: their names depend on the model and tokenizer
         foreign.append(name)
     return foreign
+
+
+def _run_record(folder: Path) -> Any:
+    """The folder's run record (runs.record.read_record, the one reader of run.json), or None when there is
+    none that fedlora could have written (missing, a link, damaged)."""
+    from fedlora_cli.runs.record import read_record  # runs/ builds on this module: import it when needed
+
+    if not _is_file(folder / RUN_RECORD):
+        return None
+    try:
+        return read_record(folder)
+    except InputError:
+        return None
 
 
 def shards_foreign(folder: Path) -> list[str]:

@@ -44,6 +44,8 @@ from typing import Any
 
 from fedlora_cli import atomic
 from fedlora_cli.errors import FedloraError, InputError, first_line
+from fedlora_cli.jsonfile import read_json
+from fedlora_cli.ownership import RUN_RECORD
 from fedlora_cli.runs.record import COMPLETE, FAILED, INTERRUPTED, RUNNING, now, package_versions, status_for
 
 SWEEP_RECORD = "sweep.json"
@@ -265,13 +267,9 @@ def _check_owned(options: dict[str, Any], where: str) -> None:
 
 def _sweep_record(sweep: Sweep) -> dict[str, Any]:
     path = sweep.folder / SWEEP_RECORD
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{path} is not valid JSON: move it away to start the sweep afresh") from None
-    return data if isinstance(data, dict) else {}
+    return read_json(path, "sweep record", hint="move it away to start the sweep afresh")
 
 
 def plan(sweep: Sweep) -> list[PlannedRun]:
@@ -285,7 +283,7 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
     planned = []
     for cell, seed, folder in sweep.runs():
         action = "run"
-        if (folder / "run.json").is_file():
+        if (folder / RUN_RECORD).is_file():
             before = recorded.get(folder.name)
             now_options = {**cell.options, "seed": seed}
             if before is not None and _canonical(before) != _canonical(now_options):
@@ -421,7 +419,7 @@ def report(sweep: Sweep) -> list[CellReport]:
         metric = sweep.metric
         for seed in sweep.seeds:
             folder = sweep.folder / f"{cell.name}-seed{seed}"
-            if not (folder / "run.json").is_file():
+            if not (folder / RUN_RECORD).is_file():
                 continue
             info = load_run(folder)
             if info.status != COMPLETE or info.final is None:
@@ -588,7 +586,7 @@ def plot_sweep(
 
     `drop`: a `key=value` part of the cell names that every cell here shares (left out of the legend)."""
     from fedlora_cli.plots import Curve, plot_curves
-    from fedlora_cli.runs.query import read_history, round_loss, round_metric
+    from fedlora_cli.runs.history import read_history
 
     metric = next((c.metric for c in cells if c.metric), None) or "metric"
     curves = []
@@ -597,12 +595,10 @@ def plot_sweep(
         by_round_loss: dict[int, list[float]] = {}
         for seed in report_.values:
             for row in read_history(sweep.folder / f"{report_.cell.name}-seed{seed}"):
-                if not isinstance(row.get("round"), int):
-                    continue
-                if (m := round_metric(row, metric)) is not None:
-                    by_round_metric.setdefault(row["round"], []).append(m)
-                if (loss := round_loss(row)) is not None:
-                    by_round_loss.setdefault(row["round"], []).append(loss)
+                if (m := row.metric(metric)) is not None:
+                    by_round_metric.setdefault(row.round, []).append(m)
+                if row.train_loss is not None:
+                    by_round_loss.setdefault(row.round, []).append(float(row.train_loss))
         rounds = sorted(by_round_metric.keys() | by_round_loss.keys())
         if rounds:
             m = [_mean_std(by_round_metric.get(r, [])) for r in rounds]

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from fedlora_cli.data import load_split
 from fedlora_cli.errors import InputError
+from fedlora_cli.jsonfile import read_json
 from fedlora_cli.modeling import read_adapter
-from fedlora_cli.runs import read_json
 from fedlora_cli.sharding import read_manifest, read_shards
 
 QUICK = ["--max-train-samples", "64", "--epochs", "1", "--precision", "fp32"]
@@ -260,3 +260,50 @@ def test_a_record_that_is_not_a_json_object_is_one_error(tmp_path, content):
     path.write_bytes(content.encode("utf-8", "surrogateescape"))
     with pytest.raises(InputError, match="run.json"):
         read_json(path, "run record")
+
+
+JSON_DAMAGE = {  # what is at the path, and what the one line says about it
+    "missing": (lambda p: None, "no such run record"),
+    "a folder": (lambda p: p.mkdir(), "is a folder, not a file"),
+    "a FIFO": (lambda p: os.mkfifo(p), "is not a regular file (a device, FIFO or socket)"),
+    "too large": (lambda p: p.write_text('{"x": "' + "y" * 2000 + '"}'), "is larger than"),
+    "not JSON": (lambda p: p.write_text("{"), "is not valid JSON"),
+    "not text": (lambda p: p.write_bytes(b"\xff\xfe\x00{"), "is not valid JSON"),
+    "nested too deeply": (lambda p: p.write_text("[" * 1020), "is not valid JSON (nested too deeply)"),
+    "a list": (lambda p: p.write_text("[1]"), "must be a JSON object, got list"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(JSON_DAMAGE))
+def test_the_one_json_object_reader_fails_by_one_rule(tmp_path, kind):
+    """jsonfile.read_json: every way a file is not a JSON object is one InputError naming the file, and a
+    FIFO or a huge file is refused without reading it to the end (it never returns)."""
+    from fedlora_cli.jsonfile import read_json_or_none
+
+    path = tmp_path / "run.json"
+    make, says = JSON_DAMAGE[kind]
+    make(path)
+    with pytest.raises(InputError) as info:
+        read_json(path, "run record", limit=1024)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and says in message and "\n" not in message
+    assert read_json_or_none(path) is None or kind == "too large"  # the default limit lets 2 kB through
+    (tmp_path / "ok.json").write_text('{"a": NaN}')  # fedlora writes NaN for metrics without a value
+    assert read_json(tmp_path / "ok.json")["a"] != 0
+
+
+def test_a_record_of_the_wrong_shape_is_one_error_naming_the_key(tmp_path):
+    from fedlora_cli.runs import read_record
+
+    good = {"command": "rounds", "argv": ["fedlora", "rounds"], "config": {"rounds": 2}}
+    for key, value, says in (("config", [1], "'config' must be a JSON object, got [1]"),
+                             ("command", ["train"], "'command' must be a command name"),
+                             ("argv", "fedlora train", "'argv' must be a list of strings"),
+                             ("resumes", [{"changes": {"rounds": 3}}], "'resumes' must be a list of"),
+                             ("pid", True, "'pid' must be a process id")):  # fmt: skip
+        (tmp_path / "run.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(InputError, match="run.json: not a run record fedlora can use") as info:
+            read_record(tmp_path)
+        assert says in str(info.value), str(info.value)
+    (tmp_path / "run.json").write_text(json.dumps({**good, "from_the_future": [1]}))
+    assert read_record(tmp_path).extra == {"from_the_future": [1]}  # unknown keys are kept, not checked

@@ -13,8 +13,7 @@ from clitools import one_error_line, run
 from safetensors.torch import load_file, save_file
 from test_rounds import write_manifests
 
-from fedlora_cli import integrity
-from fedlora_cli.runs import RoundTree
+from fedlora_cli.runs import RoundTree, integrity
 
 # exact keeps a server state (its residual, state.safetensors), so every kind of file a round writes is here
 QUICK = ["--local-epochs", "1", "--learning-rate", "2e-2", "--precision", "fp32", "--batch-size", "32",
@@ -219,3 +218,41 @@ def test_every_message_about_complete_rounds_uses_one_phrase():
     assert complete_rounds(run_dir, 1) == f"round 1 of {run_dir} is complete"
     assert complete_rounds(run_dir, 4) == f"rounds 1-4 of {run_dir} are complete"
     assert complete_rounds(run_dir, 0) in interrupted_rounds_message(run_dir, 0)
+
+
+def test_an_extended_run_records_its_final_config_and_reruns_to_the_same_adapter(
+    tiny_model, glue_dir, shards, tmp_path
+):
+    """`--resume RUN --rounds 3` on a 2-round run: run.json says 3 rounds and lists the resume, and `runs rerun`
+    runs that final configuration from the start, which ends bit-identical to the extended run."""
+    root = tmp_path / "runs"
+    folder = root / "ext"
+    assert run(*args(tiny_model, glue_dir, shards, folder, "--rounds", "2")).exit_code == 0
+    result = run("rounds", "--resume", folder, "--rounds", "3")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((folder / "run.json").read_text())
+    assert record["config"]["rounds"] == 3 and record["status"] == "complete"
+    (resume,) = record["resumes"]
+    assert resume["changes"] == {"rounds": [2, 3]} and resume["after_round"] == 2
+    assert resume["argv"][-4:] == ["--resume", str(folder), "--rounds", "3"]
+    (listed,) = json.loads(run("runs", "list", root, "--json").stdout)
+    assert (listed["rounds_done"], listed["rounds_total"]) == (3, 3)
+    again = run("runs", "rerun", folder, "--root", root, "--verify")
+    assert again.exit_code == 0, again.stderr
+    assert "re-running the final configuration, as 1 resume left it (rounds 2 → 3)" in again.stdout
+    assert "verified: bit-identical" in again.stdout
+    rerun = json.loads((root / "ext-rerun-1" / "run.json").read_text())
+    assert rerun["config"]["rounds"] == 3 and rerun["resumes"] == [] and rerun["config"]["resume"] is False
+
+
+def test_a_resume_of_a_record_of_the_wrong_shape_is_one_line(
+    complete, tiny_model, glue_dir, shards, tmp_path
+):
+    run_dir = copy(complete, tmp_path)
+    record = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**record, "config": [1]}))
+    before = snapshot(run_dir)
+    one_error_line(run("rounds", "--resume", run_dir, "--rounds", "3"), 2, "'config' must be a JSON object")
+    named = args(tiny_model, glue_dir, shards, run_dir, "--rounds", "3", "--resume")
+    one_error_line(run(*named), 2, "'config' must be a JSON object")
+    assert snapshot(run_dir) == before

@@ -330,3 +330,106 @@ def test_merge_records_itself_and_reruns_bit_identically(runs_root, tmp_path):
     again = run("runs", "rerun", merged, "--verify")
     assert again.exit_code == 0, again.stderr
     assert (tmp_path / "merges" / "two-rerun-1" / "adapter_model.safetensors").is_file()
+
+
+def test_history_has_one_reader_with_one_rule_for_a_bad_line(tmp_path):
+    """A torn last line (a crash mid-append) is skipped; a bad line anywhere else is one error naming it."""
+    from fedlora_cli.errors import InputError
+    from fedlora_cli.runs import HistoryRow, read_history, write_history
+
+    rows = [HistoryRow(round=r, clients=[1, 2], failed=[], client_metrics=[], examples=10, train_loss=0.5 / (r + 1),
+                       aggregation={"error": 0.0}, eval={"accuracy": 0.5 + r / 8}, bytes_down=1, bytes_up=2,
+                       bytes_written=3, seconds={"wall": 1.0}, extra={"privacy": {"epsilon": 1.5}})
+            for r in (0, 1, 2)]  # fmt: skip
+    write_history(tmp_path, rows)
+    assert read_history(tmp_path) == rows  # typed rows, optional sections included
+    path = tmp_path / "history.jsonl"
+    text = path.read_text()
+    path.write_text(text + '{"round": 3, "clie')
+    assert read_history(tmp_path) == rows
+    lines = text.splitlines(keepends=True)
+    path.write_text(lines[0] + '{"round": 1, "clie\n' + lines[2])
+    with pytest.raises(InputError, match=r"history.jsonl:2: not a history row"):
+        read_history(tmp_path)
+    path.write_text(text + '{"round": "3"}\n')  # complete (it has its newline), so not torn: damaged
+    with pytest.raises(InputError, match=r"history.jsonl:4: not a history row \('round' must be"):
+        read_history(tmp_path)
+    path.write_text('{"round": 1, "eval": {"accuracy": 0.75}, "new_section": {}}\n')  # older and newer rows
+    (row,) = read_history(tmp_path)
+    assert (row.metric("accuracy"), row.clients, row.train_loss, row.extra) == (
+        0.75,
+        [],
+        None,
+        {"new_section": {}},
+    )
+    assert read_history(tmp_path / "nowhere") == []
+
+
+def test_runs_list_shows_a_dp_runs_method_with_dp(tmp_path):
+    for name, privacy in (("plain", {"clip": None, "noise_multiplier": None}),
+                          ("private", {"clip": 1.0, "noise_multiplier": 0.8})):  # fmt: skip
+        folder = tmp_path / "sst2_m" / name
+        folder.mkdir(parents=True)
+        config = {"data": {"task": "sst2"}, "aggregation": {"method": "svd"}, "privacy": privacy, "rounds": 2}
+        (folder / "run.json").write_text(json.dumps({"command": "rounds", "argv": [], "config": config}))
+    listed = run("runs", "list", tmp_path, "--json")
+    assert {r["name"]: r["method"] for r in json.loads(listed.stdout)} == {
+        "sst2_m/plain": "svd",
+        "sst2_m/private": "svd+dp",
+    }
+
+
+def test_rerun_writes_only_under_the_root_it_was_asked_about(runs_root, tmp_path):
+    """A link to a run gets its re-run beside the link, never beside the target; a record's cache folder is
+    not used; a folder under the root that leads elsewhere is refused before any work."""
+    root, _, _ = runs_root
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(root / "sst2_tiny-roberta" / "ok", elsewhere / "ok")
+    record = read(elsewhere / "ok")
+    record["config"]["data"]["cache_dir"] = str(tmp_path / "planted-cache")  # a hand-edited record
+    (elsewhere / "ok" / "run.json").write_text(json.dumps(record))
+    mine = tmp_path / "mine" / "sst2_tiny-roberta"
+    mine.mkdir(parents=True)
+    (mine / "link").symlink_to(elsewhere / "ok")
+    result = run("runs", "rerun", mine / "link", "--root", tmp_path / "mine", "--verify")
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "re-running the recorded configuration" in result.stdout
+        and "verified: bit-identical" in result.stdout
+    )
+    assert (mine / "link-rerun-1" / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["ok"]  # nothing beside the link's target
+    assert not (tmp_path / "planted-cache").exists()  # the tokenized cache is the user's default
+    assert read(mine / "link-rerun-1")["config"]["data"]["cache_dir"] is None
+
+    (tmp_path / "linked-root").mkdir()
+    (tmp_path / "linked-root" / "sst2").symlink_to(elsewhere)
+    refused = run("runs", "rerun", "sst2/ok", "--root", tmp_path / "linked-root")
+    one_error_line(refused, 2, "outside the runs root")
+    one_error_line(run("runs", "rerun", mine / "link", "--output-dir", elsewhere), 2, "already exists")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["ok"]
+
+
+def test_rerun_of_a_record_of_the_wrong_shape_is_one_line(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "run.json").write_text(
+        json.dumps({"command": ["train"], "argv": ["fedlora", "train"], "config": {}})
+    )
+    one_error_line(run("runs", "rerun", folder), 2, "'command' must be a command name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_an_older_record_gets_its_final_config_from_its_resumes(tmp_path):
+    """Records written before resumes updated `config` kept the first session's: the resumes restore it."""
+    from fedlora_cli.runs import RunRecord
+
+    old = RunRecord.from_json({"command": "rounds", "argv": [], "config": {"rounds": 2, "engine": "local"},
+                               "resumes": [{"changes": {"rounds": [2, 3]}}, {"changes": {"rounds": [3, 5],
+                               "output.output_dir": ["a", "b"]}}]})  # fmt: skip
+    assert old.effective_config() == {"rounds": 5, "engine": "local"}
+    from fedlora_cli.workflows import describe_config
+
+    assert (
+        describe_config(old) == "the final configuration, as 2 resumes left it (rounds 2 → 5), from the start"
+    )

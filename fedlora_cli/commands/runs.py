@@ -65,7 +65,8 @@ def list_command(
         str | None, typer.Option("--command", help="only runs of this command (train, rounds …)")
     ] = None,
     method: Annotated[
-        str | None, typer.Option("--method", help="only runs of this method (svd, naive, lora, full …)")
+        str | None,
+        typer.Option("--method", help="only runs of this method (svd, svd+dp, naive, lora, full …)"),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -99,13 +100,13 @@ def list_command(
 
 def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
     """One run: its command line, config, status, per-round table, final metrics and where its adapters are."""
-    from fedlora_cli.runs import flatten
-    from fedlora_cli.runs.query import load_run, read_history, resolve_run, round_loss, round_metric
+    from fedlora_cli.runs import flatten, read_history
+    from fedlora_cli.runs.query import load_run, resolve_run
 
     info = load_run(resolve_run(run, root), root)
     history = read_history(info.path)
     if as_json:
-        _echo_json({**info.row(), "record": info.record.to_json(), "history": history,
+        _echo_json({**info.row(), "record": info.record.to_json(), "history": [r.to_json() for r in history],
                     "final": info.final.to_json() if info.final else None,
                     "adapter": str(info.adapter) if info.adapter else None})  # fmt: skip
         return
@@ -118,7 +119,9 @@ def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
         changes = (
             ", ".join(f"{k} {v[0]} → {v[1]}" for k, v in (resume.get("changes") or {}).items()) or "no change"
         )
-        rows.append((f"resume {i}", f"{_date(resume.get('at'))}: {changes}"))
+        after = resume.get("after_round")
+        where = f" (after round {after})" if isinstance(after, int) else ""
+        rows.append((f"resume {i}", f"{_date(resume.get('at'))}{where}: {changes}"))
     out = c.console()
     out.print(c.summary_table(f"run {info.name}", rows))
     c.print_path("folder", info.path)
@@ -139,13 +142,12 @@ def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
         for name in ("round", "clients", metric or "metric", "train loss", "agg error", "MB up", "seconds"):
             table.add_column(name, justify="right")
         for row in history:
-            value, loss = round_metric(row, metric), round_loss(row)
-            agg = (row.get("aggregation") or {}).get("error")
-            table.add_row(str(row.get("round", "?")), str(len(row.get("clients") or [])),
+            value, loss = row.metric(metric), row.train_loss
+            agg, wall = row.aggregation.get("error"), row.seconds.get("wall")
+            table.add_row(str(row.round), str(len(row.clients)),
                           f"{value:.4f}" if value is not None else "–", f"{loss:.4f}" if loss is not None else "–",
-                          f"{agg:.4f}" if isinstance(agg, int | float) else "–",
-                          f"{row['bytes_up'] / 2**20:.2f}" if isinstance(row.get("bytes_up"), int) else "–",
-                          f"{(row.get('seconds') or {}).get('wall', 0):.1f}")  # fmt: skip
+                          f"{agg:.4f}" if isinstance(agg, int | float) else "–", f"{row.bytes_up / 2**20:.2f}",
+                          f"{wall:.1f}" if isinstance(wall, int | float) else "–")  # fmt: skip
         out.print(table)
     if info.final is not None and info.final.metrics:
         out.print(
@@ -224,15 +226,31 @@ def rerun(
             help="check the new final adapter is bit-identical to the recorded one (exit 1 if not)",
         ),
     ] = False,
+    output_dir: Annotated[
+        str | None,
+        typer.Option("--output-dir", help="write the re-run into this new folder (default: beside the run)"),
+    ] = None,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--cache-dir", help="Hugging Face cache for the model (default: yours, never the record's)"
+        ),
+    ] = None,
     log_every: c.LOG_EVERY.annotation = c.DEFAULT_LOG_EVERY,
 ) -> None:
-    """Run the recorded config again into a new folder beside it, `<name>-rerun-<n>`."""
+    """Run the run's final configuration again into a new folder beside it, `<name>-rerun-<n>`.
+
+    A run resumed with changes (`rounds --resume --rounds 3`) is re-run from the start with the
+    configuration its last session ran with, which ends where the resumed run ended.
+    """
     from fedlora_cli.runs.query import resolve_run
-    from fedlora_cli.workflows import rerun as rerun_run
+    from fedlora_cli.workflows import plan_rerun, run_rerun
 
     folder = resolve_run(run, root)
+    plan = plan_rerun(folder, root=root, output_dir=output_dir, model_cache=cache_dir)
+    c.print_line(f"re-running {plan.how}")
     with c.reporter(log_every=log_every) as progress:
-        result = rerun_run(folder, progress=progress, argv=c.argv())
+        result = run_rerun(plan, progress=progress, argv=c.argv())
     c.print_path("re-run", result.folder)
     if not verify:
         return

@@ -1,19 +1,20 @@
 """The run tree: run folders, run.json (what was run, exactly), history.jsonl, metrics files.
 
-`record` holds the typed run record and its lifecycle, `query` the reading side (`fedlora runs`).
+`record` holds the typed run record and its lifecycle (the one reader of run.json), `history` the typed
+round rows (the one reader of history.jsonl), `integrity` what `--resume` checks, `rounds` a federated run's
+tree, `query` the reading side (`fedlora runs`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from pathlib import Path
 from typing import Any
 
 from fedlora_cli import atomic, ownership
 from fedlora_cli.config import OutputSpec
-from fedlora_cli.errors import InputError, first_line
-from fedlora_cli.ownership import HISTORY  # noqa: E402
+from fedlora_cli.errors import InputError
+from fedlora_cli.runs.history import HistoryRow, read_history, write_history  # noqa: F401
 from fedlora_cli.runs.record import (  # noqa: F401 - the names callers import from fedlora_cli.runs
     COMPLETE,
     FAILED,
@@ -25,7 +26,9 @@ from fedlora_cli.runs.record import (  # noqa: F401 - the names callers import f
     FinalMetrics,
     RunRecord,
     adapter_digest,
+    apply_changes,
     config_changes,
+    experiment_changes,
     final_metrics,
     finish_record,
     flatten,
@@ -127,38 +130,10 @@ def run_record(
     return new_record(command=command, config=config, argv=argv, seeds=seeds, extra=extra).to_json()
 
 
-def read_json(path: Path, what: str = "file") -> dict[str, Any]:
-    """A JSON object from `path`; anything else (missing, not JSON, a list …) is one InputError."""
-    try:
-        data = json.loads(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such {what}") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: the {what} is a folder, not a file") from None
-    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
-        raise InputError(f"{path} is not valid JSON ({first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: the {what} must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def write_history(folder: Path, rows: list[dict[str, Any]]) -> Path:
-    """Rewrite history.jsonl whole (atomically): a crash leaves the previous complete version."""
-    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-    return atomic.write_text(folder / HISTORY, text)
-
-
-def read_history(folder: Path) -> list[dict[str, Any]]:
-    path = folder / HISTORY
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 # ---------------------------------------------------------------------------------------------------
 # the federated run tree: round_NNN/client_NNN/adapter, round_NNN/global/adapter, final/adapter
 
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = "adapter"  # inside round_NNN/global/, round_NNN/client_NNN/ and final/
 
 
 class RoundTree:

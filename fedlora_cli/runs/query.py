@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora_cli.errors import InputError
+from fedlora_cli.jsonfile import read_json_or_none
+from fedlora_cli.runs.history import read_history
 from fedlora_cli.runs.record import (
     COMPLETE,
     FAILED,
@@ -28,7 +30,6 @@ from fedlora_cli.runs.record import (
     read_record,
 )
 
-HISTORY = "history.jsonl"
 DEFAULT_ROOT = "runs"
 
 
@@ -55,13 +56,8 @@ def final_metrics_path(folder: Path) -> Path | None:
 
 def read_final_metrics(folder: Path, record: RunRecord | None = None) -> FinalMetrics | None:
     path = final_metrics_path(folder)
-    if path is None:
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict):
+    data = read_json_or_none(path) if path is not None else None
+    if data is None:
         return None
     command = record.command if record is not None else "?"
     task = _task(record) if record is not None else None
@@ -109,24 +105,31 @@ def _model(record: RunRecord) -> str | None:
 
 
 def _method(record: RunRecord) -> str:
-    """The method a run used: the federated strategy or aggregation; lora / full / zero-shot otherwise."""
+    """The method a run used: the federated strategy or aggregation (`+dp` with differential privacy);
+    lora / full / zero-shot otherwise."""
     config = record.config
     if record.command in ("rounds", "merge"):
-        for key in ("strategy", "method"):
-            value = config.get(key)
-            if isinstance(value, str):
-                return value
-            if isinstance(value, dict) and isinstance(value.get("name"), str):
-                return value["name"]
-        aggregation = config.get("aggregation")
-        if isinstance(aggregation, dict) and isinstance(aggregation.get("method"), str):
-            return aggregation["method"]
-        return "?"
+        privacy = config.get("privacy")
+        dp = "+dp" if isinstance(privacy, dict) and privacy.get("clip") is not None else ""
+        return _federated_method(config) + dp
     if record.command == "train":
         return "lora"
     if record.command == "baseline":
         return "full" if config.get("do_train", True) else "zero-shot"
     return "-"
+
+
+def _federated_method(config: dict[str, Any]) -> str:
+    for key in ("strategy", "method"):
+        value = config.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            return value["name"]
+    aggregation = config.get("aggregation")
+    if isinstance(aggregation, dict) and isinstance(aggregation.get("method"), str):
+        return aggregation["method"]
+    return "?"
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ def load_run(folder: str | os.PathLike, root: str | os.PathLike | None = None) -
         from fedlora_cli.runs import RoundTree
 
         rounds_done = RoundTree(folder).last_complete_round()
-        total = record.config.get("rounds")
+        total = record.effective_config().get("rounds")  # an older record kept the first session's
         rounds_total = total if isinstance(total, int) else None
     name = folder.name
     if root is not None:
@@ -307,31 +310,6 @@ def run_names(root: str | os.PathLike, prefix: str = "") -> list[str]:
     return [n for n in names if n.startswith(prefix)]
 
 
-def read_history(folder: Path) -> list[dict[str, Any]]:
-    """history.jsonl's rows; a damaged line (a crash mid-append by another tool) is skipped."""
-    path = Path(folder) / HISTORY
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            row = json.loads(line)
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
-def round_metric(row: dict[str, Any], metric: str | None) -> float | None:
-    ev = row.get("eval")
-    value = ev.get(metric) if isinstance(ev, dict) and metric else None
-    return float(value) if isinstance(value, int | float) else None
-
-
-def round_loss(row: dict[str, Any]) -> float | None:
-    value = row.get("train_loss")
-    return float(value) if isinstance(value, int | float) else None
-
-
 def config_diff(runs: list[RunInfo]) -> dict[str, list[Any]]:
     """Flattened config keys (plus the command) whose values differ between the runs: key -> one value per run."""
     flat = [{"command": r.command, **flatten(r.record.config)} for r in runs]
@@ -348,10 +326,11 @@ def curve_of(info: RunInfo, metric: str | None = None, label: str | None = None)
     from fedlora_cli.plots import Curve
 
     metric = metric or info.main_metric
-    rows = [r for r in read_history(info.path) if isinstance(r.get("round"), int)]
+    rows = read_history(info.path)
     label = label or info.name
     if rows:
-        return Curve(label, [r["round"] for r in rows], [round_metric(r, metric) for r in rows],
-                     [round_loss(r) for r in rows])  # fmt: skip
+        return Curve(
+            label, [r.round for r in rows], [r.metric(metric) for r in rows], [r.train_loss for r in rows]
+        )
     final = info.final.metrics.get(metric) if info.final is not None and metric else None
     return Curve(label, final=float(final) if isinstance(final, int | float) else None)

@@ -27,9 +27,9 @@ from typing import Any
 
 from fedlora_cli import __version__, atomic
 from fedlora_cli.errors import InputError, first_line
+from fedlora_cli.jsonfile import read_json
+from fedlora_cli.ownership import ADAPTER_WEIGHTS, METRICS, RUN_RECORD  # noqa: F401 - runs.METRICS
 
-RUN_RECORD = "run.json"
-METRICS = "metrics.json"
 RECORD_FORMAT = 2  # 1: the first fedlora (no status, "created" instead of "started")
 
 RUNNING, COMPLETE, FAILED, INTERRUPTED = "running", "complete", "failed", "interrupted"
@@ -127,6 +127,20 @@ def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[
     return {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
+def apply_changes(config: Mapping[str, Any], changes: Mapping[str, list[Any]]) -> dict[str, Any]:
+    """`config` (nested) with each flattened key of `changes` set to its new value: config_changes undone."""
+    out = json.loads(json.dumps(config))  # a deep copy, of JSON values only
+    for key, (_, value) in changes.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = value
+    return out
+
+
 def _jsonable(config: Any) -> dict[str, Any]:
     if isinstance(config, Mapping):
         return dict(config)
@@ -165,7 +179,9 @@ class RunRecord:
     host: str | None = None
     pid: int | None = None  # of the process that runs (or last ran) it: tells a live run from a dead one
     platform: str | None = None
-    resumes: list[dict[str, Any]] = field(default_factory=list)  # {"at", "argv", "shell", "changes"}
+    # {"at", "argv", "shell", "changes": {config key: [before, after]}, "after_round"}: `config` holds the
+    # configuration as the last resume left it, these say how it got there
+    resumes: list[dict[str, Any]] = field(default_factory=list)
     format: int = RECORD_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -176,22 +192,79 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
+        """A record from its JSON object. Missing keys take defaults (older fedlora versions wrote fewer), unknown
+        ones go to `extra`; a known key of the wrong type is a ValueError naming it: a damaged or hand-edited
+        record must fail here, in one line, not somewhere in the code that trusts it."""
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: data[k] for k in known if k in data}
         extra = {k: v for k, v in data.items() if k not in known}
         if "started" not in values and "created" in extra:  # format 1
             values["started"] = extra.pop("created")
+        for key, value in values.items():
+            _check_shape(key, value)
         values.setdefault("command", "?")
         values.setdefault("argv", [])
         values.setdefault("config", {})
-        if not isinstance(values["argv"], list):
-            values["argv"] = [str(values["argv"])]
-        if not isinstance(values["config"], dict):
-            values["config"] = {}
         if not values.get("shell"):
-            values["shell"] = shlex.join(str(a) for a in values["argv"])
+            values["shell"] = shlex.join(values["argv"])
         values.setdefault("format", 1)
         return cls(**values, extra=extra)
+
+    def effective_config(self) -> dict[str, Any]:
+        """The configuration that made the result beside this record: `config` with every resume's changes.
+
+        Records written since resumes update `config` are unchanged by this; older ones (whose `config` kept
+        the first session's values, `rounds` 2 after an extension to 3) get their final configuration back.
+        """
+        config: dict[str, Any] = self.config
+        for resume in self.resumes:
+            config = apply_changes(config, experiment_changes(resume.get("changes") or {}))
+        return config
+
+
+def experiment_changes(changes: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
+    """The changes that change the experiment, not where a session wrote or how it was started."""
+    return {k: v for k, v in changes.items() if not k.startswith(("output.", "resume"))}
+
+
+def _is(kinds: tuple[type, ...]) -> Any:
+    return lambda v: isinstance(v, kinds) and not isinstance(v, bool)
+
+
+def _string_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _resume_list(v: Any) -> bool:
+    def entry(r: Any) -> bool:
+        changes = (r.get("changes") or {}) if isinstance(r, dict) else None
+        return isinstance(changes, dict) and all(
+            isinstance(c, list) and len(c) == 2 for c in changes.values()
+        )
+
+    return isinstance(v, list) and all(entry(r) for r in v)
+
+
+_TEXT, _OPTIONAL_TEXT = _is((str,)), _is((str, type(None)))
+# what each field of a run record must hold, and how a message names it
+_SHAPES: dict[str, tuple[Any, str]] = {
+    "command": (_TEXT, "a command name"), "argv": (_string_list, "a list of strings"),
+    "config": (_is((dict,)), "a JSON object"), "shell": (_TEXT, "a string"),
+    "versions": (_is((dict,)), "a JSON object"), "seeds": (_is((dict,)), "a JSON object"),
+    "started": (_OPTIONAL_TEXT, "a time or null"), "ended": (_OPTIONAL_TEXT, "a time or null"),
+    "duration_s": (_is((int, float)), "a number of seconds"), "status": (_TEXT, "a string"),
+    "error": (_OPTIONAL_TEXT, "a string or null"), "git_commit": (_OPTIONAL_TEXT, "a string or null"),
+    "cwd": (_OPTIONAL_TEXT, "a folder or null"), "host": (_OPTIONAL_TEXT, "a string or null"),
+    "pid": (_is((int, type(None))), "a process id or null"), "platform": (_OPTIONAL_TEXT, "a string or null"),
+    "resumes": (_resume_list, 'a list of {"at", "argv", "changes": {key: [before, after]}} objects'),
+    "format": (_is((int,)), "a whole number"),
+}  # fmt: skip
+
+
+def _check_shape(key: str, value: Any) -> None:
+    accepts, shape = _SHAPES[key]
+    if not accepts(value):
+        raise ValueError(f"'{key}' must be {shape}, got {json.dumps(value, default=str)[:40]}")
 
 
 def new_record(
@@ -228,16 +301,17 @@ def write_record(folder: str | os.PathLike, record: RunRecord | Mapping[str, Any
 
 
 def read_record(folder: str | os.PathLike) -> RunRecord:
+    """The one reader of run.json: the typed record, or one InputError naming the file and what is wrong."""
     path = Path(folder) / RUN_RECORD
+    if not (path.exists() or path.is_symlink()):
+        raise InputError(f"{Path(folder)} holds no {RUN_RECORD}: is it a fedlora run folder?")
+    data = read_json(path, "run record")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{Path(folder)} holds no {RUN_RECORD}: is it a fedlora run folder?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path} is not a run record (a JSON object)")
-    return RunRecord.from_json(data)
+        return RunRecord.from_json(data)
+    except ValueError as e:
+        raise InputError(
+            f"{path}: not a run record fedlora can use ({e}): it was damaged or edited"
+        ) from None
 
 
 def update_record(folder: str | os.PathLike, **changes: Any) -> RunRecord:
@@ -253,14 +327,26 @@ def update_record(folder: str | os.PathLike, **changes: Any) -> RunRecord:
 
 
 def record_resume(
-    folder: str | os.PathLike, *, argv: list[str] | None, changes: Mapping[str, list[Any]] | None = None
+    folder: str | os.PathLike,
+    *,
+    argv: list[str] | None,
+    changes: Mapping[str, list[Any]] | None = None,
+    after_round: int | None = None,
 ) -> RunRecord:
-    """Note a resume: when, the command line, and what it changed; the run is `running` again here."""
+    """Note a resume: when, the command line, what it changed and (rounds) the round it continued after.
+
+    `config` becomes the configuration the run continues with, so that the record always describes the
+    result it sits beside (a run extended from 2 to 3 rounds says 3); the resumes say what changed when.
+    The run is `running` again here.
+    """
     record = read_record(folder)
     argv = [str(a) for a in (sys.argv if argv is None else argv)]
-    record.resumes.append(
-        {"at": now(), "argv": argv, "shell": shlex.join(argv), "changes": dict(changes or {})}
-    )
+    changes = dict(changes or {})
+    entry: dict[str, Any] = {"at": now(), "argv": argv, "shell": shlex.join(argv), "changes": changes}
+    if after_round is not None:
+        entry["after_round"] = after_round
+    record.resumes.append(entry)
+    record.config = apply_changes(record.config, experiment_changes(changes))
     record.status, record.error, record.ended = RUNNING, None, None
     record.host, record.pid = socket.gethostname(), os.getpid()
     write_record(folder, record)
@@ -425,8 +511,6 @@ def write_metrics(path: str | os.PathLike, metrics: FinalMetrics) -> Path:
 
 # ---------------------------------------------------------------------------------------------------
 # the adapter's fingerprint
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def adapter_digest(path: str | os.PathLike) -> str:

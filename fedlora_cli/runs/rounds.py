@@ -2,12 +2,13 @@
 
 A round is complete once its `global/metrics.json` exists: written last, it holds the round's history
 row and the sha256 of every file the round wrote (integrity.py), so `--resume` can check the round it
-continues from before it discards anything after it.
+continues from before it discards anything after it. A resume rewrites run.json's `config` to the
+configuration the run continues with and appends what changed to its `resumes`: the record always
+describes the result beside it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,29 @@ import torch
 from fedlora_cli import atomic
 from fedlora_cli.config import RoundsConfig
 from fedlora_cli.errors import InputError
-from fedlora_cli.history import HistoryRow
-from fedlora_cli.integrity import (
+from fedlora_cli.modeling import read_adapter, save_adapter
+from fedlora_cli.options import walk
+from fedlora_cli.ownership import entries
+from fedlora_cli.runlock import RunLock
+from fedlora_cli.runs import (
+    ADAPTER_DIR,
+    METRICS,
+    RUN_OPTION,
+    RoundTree,
+    RunRecord,
+    apply_changes,
+    claim_run_dir,
+    complete_rounds,
+    config_changes,
+    experiment_changes,
+    final_metrics,
+    read_record,
+    record_resume,
+    write_metrics,
+    write_record,
+)
+from fedlora_cli.runs.history import HistoryRow, write_history
+from fedlora_cli.runs.integrity import (
     STATE_FILE,
     check_round,
     damaged,
@@ -25,25 +47,6 @@ from fedlora_cli.integrity import (
     read_round_record,
     round_digests,
     sealed,
-)
-from fedlora_cli.modeling import read_adapter, save_adapter
-from fedlora_cli.options import walk
-from fedlora_cli.ownership import RUN_RECORD, entries, read_object
-from fedlora_cli.runlock import RunLock
-from fedlora_cli.runs import (
-    ADAPTER_DIR,
-    METRICS,
-    RUN_OPTION,
-    RoundTree,
-    claim_run_dir,
-    complete_rounds,
-    config_changes,
-    final_metrics,
-    read_json,
-    record_resume,
-    write_history,
-    write_metrics,
-    write_record,
 )
 from fedlora_cli.strategies.base import ClientReport, GlobalAdapter
 from fedlora_cli.tasks import GlueTask
@@ -72,18 +75,17 @@ def resume_config(run_dir: Path, recorded: dict[str, Any], changes: dict[str, An
         allowed = ", ".join(sorted(k for k in RESUME_FREE_KEYS if not k.startswith(("output.", "resume"))))
         raise InputError(f"--resume {run_dir}: {detail} would make it another experiment; a resume may change only "
                          f"{allowed}")  # fmt: skip
-    merged = json.loads(json.dumps(recorded))
-    for key, value in changes.items():
-        *path, last = key.split(".")
-        node = merged
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
+    merged = apply_changes(recorded, {k: [None, v] for k, v in changes.items()})
     merged["resume"] = True
-    merged["output"] = {**merged.get("output", {}), "output_dir": str(run_dir), "overwrite": False}
+    output = merged.get("output")
+    merged["output"] = {
+        **(output if isinstance(output, dict) else {}),
+        "output_dir": str(run_dir),
+        "overwrite": False,
+    }
     try:
         return from_dict(RoundsConfig, merged)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # a damaged record fails in any of these
         raise InputError(f"--resume {run_dir}: the recorded config cannot be rebuilt ({e})") from None
 
 
@@ -138,19 +140,20 @@ class RoundRecorder:
         return 0
 
     def _never_completed_a_round(self) -> bool:
-        record = read_object(self.tree.root / RUN_RECORD)
-        return (
-            record is not None and record.get("command") == "rounds" and last_recorded_round(self.tree) == 0
-        )
+        try:
+            record = read_record(self.tree.root)
+        except InputError:
+            return False
+        return record.command == "rounds" and last_recorded_round(self.tree) == 0
 
     def _resume(self, config: RoundsConfig, record: dict[str, Any]) -> int:
         """Check the run, then the round it continues from (integrity.check_round), and only then discard
         what came after that round."""
         root = self.tree.root
-        previous = read_json(root / RUN_RECORD, "run record")
-        if previous.get("command") != "rounds":
+        previous = read_record(root)
+        if previous.command != "rounds":
             raise InputError(f"--resume: {root} is not a `fedlora rounds` run (its run.json says "
-                             f"{previous.get('command')!r})")  # fmt: skip
+                             f"{previous.command!r})")  # fmt: skip
         _check_same_run(previous, record)
         last = last_recorded_round(self.tree)
         done = last if config.resume_from_round is None else config.resume_from_round
@@ -169,18 +172,20 @@ class RoundRecorder:
             check_round(self.tree, done)
         self.tree.discard_after(done)
         self.history = rows
-        write_history(root, [row.to_json() for row in rows])
-        # what changed in the experiment (not where it is written: --run-name vs --output-dir)
-        changes = config_changes(previous.get("config", {}), record["config"])
-        changes = {k: v for k, v in changes.items() if k not in ("resume", "resume_from_round")
-                   and not k.startswith("output.")}  # fmt: skip
-        record_resume(root, argv=record["argv"], changes=changes)
+        write_history(root, rows)
+        # What changed in the experiment (not where it is written: --run-name vs --output-dir), between
+        # both configs as today's RoundsConfig reads them (an older record's missing options are no change).
+        # record_resume makes run.json's config the one this session continues with.
+        changes = experiment_changes(
+            config_changes(_normalised(previous.config), _normalised(record["config"]))
+        )
+        record_resume(root, argv=record["argv"], changes=changes, after_round=done)
         return done
 
     def _history_row(self, round_no: int) -> HistoryRow:
         try:
             return HistoryRow.from_json(read_round_record(self.tree, round_no))
-        except TypeError:
+        except (TypeError, ValueError):
             raise damaged(
                 self.tree.global_dir(round_no) / METRICS, "is not a round record", round_no
             ) from None
@@ -216,7 +221,7 @@ class RoundRecorder:
         files = round_digests(self.tree, row.round)
         atomic.write_json(self.tree.global_dir(row.round) / METRICS, sealed(row.to_json(), files))
         self.history.append(row)
-        write_history(self.tree.root, [r.to_json() for r in self.history])
+        write_history(self.tree.root, self.history)
 
     def load_global(self, round_no: int) -> tuple[GlobalAdapter, dict[str, torch.Tensor]]:
         """A complete round's global adapter and the strategy state saved with it."""
@@ -240,7 +245,7 @@ class RoundRecorder:
         return final / ADAPTER_DIR
 
 
-def _check_same_run(previous: dict[str, Any], record: dict[str, Any]) -> None:
+def _check_same_run(previous: RunRecord, record: dict[str, Any]) -> None:
     """--resume must continue the same experiment: same config (bar RESUME_FREE_KEYS) and same data.
 
     Both configs are read through RoundsConfig first, so a run recorded by an older fedlora (without
@@ -257,7 +262,7 @@ def _check_same_run(previous: dict[str, Any], record: dict[str, Any]) -> None:
                 out[f"{prefix}{k}"] = v
         return out
 
-    old, new = flat(_normalised(previous.get("config", {}))), flat(_normalised(record["config"]))
+    old, new = flat(_normalised(previous.config)), flat(_normalised(record["config"]))
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
@@ -265,7 +270,7 @@ def _check_same_run(previous: dict[str, Any], record: dict[str, Any]) -> None:
             f"--resume with a different configuration ({detail}): rerun with the original options"
         )
     for key in ("data_fingerprints", "shards_fingerprint"):
-        if previous.get(key) != record.get(key):
+        if previous.extra.get(key) != record.get(key):
             raise InputError(f"--resume: the {key.replace('_', ' ')} changed since the run started; "
                              f"resume with the same data and shards, or start a new run")  # fmt: skip
 
@@ -276,5 +281,5 @@ def _normalised(config: dict[str, Any]) -> dict[str, Any]:
 
     try:
         return to_dict(from_dict(RoundsConfig, config))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError, KeyError):
         return config
