@@ -684,14 +684,13 @@ def _client_ranks(flag: str, text: Any) -> None:
 
 
 def _read_rank_file(path: str) -> dict[int, int]:
-    import json
+    from fedlora_cli.errors import InputError
+    from fedlora_cli.jsonfile import read_json
 
     try:
-        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"--client-ranks {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--client-ranks {path}: cannot read it as JSON ({e})") from None
+        data = read_json(path, "rank file", any_value=True)
+    except InputError as e:
+        raise ValueError(f"--client-ranks {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f'--client-ranks {path} must hold an object {{"<client id>": rank}}')
     table: dict[int, int] = {}

@@ -20,9 +20,15 @@ MAX_BYTES = 64 * 2**20  # far above anything fedlora writes (a run record of 10,
 
 
 def read_json(
-    path: str | os.PathLike, what: str = "file", *, hint: str | None = None, limit: int = MAX_BYTES
-) -> dict[str, Any]:
-    """The JSON object in `path`. `what` names the file in messages ("run record"); `hint` says what to do."""
+    path: str | os.PathLike,
+    what: str = "file",
+    *,
+    hint: str | None = None,
+    limit: int = MAX_BYTES,
+    any_value: bool = False,
+) -> Any:
+    """The JSON object in `path`. `what` names the file in messages ("run record"); `hint` says what to do.
+    `any_value`: return whatever JSON value it holds, for a caller that checks the shape itself."""
     path = Path(path).expanduser()
     fix = f": {hint}" if hint else ""
 
@@ -49,11 +55,13 @@ def read_json(
         raise fail(f"the {what} is larger than {size}, more than any {what} fedlora writes")
     try:
         data = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise fail(f"the {what} is not valid JSON: not UTF-8 text (byte {e.start})") from None
     except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
         raise fail(f"the {what} is not valid JSON ({first_line(e)})") from None
     except RecursionError:
         raise fail(f"the {what} is not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
+    if not any_value and not isinstance(data, dict):
         raise fail(f"the {what} must be a JSON object, got {type(data).__name__}")
     return data
 

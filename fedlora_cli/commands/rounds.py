@@ -64,7 +64,8 @@ def _resumed(resume: str, values: c.Values) -> RoundsConfig:
     record = read_record(run_dir)
     if record.command != "rounds":
         raise InputError(f"--resume {resume}: {run_dir} is a `{record.command}` run, not a `rounds` run")
-    task = values.get("data.task") or record.config.get("data", {}).get("task")
+    data = record.config.get("data")
+    task = values.get("data.task") or (data.get("task") if isinstance(data, dict) else None)
     built = values.config(RoundsConfig, **{"data.task": task})  # only to read the given values back
     changes = {}
     for path in values.given:

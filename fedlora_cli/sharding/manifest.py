@@ -73,18 +73,16 @@ def _regular_file(path: Path, where: str) -> None:
 
 
 def _load_json(path: Path, where: str | None = None) -> Any:
+    """A manifest or summary.json: a regular file (a dangling link is said as such), then the package's one
+    JSON-object reader (jsonfile.read_json: size cap, one line for anything that is not a JSON object)."""
+    from fedlora_cli.jsonfile import read_json
+
     where = where or str(path)
     _regular_file(path, where)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(
-            f"{where} is not valid JSON ({e.msg}, line {e.lineno}): re-run `fedlora shard`"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{where} is not UTF-8 text (byte {e.start}): is it a shard manifest?") from None
-    except OSError as e:
-        raise InputError(f"cannot read {where}: {e.strerror or e}") from None
+        return read_json(path, "shard file", hint="re-run `fedlora shard`", any_value=True)
+    except InputError as e:
+        raise InputError(str(e).replace(str(path), where, 1)) from None
 
 
 @dataclass(frozen=True)
