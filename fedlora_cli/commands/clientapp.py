@@ -66,8 +66,13 @@ def clientapp(
         c.print_line(served.line())
 
     try:
-        worker.serve(supernode, root_certificates=str(root_certificates) if root_certificates else None,
-                     auth_secret=secret, on_task=on_task, on_wait=c.print_line)  # fmt: skip
+        worker.serve(
+            supernode,
+            root_certificates=str(root_certificates) if root_certificates else None,
+            auth_secret=secret,
+            on_task=on_task,
+            on_wait=c.print_line,
+        )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way this service stops (a task in hand got its answer)
         raise Interrupted(
             f"interrupted: fedlora clientapp stopped after answering {len(answered)} messages"

@@ -22,7 +22,7 @@ RESUME = c.Extra(
             "folder or name; its run.json gives every other option), or --resume "
             "with the --run-name / --output-dir of the run",
         ),
-    ],  # fmt: skip
+    ],
 )
 OPTIONS = c.Command(
     RoundsConfig,

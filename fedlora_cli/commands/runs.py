@@ -86,15 +86,35 @@ def list_command(
     from rich.table import Table
 
     table = Table(title=f"runs in {root} ({len(runs)})", title_justify="left")
-    for name, justify in (("name", "left"), ("command", "left"), ("task", "left"), ("model", "left"),
-                          ("method", "left"), ("clients", "right"), ("rounds", "right"), ("status", "left"),
-                          ("main metric", "right"), ("date", "left"), ("duration", "right")):  # fmt: skip
+    for name, justify in (
+        ("name", "left"),
+        ("command", "left"),
+        ("task", "left"),
+        ("model", "left"),
+        ("method", "left"),
+        ("clients", "right"),
+        ("rounds", "right"),
+        ("status", "left"),
+        ("main metric", "right"),
+        ("date", "left"),
+        ("duration", "right"),
+    ):
         table.add_column(name, justify=justify, overflow="fold" if name == "name" else "ellipsis")
     for r in runs:
         style = {"failed": "red", "interrupted": "yellow", "running": "cyan"}.get(r.status, "")
-        table.add_row(r.name, r.command, r.task or "–", r.model or "–", r.method,
-                      str(r.clients) if r.clients else "–", _rounds(r), f"[{style}]{r.status}[/]" if style else r.status,
-                      _metric(r), _date(r.record.started), _duration(r.record.duration_s))  # fmt: skip
+        table.add_row(
+            r.name,
+            r.command,
+            r.task or "–",
+            r.model or "–",
+            r.method,
+            str(r.clients) if r.clients else "–",
+            _rounds(r),
+            f"[{style}]{r.status}[/]" if style else r.status,
+            _metric(r),
+            _date(r.record.started),
+            _duration(r.record.duration_s),
+        )
     c.console(wide=True).print(table)
 
 
@@ -106,15 +126,30 @@ def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
     info = load_run(resolve_run(run, root), root)
     history = read_history(info.path)
     if as_json:
-        _echo_json({**info.row(), "record": info.record.to_json(), "history": [r.to_json() for r in history],
-                    "final": info.final.to_json() if info.final else None,
-                    "adapter": str(info.adapter) if info.adapter else None})  # fmt: skip
+        _echo_json(
+            {
+                **info.row(),
+                "record": info.record.to_json(),
+                "history": [r.to_json() for r in history],
+                "final": info.final.to_json() if info.final else None,
+                "adapter": str(info.adapter) if info.adapter else None,
+            }
+        )
         return
     rec = info.record
-    rows = [("status", info.status + (f" ({rec.error})" if rec.error else "")), ("command", rec.command),
-            ("started", _date(rec.started)), ("ended", _date(rec.ended)), ("duration", _duration(rec.duration_s)),
-            ("fedlora", f"{rec.versions.get('fedlora', '?')}" + (f" (git {rec.git_commit[:12]})" if rec.git_commit else "")),
-            ("host", rec.host or "–")]  # fmt: skip
+    rows = [
+        ("status", info.status + (f" ({rec.error})" if rec.error else "")),
+        ("command", rec.command),
+        ("started", _date(rec.started)),
+        ("ended", _date(rec.ended)),
+        ("duration", _duration(rec.duration_s)),
+        (
+            "fedlora",
+            f"{rec.versions.get('fedlora', '?')}"
+            + (f" (git {rec.git_commit[:12]})" if rec.git_commit else ""),
+        ),
+        ("host", rec.host or "–"),
+    ]
     for i, resume in enumerate(rec.resumes, start=1):
         changes = (
             ", ".join(f"{k} {v[0]} → {v[1]}" for k, v in (resume.get("changes") or {}).items()) or "no change"
@@ -144,10 +179,15 @@ def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
         for row in history:
             value, loss = row.metric(metric), row.train_loss
             agg, wall = row.aggregation.get("error"), row.seconds.get("wall")
-            table.add_row(str(row.round), str(len(row.clients)),
-                          f"{value:.4f}" if value is not None else "–", f"{loss:.4f}" if loss is not None else "–",
-                          f"{agg:.4f}" if isinstance(agg, int | float) else "–", f"{row.bytes_up / 2**20:.2f}",
-                          f"{wall:.1f}" if isinstance(wall, int | float) else "–")  # fmt: skip
+            table.add_row(
+                str(row.round),
+                str(len(row.clients)),
+                f"{value:.4f}" if value is not None else "–",
+                f"{loss:.4f}" if loss is not None else "–",
+                f"{agg:.4f}" if isinstance(agg, int | float) else "–",
+                f"{row.bytes_up / 2**20:.2f}",
+                f"{wall:.1f}" if isinstance(wall, int | float) else "–",
+            )
         out.print(table)
     if info.final is not None and info.final.metrics:
         out.print(
@@ -188,9 +228,16 @@ def compare(
         {k for i in infos if i.final for k, v in i.final.metrics.items() if isinstance(v, int | float)}
     )
     if as_json:
-        _echo_json({"runs": [i.name for i in infos], "differ": diff,
-                    "metrics": {k: [i.final.metrics.get(k) if i.final else None for i in infos] for k in metric_names},
-                    "status": [i.status for i in infos]})  # fmt: skip
+        _echo_json(
+            {
+                "runs": [i.name for i in infos],
+                "differ": diff,
+                "metrics": {
+                    k: [i.final.metrics.get(k) if i.final else None for i in infos] for k in metric_names
+                },
+                "status": [i.status for i in infos],
+            }
+        )
     else:
         from rich.table import Table
 
@@ -211,8 +258,9 @@ def compare(
         from fedlora_cli.plots import plot_curves
 
         metric = next((i.main_metric for i in infos if i.main_metric), None) or "metric"
-        path = plot_curves([curve_of(i, metric) for i in infos], plot, metric=metric,
-                           title=f"{len(infos)} runs")  # fmt: skip
+        path = plot_curves(
+            [curve_of(i, metric) for i in infos], plot, metric=metric, title=f"{len(infos)} runs"
+        )
         c.print_path("plot", path)
 
 

@@ -87,5 +87,7 @@ def sweep(
     c.print_path("sweep", spec.folder / "sweep.json")
     if outcome is not None and outcome.failed:
         names = ", ".join(list(outcome.failed)[:3])
-        raise c.FedloraError(f"{len(outcome.failed)} run(s) failed ({names}): see `fedlora runs list "
-                             f"{spec.folder} --status failed`; run the sweep again to retry them")  # fmt: skip
+        raise c.FedloraError(
+            f"{len(outcome.failed)} run(s) failed ({names}): see `fedlora runs list "
+            f"{spec.folder} --status failed`; run the sweep again to retry them"
+        )
