@@ -42,6 +42,11 @@ MODEL_ALIASES = {
     "roberta-large": "FacebookAI/roberta-large",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
+# Learning-rate schedules (training.lr_factor): one over a whole training (train, baseline), or in `rounds`
+# a fresh one every client turn (per-turn) or one over all rounds (global-*).
+TRAIN_SCHEDULES = ("linear", "cosine", "constant")
+ROUNDS_SCHEDULES = ("per-turn", "global-linear", "global-cosine", "constant")
+LR_SCHEDULES = ("linear", "cosine", "constant", "per-turn", "global-linear", "global-cosine")
 ENGINES = ("local", "flower")
 DP_WHERE = ("server", "client")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
@@ -380,6 +385,13 @@ class TrainSpec(Spec):
     max_grad_norm: float = option(
         1.0, "--max-grad-norm", help="gradient clipping; 0 turns it off", check=number(0)
     )
+    lr_schedule: str = option(
+        "linear",
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        check=one_of(LR_SCHEDULES),
+        help="after the warm-up: linear or cosine decay to zero, or constant",
+    )
     precision: str = precision_option()
     seed: int = seed_option()
     group_by_length: bool = option(
@@ -445,6 +457,9 @@ class TrainConfig(Spec):
     )
     init_adapter: str | None = init_adapter_option("start from this adapter folder instead of a fresh LoRA")
 
+    def validate(self) -> None:
+        check_schedule(self.train, TRAIN_SCHEDULES, "train")
+
 
 @dataclass(frozen=True)
 class BaselineConfig(Spec):
@@ -466,6 +481,9 @@ class BaselineConfig(Spec):
         panel="Output",
         help="also write the fine-tuned weights (large) to <run>/model",
     )
+
+    def validate(self) -> None:
+        check_schedule(self.train, TRAIN_SCHEDULES, "baseline")
 
 
 @dataclass(frozen=True)
@@ -497,6 +515,14 @@ class EvalConfig(Spec):
         help="write per-example predictions of the dev and test splits into this "
         "folder, one file per split as run_glue.py names them "
         "(predict_results_<task>.txt …)",
+    )
+
+
+def check_schedule(train: TrainSpec, allowed: tuple[str, ...], command: str) -> None:
+    """The --lr-schedule values that mean something to `command`."""
+    _check(
+        train.lr_schedule in allowed,
+        f"--lr-schedule {train.lr_schedule} does not apply to `fedlora {command}`: use one of {', '.join(allowed)}",
     )
 
 
@@ -918,7 +944,8 @@ class RoundsConfig(Spec):
     )
     model: ModelSpec = field(default_factory=ModelSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=1.0))  # epochs = local epochs
+    # epochs = local epochs; a fresh learning-rate schedule every client turn (ROUNDS_SCHEDULES)
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=1.0, lr_schedule="per-turn"))
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     rounds: int = option(

@@ -31,6 +31,7 @@ class TrainResult:
     precision: str
     order_digest: str  # sha256 of the example order: shows that data order differs between runs
     peak_memory_mb: float | None = None  # CUDA only
+    lr_range: tuple[float, float] | None = None  # the learning rate of the first and of the last step
 
     @property
     def samples_per_second(self) -> float:
@@ -96,15 +97,41 @@ def hold_frozen_weights(model: torch.nn.Module, precision: str) -> None:
     model._fedlora_bf16_weights = True
 
 
+# The learning-rate shapes after warm-up. `train`/`baseline` run one schedule over their whole training;
+# `rounds` runs either a fresh one every client turn (per-turn) or one over all rounds (global-*), of which
+# each client's turn in round t trains on the t-th slice (`schedule_window`).
+SHAPES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "per-turn": "linear",
+          "global-linear": "linear", "global-cosine": "cosine"}  # fmt: skip
+GLOBAL_SCHEDULES = ("global-linear", "global-cosine")
+
+
+def lr_factor(shape: str, step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total_steps`, as a share of the peak.
+
+    Linear warm-up to the peak over `warmup_steps`, then `linear` decay to zero (HF's default), `cosine`
+    decay to zero, or `constant`.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if shape == "constant":
+        return 1.0
+    if shape == "cosine":
+        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
 def linear_schedule(total_steps: int, warmup_steps: int):
     """Linear warmup to the peak learning rate, then linear decay to zero (as HF's default)."""
+    return lambda step: lr_factor("linear", step, total_steps, warmup_steps)
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
-    return factor
+def schedule_window(schedule: str, round_no: int, rounds: int, steps: int) -> tuple[int, int] | None:
+    """Where a client's turn in round `round_no` of `rounds` sits in a global schedule: (first step, total
+    steps), in the client's own steps per turn; None for a schedule that starts afresh every turn."""
+    if schedule not in GLOBAL_SCHEDULES:
+        return None
+    return (round_no - 1) * steps, rounds * steps
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -175,6 +202,7 @@ def train_model(
     progress_key: str = "train",
     description: str = "training",
     prox_mu: float = 0.0,
+    window: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Fit the model's trainable parameters on `data[indices]` (all of it by default).
 
@@ -182,6 +210,8 @@ def train_model(
     state across rounds). `seed` fixes dropout and data order, so a call is reproducible on CPU.
     `prox_mu` > 0 adds FedProx's μ/2·‖θ − θ_start‖² over the trained parameters (θ_start: their
     values when the call begins, i.e. the broadcast global adapter); 0 adds nothing at all.
+    `window` = (first step, total steps) places this call in a longer schedule (`schedule_window`): the
+    learning rate follows `spec.lr_schedule` over the total, warm-up included; None: over this call.
     """
     progress = progress or NullProgress()
     tracker = as_tracker(progress)
@@ -198,9 +228,15 @@ def train_model(
     rng = np.random.default_rng(seed)
     per_epoch = steps_per_epoch(len(indices), spec.batch_size)
     total_steps = planned_steps(len(indices), spec)
-    warmup = math.floor(spec.warmup_ratio * total_steps)
+    offset, span = window or (0, total_steps)
+    warmup = math.floor(spec.warmup_ratio * span)
+    shape = SHAPES[spec.lr_schedule]
     optimizer = torch.optim.AdamW(_param_groups(model, spec.weight_decay), lr=spec.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(shape, offset + step, span, warmup)
+    )
+    lr_first = scheduler.get_last_lr()[0]
+    lr_last = lr_first
     lengths = data.lengths
     order_hash = hashlib.sha256()
 
@@ -226,6 +262,7 @@ def train_model(
                 loss = loss + prox.detach()
             if spec.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            lr_last = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -267,4 +304,5 @@ def train_model(
         precision=precision,
         order_digest=order_hash.hexdigest()[:16],
         peak_memory_mb=peak,
+        lr_range=(lr_first, lr_last),
     )

@@ -67,10 +67,12 @@ class OptionError(click.BadParameter):
 
 @dataclass(frozen=True)
 class Rename:
-    """The same field under another flag and help in one command (rounds' --local-epochs is --epochs)."""
+    """The same field under another flag, help or set of choices in one command (rounds' --local-epochs is
+    --epochs; its --lr-schedule offers the schedules of rounds)."""
 
-    flags: tuple[str, ...]
+    flags: tuple[str, ...] | None = None
     help: str | None = None
+    choices: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -198,14 +200,14 @@ def _panel_of(annotation: Any) -> str:
 
 def _field_param(f: OptionField, rename: Rename | None, required: bool) -> _Param:
     opt = f.option
-    flags = rename.flags if rename is not None else opt.flags
+    flags = rename.flags if rename is not None and rename.flags else opt.flags
     help_text = (rename.help if rename is not None and rename.help else opt.help) or ""
     base, optional_, many = _python_type(f.type)
     default = f.default
     kwargs: dict[str, Any] = {"help": _escape(help_text), "rich_help_panel": f.panel, "hidden": opt.hidden}
     if opt.metavar:
         kwargs["metavar"] = opt.metavar
-    choices = opt.choice_values()
+    choices = rename.choices if rename is not None and rename.choices else opt.choice_values()
     if choices is not None:
         kwargs["click_type"] = SpecChoice(choices, opt.flag, opt.check)
         if len("|".join(choices)) > MAX_CHOICES_WIDTH:  # a long [a|b|…] would squeeze the help's columns

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fedlora_cli.commands import _common as c
-from fedlora_cli.config import OutputSpec, RoundsConfig
+from fedlora_cli.config import ROUNDS_SCHEDULES, OutputSpec, RoundsConfig
 from fedlora_cli.errors import InputError
 
 RESUME = c.Extra(
@@ -26,7 +26,15 @@ RESUME = c.Extra(
 )
 OPTIONS = c.Command(
     RoundsConfig,
-    rename={"train.epochs": c.Rename(("--local-epochs",), "epochs over its shard per client and round")},
+    rename={
+        "train.epochs": c.Rename(("--local-epochs",), "epochs over its shard per client and round"),
+        "train.lr_schedule": c.Rename(
+            choices=ROUNDS_SCHEDULES,
+            help="per-turn: every client turn warms up and decays to zero afresh; global-linear / global-cosine: "
+            "one schedule over all rounds, each client turn trains on its round's slice; constant (after the "
+            "warm-up)",
+        ),
+    },
     extras=[c.MODEL_SIZE, c.LOG_EVERY, c.REPORT_TO, RESUME],
 )
 

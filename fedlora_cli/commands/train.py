@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fedlora_cli.commands import _common as c
-from fedlora_cli.config import TrainConfig
+from fedlora_cli.config import TRAIN_SCHEDULES, TrainConfig
 
 OPTIONS = c.Command(
     TrainConfig,
+    rename={"train.lr_schedule": c.Rename(choices=TRAIN_SCHEDULES)},
     required={"data.task"},
     extras=[c.MODEL_SIZE, c.LOG_EVERY, c.REPORT_TO, c.reference_flag("--train")],
 )
