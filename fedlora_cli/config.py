@@ -149,6 +149,34 @@ def max_train_samples_option() -> Any:
     )
 
 
+def validation_fraction_option() -> Any:
+    return option(
+        None,
+        "--validation-fraction",
+        check=optional(_open_unit),
+        help="hold out this share of the training split (stratified, before any sharding) to choose rounds, "
+        "epochs and hyperparameters on; never trained on",
+    )
+
+
+def validation_examples_option() -> Any:
+    return option(
+        None,
+        "--validation-examples",
+        check=optional(integer(1)),
+        help="or hold out this many training examples",
+    )
+
+
+def validation_seed_option() -> Any:
+    return option(
+        0,
+        "--validation-seed",
+        check=seed,
+        help="seeds which examples are held out (the same for every method and --seed of a comparison)",
+    )
+
+
 def seed_option(help: str = "seeds the head init, dropout and data order") -> Any:
     return option(42, "--seed", help=help, check=seed)
 
@@ -220,6 +248,17 @@ def bin_stsb_option() -> Any:
 
 # ---------------------------------------------------------------------------------------------------
 # the specs
+
+
+def _open_unit(flag: str, x: Any) -> None:
+    _check(finite(x) and 0 < x < 1, f"{flag} must be in (0, 1), got {x}")
+
+
+def _one_holdout(spec: Any) -> None:
+    _check(
+        spec.validation_fraction is None or spec.validation_examples is None,
+        "give --validation-fraction or --validation-examples, not both",
+    )
 
 
 def _device(flag: str, value: Any) -> None:
@@ -298,6 +337,9 @@ class DataSpec(Spec):
         check=optional(at_least(1)),
         help="use only the first N examples of each dev split",
     )
+    validation_fraction: float | None = validation_fraction_option()
+    validation_examples: int | None = validation_examples_option()
+    validation_seed: int = validation_seed_option()
     cache_dir: str | None = option(
         None,
         "--token-cache",
@@ -307,6 +349,12 @@ class DataSpec(Spec):
 
     def validate(self) -> None:
         _check(self.task is not None, "--task is required (a GLUE task, e.g. sst2)")
+        _one_holdout(self)
+
+    @property
+    def holds_out(self) -> bool:
+        """Whether a validation split is carved from the training split."""
+        return self.validation_fraction is not None or self.validation_examples is not None
 
     @property
     def glue_task(self):
@@ -614,6 +662,9 @@ class ShardConfig(Spec):
     data_dir: str | None = data_dir_option()
     cache_dir: str | None = hub_cache_option()
     max_train_samples: int | None = max_train_samples_option()  # shard only the first N training examples
+    validation_fraction: float | None = validation_fraction_option()  # held out, never in a shard
+    validation_examples: int | None = validation_examples_option()
+    validation_seed: int = validation_seed_option()
     overlap_ratio: float = overlap_ratio_option()
     category_key: str = category_key_option()
     dirichlet_alpha: float = dirichlet_alpha_option()
@@ -629,6 +680,7 @@ class ShardConfig(Spec):
 
     def validate(self) -> None:
         _check(self.task is not None, "--task is required (a GLUE task, e.g. sst2)")
+        _one_holdout(self)
         _check(self.out is None or bool(self.out.strip()), "--out must name a folder")
         plot_ok = self.plot is None or Path(self.plot).suffix.lower() in (".png", ".pdf", ".svg")
         _check(plot_ok, f"--plot must end in .png, .pdf or .svg, got {self.plot!r}")
@@ -683,6 +735,9 @@ class PartitionSpec(Spec):
             data_dir=data.data_dir,
             cache_dir=cache_dir,
             max_train_samples=data.max_train_samples,
+            validation_fraction=data.validation_fraction,
+            validation_examples=data.validation_examples,
+            validation_seed=data.validation_seed,
             **shared,
         )
 

@@ -56,6 +56,13 @@ class RawSplit:
             return self
         return RawSplit(self.task, self.split, {k: v[:n] for k, v in self.columns.items()}, self.source)
 
+    def take(self, indices: np.ndarray) -> RawSplit:
+        """The examples at `indices`, in that order (the training split without its held-out examples)."""
+        idx = [int(i) for i in indices]
+        return RawSplit(
+            self.task, self.split, {k: [v[i] for i in idx] for k, v in self.columns.items()}, self.source
+        )
+
     def fingerprint(self) -> str:
         """sha256 over the task, the text fields and labels, in order: identifies the data, not the file."""
         task = get_task(self.task)

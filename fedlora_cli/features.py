@@ -40,6 +40,22 @@ class TokenizedSplit:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def subset(self, idx: np.ndarray) -> TokenizedSplit:
+        """The examples at `idx`, in that order, as a split of their own (the held-out validation split)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        lengths = self.lengths[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        pieces = [self.ids[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+        ids = np.concatenate(pieces) if pieces else self.ids[:0]
+        types = None
+        if self.type_ids is not None:
+            parts = [self.type_ids[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+            types = np.concatenate(parts) if parts else self.type_ids[:0]
+        return TokenizedSplit(
+            ids, offsets, types, self.labels[idx], self.pad_id, f"{self.fingerprint}[subset]"
+        )
+
     def collate(self, idx: np.ndarray) -> dict[str, Any]:
         """A batch padded to its longest example (dynamic padding), as torch tensors on CPU."""
         import torch
@@ -64,13 +80,31 @@ class TokenizedSplit:
 
 @dataclass(frozen=True)
 class TaskData:
-    """A task ready for training and evaluation: tokenized splits plus the raw data fingerprints."""
+    """A task ready for training and evaluation: tokenized splits plus the raw data fingerprints.
+
+    With a held-out validation split (`holdout`), `train` is still the whole training split (shard
+    manifests index into it), training uses `train_indices` only, and `validation` is the held-out part.
+    """
 
     task: str
     train: TokenizedSplit | None
     evals: dict[str, TokenizedSplit]
     fingerprints: dict[str, str]  # split -> RawSplit.fingerprint()
     sizes: dict[str, int]
+    holdout: Any = None  # holdout.Holdout, or None
+    validation: TokenizedSplit | None = None
+
+    @property
+    def train_indices(self) -> np.ndarray:
+        """The training examples that may be trained on (all but the held-out ones)."""
+        if self.holdout is not None:
+            return self.holdout.train
+        return np.arange(len(self.train) if self.train is not None else 0, dtype=np.int64)
+
+    @property
+    def validation_splits(self) -> dict[str, TokenizedSplit]:
+        """What the choosing evaluations score: {"validation": …}, or nothing."""
+        return {"validation": self.validation} if self.validation is not None else {}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -221,15 +255,29 @@ def load_task_data(
     fingerprints, sizes = {}, {}
     tokenizer_key = tokenizer_fingerprint(tokenizer)  # once for all splits
 
+    held = []
+
     def one(split: str, limit: int | None) -> TokenizedSplit:
         raw = load_split(task, split, data_dir=spec.data_dir, cache_dir=hub_cache_dir, max_samples=limit)
         fingerprints[split] = raw.fingerprint()
         sizes[split] = len(raw)
+        if split == "train" and spec.holds_out:
+            from fedlora_cli.holdout import holdout_of
+
+            held.append(
+                holdout_of(raw, spec.validation_fraction, spec.validation_examples, spec.validation_seed)
+            )
         return tokenize_split(raw, tokenizer, spec.max_seq_length, cache, progress, tokenizer_key)
 
     train_split = one("train", spec.max_train_samples) if train else None
     eval_splits = {s: one(s, spec.max_eval_samples) for s in task.eval_splits} if evals else {}
-    return TaskData(task.name, train_split, eval_splits, fingerprints, sizes)
+    holdout = held[0] if held else None
+    validation = (
+        train_split.subset(holdout.validation) if holdout is not None and train_split is not None else None
+    )
+    if holdout is not None:
+        sizes["validation"] = len(holdout.validation)
+    return TaskData(task.name, train_split, eval_splits, fingerprints, sizes, holdout, validation)
 
 
 def load_test_splits(

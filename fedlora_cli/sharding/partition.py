@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -106,6 +107,22 @@ def plan_shards(raw: RawSplit, config: ShardConfig) -> ShardPlan:
     """
     if get_task(config.task).name != raw.task:
         raise ValueError(f"the split is of {raw.task}, the config of {config.task}")
+    from fedlora_cli.holdout import holdout_of
+
+    held = holdout_of(raw, config.validation_fraction, config.validation_examples, config.validation_seed)
+    if held is not None:  # split what remains, then name its examples by their index in the whole split
+        plan = plan_shards(
+            raw.take(held.train), replace(config, validation_fraction=None, validation_examples=None)
+        )
+        clients = [held.train[c] for c in plan.clients]
+        validation = {
+            "fraction": config.validation_fraction,
+            "examples": config.validation_examples,
+            **held.record(),
+        }
+        return ShardPlan(
+            clients, plan.notes, {**plan.params, "validation": validation}, plan.client_categories
+        )
     entry = get_partitioner(config.mode)
     categories = None
     if entry.uses_categories:
