@@ -2,8 +2,9 @@
 
 It imports `fedlora_cli.app`, walks the click command tree that Typer builds from it and writes each
 command's usage, help and parameters (flags, type or choices, default, help) into `reference/cli.md`.
-Only click's public attributes are read (`params`, `opts`, `type`, `default` …), so the page keeps
-working however the options are declared. It also checks that every relative link in README.md points
+Only click's public attributes are read, by duck typing (`params`, `opts`, `type`, `default` …; no
+`import click`, which may not be the Click that Typer bundles), so the page keeps working however the
+options are declared. It also checks that every relative link in README.md points
 at a file that exists (and, into a docs page, at a heading that exists), so moving or renaming a docs
 page cannot silently break the README.
 """
@@ -18,14 +19,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mkdocs.exceptions import PluginError
-from mkdocs.structure.files import File, Files
-
 PAGE = "reference/cli.md"
 DEFAULT_PANEL = "Options"
 
 
-def on_files(files: Files, config: Any) -> Files:
+def on_files(files: Any, config: Any) -> Any:
+    from mkdocs.structure.files import File
+
     root = Path(config.config_file_path).resolve().parent
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))  # a checkout that is not pip-installed still builds
@@ -37,7 +37,7 @@ def on_files(files: Files, config: Any) -> Files:
     return files
 
 
-def on_page_content(html_text: str, page: Any, config: Any, files: Files) -> str:
+def on_page_content(html_text: str, page: Any, config: Any, files: Any) -> str:
     _ANCHORS[page.file.src_uri] = set(re.findall(r'id="([^"]+)"', html_text))
     return html_text
 
@@ -73,11 +73,9 @@ def render() -> str:
 
 def _walk(command: Any, path: list[str], parent: Any = None) -> list[tuple[list[str], Any, Any]]:
     """(path, command, its click context) for the command and every visible command below it, in registry order."""
-    import click
-
     ctx = _context(command, path[-1], parent)
     out = [(path, command, ctx)]
-    if isinstance(command, click.Group):
+    if _is_group(command):
         for name in command.list_commands(ctx):
             sub = command.get_command(ctx, name)
             if sub is not None and not getattr(sub, "hidden", False):
@@ -86,15 +84,13 @@ def _walk(command: Any, path: list[str], parent: Any = None) -> list[tuple[list[
 
 
 def _command_section(path: list[str], command: Any, ctx: Any) -> list[str]:
-    import click
-
     name = " ".join(path)
     level = "#" * min(len(path) + 1, 4)
     usage = " ".join([*path, *command.collect_usage_pieces(ctx)])
     lines = [f"{level} `{name}`", "", "```text", f"Usage: {usage}", "```", ""]
     if command.help:
         lines += [_paragraphs(command.help), ""]
-    if isinstance(command, click.Group):
+    if _is_group(command):
         subs = [(n, command.get_command(ctx, n)) for n in command.list_commands(ctx)]
         rows = [(f"`{name} {n}`", _first_line(s)) for n, s in subs if s is not None and not s.hidden]
         if rows:
@@ -102,7 +98,7 @@ def _command_section(path: list[str], command: Any, ctx: Any) -> list[str]:
             lines += [f"| {a} | {b} |" for a, b in rows]
             lines.append("")
     params = [p for p in command.get_params(ctx) if not getattr(p, "hidden", False)]
-    arguments = [p for p in params if isinstance(p, click.Argument)]
+    arguments = [p for p in params if p.param_type_name == "argument"]
     if arguments:
         lines += ["**Arguments**", "", "| argument | type | required | help |", "| --- | --- | --- | --- |"]
         for p in arguments:
@@ -113,7 +109,7 @@ def _command_section(path: list[str], command: Any, ctx: Any) -> list[str]:
         lines.append("")
     panels: dict[str, list[Any]] = {}
     for p in params:
-        if isinstance(p, click.Option):
+        if p.param_type_name == "option":
             panels.setdefault(getattr(p, "rich_help_panel", None) or DEFAULT_PANEL, []).append(p)
     for panel, options in panels.items():
         lines += [
@@ -128,9 +124,11 @@ def _command_section(path: list[str], command: Any, ctx: Any) -> list[str]:
 
 
 def _context(command: Any, name: str, parent: Any = None) -> Any:
-    import click
+    return command.context_class(command, info_name=name, parent=parent, **(command.context_settings or {}))
 
-    return click.Context(command, info_name=name, parent=parent, **(command.context_settings or {}))
+
+def _is_group(command: Any) -> bool:
+    return hasattr(command, "list_commands")
 
 
 def _takes_ctx(fn: Any) -> bool:
@@ -152,16 +150,14 @@ def _flags(p: Any) -> str:
 
 
 def _type(p: Any) -> str:
-    import click
-
     t = p.type
-    if isinstance(t, click.Choice):
+    if getattr(t, "choices", None) is not None:
         return " \\| ".join(f"`{_choice(c)}`" for c in t.choices)
     if getattr(p, "is_flag", False) and not getattr(p, "count", False):
         return "flag"
     name = getattr(t, "name", None) or type(t).__name__
     text = f"{name}".upper() if name in {"text", "integer", "float", "boolean"} else str(name)
-    if isinstance(t, click.types._NumberRangeBase):  # IntRange / FloatRange: show the bounds
+    if hasattr(t, "_describe_range"):  # IntRange / FloatRange: show the bounds
         text += f" {t._describe_range()}"
     if getattr(p, "multiple", False) or (getattr(p, "nargs", 1) or 1) != 1:
         text += ", repeatable" if getattr(p, "multiple", False) else f", {p.nargs} values"
@@ -240,13 +236,22 @@ def _readme_links(root: Path) -> list[str]:
     return [t for t in links if not re.match(r"^[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
 
 
+def readme_missing_files(root: Path) -> list[str]:
+    """README links whose file does not exist in the checkout at `root`."""
+    return [t for t in _readme_links(root) if not (root / t.split("#")[0]).exists()]
+
+
 def _check_readme_files(root: Path) -> None:
-    broken = [t for t in _readme_links(root) if not (root / t.split("#")[0]).exists()]
+    from mkdocs.exceptions import PluginError
+
+    broken = readme_missing_files(root)
     if broken:
         raise PluginError(f"README.md links to files that do not exist: {', '.join(broken)}")
 
 
 def _check_readme_anchors(root: Path, docs_dir: Path) -> None:
+    from mkdocs.exceptions import PluginError
+
     broken = []
     for target in _readme_links(root):
         path, _, anchor = target.partition("#")
