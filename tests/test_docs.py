@@ -1,4 +1,5 @@
-"""The docs: the generated CLI reference covers the whole command tree, and the README stays a door."""
+"""The docs: the generated CLI reference covers the whole command tree, the README stays a door, and the
+test subsets it promises hold (`-m "not slow"` leaves out every Flower and real-data test)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,14 @@ def test_the_readme_is_a_door_whose_links_resolve(hook):
     assert len(readme.splitlines()) <= 250
     assert hook.readme_missing_files(ROOT) == []
     assert "docs/guide/install.md" in readme and 'python -m pytest -q -m "not slow"' in readme
+
+
+def test_every_flower_and_real_data_test_is_slow_too(request):
+    from conftest import REAL_DATA_FIXTURES
+
+    items = request.session.items  # what this run collected (after -m deselected)
+    for item in items:
+        if REAL_DATA_FIXTURES & set(item.fixturenames):
+            assert item.get_closest_marker("real_data"), item.nodeid
+        if item.get_closest_marker("flower") or item.get_closest_marker("real_data"):
+            assert item.get_closest_marker("slow"), item.nodeid
