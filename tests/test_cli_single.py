@@ -39,6 +39,7 @@ def test_help_is_fast_and_imports_no_torch():
     assert elapsed < 2.0  # ~0.2 s here; generous for slow CI disks
 
 
+@pytest.mark.slow
 def test_training_on_local_glue_files_imports_neither_datasets_nor_sklearn(tiny_model, glue_dir, tmp_path):
     """The local-GLUE path needs neither: each costs seconds of start-up and ~100 MB (pandas, pyarrow)."""
     heavy = ("datasets", "sklearn", "pandas", "pyarrow")

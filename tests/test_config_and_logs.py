@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from clitools import one_error_line, run
 
 QUICK = ["--max-train-samples", "64", "--max-eval-samples", "32", "--precision", "fp32"]
@@ -53,6 +54,7 @@ def test_config_file_errors_are_one_line(tmp_path, tiny_model):
     )
 
 
+@pytest.mark.slow
 def test_plain_logs_off_a_terminal_have_no_control_codes_and_whole_paths(tiny_model, glue_dir, tmp_path):
     out = tmp_path / ("a-rather-long-folder-name-for-a-narrow-terminal-" * 3) / "run"
     env = {**os.environ, "COLUMNS": "40", "PYTHONPATH": str(Path(__file__).parents[1])}

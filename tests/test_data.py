@@ -94,6 +94,7 @@ def test_missing_data_dir_and_files_say_what_to_do(tmp_path, glue_dir):
         load_split("rte", "train", data_dir=tmp_path)
 
 
+@pytest.mark.real_data
 @pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/data/glue not present")
 @pytest.mark.parametrize(
     ("task", "train", "dev"),

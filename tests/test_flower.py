@@ -500,6 +500,7 @@ def local_and_flower(tiny_model, glue_dir, shards, tmp_path_factory):
     return root / "sst2_tiny-roberta" / "local", root / "sst2_tiny-roberta" / "flower", flower
 
 
+@pytest.mark.flower
 def test_flower_simulation_writes_the_same_run_tree_and_final_adapter_as_local(local_and_flower):
     local, flower, result = local_and_flower
     assert files_of(flower) == files_of(local) == expected_files(2, [1, 2, 3])
@@ -519,6 +520,7 @@ def test_flower_simulation_writes_the_same_run_tree_and_final_adapter_as_local(l
     assert "INFO" not in result.stderr  # Flower's log lines stay off the terminal
 
 
+@pytest.mark.flower
 @pytest.mark.parametrize("method, extra", [("exact", ["--client-ranks", "4,8"]), ("rolora", [])])
 def test_every_method_gives_the_same_rounds_on_flower_as_on_local(method, extra, tiny_model, glue_dir, shards,
                                                                   tmp_path):  # fmt: skip
@@ -539,6 +541,7 @@ def test_every_method_gives_the_same_rounds_on_flower_as_on_local(method, extra,
         assert rb["aggregation"]["method"] == method and not rb["failed"]
 
 
+@pytest.mark.flower
 def test_differential_privacy_gives_the_same_rounds_on_both_engines(tiny_model, glue_dir, shards, tmp_path):
     pytest.importorskip("dp_accounting", reason="the `privacy` extra is not installed")
     # clients clip their own update in product space (svd) and the plan says so over the wire; the
@@ -580,6 +583,7 @@ def flower_config(model, glue, shards, root, name, **options) -> RoundsConfig:
     )  # fmt: skip
 
 
+@pytest.mark.flower
 def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_resumably(
     tiny_model, glue_dir, shards, tmp_path, monkeypatch
 ):
@@ -617,6 +621,7 @@ def test_failed_clients_are_tolerated_down_to_min_clients_then_the_run_stops_res
         f"round_001/client_002/{f}" for f in [*ADAPTER_FILES, "metrics.json"]})  # fmt: skip
 
 
+@pytest.mark.flower
 def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(
     tiny_model, glue_dir, tmp_path, monkeypatch
 ):
@@ -662,6 +667,7 @@ def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(
     ]  # nothing of a liar kept
 
 
+@pytest.mark.flower
 def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(
     tiny_model, glue_dir, tmp_path, monkeypatch
 ):
@@ -724,6 +730,7 @@ def test_a_client_stops_its_turn_once_the_server_stopped_waiting(tiny_model, glu
         deadline.advance("client")  # the training loop's next step stops the turn
 
 
+@pytest.mark.flower
 def test_sigterm_stops_a_flower_simulation_resumably_and_leaves_no_ray_process(tiny_model, glue_dir, shards,
                                                                                 tmp_path):  # fmt: skip
     out = tmp_path / "run"
@@ -774,6 +781,7 @@ def executable(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
+@pytest.mark.flower
 def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, glue_dir, tmp_path):
     """The README's recipe on one machine: each SuperNode with `--isolation process` and a `fedlora clientapp`
     beside it, which answers every message of the run in one process (no `flwr-clientapp` is ever started)."""
@@ -901,6 +909,7 @@ def test_loopback_superlink_and_two_supernodes_run_the_same_rounds(tiny_model, g
         assert not [p.pid for p in seen.values() if running(p)], "processes left running"
 
 
+@pytest.mark.flower
 def test_flower_simulation_of_a_run_that_shards_in_memory(tiny_model, glue_dir, tmp_path):
     """--clients K: the manifests are made in the run folder and the virtual SuperNodes serve them."""
     result = run("rounds", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--clients", "2",

@@ -129,6 +129,7 @@ print((libc.mallinfo2().uordblks - before) / 2**20)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallinfo2 is glibc's")
 def test_kernel_caches_stay_bounded_when_every_batch_has_a_new_shape():
     """The cause of memory growing with the number of clients: oneDNN's per-shape kernel caches."""

@@ -341,6 +341,7 @@ def noisy(tiny_model, glue_dir, shards, tmp_path_factory):
     return root / "sst2_tiny-roberta" / "noisy", result
 
 
+@pytest.mark.slow
 def test_history_records_epsilon_of_the_accountant_clipping_and_norms(noisy):
     run_dir, result = noisy
     rows = history(run_dir)
@@ -362,6 +363,7 @@ def test_history_records_epsilon_of_the_accountant_clipping_and_norms(noisy):
     assert "differential privacy: clip 0.5" in " ".join(result.stderr.split())
 
 
+@pytest.mark.slow
 def test_z_zero_and_c_inf_give_the_same_final_adapter_as_no_dp(tiny_model, glue_dir, shards, tmp_path):
     plain = run(*dp_args(tiny_model, glue_dir, shards, tmp_path, "plain", "--rounds", "2"))
     assert plain.exit_code == 0, plain.stderr
@@ -375,6 +377,7 @@ def test_z_zero_and_c_inf_give_the_same_final_adapter_as_no_dp(tiny_model, glue_
     assert p["epsilon"] == math.inf and p["clipped"] == 0 and p["noise_std"] == 0
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_is_bit_identical_with_dp(tiny_model, glue_dir, shards, noisy, tmp_path,
                                                                monkeypatch):  # fmt: skip
     from fedlora_cli import federation
@@ -402,6 +405,7 @@ def test_resume_after_an_interruption_is_bit_identical_with_dp(tiny_model, glue_
     ]
 
 
+@pytest.mark.slow
 def test_target_epsilon_stops_before_the_round_that_would_exceed_it(tiny_model, glue_dir, shards, tmp_path):
     eps = [library_epsilon(3, 2, 0.8, t, 1 / 9) for t in (1, 2, 3)]
     target = (eps[1] + eps[2]) / 2
@@ -425,6 +429,7 @@ def test_target_epsilon_stops_before_the_round_that_would_exceed_it(tiny_model, 
     assert not (tmp_path / "sst2_tiny-roberta" / "tiny-budget").exists()
 
 
+@pytest.mark.slow
 def test_dp_where_client_the_server_never_receives_an_update_above_c(tiny_model, glue_dir, shards, tmp_path,
                                                                     monkeypatch):  # fmt: skip
     clip = 0.05  # far below the updates' norms: every client clips

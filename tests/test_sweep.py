@@ -79,6 +79,7 @@ def _report(folder: Path) -> dict[str, dict[str, str]]:
         return {row["cell"]: row for row in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_cell_and_seed_as_normal_runs(swept):
     home, file, folder, result = swept
     runs = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -98,6 +99,7 @@ def test_sweep_runs_every_cell_and_seed_as_normal_runs(swept):
     assert len(listed) == 8 and {r["status"] for r in listed} == {"complete"}
 
 
+@pytest.mark.slow
 def test_sweep_report_equals_mean_and_std_by_hand(swept):
     _, _, folder, result = swept
     report = _report(folder)
@@ -120,6 +122,7 @@ def test_sweep_report_equals_mean_and_std_by_hand(swept):
     assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_rerunning_skips_complete_runs_and_resumes_interrupted_ones(swept, tmp_path):
     home, file, folder, _ = swept
     before = _report(folder)
@@ -154,6 +157,7 @@ def test_rerunning_skips_complete_runs_and_resumes_interrupted_ones(swept, tmp_p
     assert only.exit_code == 0 and "report.csv" in only.stdout
 
 
+@pytest.mark.slow
 def test_a_changed_sweep_file_or_a_bad_one_is_refused(swept, tiny_model, glue_dir, tmp_path):
     home, file, folder, _ = swept
     changed = sweep_file(
@@ -171,6 +175,7 @@ def test_a_changed_sweep_file_or_a_bad_one_is_refused(swept, tiny_model, glue_di
     one_error_line(run("sweep", bad), 2, "command must be one of train, baseline, rounds")
 
 
+@pytest.mark.slow
 def test_a_sweep_rounds_run_reruns_bit_identically(swept):
     _, _, folder, _ = swept
     result = run("runs", "rerun", folder / "fed_aggregation=svd-seed1", "--verify")

@@ -48,6 +48,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_rounds_resumably(tiny_model, glue_dir, shards, tmp_path):
     out = tmp_path / "run"
     common = ["rounds", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--shards", shards,
@@ -63,6 +64,7 @@ def test_sigterm_stops_rounds_resumably(tiny_model, glue_dir, shards, tmp_path):
     assert (out / "round_002" / "global" / "metrics.json").is_file() and (out / "final" / "adapter").is_dir()
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_an_unfinished_train_run_marked_interrupted_and_reusable(
     tiny_model, glue_dir, tmp_path
 ):

@@ -31,6 +31,7 @@ def tracked(tiny_model, glue_dir, tmp_path_factory):
     return out, env, json.loads((out / "metrics.json").read_text()), wandb
 
 
+@pytest.mark.slow
 def test_tensorboard_events_read_back(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -46,6 +47,7 @@ def test_tensorboard_events_read_back(tracked):
     assert '"command": "train"' in config and '"learning_rate": 0.0005' in config
 
 
+@pytest.mark.slow
 def test_mlflow_run_reads_back(tracked):
     from mlflow.tracking import MlflowClient
 
@@ -91,6 +93,7 @@ def _wandb_records(path: Path) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_config_and_metrics(tracked):
     out, _, metrics, wandb = tracked
     if not wandb:

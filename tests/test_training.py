@@ -74,6 +74,7 @@ def test_indices_restrict_training_to_a_subset(sst2):
     assert r.padded_tokens >= r.real_tokens
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_too(sst2):
     spec, data = sst2
     model = _lora(spec)
@@ -148,6 +149,7 @@ def test_split_passes_give_the_whole_batchs_gradient(sst2):
     assert all(torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-7) for n in g1)
 
 
+@pytest.mark.slow
 def test_max_tokens_trains_the_same_steps_and_learns(sst2):
     spec, data = sst2
     model = _lora(spec)
