@@ -296,14 +296,14 @@ class RoundDriver:
             tracker.log_metrics(s.config.rounds, eval_metrics)
         tracker.log_artifact(final, "adapter")
         return RoundsResult(
-            s.run_dir,
-            final,
-            s.recorder.history,
-            self.metrics,
-            s.start_round,
-            len(self.client_ids),
-            s.task.main_metric,
-            s.stopped,
+            run_dir=s.run_dir,
+            final_adapter=final,
+            history=s.recorder.history,
+            final_metrics=self.metrics,
+            resumed_after=s.start_round,
+            clients=len(self.client_ids),
+            main_metric=s.task.main_metric,
+            stopped=s.stopped,
         )
 
 

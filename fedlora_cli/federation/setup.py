@@ -271,19 +271,19 @@ def _prepare(
         f"{device.type}, {precision}" + (f"; resuming after round {start}" if start else "")
     )
     return Setup(
-        config,
-        task,
-        device,
-        precision,
-        data,
-        shards,
-        model,
-        strategy,
-        initial,
-        recorder,
-        start,
-        resume_hint or cli_resume_hint,
-        stopped,
+        config=config,
+        task=task,
+        device=device,
+        precision=precision,
+        data=data,
+        shards=shards,
+        model=model,
+        strategy=strategy,
+        initial=initial,
+        recorder=recorder,
+        start_round=start,
+        resume_hint=resume_hint or cli_resume_hint,
+        stopped=stopped,
     )
 
 

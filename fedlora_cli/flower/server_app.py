@@ -50,17 +50,12 @@ def main(grid: Grid, context: Context) -> None:
     if link is not None:
         from fedlora_cli.federation import cli_resume_hint
 
-        link.serve(
-            lambda config, argv, progress, abort, on_prepared: run_server(
-                grid,
-                replace(config, engine="flower"),
-                progress=progress,
-                argv=argv,
-                resume_hint=cli_resume_hint,
-                abort=abort,
-                on_prepared=on_prepared,
-            )
-        )
+        def serve(config, argv, progress, abort, on_prepared) -> Any:  # what `Link.serve` calls
+            flower = replace(config, engine="flower")
+            options = dict(progress=progress, argv=argv, abort=abort, on_prepared=on_prepared)
+            return run_server(grid, flower, resume_hint=cli_resume_hint, **options)
+
+        link.serve(serve)
         return
     try:
         config = replace(codec.from_run_config(context.run_config), engine="flower")
@@ -347,13 +342,13 @@ class FedloraStrategy(Strategy):
         if info["client_id"] != client_id:
             return f"the reply is for client {info['client_id']}"
         return ClientReport(
-            client_id,
-            state,
-            info["lora"],
-            info["examples"],
-            info["seed"],
-            info["train"],
-            info["eval"],
+            client_id=client_id,
+            state=state,
+            lora=info["lora"],
+            examples=info["examples"],
+            seed=info["seed"],
+            train=info["train"],
+            eval=info["eval"],
             wire_bytes=arrays.count_bytes(),
         )
 
