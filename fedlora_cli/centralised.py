@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora_cli import __version__, atomic, ownership
-from fedlora_cli.config import BaselineConfig, EvalConfig, LoraSpec, ModelSpec, TrainConfig
+from fedlora_cli.config import BaselineConfig, EvalConfig, TrainConfig
 from fedlora_cli.errors import InputError, Interrupted
 from fedlora_cli.evaluation import (
     EvalResult,
@@ -20,19 +20,9 @@ from fedlora_cli.evaluation import (
     predictions_tsv,
     to_predictions,
 )
-from fedlora_cli.features import TaskData, load_task_data, load_test_splits, steps_per_epoch
-from fedlora_cli.modeling import (
-    LoraModel,
-    check_adapter_task,
-    check_model_limits,
-    count_parameters,
-    load_base_model,
-    load_tokenizer,
-    read_adapter,
-    resolve_device,
-    resolve_precision,
-    save_adapter,
-)
+from fedlora_cli.features import TaskData, load_test_splits, steps_per_epoch
+from fedlora_cli.modeling import LoraModel, count_parameters, resolve_device, resolve_precision, save_adapter
+from fedlora_cli.preamble import Start, load_model_and_data
 from fedlora_cli.progress import NullProgress, Progress, as_tracker
 from fedlora_cli.runlock import RunLock
 from fedlora_cli.runs import (
@@ -135,30 +125,6 @@ def _interrupted(run_dir: Path) -> Interrupted:
                        f"start it over (the folder is reused), or see `fedlora runs list`")  # fmt: skip
 
 
-def load_model_and_data(
-    model_spec: ModelSpec,
-    data_spec,
-    seed: int,
-    *,
-    train: bool,
-    progress: Progress,
-    lora: LoraSpec | None = None,
-) -> tuple[Any, TaskData, Any]:
-    """The pieces every workflow starts from: base model (seeded head), tokenizer, tokenized splits.
-
-    The model comes first so that the options it bounds (`--max-seq-length`, the LoRA rank) are
-    checked before any data is read or tokenized.
-    """
-    task = data_spec.glue_task
-    tokenizer = load_tokenizer(model_spec)
-    base = load_base_model(model_spec, task, seed)
-    check_model_limits(base, data_spec, lora)
-    data = load_task_data(
-        data_spec, tokenizer, train=train, hub_cache_dir=model_spec.cache_dir, progress=progress
-    )
-    return base, data, tokenizer
-
-
 def _claim_outputs(config: TrainConfig | BaselineConfig, out: Path) -> Path | None:
     """Check where the run (and a separate adapter folder) will go, before any work; see ownership.py."""
     if not (out.is_dir() and _dead_run(out)):
@@ -203,19 +169,10 @@ def _train(
     config: TrainConfig, out: Path, external_adapter: Path | None, progress: Progress, argv
 ) -> RunResult:
     task = config.data.glue_task
-    device = resolve_device(config.model.device)
-    precision = resolve_precision(config.train.precision, device)
-    init = read_adapter(config.init_adapter) if config.init_adapter else None
-    if init is not None and (note := check_adapter_task(init, task, config.init_adapter)):
-        progress.log(note)
-    lora_spec = init.lora if init is not None else config.lora
-    base, data, _ = load_model_and_data(
-        config.model, config.data, config.train.seed, train=True, progress=progress, lora=lora_spec
-    )
+    start = Start.resolve(config.model, config.train.precision, config.init_adapter, task, progress)
+    device, precision, lora_spec = start.device, start.precision, start.lora(config.lora)
+    model, data = start.build(config.model, config.data, config.train.seed, lora_spec, progress=progress)
     planned_steps(len(data.train), config.train)
-    model = LoraModel(base, lora_spec, device, base_name=config.model.resolved)
-    if init is not None:
-        model.load_state(init.state, init.lora)
     trainable, total = count_parameters(model.module)
     progress.log(
         f"{task.name}: {len(data.train):,} training examples, "
@@ -375,11 +332,8 @@ def run_eval(
         output_json = ownership.claim(
             config.output_json, ownership.METRICS_JSON, overwrite=config.overwrite, option="--output-json"
         )
-    device = resolve_device(config.model.device)
-    precision = resolve_precision(config.precision, device)
-    adapter = read_adapter(config.adapter) if config.adapter else None
-    if adapter is not None and (note := check_adapter_task(adapter, task, config.adapter)):
-        progress.log(note)
+    start = Start.resolve(config.model, config.precision, config.adapter, task, progress)
+    device, precision, adapter = start.device, start.precision, start.adapter
     base, data, tokenizer = load_model_and_data(
         config.model, config.data, config.seed, train=False, progress=progress,
         lora=adapter.lora if adapter is not None else None,

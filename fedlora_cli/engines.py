@@ -12,7 +12,7 @@ from typing import Any
 from fedlora_cli.config import RoundsConfig
 
 ENGINES: dict[str, str] = {
-    "local": "fedlora_cli.federation:run_local",  # one process, clients one after another
+    "local": "fedlora_cli.federation.local:run_local",  # one process, clients one after another
     "flower": "fedlora_cli.flower.simulation:run_flower_simulation",  # Flower's simulation engine (Ray)
 }
 

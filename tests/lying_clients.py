@@ -110,18 +110,18 @@ class _Slow:
 @contextlib.contextmanager
 def _slow_steps(seconds: float):
     """Training in this (actor) process takes `seconds` per step while the block runs."""
-    from fedlora_cli import federation
+    from fedlora_cli.federation import client
 
-    real = federation.train_model
+    real = client.train_model
 
     def slow(*args, progress=None, **kwargs):
         return real(*args, progress=_Slow(progress, seconds), **kwargs)
 
-    federation.train_model = slow
+    client.train_model = slow
     try:
         yield
     finally:
-        federation.train_model = real
+        client.train_model = real
 
 
 def lying_app(behaviour: dict[int, dict[int, str]]) -> ClientApp:

@@ -119,7 +119,7 @@ def test_clamped_clients_per_round_gets_a_warning_line():
 
 def test_max_seq_length_is_bounded_by_the_models_positions(tiny_model, glue_dir, tmp_path):
     # the tiny RoBERTa has 160 positions; RoBERTa's positions start after the padding index (1): 158 tokens
-    from fedlora_cli.centralised import load_model_and_data
+    from fedlora_cli.preamble import load_model_and_data
     from fedlora_cli.progress import NullProgress
 
     common = ["--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--output-dir", tmp_path / "o"]

@@ -380,9 +380,9 @@ def test_z_zero_and_c_inf_give_the_same_final_adapter_as_no_dp(tiny_model, glue_
 @pytest.mark.slow
 def test_resume_after_an_interruption_is_bit_identical_with_dp(tiny_model, glue_dir, shards, noisy, tmp_path,
                                                                monkeypatch):  # fmt: skip
-    from fedlora_cli import federation
+    from fedlora_cli.federation import local
 
-    real = federation.train_client
+    real = local.train_client
     reference, _ = noisy
     second = history(reference)[1]["clients"][-1]
 
@@ -393,7 +393,7 @@ def test_resume_after_an_interruption_is_bit_identical_with_dp(tiny_model, glue_
 
     args = dp_args(tiny_model, glue_dir, shards, tmp_path, "resumed", "--rounds", "3", *DP)
     with monkeypatch.context() as m:
-        m.setattr(federation, "train_client", interrupt_in_round_two)
+        m.setattr(local, "train_client", interrupt_in_round_two)
         one_error_line(run(*args), 130, "--resume")
     again = run(*args, "--resume")
     assert again.exit_code == 0, again.stderr
@@ -455,16 +455,16 @@ def test_dp_where_client_the_server_never_receives_an_update_above_c(tiny_model,
         assert row["aggregation"]["privacy"]["norms"]["max"] <= clip * (1 + 1e-6)
 
     # a client that does not clip is refused: the round fails (one line, exit 1), nothing is aggregated
-    from fedlora_cli import federation
+    from fedlora_cli.federation import local
 
-    real = federation.train_client
+    real = local.train_client
 
     def ignores_the_clip(model, data, indices, plan, *a, **kw):
         from dataclasses import replace
 
         return real(model, data, indices, replace(plan, clip_norm=None), *a, **kw)
 
-    monkeypatch.setattr(federation, "train_client", ignores_the_clip)
+    monkeypatch.setattr(local, "train_client", ignores_the_clip)
     bad = run(*dp_args(tiny_model, glue_dir, shards, tmp_path, "rogue", "--rounds", "1",
                        "--dp-clip", f"{clip}", "--dp-noise-multiplier", "0.5", "--dp-where", "client"))  # fmt: skip
     one_error_line(bad, 1, "did not clip")

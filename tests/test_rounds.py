@@ -202,9 +202,9 @@ def test_merge_of_round_one_clients_equals_round_one_global(federated, shards, t
 def test_resume_after_an_interruption_mid_round_is_bit_identical(
     tiny_model, glue_dir, shards, federated, tmp_path, monkeypatch
 ):
-    from fedlora_cli import federation
+    from fedlora_cli.federation import local
 
-    real = federation.train_client
+    real = local.train_client
     calls = []
 
     def interrupt_in_round_two(model, data, indices, plan, *args, **kwargs):
@@ -215,7 +215,7 @@ def test_resume_after_an_interruption_mid_round_is_bit_identical(
 
     args = rounds_args(tiny_model, glue_dir, shards, tmp_path, "resumed", "--rounds", "3")
     with monkeypatch.context() as m:
-        m.setattr(federation, "train_client", interrupt_in_round_two)
+        m.setattr(local, "train_client", interrupt_in_round_two)
         first = run(*args)
     one_error_line(first, 130, "--resume")
     run_dir = tmp_path / "sst2_tiny-roberta" / "resumed"
@@ -232,6 +232,47 @@ def test_resume_after_an_interruption_mid_round_is_bit_identical(
         assert a == b, f"{sub} differs after resume"
     history = [json.loads(line)["round"] for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert history == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_every_engines_round_loop_runs_inside_the_one_lifecycle(tiny_model, glue_dir, shards, tmp_path):
+    """An engine brings only its round loop (`run_federated`): a Ctrl-C inside it becomes one Interrupted line
+    that says how to --resume, run.json says interrupted, the run folder is released, and engine local
+    continues the run to the same result as an uninterrupted one."""
+    from dataclasses import replace
+
+    from fedlora_cli.config import DataSpec, ModelSpec, OutputSpec, RoundsConfig, TrainSpec
+    from fedlora_cli.errors import Interrupted
+    from fedlora_cli.federation import run_federated, run_local, train_client
+
+    train = TrainSpec(epochs=1.0, learning_rate=2e-2, precision="fp32", batch_size=32)
+    data, model = DataSpec("sst2", str(glue_dir)), ModelSpec(str(tiny_model))
+    config = RoundsConfig(data, str(shards), model=model, train=train, rounds=2, eval_each_round=False)
+    reference = run_local(replace(config, output=OutputSpec(str(tmp_path), "reference")))
+
+    def stops_in_round_two(driver):  # an engine of its own: round 1 trained here, then Ctrl-C
+        s = driver.s
+        assert list(driver.rounds_left) == [1, 2]
+        plan = driver.plan_round(1)
+        index = dict(zip(s.shards.client_ids, s.shards.clients, strict=True))
+        kwargs = dict(round_no=1, run_seed=s.config.train.seed, device=s.device, precision=s.precision)
+        reports = [
+            train_client(s.model, s.data, index[c], plan.plans[c], s.config.train, **kwargs)
+            for c in plan.selected
+        ]
+        driver.close_round(plan, reports, [])
+        raise KeyboardInterrupt
+
+    stopped = replace(config, output=OutputSpec(str(tmp_path), "stopped"))
+    with pytest.raises(Interrupted, match="round 1 .*--resume"):
+        run_federated(stopped, stops_in_round_two)
+    run_dir = tmp_path / "sst2_tiny-roberta" / "stopped"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    resumed = run_local(replace(stopped, resume=True))  # the lock is free again
+    assert resumed.resumed_after == 1 and [row.round for row in resumed.history] == [1, 2]
+    for sub in ("round_001/global", "round_002/global", "final"):
+        a = (run_dir / sub / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert a == (reference.run_dir / sub / "adapter" / "adapter_model.safetensors").read_bytes(), sub
 
 
 @pytest.mark.slow

@@ -324,9 +324,9 @@ def test_exact_ships_its_residual_and_its_final_adapter_reproduces_the_global_mo
 def test_resume_after_an_interruption_is_bit_identical(
     method, runs, tiny_model, glue_dir, shards, tmp_path, monkeypatch
 ):
-    from fedlora_cli import federation
+    from fedlora_cli.federation import local
 
-    real = federation.train_client
+    real = local.train_client
 
     def interrupt(model, data, indices, plan, *args, **kwargs):
         if (kwargs["round_no"], plan.client_id) == (3, 2):
@@ -336,7 +336,7 @@ def test_resume_after_an_interruption_is_bit_identical(
     extra = ["--client-ranks", "4,8,8"] if method == "exact" else []
     args = rounds_args(tiny_model, glue_dir, shards, tmp_path, method, method, *extra)
     with monkeypatch.context() as m:
-        m.setattr(federation, "train_client", interrupt)
+        m.setattr(local, "train_client", interrupt)
         one_error_line(run(*args), 130, "--resume")
     again = run(*args, "--resume")
     assert again.exit_code == 0, again.stderr

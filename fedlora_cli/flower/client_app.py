@@ -288,8 +288,8 @@ _WORKERS: dict[tuple, _Worker] = {}
 
 
 def _worker(config: RoundsConfig, lora: Any) -> _Worker:
-    from fedlora_cli.centralised import load_model_and_data
     from fedlora_cli.modeling import LoraModel, resolve_device, resolve_precision
+    from fedlora_cli.preamble import load_model_and_data
     from fedlora_cli.progress import NullProgress
 
     key = (config.model, config.data, config.train.seed, config.train.precision)

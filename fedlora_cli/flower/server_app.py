@@ -13,19 +13,23 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fedlora_cli.config import RoundsConfig
 from fedlora_cli.errors import InputError
 from fedlora_cli.flower import codec
-from fedlora_cli.flower.codec import ARRAYS, CONFIG, IDENTITY, REPORT, RUN_CONFIG
+from fedlora_cli.flower.codec import ARRAYS, IDENTITY, REPORT, RUN_CONFIG
 from fedlora_cli.progress import Progress
+
+if TYPE_CHECKING:  # the core loads when a run starts, not when Flower imports this app
+    from fedlora_cli.federation import RoundDriver, RoundPlan
+    from fedlora_cli.strategies.base import ClientReport
 
 app = ServerApp()
 POLL_SECONDS = 0.25  # how often replies are pulled (Flower's HTTP grid waits 3 s between pulls)
@@ -46,9 +50,12 @@ def main(grid: Grid, context: Context) -> None:
     if link is not None:
         from fedlora_cli.federation import cli_resume_hint
 
-        link.serve(lambda config, argv, progress, abort, on_prepared: run_server(
-            grid, replace(config, engine="flower"), progress=progress, argv=argv, resume_hint=cli_resume_hint,
-            abort=abort, on_prepared=on_prepared))  # fmt: skip
+        def serve(config, argv, progress, abort, on_prepared) -> Any:  # what `Link.serve` calls
+            flower = replace(config, engine="flower")
+            options = dict(progress=progress, argv=argv, abort=abort, on_prepared=on_prepared)
+            return run_server(grid, flower, resume_hint=cli_resume_hint, **options)
+
+        link.serve(serve)
         return
     try:
         config = replace(codec.from_run_config(context.run_config), engine="flower")
@@ -67,8 +74,11 @@ def main(grid: Grid, context: Context) -> None:
 
 def flwr_resume_hint(config: RoundsConfig) -> Callable[[Path], str]:
     def hint(run_dir: Path) -> str:
-        where = (f"output.output-dir={codec.toml_value(config.output.output_dir)}" if config.output.output_dir
-                 else f"output.run-name={codec.toml_value(run_dir.name)}")  # fmt: skip
+        where = (
+            f"output.output-dir={codec.toml_value(config.output.output_dir)}"
+            if config.output.output_dir
+            else f"output.run-name={codec.toml_value(run_dir.name)}"
+        )
         return f"`flwr run . --run-config 'resume=true {where}'` (same other settings)"
 
     return hint
@@ -88,9 +98,11 @@ def run_server(
     abort: threading.Event | None = None,
     on_prepared: Callable[[Path], None] | None = None,
 ) -> Any:
-    """All rounds of a run over the SuperNodes of `grid`; returns a `federation.RoundsResult`."""
-    from fedlora_cli.federation import RoundDriver, client_count, prepare
-    from fedlora_cli.runs import run_session
+    """All rounds of a run over the SuperNodes of `grid`; returns a `federation.RoundsResult`.
+
+    The run's lifecycle is `federation.run_federated`'s, as for engine local; Flower brings the round loop.
+    """
+    from fedlora_cli.federation import client_count, run_federated
 
     clients = client_count(config)
     per_round = config.clients_in_round(clients)
@@ -99,25 +111,20 @@ def run_server(
             f"--min-clients {config.min_clients} is more than the {per_round} clients selected per round"
         )
     grid = PollingGrid(grid, abort)
-    setup = prepare(config, progress=progress, argv=argv, resume_hint=resume_hint)
-    try:
-        if on_prepared is not None:
-            on_prepared(setup.run_dir)
-        with run_session(setup.run_dir):
-            driver = RoundDriver(setup, progress)
-            nodes = identify_clients(grid, setup.shards, setup.config, progress)
-            strategy = FedloraStrategy(driver, nodes)
-            progress.start("rounds", "rounds", total=setup.config.rounds)  # fewer than asked when DP ends it
-            progress.advance("rounds", setup.start_round)
-            remaining = setup.config.rounds - setup.start_round
-            if remaining > 0:
-                strategy.start(
-                    grid, strategy.global_arrays(), num_rounds=remaining, timeout=config.round_timeout
-                )  # type: ignore[arg-type]  # None: wait for all
-            progress.stop("rounds")
-            return driver.finish()
-    finally:
-        setup.recorder.close()  # the run folder's lock
+
+    def flower_rounds(driver: RoundDriver) -> None:
+        """Find which node serves which client, then let Flower's `Strategy.start` carry the rounds left."""
+        nodes = identify_clients(grid, driver.s.shards, driver.s.config, progress)
+        strategy = FedloraStrategy(driver, nodes)
+        remaining = len(driver.rounds_left)
+        # --round-timeout None: wait for every reply (PollingGrid takes None, though Flower's type says float)
+        timeout: Any = config.round_timeout
+        if remaining > 0:
+            strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=timeout)
+
+    return run_federated(
+        config, flower_rounds, progress=progress, argv=argv, resume_hint=resume_hint, on_prepared=on_prepared
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,28 +221,41 @@ def query_nodes(
 # the strategy
 
 
-class FedloraStrategy(FedAvg):
+@dataclass
+class RoundInFlight:
+    """One round as `configure_train` sent it, for `aggregate_train` to read the replies against."""
+
+    plan: RoundPlan
+    grid: Grid  # what carried the messages; its `unanswered` after the round: the nodes that timed out
+    sent: dict[int, int] = field(default_factory=dict)  # node id -> client id, one TRAIN message each
+    failed: list[dict[str, Any]] = field(default_factory=list)  # selected, but sent nothing: why
+    bytes_down: int = 0  # the TRAIN messages' array bytes
+
+
+class FedloraStrategy(Strategy):
     """Flower's round loop (`Strategy.start`) carrying fedlora's rounds: each round is planned and closed by
     the same `federation.RoundDriver` engine local uses (selection, the method's per-client plans,
-    checks of every reply, aggregation, evaluation, the run tree). Flower's own aggregation is never used.
+    checks of every reply, aggregation, evaluation, the run tree). Clients are evaluated on the server, in
+    `close_round`, so the evaluation half of Flower's loop sends nothing.
     """
 
-    def __init__(self, driver: Any, nodes: dict[int, int]) -> None:
+    def __init__(self, driver: RoundDriver, nodes: dict[int, int]) -> None:
         self.driver = driver
-        per_round, total = driver.per_round, len(driver.client_ids)
-        super().__init__(fraction_train=per_round / total, min_train_nodes=driver.need,
-                         min_available_nodes=driver.need, weighted_by_key="num-examples",
-                         arrayrecord_key=ARRAYS, configrecord_key=CONFIG)  # fmt: skip
         self.nodes = nodes  # client id -> node id
-        self._round: dict[str, Any] = {}
+        self.round: RoundInFlight | None = None  # the round in flight
         # Nodes still working on a TRAIN message whose round stopped waiting for them: node -> (message id,
         # round). They get no new work until that message is answered (see `_free_nodes`).
         self.busy: dict[int, tuple[str, int]] = {}
 
     def summary(self) -> None:
         d = self.driver
-        _log.info("fedlora: %d of %d clients per round (need %d replies), aggregation %s",
-                  d.per_round, len(d.client_ids), d.need, d.s.config.aggregation.method)  # fmt: skip
+        _log.info(
+            "fedlora: %d of %d clients per round (need %d replies), aggregation %s",
+            d.per_round,
+            len(d.client_ids),
+            d.need,
+            d.s.config.aggregation.method,
+        )
 
     def global_arrays(self) -> ArrayRecord:
         return codec.state_to_arrays(self.driver.current.state)
@@ -243,8 +263,9 @@ class FedloraStrategy(FedAvg):
     def round_no(self, server_round: int) -> int:
         return self.driver.s.start_round + server_round  # Flower counts the rounds of this call from 1
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:  # fmt: skip
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Send each selected client its own plan (adapter, LoRA shape, what trains) on its node."""
         plan = self.driver.plan_round(self.round_no(server_round))
         cfg = self.driver.s.config
@@ -252,27 +273,28 @@ class FedloraStrategy(FedAvg):
             self.nodes.update(_late_nodes(grid, self.nodes, self.driver.s.shards, cfg))
         self._free_nodes(grid)
         run_config = codec.run_config_record(cfg)
-        messages, sent, unserved, bytes_down = [], {}, [], 0
-        busy: list[dict[str, Any]] = []
+        flight = RoundInFlight(plan, grid)
+        messages = []
         for cid in plan.selected:
             node = self.nodes.get(cid)
+            reason = None
             if node is None:
-                unserved.append(cid)
-                continue
-            if node in self.busy:  # more work would only queue behind it (and hold a worker in simulation)
-                reason = f"still busy with round {self.busy[node][1]}, which stopped waiting for it (--round-timeout)"
-                busy.append({"client": cid, "node": node, "reason": reason})
+                reason = "no SuperNode serves this client"
+            elif node in self.busy:  # more work would only queue behind it (and hold a worker in simulation)
+                old_round = self.busy[node][1]
+                reason = f"still busy with round {old_round}, which stopped waiting for it (--round-timeout)"
+            if reason is not None:
+                flight.failed.append({"client": cid, "node": node, "reason": reason})
                 continue
             content = codec.plan_to_content(plan.plans[cid], plan.round_no, run_config)
-            bytes_down += sum(r.count_bytes() for r in content.array_records.values())
+            flight.bytes_down += sum(r.count_bytes() for r in content.array_records.values())
             messages.append(
                 Message(
                     content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(plan.round_no)
                 )
             )
-            sent[node] = cid
-        self._round = {"plan": plan, "sent": sent, "unserved": unserved, "busy": busy, "bytes_down": bytes_down,
-                       "grid": grid}  # fmt: skip
+            flight.sent[node] = cid
+        self.round = flight
         return messages
 
     def _free_nodes(self, grid: Grid) -> None:
@@ -284,17 +306,17 @@ class FedloraStrategy(FedAvg):
         for reply in grid.pull_messages(list(waiting)):
             self.busy.pop(waiting.get(reply.metadata.reply_to_message_id, -1), None)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replies -> ClientReports -> `RoundDriver.close_round` (checks, aggregates, evaluates, records)."""
-        r = self._round
-        ok, failed = sort_replies(r["sent"], replies, self.driver.s.config.round_timeout)
-        failed += [
-            {"client": c, "node": None, "reason": "no SuperNode serves this client"} for c in r["unserved"]
-        ] + r["busy"]
-        for message_id, node in getattr(r["grid"], "unanswered", {}).items():
-            if node in r["sent"]:  # timed out: it is still working on this round, or never got to it
-                self.busy[node] = (message_id, r["plan"].round_no)
+        r = self.round
+        assert r is not None and r.plan.round_no == self.round_no(server_round), "aggregate before configure"
+        ok, failed = sort_replies(r.sent, replies, self.driver.s.config.round_timeout)
+        failed += r.failed
+        for message_id, node in getattr(r.grid, "unanswered", {}).items():
+            if node in r.sent:  # timed out: it is still working on this round, or never got to it
+                self.busy[node] = (message_id, r.plan.round_no)
         reports = []
         for cid, msg in ok:
             report = self._report(cid, msg)
@@ -302,13 +324,14 @@ class FedloraStrategy(FedAvg):
                 failed.append({"client": cid, "node": msg.metadata.src_node_id, "reason": report})
             else:
                 reports.append(report)
-        row = self.driver.close_round(r["plan"], reports, failed, bytes_down=r["bytes_down"])
+        row = self.driver.close_round(r.plan, reports, failed, bytes_down=r.bytes_down)
+        self.round = None
         summary = {"train-loss": float(row.train_loss), "aggregation-error": float(row.aggregation["error"])}
         return self.global_arrays(), MetricRecord(summary)
 
-    def _report(self, client_id: int, msg: Message) -> Any:
+    def _report(self, client_id: int, msg: Message) -> ClientReport | str:
         """A reply as a ClientReport, or why it cannot be read (the driver checks the rest)."""
-        from fedlora_cli.federation import ClientReport
+        from fedlora_cli.strategies.base import ClientReport
 
         try:
             arrays = msg.content.array_records[ARRAYS]
@@ -318,12 +341,21 @@ class FedloraStrategy(FedAvg):
             return f"malformed reply ({e})"
         if info["client_id"] != client_id:
             return f"the reply is for client {info['client_id']}"
-        return ClientReport(client_id, state, info["lora"], info["examples"], info["seed"], info["train"],
-                            info["eval"], wire_bytes=arrays.count_bytes())  # fmt: skip
+        return ClientReport(
+            client_id=client_id,
+            state=state,
+            lora=info["lora"],
+            examples=info["examples"],
+            seed=info["seed"],
+            train=info["train"],
+            eval=info["eval"],
+            wire_bytes=arrays.count_bytes(),
+        )
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:  # fmt: skip
-        """The global adapter is evaluated on the server's dev split in `close_round`, as engine local does."""
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The global adapter is evaluated on the server's dev split in `close_round`, as in engine local."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -341,8 +373,9 @@ def _late_nodes(grid: Grid, known: dict[int, int], shards: Any, config: RoundsCo
     return {c: n for c, n in found.items() if c not in known}
 
 
-def sort_replies(sent: dict[int, int], replies: Iterable[Message],
-                 timeout: float | None) -> tuple[list[tuple[int, Message]], list[dict[str, Any]]]:  # fmt: skip
+def sort_replies(
+    sent: dict[int, int], replies: Iterable[Message], timeout: float | None
+) -> tuple[list[tuple[int, Message]], list[dict[str, Any]]]:
     """Split a round's replies into (client id, reply) pairs and failures {client, node, reason}.
 
     `sent` maps node id -> client id. Error replies and nodes with no reply (timed out) are failures.
@@ -397,8 +430,14 @@ class PollingGrid(Grid):
     def run(self) -> Any:
         return self.grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:  # fmt: skip
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -435,8 +474,11 @@ class PollingGrid(Grid):
             if not pending or (end is not None and time.monotonic() >= end):
                 break
             self.wait(POLL_SECONDS)
-        self.unanswered = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
-                           if m.metadata.message_id in pending}  # fmt: skip
+        self.unanswered = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in messages
+            if m.metadata.message_id in pending
+        }
         return replies
 
 

@@ -1,0 +1,78 @@
+"""One client's turn of a round: engine local runs it in the server's process, a Flower ClientApp on its
+SuperNode; both hand the `ClientReport` to `RoundDriver.close_round`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedlora_cli.config import TrainSpec
+from fedlora_cli.evaluation import evaluate
+from fedlora_cli.features import TaskData
+from fedlora_cli.federation.driver import derive_seed
+from fedlora_cli.modeling import LoraModel
+from fedlora_cli.progress import Progress
+from fedlora_cli.strategies.base import ClientPlan, ClientReport
+from fedlora_cli.tasks import GlueTask
+from fedlora_cli.training import train_model
+
+
+def train_client(
+    model: LoraModel,
+    data: TaskData,
+    indices: np.ndarray,
+    plan: ClientPlan,
+    train_spec: TrainSpec,
+    *,
+    round_no: int,
+    run_seed: int,
+    device: torch.device,
+    precision: str,
+    task: GlueTask | None = None,
+    eval_batch_size: int = 64,
+    progress: Progress | None = None,
+) -> ClientReport:
+    """One client's turn: load the plan (adapter, frozen parts, base delta), train on its shard, report.
+
+    The base model is never reloaded: only the adapter state (and a method's base delta) moves in and
+    out. Pass `task` to also evaluate the client's adapter on the dev split(s).
+    """
+    model.apply_plan(plan)
+    seed = derive_seed(run_seed, round_no, plan.client_id)
+    result = train_model(
+        model.module,
+        data.train,
+        train_spec,
+        device=device,
+        precision=precision,
+        seed=seed,
+        indices=indices,
+        progress=progress,
+        progress_key="client",
+        prox_mu=plan.prox_mu,
+        description=f"round {round_no} · client {plan.client_id}",
+    )
+    evaluation = None
+    if task is not None:
+        evaluation = evaluate(model.module, task, data.evals, eval_batch_size, device, precision).metrics
+    train = {
+        "loss": result.loss,
+        "last_loss": result.last_loss,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "samples_per_second": result.samples_per_second,
+        "tokens_per_second": result.tokens_per_second,
+        "order": result.order_digest,
+    }
+    state = model.state()
+    if plan.clip_norm is not None:  # differential privacy, clipped here: the server never sees more
+        from fedlora_cli.privacy import clip_client_update
+
+        state, train["update_norm"] = clip_client_update(
+            state,
+            plan.adapter.state,
+            plan.clip_norm,
+            space=plan.clip_space,
+            scaling=plan.adapter.lora.scaling,
+        )
+    return ClientReport(plan.client_id, state, plan.adapter.lora, result.examples, seed, train, evaluation)

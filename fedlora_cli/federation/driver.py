@@ -1,0 +1,314 @@
+"""The round driver every engine shares: select -> plan -> (the engine trains the clients) -> close the round.
+
+A `RoundDriver` plans each round (`plan_round`: which clients, and what each one trains, as the strategy
+decides) and closes it (`close_round`: check the clients' updates, save them, aggregate, evaluate, save the
+global adapter and the strategy's state, write the history row); `finish` writes final/. Engine local
+trains the planned clients one after another in this process (`local.py`); the Flower ServerApp sends the
+same plans to SuperNodes and calls the same `close_round` with their replies. This module knows no engine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora_cli import memory
+from fedlora_cli.errors import FedloraError, InputError
+from fedlora_cli.evaluation import EvalResult, evaluate
+from fedlora_cli.federation.setup import Setup
+from fedlora_cli.history import HistoryRow
+from fedlora_cli.integrity import STATE_FILE
+from fedlora_cli.progress import NullProgress, Progress, as_tracker
+from fedlora_cli.runs import complete_rounds
+from fedlora_cli.runs.record import now
+from fedlora_cli.strategies.base import ClientPlan, ClientReport, GlobalAdapter
+from fedlora_cli.tasks import GlueTask
+from fedlora_cli.trackers import report_round
+
+
+class RoundFailed(FedloraError):
+    """Fewer than --min-clients usable updates: complete rounds are kept and --resume continues after them."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# seeds and client selection
+
+
+def derive_seed(run_seed: int, round_no: int, client_id: int) -> int:
+    """The seed of one client's local training in one round.
+
+    `SeedSequence([run_seed, round, client])` hashes the three numbers together, so every
+    (round, client) pair gets its own well-mixed 32-bit seed: data order and dropout differ across
+    rounds and clients (the reference reused one seed everywhere), and the run is reproducible.
+    """
+    return int(np.random.SeedSequence([run_seed, round_no, client_id]).generate_state(1, np.uint32)[0])
+
+
+def select_clients(client_ids: list[int], count: int, run_seed: int, round_no: int) -> list[int]:
+    """`count` of the clients, drawn without replacement from a (run seed, round)-seeded generator."""
+    if count >= len(client_ids):
+        return list(client_ids)
+    rng = np.random.default_rng(np.random.SeedSequence([run_seed, round_no, 0x5E1EC7]))
+    return sorted(int(c) for c in rng.choice(client_ids, size=count, replace=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclass(frozen=True)
+class RoundsResult:
+    """What a federated run produced, whatever engine ran it; the CLI renders it."""
+
+    run_dir: Path
+    final_adapter: Path
+    history: list[HistoryRow]
+    final_metrics: dict[str, float]
+    resumed_after: int  # rounds already complete when this call started
+    clients: int
+    main_metric: str
+    stopped: str | None = None  # why the run ended before --rounds (--dp-target-epsilon), if it did
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round_no: int
+    selected: list[int]  # client ids, ascending
+    plans: dict[int, ClientPlan]
+    broadcast: GlobalAdapter  # the global adapter this round started from
+    started: float  # time.perf_counter() when the round was planned
+    memory: Any = None  # memory.PeakMemory, measuring this process from planning to closing
+
+
+class RoundDriver:
+    """The round loop of a run, shared by every engine (see the module docstring)."""
+
+    def __init__(self, setup: Setup, progress: Progress | None = None) -> None:
+        self.s = setup
+        self.progress = progress or NullProgress()
+        config = setup.config
+        self.client_ids: list[int] = list(setup.shards.client_ids)
+        self.per_round = config.clients_in_round(len(self.client_ids))
+        self.need = min(config.min_clients or self.per_round, self.per_round)
+        if setup.start_round:
+            self.current, server_state = setup.recorder.load_global(setup.start_round)
+            try:
+                setup.strategy.load_state_dict(server_state)
+            except ValueError as e:
+                raise InputError(f"--resume: round {setup.start_round}'s {STATE_FILE}: {e}") from None
+        else:
+            self.current = setup.initial
+        last = setup.recorder.history[-1] if setup.recorder.history else None
+        self.metrics: dict[str, float] = dict(last.eval or {}) if last is not None else {}
+        if not setup.start_round and setup.config.eval_each_round and not setup.recorder.history:
+            self._record_round_zero()
+
+    def _record_round_zero(self) -> None:
+        """History row 0: the starting adapter (fresh from the seed, or --init-adapter) before training."""
+        t = time.perf_counter()
+        evaluation = self.evaluate_global()
+        seconds = time.perf_counter() - t
+        self.metrics = evaluation.metrics
+        row = HistoryRow(
+            round=0,
+            clients=[],
+            failed=[],
+            client_metrics=[],
+            examples=0,
+            train_loss=None,
+            aggregation={},
+            eval=evaluation.metrics,
+            bytes_down=0,
+            bytes_up=0,
+            bytes_written=0,
+            seconds={"wall": seconds, "eval": seconds},
+            time=now(),
+            eval_loss=evaluation.loss,
+        )
+        self.s.recorder.complete_round(row)
+        report_round(self.progress, row.to_json())
+
+    @property
+    def rounds_left(self) -> range:
+        return range(self.s.start_round + 1, self.s.config.rounds + 1)
+
+    def plan_round(self, round_no: int) -> RoundPlan:
+        """Select this round's clients (seeded) and ask the strategy what each one does."""
+        started = time.perf_counter()
+        selected = select_clients(self.client_ids, self.per_round, self.s.config.train.seed, round_no)
+        plans = {cid: self.s.strategy.plan(round_no, cid, self.current) for cid in selected}
+        return RoundPlan(
+            round_no, selected, plans, self.current, started, memory.PeakMemory(self.s.device).start()
+        )
+
+    def check_report(self, plan: RoundPlan, report: ClientReport) -> str | None:
+        """Why a client's report cannot count (None: it can). Nothing a client says is taken on trust."""
+        client_plan = plan.plans.get(report.client_id)
+        if client_plan is None:
+            return f"client {report.client_id} was not selected in round {plan.round_no}"
+        expected = self.s.client_sizes[report.client_id]
+        if type(report.examples) is not int or report.examples != expected:
+            return f"reported {report.examples!r} training examples, but its shard has {expected}"
+        if report.lora != client_plan.adapter.lora:
+            return f"trained LoRA r={report.lora.r} alpha={report.lora.alpha:g}, not the planned shape"
+        sent = client_plan.adapter.state
+        if set(report.state) != set(sent):
+            extra, missing = sorted(set(report.state) - set(sent)), sorted(set(sent) - set(report.state))
+            return f"the adapter's keys differ from the broadcast (missing {missing[:2]}, unexpected {extra[:2]})"
+        for key, tensor in report.state.items():
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                return f"{key} is not a floating-point tensor"
+            if tuple(tensor.shape) != tuple(sent[key].shape):
+                return f"{key} has shape {tuple(tensor.shape)}, expected {tuple(sent[key].shape)}"
+            if not bool(torch.isfinite(tensor).all()):
+                return f"{key} holds NaN or Inf"
+        for key in ("loss", "seconds"):
+            value = report.train.get(key)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                return f"its training {key} is missing or not a finite number ({value!r})"
+        seed = derive_seed(self.s.config.train.seed, plan.round_no, report.client_id)
+        if report.seed != seed:
+            return f"trained with seed {report.seed!r}, not this round's seed {seed} for it"
+        for key, value in (report.eval or {}).items():
+            if not isinstance(value, int | float) or math.isinf(value):
+                return f"its evaluation {key} is not a number ({value!r})"
+        return self.s.strategy.check_update(client_plan, report.update())
+
+    def close_round(
+        self,
+        plan: RoundPlan,
+        reports: list[ClientReport],
+        failures: list[dict[str, Any]],
+        *,
+        bytes_down: int | None = None,
+    ) -> HistoryRow:
+        """Check, save and aggregate the clients' reports, evaluate and save the new global adapter,
+        and write the round's history row (which marks the round complete)."""
+        s, config, round_no = self.s, self.s.config, plan.round_no
+        failures = list(failures)
+        usable: list[ClientReport] = []
+        for report in sorted(reports, key=lambda r: r.client_id):  # the same order on every engine
+            reason = self.check_report(plan, report)
+            if reason is None:
+                usable.append(report)
+            else:
+                failures.append({"client": report.client_id, "node": None, "reason": reason})
+        failures.sort(key=lambda f: f["client"])
+        if len(usable) < self.need or not usable:
+            if plan.memory is not None:
+                plan.memory.stop()
+            done = s.recorder.tree.last_complete_round()
+            detail = "; ".join(f"client {f['client']}: {str(f['reason'])[:160]}" for f in failures)
+            raise RoundFailed(
+                f"round {round_no}: {len(usable)} of {len(plan.selected)} selected clients replied but "
+                f"{self.need} are needed (--min-clients) — {detail}; {complete_rounds(s.run_dir, done)}: fix "
+                f"the clients and continue with {s.resume_hint(s.run_dir)}"
+            )
+
+        t = time.perf_counter()
+        written = sum(s.recorder.save_client(round_no, r) for r in usable)
+        io_seconds = time.perf_counter() - t
+
+        t = time.perf_counter()
+        try:
+            outcome = s.strategy.aggregate(
+                round_no, plan.broadcast, [r.update() for r in usable], sampled=len(plan.selected)
+            )
+        except ValueError as e:
+            raise InputError(f"round {round_no}: aggregation failed: {e}") from None
+        agg_seconds = time.perf_counter() - t
+        self.current = outcome.adapter
+
+        t = time.perf_counter()
+        evaluation = None
+        if config.eval_each_round or round_no == config.rounds:
+            evaluation = self.evaluate_global()
+            self.metrics = evaluation.metrics
+        eval_seconds = time.perf_counter() - t
+
+        t = time.perf_counter()
+        written += s.recorder.save_global(round_no, outcome.adapter, s.strategy.state_dict())
+        io_seconds += time.perf_counter() - t
+
+        examples = sum(r.examples for r in usable)
+        if bytes_down is None:  # engine local: every selected client got its plan
+            bytes_down = sum(p.num_bytes for p in plan.plans.values())
+        row = HistoryRow(
+            round=round_no,
+            clients=[r.client_id for r in usable],
+            failed=failures,
+            client_metrics=[r.summary() for r in usable],
+            examples=examples,
+            train_loss=sum(r.train["loss"] * r.examples for r in usable) / examples,
+            aggregation=outcome.record,
+            eval=evaluation.metrics if evaluation is not None else None,
+            bytes_down=bytes_down,
+            bytes_up=sum(r.num_bytes for r in usable),
+            bytes_written=written,
+            seconds={
+                "wall": time.perf_counter() - plan.started,
+                "train": sum(r.train["seconds"] for r in usable),
+                "aggregate": agg_seconds,
+                "eval": eval_seconds,
+                "io": io_seconds,
+            },
+            time=now(),
+            learning_rate=config.train.learning_rate,
+            eval_loss=evaluation.loss if evaluation is not None else None,
+            extra={"memory": self._round_memory(plan)},
+        )
+        s.recorder.complete_round(row)
+        report_round(self.progress, row.to_json())
+        info = round_info(row, s.task) + (f" · {len(failures)} failed" if failures else "")
+        self.progress.advance("rounds", 1, info=info)
+        return row
+
+    @staticmethod
+    def _round_memory(plan: RoundPlan) -> dict[str, float | None]:
+        """This process's peak RSS (and CUDA peak) over the round, then RSS after handing freed memory back.
+
+        Releasing once per round keeps the process flat over many clients and rounds (memory.release).
+        """
+        memory.release()
+        return plan.memory.stop() if plan.memory is not None else {}
+
+    def evaluate_global(self) -> EvalResult:
+        """The current global model (adapter and the strategy's base delta) on the dev split(s)."""
+        s = self.s
+        s.model.apply_global(self.current, s.strategy.base_delta(), s.strategy.base_delta_key())
+        return evaluate(s.model.module, s.task, s.data.evals, s.config.eval_batch_size, s.device, s.precision)
+
+    def finish(self) -> RoundsResult:
+        """Write final/: the global model as one plain PEFT adapter, and its metrics."""
+        s = self.s
+        exported = s.strategy.export(self.current)
+        extra = {"exported_rank": exported.lora.r} if exported.lora.r != self.current.lora.r else {}
+        final = s.recorder.finish(exported, self.metrics, s.config.rounds, extra)
+        tracker = as_tracker(self.progress)
+        eval_metrics = {f"eval/{k}": v for k, v in self.metrics.items() if isinstance(v, int | float)}
+        if eval_metrics:
+            tracker.log_metrics(s.config.rounds, eval_metrics)
+        tracker.log_artifact(final, "adapter")
+        return RoundsResult(
+            run_dir=s.run_dir,
+            final_adapter=final,
+            history=s.recorder.history,
+            final_metrics=self.metrics,
+            resumed_after=s.start_round,
+            clients=len(self.client_ids),
+            main_metric=s.task.main_metric,
+            stopped=s.stopped,
+        )
+
+
+def round_info(row: HistoryRow, task: GlueTask) -> str:
+    """The short status of a finished round shown beside the progress bar (every engine)."""
+    ev = row.eval or {}
+    metric = f"{task.main_metric} {ev[task.main_metric]:.4f} · " if task.main_metric in ev else ""
+    return f"{metric}loss {row.train_loss:.4f} · agg err {row.aggregation['error']:.3f}"
