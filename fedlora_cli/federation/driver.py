@@ -22,10 +22,10 @@ from fedlora_cli import memory
 from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.evaluation import EvalResult, evaluate
 from fedlora_cli.federation.setup import Setup
-from fedlora_cli.history import HistoryRow
-from fedlora_cli.integrity import STATE_FILE
 from fedlora_cli.progress import NullProgress, Progress, as_tracker
 from fedlora_cli.runs import complete_rounds
+from fedlora_cli.runs.history import HistoryRow
+from fedlora_cli.runs.integrity import STATE_FILE
 from fedlora_cli.runs.record import now
 from fedlora_cli.strategies.base import ClientPlan, ClientReport, GlobalAdapter
 from fedlora_cli.tasks import GlueTask

@@ -7,8 +7,6 @@ What it returns, a `Setup`, is all a `RoundDriver` needs.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,14 +82,8 @@ def prepare(
     recorder = RoundRecorder(path, config.model.resolved, task)
     recorder.claim(config)
     try:
-        shards, staged = _shards(config, path, progress)
-        try:
-            return _prepare(
-                config, shards, staged, recorder, progress=progress, argv=argv, resume_hint=resume_hint
-            )
-        finally:
-            if staged is not None:
-                shutil.rmtree(staged, ignore_errors=True)
+        shards, made = _shards(config, path, progress)
+        return _prepare(config, shards, made, recorder, progress=progress, argv=argv, resume_hint=resume_hint)
     except BaseException:
         recorder.close()
         raise
@@ -150,40 +142,33 @@ def with_shard_limits(config: RoundsConfig) -> RoundsConfig:
     return config
 
 
-def _shards(config: RoundsConfig, run_dir: Path, progress: Progress) -> tuple[Any, Path | None]:
-    """The run's shards: --shards, or (--clients K) made now by `fedlora shard`'s partitioners.
-
-    Made shards are staged beside the run folder and moved into `<run>/shards/` once the run folder is
-    claimed (`_prepare`); a resumed run reads the ones it wrote.
-    """
-    import tempfile
-
-    from fedlora_cli.sharding import read_shards, run_shard
+def _shards(config: RoundsConfig, run_dir: Path, progress: Progress) -> tuple[Any, bool]:
+    """The run's shards, and whether they were made now: --shards, or (--clients K) partitioned in memory
+    by the partitioner registry (written into `<run>/shards/` once the run folder is claimed, `_prepare`);
+    a resumed run reads the ones it wrote."""
+    from fedlora_cli.data import load_split
+    from fedlora_cli.sharding import make_shards, read_shards
 
     if config.shards:
-        return read_shards(config.shards), None
+        return read_shards(config.shards), False
     own = run_dir / SHARDS_DIR
     if config.resuming and (own / "summary.json").is_file():
-        return read_shards(own), None
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.shards.", suffix=".tmp", dir=run_dir.parent))
-    try:
-        spec = config.partition.shard_config(
-            config.data, config.train.seed, str(staged / SHARDS_DIR), cache_dir=config.model.cache_dir
-        )
-        made = run_shard(spec, progress)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    for note in made.notes:
+        return read_shards(own), False
+    spec = config.partition.shard_config(
+        config.data, config.train.seed, str(own), cache_dir=config.model.cache_dir
+    )
+    raw = load_split(spec.task, "train", data_dir=spec.data_dir, cache_dir=spec.cache_dir,
+                     max_samples=spec.max_train_samples)  # fmt: skip
+    shards = make_shards(raw, spec)
+    for note in (shards.summary or {}).get("notes", []):
         progress.log(f"note: {note}")
-    return read_shards(made.out), staged
+    return shards, True
 
 
 def _prepare(
     config: RoundsConfig,
     shards: Any,
-    staged: Path | None,
+    made: bool,
     recorder: RoundRecorder,
     *,
     progress: Progress,
@@ -241,8 +226,10 @@ def _prepare(
         },
     )
     start = recorder.start(config, record)
-    if staged is not None:  # the shards this run made: into its folder, now that the folder is claimed
-        os.replace(staged / SHARDS_DIR, path / SHARDS_DIR)
+    if made:  # the shards this run made: into its folder, now that the folder is claimed
+        from fedlora_cli.sharding import write_shard_set
+
+        shards = write_shard_set(path / SHARDS_DIR, shards)
     if not config.shards:  # engines (and Flower clients) read the run's own manifests, like --shards
         config = replace(config, shards=str(path / SHARDS_DIR), partition=PartitionSpec())
     tracker = as_tracker(progress)

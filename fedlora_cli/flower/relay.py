@@ -204,7 +204,7 @@ def result_to_json(result: Any) -> dict[str, Any]:
 
 def result_from_json(data: dict[str, Any]) -> Any:
     from fedlora_cli.federation import RoundsResult
-    from fedlora_cli.history import HistoryRow
+    from fedlora_cli.runs.history import HistoryRow
 
     return RoundsResult(
         run_dir=Path(data["run_dir"]),
@@ -238,8 +238,8 @@ def error_from_json(data: dict[str, Any]) -> Exception:
     anything else becomes one FedloraError line that names the error."""
     from fedlora_cli.errors import FedloraError, InputError, Interrupted, OutputError
     from fedlora_cli.federation import RoundFailed
-    from fedlora_cli.integrity import DamagedRun
     from fedlora_cli.runlock import RunBusy
+    from fedlora_cli.runs.integrity import DamagedRun
 
     message = str(data.get("message", ""))
     if not data.get("expected"):
