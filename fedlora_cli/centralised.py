@@ -41,6 +41,7 @@ from fedlora_cli.runs import (
     write_metrics,
     write_record,
 )
+from fedlora_cli.selection import Selection
 from fedlora_cli.training import TrainResult, planned_steps, train_model
 
 
@@ -113,7 +114,8 @@ def _start_record(run_dir: Path, command: str, config, argv, data: TaskData, dev
     """Write run.json (status running) and tell the trackers the run has begun."""
     record = new_record(command=command, config=config, argv=argv, seeds={"seed": config.train.seed},
                         extra={"data_fingerprints": data.fingerprints, "sizes": data.sizes,
-                               "device": str(device), "precision": precision})  # fmt: skip
+                               "device": str(device), "precision": precision,
+                               **({"validation": data.holdout.record()} if data.holdout is not None else {})})  # fmt: skip
     write_record(run_dir, record)
     tracker = as_tracker(progress)
     tracker.start_run(run_dir, run_dir.name)
@@ -165,6 +167,78 @@ def run_train(
         return _train(config, out, external_adapter, progress, argv)
 
 
+@dataclass
+class Kept:
+    """One epoch's adapter state and scores, kept in memory while it is the best on validation."""
+
+    epoch: int
+    state: dict[str, Any]
+    dev: EvalResult
+    validation: EvalResult | None
+
+
+class EpochWatch:
+    """`train --select best / --early-stop`: scores every epoch on the validation split (chooses) and the dev
+    split (reported), keeps the best epoch's adapter, and says when to stop. Without them, one evaluation
+    at the end scores both splits."""
+
+    def __init__(self, config: TrainConfig, model: Any, data: TaskData, device: Any, precision: str) -> None:
+        self.config, self.model, self.data, self.device, self.precision = (
+            config,
+            model,
+            data,
+            device,
+            precision,
+        )
+        self.selection = Selection(config.select, config.data.glue_task.main_metric, config.early_stop)
+        self.every_epoch = config.select == "best" or config.early_stop is not None
+        self.best: Kept | None = None
+        self.epochs: list[dict[str, Any]] = []
+        self.stopped: str | None = None
+        self.last: tuple[EvalResult, EvalResult | None] | None = None
+
+    def scores(self) -> tuple[EvalResult, EvalResult | None]:
+        task, c = self.config.data.glue_task, self.config
+        dev = evaluate(
+            self.model.module, task, self.data.evals, c.eval_batch_size, self.device, self.precision
+        )
+        held = self.data.validation_splits
+        val = (
+            evaluate(self.model.module, task, held, c.eval_batch_size, self.device, self.precision)
+            if held
+            else None
+        )
+        return dev, val
+
+    def on_epoch(self, epoch: int) -> bool:
+        dev, val = self.scores()
+        self.last = (dev, val)
+        self.selection.observe(epoch, val.metrics if val is not None else None)
+        self.epochs.append({"epoch": epoch, "dev": dev.metrics, "validation": val.metrics if val else None})
+        if self.config.select == "best" and self.selection.best_step == epoch:
+            state = {k: v.detach().clone() for k, v in self.model.state().items()}
+            self.best = Kept(epoch, state, dev, val)
+        if self.selection.stop:
+            sel = self.selection
+            self.stopped = (f"--early-stop {sel.patience}: no better validation {sel.metric} for {sel.since_best} "
+                            f"epochs after epoch {sel.best_step}; stopped after epoch {epoch}")  # fmt: skip
+        return self.selection.stop
+
+    def final(self) -> tuple[EvalResult, EvalResult | None]:
+        """The last state's scores (already taken when the last epoch was watched)."""
+        return self.last if self.last is not None else self.scores()
+
+    def record(self, validation: EvalResult | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"validation": validation.metrics if validation is not None else None}
+        if self.every_epoch:
+            chosen = self.selection.chosen
+            out["selected"] = {"rule": self.config.select, "metric": self.selection.metric, "epoch": chosen}
+            out["epochs"] = self.epochs
+        if self.stopped:
+            out["stopped"] = self.stopped
+        return out
+
+
 def _train(
     config: TrainConfig, out: Path, external_adapter: Path | None, progress: Progress, argv
 ) -> RunResult:
@@ -172,14 +246,17 @@ def _train(
     start = Start.resolve(config.model, config.train.precision, config.init_adapter, task, progress)
     device, precision, lora_spec = start.device, start.precision, start.lora(config.lora)
     model, data = start.build(config.model, config.data, config.train.seed, lora_spec, progress=progress)
-    planned_steps(len(data.train), config.train)
+    n_train = len(data.train_indices)
+    planned_steps(n_train, config.train)
     trainable, total = count_parameters(model.module)
+    held = f" ({len(data.holdout.validation):,} held out for validation)" if data.holdout is not None else ""
     progress.log(
-        f"{task.name}: {len(data.train):,} training examples, "
-        f"{steps_per_epoch(len(data.train), config.train.batch_size)} steps/epoch; LoRA r={lora_spec.r} alpha={lora_spec.alpha:g} on {','.join(lora_spec.target_modules)}: "
+        f"{task.name}: {n_train:,} training examples{held}, "
+        f"{steps_per_epoch(n_train, config.train.batch_size)} steps/epoch; LoRA r={lora_spec.r} alpha={lora_spec.alpha:g} on {','.join(lora_spec.target_modules)}: "
         f"{trainable:,} trainable of {total:,} parameters; {device.type}, {precision}"
     )
     tracker = as_tracker(progress)
+    watch = EpochWatch(config, model, data, device, precision)
     try:
         with _RunFolder(out, config.output.overwrite) as run_dir:
             _start_record(run_dir, "train", config, argv, data, device, precision, progress)
@@ -187,21 +264,27 @@ def _train(
                 training = train_model(
                     model.module, data.train, config.train, device=device, precision=precision,
                     seed=config.train.seed, progress=progress, description="training",
+                    indices=data.train_indices, on_epoch=watch.on_epoch if watch.every_epoch else None,
                 )  # fmt: skip
-                evaluation = (
-                    evaluate(model.module, task, data.evals, config.eval_batch_size, device, precision)
-                    if config.do_eval
-                    else None
-                )
+                if watch.stopped:
+                    progress.log(watch.stopped)
+                evaluation, validation = watch.final() if config.do_eval else (None, None)
                 adapter_dir = external_adapter or run_dir / "adapter"
                 meta = {"task": task.name, "label_names": list(task.label_names), "origin": "train"}
                 save_adapter(adapter_dir, model.state(), lora_spec, base_model=config.model.resolved, meta=meta,
                              option="--adapter-output-dir")  # fmt: skip
+                reported = adapter_dir
+                if watch.best is not None:  # --select best: the chosen epoch's adapter beside the last one
+                    reported = run_dir / "best" / "adapter"
+                    save_adapter(reported, watch.best.state, lora_spec, base_model=config.model.resolved,
+                                 meta={**meta, "epoch": watch.best.epoch})  # fmt: skip
+                    evaluation, validation = watch.best.dev, watch.best.validation
                 final = final_metrics(
-                    "train", task, evaluation, train=train_stats(training), adapter=adapter_dir
-                )
+                    "train", task, evaluation, train=train_stats(training), adapter=reported,
+                    extra=watch.record(validation),
+                )  # fmt: skip
                 write_metrics(run_dir / METRICS, final)
-                _report_final(tracker, training.steps, final, adapter_dir)
+                _report_final(tracker, training.steps, final, reported)
     except KeyboardInterrupt:
         raise _interrupted(out) from None
     return RunResult(
@@ -210,7 +293,7 @@ def _train(
         metrics=evaluation.metrics if evaluation else {},
         evaluation=evaluation,
         training=training,
-        adapter_dir=adapter_dir,
+        adapter_dir=reported,
         trainable_params=trainable,
         total_params=total,
         sizes=data.sizes,
@@ -239,7 +322,7 @@ def _baseline(config: BaselineConfig, out: Path, progress: Progress, argv) -> Ru
         config.model, config.data, config.train.seed, train=config.do_train, progress=progress
     )
     if config.do_train:
-        planned_steps(len(data.train), config.train)
+        planned_steps(len(data.train_indices), config.train)
     base.to(device)
     trainable, total = count_parameters(base)
     mode = "full fine-tuning" if config.do_train else "zero-shot evaluation (untrained head)"
@@ -254,14 +337,20 @@ def _baseline(config: BaselineConfig, out: Path, progress: Progress, argv) -> Ru
                     training = train_model(
                         base, data.train, config.train, device=device, precision=precision,
                         seed=config.train.seed, progress=progress, description="full fine-tuning",
+                        indices=data.train_indices,
                     )  # fmt: skip
                 evaluation = evaluate(base, task, data.evals, config.eval_batch_size, device, precision)
+                held = data.validation_splits
+                validation = (
+                    evaluate(base, task, held, config.eval_batch_size, device, precision) if held else None
+                )
                 if config.save_model:
                     with atomic.staged_dir(run_dir / "model") as tmp:
                         base.save_pretrained(str(tmp))
                         tokenizer.save_pretrained(str(tmp))
                 stats = train_stats(training) if training is not None else None
-                final = final_metrics("baseline", task, evaluation, train=stats)
+                extra = {"validation": validation.metrics if validation is not None else None}
+                final = final_metrics("baseline", task, evaluation, train=stats, extra=extra)
                 write_metrics(run_dir / METRICS, final)
                 _report_final(tracker, training.steps if training else 0, final, None)
     except KeyboardInterrupt:

@@ -202,6 +202,43 @@ def eval_batch_size_option() -> Any:
     )
 
 
+def select_option() -> Any:
+    return option(
+        "last",
+        "--select",
+        choices=("last", "best"),
+        check=one_of(("last", "best")),
+        panel="Evaluation",
+        resume_free=True,
+        help="which adapter is the result: the last, or the best on the validation split (kept as best/adapter; "
+        "needs --validation-fraction or --validation-examples)",
+    )
+
+
+def early_stop_option() -> Any:
+    return option(
+        None,
+        "--early-stop",
+        check=optional(integer(1)),
+        panel="Evaluation",
+        resume_free=True,
+        help="stop once this many evaluations in a row have not beaten the best validation score",
+    )
+
+
+def check_selection(data: DataSpec, select: str, early_stop: int | None, unit: str) -> None:
+    """--select best and --early-stop choose on the validation split: it must exist."""
+    for flag, asked in (
+        ("--select best", select == "best"),
+        (f"--early-stop {early_stop}", early_stop is not None),
+    ):
+        _check(
+            not asked or data.holds_out,
+            f"{flag} chooses the {unit} on a validation split: give --validation-fraction F or "
+            f"--validation-examples N (never the dev split, which is only reported)",
+        )
+
+
 def init_adapter_option(help: str) -> Any:
     return option(None, "--init-adapter", help=help, panel="LoRA")
 
@@ -504,9 +541,12 @@ class TrainConfig(Spec):
         panel="Output",
     )
     init_adapter: str | None = init_adapter_option("start from this adapter folder instead of a fresh LoRA")
+    select: str = select_option()
+    early_stop: int | None = early_stop_option()
 
     def validate(self) -> None:
         check_schedule(self.train, TRAIN_SCHEDULES, "train")
+        check_selection(self.data, self.select, self.early_stop, "epoch")
 
 
 @dataclass(frozen=True)
@@ -1032,6 +1072,8 @@ class RoundsConfig(Spec):
         help="also evaluate every client's adapter (one dev pass each)",
     )
     eval_batch_size: int = eval_batch_size_option()
+    select: str = select_option()
+    early_stop: int | None = early_stop_option()
     clients_per_round: int | None = option(
         None,
         "--clients-per-round",
@@ -1092,6 +1134,12 @@ class RoundsConfig(Spec):
     partition: PartitionSpec = field(default_factory=PartitionSpec)  # shard in memory instead of --shards
 
     def validate(self) -> None:
+        check_schedule(self.train, ROUNDS_SCHEDULES, "rounds")
+        check_selection(self.data, self.select, self.early_stop, "round")
+        _check(
+            self.eval_each_round or (self.select == "last" and self.early_stop is None),
+            "--select best and --early-stop score every round: drop --no-eval-each-round",
+        )
         _check(
             not (self.shards and self.partition.clients is not None),
             "give --shards DIR (made by fedlora shard) or --clients K (shard in memory), not both",

@@ -139,8 +139,8 @@ def adapter_foreign(folder: Path, prefix: str = "") -> list[str]:
 
 def run_foreign(folder: Path) -> list[str]:
     """A run folder is fedlora's when its run.json says so. `train` / `baseline` runs hold run.json,
-    metrics.json, adapter/ and (baseline) model/; `rounds` runs hold run.json, history.jsonl, shards/,
-    round_NNN/ and final/."""
+    metrics.json, adapter/, (train --select best) best/ and (baseline) model/; `rounds` runs hold run.json,
+    history.jsonl, shards/, round_NNN/, final/ and (--select best) best/."""
     names = entries(folder)
     record = _run_record(folder)
     if record is None or "fedlora" not in record.versions or record.command not in RUN_COMMANDS:
@@ -153,8 +153,14 @@ def run_foreign(folder: Path) -> list[str]:
             continue
         if name in TRACKER_DIRS and _is_dir(target):
             continue  # --report-to tensorboard / wandb logs
-        if command == "rounds" and (name in ("final", "shards") or ROUND_DIR.match(name)) and _is_dir(target):
+        if (
+            command == "rounds"
+            and (name in ("final", "best", "shards") or ROUND_DIR.match(name))
+            and _is_dir(target)
+        ):
             continue
+        if command == "train" and name == "best" and _is_dir(target):
+            continue  # --select best: the chosen epoch's adapter
         if name == "adapter" and _is_dir(target):
             foreign += adapter_foreign(target, prefix="adapter/")
             continue

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,6 +204,7 @@ def train_model(
     description: str = "training",
     prox_mu: float = 0.0,
     window: tuple[int, int] | None = None,
+    on_epoch: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Fit the model's trainable parameters on `data[indices]` (all of it by default).
 
@@ -212,6 +214,8 @@ def train_model(
     values when the call begins, i.e. the broadcast global adapter); 0 adds nothing at all.
     `window` = (first step, total steps) places this call in a longer schedule (`schedule_window`): the
     learning rate follows `spec.lr_schedule` over the total, warm-up included; None: over this call.
+    `on_epoch(epoch)` is called after each full epoch and after the last step; True stops training there
+    (--early-stop), and the result then counts the steps actually taken.
     """
     progress = progress or NullProgress()
     tracker = as_tracker(progress)
@@ -247,7 +251,9 @@ def train_model(
     samples = real = padded = 0
     step = 0
     start = time.perf_counter()
-    while step < total_steps:
+    stop = False
+    paused = 0.0  # seconds spent in on_epoch (evaluation): not training time
+    while step < total_steps and not stop:
         for idx in make_batches(
             lengths, indices, spec.batch_size, rng=rng, group_by_length=spec.group_by_length
         ):
@@ -281,21 +287,31 @@ def train_model(
             lr = scheduler.get_last_lr()[0]  # the rate the next step will use
             tracker.log_metrics(step, {"train/loss": value, "train/learning_rate": lr,
                                        "train/epoch": step / per_epoch})  # fmt: skip
-            if total_steps > per_epoch and (step % per_epoch == 0 or step == total_steps):
+            epoch_end = step % per_epoch == 0 or step == total_steps
+            if total_steps > per_epoch and epoch_end:
                 epoch = math.ceil(step / per_epoch)
                 done = losses[(epoch - 1) * per_epoch : step]
                 progress.log(f"{description}: epoch {epoch}/{math.ceil(total_steps / per_epoch)} · "
                              f"loss {float(done.mean()):.4f} · {time.perf_counter() - start:.1f} s")  # fmt: skip
-    seconds = time.perf_counter() - start
+            if on_epoch is not None and epoch_end:
+                t = time.perf_counter()
+                model.eval()
+                stop = bool(on_epoch(math.ceil(step / per_epoch)))
+                model.train()
+                paused += time.perf_counter() - t
+                if stop:
+                    break
+    seconds = time.perf_counter() - start - paused
     progress.stop(progress_key)
     model.eval()
 
-    tail = losses[-min(per_epoch, total_steps) :]
+    losses = losses[:step]  # fewer than planned when on_epoch stopped it
+    tail = losses[-min(per_epoch, step) :]
     peak = cuda_memory.stop()["cuda_peak_mb"]
     return TrainResult(
         loss=float(losses.mean()),
         last_loss=float(tail.mean()),
-        steps=total_steps,
+        steps=step,
         examples=len(indices),
         samples_seen=samples,
         seconds=seconds,

@@ -87,25 +87,21 @@ def _resumed(resume: str, values: c.Values) -> RoundsConfig:
 
 
 def show_rounds(result) -> None:
-    """One row per round: metric, loss, aggregation error, traffic, time; then the final adapter."""
+    """One row per round: dev (and validation) metric, loss, aggregation error, traffic, time; then which
+    round the run reports, and where its adapter is."""
     from rich.table import Table
 
     table = Table(title=f"fedlora rounds · {result.clients} clients", title_justify="left")
     dp = any("privacy" in row.aggregation for row in result.history)
-    for name in (
-        "round",
-        "clients",
-        result.main_metric,
-        "train loss",
-        "agg error",
-        *(("ε", "clipped") if dp else ()),
-        "MB down",
-        "MB up",
-        "seconds",
-    ):
+    held = any(row.validation for row in result.history)
+    metric = result.main_metric
+    columns = ["round", "clients", f"dev {metric}", *((f"validation {metric}",) if held else ()), "train loss",
+               "agg error", *(("ε", "clipped") if dp else ()), "MB down", "MB up", "seconds"]  # fmt: skip
+    for name in columns:
         table.add_column(name, justify="right")
+    chosen = (result.selected or {}).get("round") if (result.selected or {}).get("rule") == "best" else None
     for row in result.history:  # round 0: the starting adapter, before any training
-        ev = row.eval or {}
+        ev, val = row.eval or {}, row.validation or {}
         failed = len(row.failed)
         error = row.aggregation.get("error")
         privacy = row.aggregation.get("privacy") or {}
@@ -114,10 +110,12 @@ def show_rounds(result) -> None:
             if privacy
             else ("–", "–")
         )
+        clients = f"{len(row.clients)}" + (f" ({failed} failed)" if failed else "") if row.round else "start"
         table.add_row(
-            str(row.round),
-            f"{len(row.clients)}" + (f" ({failed} failed)" if failed else "") if row.round else "start",
-            f"{ev[result.main_metric]:.4f}" if result.main_metric in ev else "–",
+            f"{row.round}" + (" *" if row.round == chosen else ""),
+            clients,
+            f"{ev[metric]:.4f}" if metric in ev else "–",
+            *((f"{val[metric]:.4f}" if metric in val else "–",) if held else ()),
             f"{row.train_loss:.4f}" if row.train_loss is not None else "–",
             f"{error:.4f}" if error is not None else "–",
             *(dp_cells if dp else ()),
@@ -125,16 +123,23 @@ def show_rounds(result) -> None:
             f"{row.bytes_up / 2**20:.2f}",
             f"{row.seconds['wall']:.1f}",
         )
-    out = c.console()
+    out = c.console(wide=True)
     out.print(table)
     if result.stopped:
-        out.print(result.stopped)
+        out.print(result.stopped, markup=False, highlight=False)
+    if chosen is not None:
+        c.print_line(
+            f"* round {chosen}: the best validation {metric} (--select best); it is the result below"
+        )
     if result.final_metrics:
+        which = f"round {chosen}" if chosen is not None else "final"
         out.print(
-            "final: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if isinstance(v, float))
+            f"{which} (dev): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if isinstance(v, float)),
+            markup=False,
+            highlight=False,
         )
     if result.resumed_after:
         out.print(f"resumed after round {result.resumed_after}")
-    c.print_path("final adapter", result.final_adapter)
+    c.print_path("final adapter" if chosen is None else "selected adapter", result.final_adapter)
     c.print_path("run", result.run_dir)

@@ -14,7 +14,7 @@ from fedlora_cli.modeling import LoraModel
 from fedlora_cli.progress import Progress
 from fedlora_cli.strategies.base import ClientPlan, ClientReport
 from fedlora_cli.tasks import GlueTask
-from fedlora_cli.training import train_model
+from fedlora_cli.training import planned_steps, schedule_window, train_model
 
 
 def train_client(
@@ -25,6 +25,7 @@ def train_client(
     train_spec: TrainSpec,
     *,
     round_no: int,
+    rounds: int | None = None,
     run_seed: int,
     device: torch.device,
     precision: str,
@@ -35,10 +36,13 @@ def train_client(
     """One client's turn: load the plan (adapter, frozen parts, base delta), train on its shard, report.
 
     The base model is never reloaded: only the adapter state (and a method's base delta) moves in and
-    out. Pass `task` to also evaluate the client's adapter on the dev split(s).
+    out. Pass `task` to also evaluate the client's adapter on the dev split(s). `rounds` (the run's total)
+    places the turn in a global learning-rate schedule (--lr-schedule global-*).
     """
     model.apply_plan(plan)
     seed = derive_seed(run_seed, round_no, plan.client_id)
+    steps = planned_steps(len(indices), train_spec)
+    window = schedule_window(train_spec.lr_schedule, round_no, rounds or round_no, steps)
     result = train_model(
         model.module,
         data.train,
@@ -51,6 +55,7 @@ def train_client(
         progress_key="client",
         prox_mu=plan.prox_mu,
         description=f"round {round_no} · client {plan.client_id}",
+        window=window,
     )
     evaluation = None
     if task is not None:
@@ -64,6 +69,8 @@ def train_client(
         "tokens_per_second": result.tokens_per_second,
         "order": result.order_digest,
     }
+    if result.lr_range is not None:
+        train["lr_range"] = [float(v) for v in result.lr_range]
     state = model.state()
     if plan.clip_norm is not None:  # differential privacy, clipped here: the server never sees more
         from fedlora_cli.privacy import clip_client_update

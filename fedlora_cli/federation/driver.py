@@ -27,6 +27,7 @@ from fedlora_cli.runs import complete_rounds
 from fedlora_cli.runs.history import HistoryRow
 from fedlora_cli.runs.integrity import STATE_FILE
 from fedlora_cli.runs.record import now
+from fedlora_cli.selection import Selection
 from fedlora_cli.strategies.base import ClientPlan, ClientReport, GlobalAdapter
 from fedlora_cli.tasks import GlueTask
 from fedlora_cli.trackers import report_round
@@ -73,7 +74,9 @@ class RoundsResult:
     resumed_after: int  # rounds already complete when this call started
     clients: int
     main_metric: str
-    stopped: str | None = None  # why the run ended before --rounds (--dp-target-epsilon), if it did
+    stopped: str | None = None  # why the run ended before --rounds (--dp-target-epsilon, --early-stop)
+    selected: dict[str, Any] | None = None  # --select: the round kept, its validation and dev metrics
+    last: dict[str, Any] | None = None  # the last round's number, validation and dev metrics
 
 
 @dataclass(frozen=True)
@@ -106,15 +109,22 @@ class RoundDriver:
             self.current = setup.initial
         last = setup.recorder.history[-1] if setup.recorder.history else None
         self.metrics: dict[str, float] = dict(last.eval or {}) if last is not None else {}
+        self.validation: dict[str, float] | None = dict(last.validation) if last and last.validation else None
+        self.selection = Selection(config.select, setup.task.main_metric, config.early_stop)
+        for row in setup.recorder.history:  # a resumed run chooses among every complete round
+            if row.round >= 1:
+                self.selection.observe(row.round, row.validation)
+        self.stopped: str | None = None
         if not setup.start_round and setup.config.eval_each_round and not setup.recorder.history:
             self._record_round_zero()
 
     def _record_round_zero(self) -> None:
         """History row 0: the starting adapter (fresh from the seed, or --init-adapter) before training."""
         t = time.perf_counter()
-        evaluation = self.evaluate_global()
+        evaluation, validation = self.evaluate_current()
         seconds = time.perf_counter() - t
         self.metrics = evaluation.metrics
+        self.validation = validation.metrics if validation is not None else None
         row = HistoryRow(
             round=0,
             clients=[],
@@ -130,13 +140,33 @@ class RoundDriver:
             seconds={"wall": seconds, "eval": seconds},
             time=now(),
             eval_loss=evaluation.loss,
+            validation=self.validation,
         )
         self.s.recorder.complete_round(row)
         report_round(self.progress, row.to_json())
 
     @property
-    def rounds_left(self) -> range:
-        return range(self.s.start_round + 1, self.s.config.rounds + 1)
+    def rounds_left(self):
+        """The rounds still to run, in order; ends early once `--early-stop` says so (`self.stopped`)."""
+        if self.selection.stop:  # a resumed run that had already stopped early
+            self.stopped = self._stop_message()
+            return
+        for round_no in range(self.s.start_round + 1, self.s.config.rounds + 1):
+            if self.stopped is not None:
+                return
+            yield round_no
+
+    @property
+    def rounds_to_run(self) -> int:
+        """How many rounds are left at most (fewer when --early-stop ends the run)."""
+        return 0 if self.selection.stop else max(0, self.s.config.rounds - self.s.start_round)
+
+    def _stop_message(self) -> str:
+        sel = self.selection
+        return (
+            f"--early-stop {sel.patience}: no better validation {sel.metric} for {sel.since_best} evaluations "
+            f"after round {sel.best_step} ({sel.best_value:.4f}); stopped after round {sel.last_step}"
+        )
 
     def plan_round(self, round_no: int) -> RoundPlan:
         """Select this round's clients (seeded) and ask the strategy what each one does."""
@@ -226,10 +256,12 @@ class RoundDriver:
         self.current = outcome.adapter
 
         t = time.perf_counter()
-        evaluation = None
+        evaluation = validation = None
         if config.eval_each_round or round_no == config.rounds:
-            evaluation = self.evaluate_global()
+            evaluation, validation = self.evaluate_current()
             self.metrics = evaluation.metrics
+            self.validation = validation.metrics if validation is not None else None
+            self.selection.observe(round_no, self.validation)
         eval_seconds = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -259,11 +291,17 @@ class RoundDriver:
                 "io": io_seconds,
             },
             time=now(),
-            learning_rate=config.train.learning_rate,
+            learning_rate=max(
+                (r.train["lr_range"][0] for r in usable if r.train.get("lr_range")), default=None
+            ),
             eval_loss=evaluation.loss if evaluation is not None else None,
-            extra={"memory": self._round_memory(plan)},
+            validation=self.validation if validation is not None else None,
+            extra={"memory": self._round_memory(plan), **_lr_range(usable)},
         )
         s.recorder.complete_round(row)
+        if self.selection.stop and round_no < config.rounds:
+            self.stopped = self._stop_message()
+            self.progress.log(self.stopped)
         report_round(self.progress, row.to_json())
         info = round_info(row, s.task) + (f" · {len(failures)} failed" if failures else "")
         self.progress.advance("rounds", 1, info=info)
@@ -280,31 +318,76 @@ class RoundDriver:
 
     def evaluate_global(self) -> EvalResult:
         """The current global model (adapter and the strategy's base delta) on the dev split(s)."""
+        return self.evaluate_current()[0]
+
+    def evaluate_current(self) -> tuple[EvalResult, EvalResult | None]:
+        """The current global model on the dev split(s) (reported) and on the validation split (chooses)."""
         s = self.s
         s.model.apply_global(self.current, s.strategy.base_delta(), s.strategy.base_delta_key())
-        return evaluate(s.model.module, s.task, s.data.evals, s.config.eval_batch_size, s.device, s.precision)
+        dev = evaluate(s.model.module, s.task, s.data.evals, s.config.eval_batch_size, s.device, s.precision)
+        held = s.data.validation_splits
+        val = (
+            evaluate(s.model.module, s.task, held, s.config.eval_batch_size, s.device, s.precision)
+            if held
+            else None
+        )
+        return dev, val
 
     def finish(self) -> RoundsResult:
-        """Write final/: the global model as one plain PEFT adapter, and its metrics."""
+        """Write final/ (the last round's global model as one plain PEFT adapter) and, with --select best,
+        best/ (the round chosen on the validation split, exported from that round's saved adapter and
+        server state); final/metrics.json reports the selected adapter's dev metrics beside the last's."""
         s = self.s
+        history = s.recorder.history
+        last_round = history[-1].round if history else s.start_round
         exported = s.strategy.export(self.current)
-        extra = {"exported_rank": exported.lora.r} if exported.lora.r != self.current.lora.r else {}
-        final = s.recorder.finish(exported, self.metrics, s.config.rounds, extra)
+        extra: dict[str, Any] = (
+            {"exported_rank": exported.lora.r} if exported.lora.r != self.current.lora.r else {}
+        )
+        last = {"round": last_round, "dev": self.metrics, "validation": self.validation}
+        chosen = self.selection.chosen if s.config.select == "best" else None
+        best = None
+        reported, report_validation = self.metrics, self.validation
+        if chosen is not None:
+            row = next(r for r in history if r.round == chosen)
+            adapter = exported
+            if chosen != last_round:
+                global_k, state_k = s.recorder.load_global(chosen)
+                s.strategy.load_state_dict(state_k)  # the run is over: its state only serves this export
+                adapter = s.strategy.export(global_k)
+            best = (chosen, adapter)
+            reported, report_validation = dict(row.eval or {}), row.validation
+        selected = {"rule": s.config.select, "metric": self.selection.metric, "round": chosen or last_round,
+                    "dev": reported, "validation": report_validation}  # fmt: skip
+        extra.update(selected=selected, last=last, validation=report_validation)
+        if self.stopped:
+            extra["stopped"] = self.stopped
+        final = s.recorder.finish(exported, reported, last_round, extra, best=best)
         tracker = as_tracker(self.progress)
-        eval_metrics = {f"eval/{k}": v for k, v in self.metrics.items() if isinstance(v, int | float)}
+        eval_metrics = {f"eval/{k}": v for k, v in reported.items() if isinstance(v, int | float)}
         if eval_metrics:
-            tracker.log_metrics(s.config.rounds, eval_metrics)
+            tracker.log_metrics(last_round, eval_metrics)
         tracker.log_artifact(final, "adapter")
         return RoundsResult(
             run_dir=s.run_dir,
             final_adapter=final,
-            history=s.recorder.history,
-            final_metrics=self.metrics,
+            history=history,
+            final_metrics=reported,
             resumed_after=s.start_round,
             clients=len(self.client_ids),
             main_metric=s.task.main_metric,
-            stopped=s.stopped,
+            stopped=self.stopped or s.stopped,
+            selected=selected,
+            last=last,
         )
+
+
+def _lr_range(reports: list[ClientReport]) -> dict[str, Any]:
+    """The learning rates the round's clients trained with: from the highest first to the lowest last."""
+    ranges = [r.train["lr_range"] for r in reports if r.train.get("lr_range")]
+    if not ranges:
+        return {}
+    return {"learning_rate_range": [max(a for a, _ in ranges), min(b for _, b in ranges)]}
 
 
 def round_info(row: HistoryRow, task: GlueTask) -> str:

@@ -30,6 +30,7 @@ def local_rounds(driver: RoundDriver) -> None:
                 plan.plans[cid],
                 s.config.train,
                 round_no=round_no,
+                rounds=s.config.rounds,
                 run_seed=s.config.train.seed,
                 device=s.device,
                 precision=s.precision,

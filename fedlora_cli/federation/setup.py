@@ -165,6 +165,30 @@ def _shards(config: RoundsConfig, run_dir: Path, progress: Progress) -> tuple[An
     return shards, True
 
 
+def check_holdout(shards: Any, data: Any, config: RoundsConfig) -> None:
+    """No client may train on a held-out validation example: shards made by this run leave them out;
+    --shards made without the same hold-out are refused, with the command that makes matching ones."""
+    import numpy as np
+
+    held = data.holdout
+    if held is None:
+        return
+    mask = np.zeros(len(data.train), dtype=bool)
+    mask[held.validation] = True
+    overlap = {cid: int(mask[idx].sum()) for cid, idx in zip(shards.client_ids, shards.clients, strict=True)}
+    bad = {cid: n for cid, n in overlap.items() if n}
+    if bad:
+        d = config.data
+        flag = (f"--validation-examples {d.validation_examples}" if d.validation_examples is not None
+                else f"--validation-fraction {d.validation_fraction:g}")  # fmt: skip
+        first = next(iter(bad))
+        raise InputError(
+            f"the shards hold held-out validation examples ({sum(bad.values())} in {len(bad)} client(s), e.g. "
+            f"{bad[first]} in client {first}): make them with `fedlora shard … {flag} --validation-seed "
+            f"{d.validation_seed}`, or let `rounds --clients K` shard the rest itself"
+        )
+
+
 def _prepare(
     config: RoundsConfig,
     shards: Any,
@@ -206,6 +230,7 @@ def _prepare(
         config.model, config.data, config.train.seed, start_lora, progress=progress, fits=fits
     )
     validate_shards(shards, task.name, len(data.train), train_fingerprint=data.fingerprints["train"])
+    check_holdout(shards, data, config)
     initial = strategy.initial(GlobalAdapter(model.state(), start_lora))  # from the seed, or --init-adapter
 
     record = run_record(
@@ -215,6 +240,7 @@ def _prepare(
         seeds={"seed": config.train.seed, "client_seed": "SeedSequence([seed, round, client])"},
         extra={
             "data_fingerprints": data.fingerprints,
+            **({"validation": data.holdout.record()} if data.holdout is not None else {}),
             "shards_fingerprint": shards.fingerprint,
             "shards": str(Path(config.shards).resolve())
             if config.shards
@@ -255,7 +281,14 @@ def _prepare(
         f"{per_round} per round, {min(steps)}–{max(steps)} local steps; {config.aggregation.method}; LoRA "
         f"r={','.join(map(str, ranks))} alpha/r={client_lora.scaling:g} on {','.join(client_lora.target_modules)}: "
         f"{trainable:,} trainable of {total:,} parameters; adapter {initial.num_bytes / 2**20:.2f} MB; "
-        f"{device.type}, {precision}" + (f"; resuming after round {start}" if start else "")
+        f"{device.type}, {precision}; lr {config.train.learning_rate:g} {config.train.lr_schedule}"
+        + (
+            f"; {len(data.holdout.validation):,} training examples held out for validation"
+            if data.holdout
+            else ""
+        )
+        + (f"; keeps the {config.select} round" if config.select == "best" else "")
+        + (f"; resuming after round {start}" if start else "")
     )
     return Setup(
         config=config,

@@ -76,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
         worker = _worker(config, plan.adapter.lora)
         worker.check(shard)
         report = train_client(
-            worker.model, worker.data, shard.indices, plan, config.train, round_no=round_no,
+            worker.model, worker.data, shard.indices, plan, config.train, round_no=round_no, rounds=config.rounds,
             run_seed=config.train.seed, device=worker.device, precision=worker.precision,
             task=worker.task if config.eval_clients else None, eval_batch_size=config.eval_batch_size,
             progress=deadline,

@@ -292,7 +292,7 @@ def report_to_config(client_id: int, examples: int, seed: int, lora: LoraSpec, t
 # there only when the plan clips the update (client-side DP).
 TRAIN_FIELDS = {"loss": "number", "last_loss": "number", "steps": "count", "seconds": "number",
                 "samples_per_second": "number", "tokens_per_second": "number", "order": "text"}  # fmt: skip
-OPTIONAL_TRAIN_FIELDS = {"update_norm": "number"}
+OPTIONAL_TRAIN_FIELDS = {"update_norm": "number", "lr_range": "pair"}
 MAX_EXAMPLES = 2**63 - 1  # the range of a count; the server then compares it with the shard's size
 
 
@@ -313,6 +313,18 @@ def report_from_config(record: Mapping[str, Any]) -> dict[str, Any]:
             train[name] = number(record, key, finite=True)
         elif kind == "count":
             train[name] = whole(record, key, 0, MAX_EXAMPLES)
+        elif kind == "pair":  # two finite numbers (the first and last learning rate)
+            pair = _field(record, key)
+            ok = (
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in pair
+                )
+            )
+            if not ok:
+                raise ValueError(f"{key} must be two finite numbers, got {_show(pair)}")
+            train[name] = [float(v) for v in pair]
         else:
             text = _field(record, key)
             if not isinstance(text, str) or len(text) > 256:

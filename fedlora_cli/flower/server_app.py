@@ -116,7 +116,7 @@ def run_server(
         """Find which node serves which client, then let Flower's `Strategy.start` carry the rounds left."""
         nodes = identify_clients(grid, driver.s.shards, driver.s.config, progress)
         strategy = FedloraStrategy(driver, nodes)
-        remaining = len(driver.rounds_left)
+        remaining = driver.rounds_to_run
         # --round-timeout None: wait for every reply (PollingGrid takes None, though Flower's type says float)
         timeout: Any = config.round_timeout
         if remaining > 0:
@@ -266,7 +266,11 @@ class FedloraStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send each selected client its own plan (adapter, LoRA shape, what trains) on its node."""
+        """Send each selected client its own plan (adapter, LoRA shape, what trains) on its node; nothing once
+        the run has stopped early (--early-stop): Flower's remaining rounds then pass without work."""
+        if self.driver.stopped is not None:
+            self.round = None
+            return []
         plan = self.driver.plan_round(self.round_no(server_round))
         cfg = self.driver.s.config
         if any(c not in self.nodes for c in plan.selected):
@@ -311,6 +315,8 @@ class FedloraStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replies -> ClientReports -> `RoundDriver.close_round` (checks, aggregates, evaluates, records)."""
         r = self.round
+        if r is None and self.driver.stopped is not None:
+            return None, None
         assert r is not None and r.plan.round_no == self.round_no(server_round), "aggregate before configure"
         ok, failed = sort_replies(r.sent, replies, self.driver.s.config.round_timeout)
         failed += r.failed

@@ -61,7 +61,7 @@ def run_path(output: OutputSpec, task: str, model_short: str, prefix: str = "") 
 # What a single-machine run writes; --overwrite removes these and nothing else. A failed run keeps its
 # record and its tracker logs (TRACKER_DIRS), and loses its partial outputs (the rest).
 TRACKER_DIRS = set(ownership.TRACKER_DIRS)
-RUN_ENTRIES = {RUN_RECORD, METRICS, "adapter", "model", *TRACKER_DIRS}
+RUN_ENTRIES = {RUN_RECORD, METRICS, "adapter", "best", "model", *TRACKER_DIRS}
 RUN_OPTION = "--run-name / --output-dir"
 
 
@@ -159,6 +159,11 @@ class RoundTree:
     def final_dir(self) -> Path:
         return self.root / "final"
 
+    @property
+    def best_dir(self) -> Path:
+        """--select best: the round chosen on the validation split, exported as one plain PEFT adapter."""
+        return self.root / "best"
+
     def is_complete(self, round_no: int) -> bool:
         g = self.global_dir(round_no)
         return (g / METRICS).is_file() and (g / ADAPTER_DIR / "adapter_model.safetensors").is_file()
@@ -183,9 +188,9 @@ class RoundTree:
             if number > round_no and entry.is_dir():
                 shutil.rmtree(entry)
                 removed.append(entry)
-        final = self.final_dir
-        if final.exists():
-            shutil.rmtree(final)
-            removed.append(final)
+        for final in (self.final_dir, self.best_dir):  # both are made again when the run ends
+            if final.exists():
+                shutil.rmtree(final)
+                removed.append(final)
         atomic.remove_stale_temporaries(self.root)
         return removed

@@ -42,10 +42,12 @@ class HistoryRow:
     bytes_written: int  # to the run tree
     seconds: dict[str, float]  # wall, train, aggregate, eval, io
     time: str = ""  # ISO 8601, when the round completed
-    learning_rate: float | None = (
-        None  # the clients' peak learning rate this round (warmup, then linear decay)
-    )
+    # the clients' learning rate at the round's first step (with --lr-schedule global-*, each round starts
+    # lower; the range over the round is in `learning_rate_range`)
+    learning_rate: float | None = None
     eval_loss: float | None = None  # the global model's loss on the dev split(s), when evaluated
+    # the global adapter on the held-out validation split (holdout.py), when there is one: what chooses
+    validation: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # optional sections (e.g. memory, privacy)
 
     def to_json(self) -> dict[str, Any]:
@@ -97,6 +99,7 @@ _SHAPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bytes_written": (_of(int), "a whole number"), "seconds": (_of(dict), "a JSON object"),
     "time": (_of(str), "a string"), "learning_rate": (_optional_number, "a number or null"),
     "eval_loss": (_optional_number, "a number or null"),
+    "validation": (_of(dict, type(None)), "a JSON object or null"),
 }  # fmt: skip
 _MISSING: dict[str, Callable[[], Any]] = {
     "clients": list, "failed": list, "client_metrics": list, "examples": int, "train_loss": lambda: None,

@@ -233,16 +233,29 @@ class RoundRecorder:
         return GlobalAdapter(adapter.state, adapter.lora), state
 
     def finish(
-        self, adapter: GlobalAdapter, metrics: dict[str, Any], rounds: int, extra: dict[str, Any]
+        self,
+        adapter: GlobalAdapter,
+        metrics: dict[str, Any],
+        rounds: int,
+        extra: dict[str, Any],
+        *,
+        best: tuple[int, GlobalAdapter] | None = None,
     ) -> Path:
-        """final/: the global model as ONE plain PEFT adapter, and the final metrics (the shared shape)."""
+        """final/: the last global model as ONE plain PEFT adapter; best/ (--select best): the chosen round's;
+        final/metrics.json: the final metrics (the shared shape) of the adapter the run reports."""
         final = self.tree.final_dir
         save_adapter(final / ADAPTER_DIR, adapter.state, adapter.lora, base_model=self.base_model,
                      meta=self._meta("final", rounds))  # fmt: skip
-        shape = final_metrics("rounds", self.task, metrics=metrics, adapter=final / ADAPTER_DIR, rounds=rounds,
+        reported = final / ADAPTER_DIR
+        if best is not None:
+            chosen, best_adapter = best
+            reported = self.tree.best_dir / ADAPTER_DIR
+            save_adapter(reported, best_adapter.state, best_adapter.lora, base_model=self.base_model,
+                         meta=self._meta("best", chosen))  # fmt: skip
+        shape = final_metrics("rounds", self.task, metrics=metrics, adapter=reported, rounds=rounds,
                               extra=extra)  # fmt: skip
         write_metrics(final / METRICS, shape)
-        return final / ADAPTER_DIR
+        return reported
 
 
 def _check_same_run(previous: RunRecord, record: dict[str, Any]) -> None:
@@ -262,6 +275,7 @@ def _check_same_run(previous: RunRecord, record: dict[str, Any]) -> None:
                 out[f"{prefix}{k}"] = v
         return out
 
+    _check_schedule_span(_normalised(previous.config), _normalised(record["config"]))
     old, new = flat(_normalised(previous.config)), flat(_normalised(record["config"]))
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
@@ -273,6 +287,21 @@ def _check_same_run(previous: RunRecord, record: dict[str, Any]) -> None:
         if previous.extra.get(key) != record.get(key):
             raise InputError(f"--resume: the {key.replace('_', ' ')} changed since the run started; "
                              f"resume with the same data and shards, or start a new run")  # fmt: skip
+
+
+def _check_schedule_span(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """--rounds may change on --resume because no round depends on the total — unless the learning rate
+    follows one schedule over all rounds (--lr-schedule global-*), where the total sets every round's rates."""
+    from fedlora_cli.training import GLOBAL_SCHEDULES
+
+    train = old.get("train") if isinstance(old.get("train"), dict) else {}
+    schedule = train.get("lr_schedule")
+    if schedule in GLOBAL_SCHEDULES and old.get("rounds") != new.get("rounds"):
+        raise InputError(
+            f"--resume with --rounds {new.get('rounds')}: the run's --lr-schedule {schedule} spans its "
+            f"{old.get('rounds')} rounds, so the rounds already done would have had other learning rates; "
+            f"start a new run for another length (or use --lr-schedule per-turn or constant)"
+        )
 
 
 def _normalised(config: dict[str, Any]) -> dict[str, Any]:
