@@ -274,8 +274,7 @@ def _shards(config: RoundsConfig, run_dir: Path, progress: Progress) -> tuple[An
     Made shards are staged beside the run folder and moved into `<run>/shards/` once the run folder is
     claimed (`_prepare`); a resumed run reads the ones it wrote.
     """
-    import tempfile
-
+    from fedlora_cli import atomic
     from fedlora_cli.sharding import read_shards, run_shard
 
     if config.shards:
@@ -284,7 +283,7 @@ def _shards(config: RoundsConfig, run_dir: Path, progress: Progress) -> tuple[An
     if config.resuming and (own / "summary.json").is_file():
         return read_shards(own), None
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.shards.", suffix=".tmp", dir=run_dir.parent))
+    staged = atomic.new_temp_dir(run_dir)  # a fedlora temporary: a killed run's is cleared by the next one
     try:
         spec = config.partition.shard_config(config.data, config.train.seed, str(staged / SHARDS_DIR),
                                              cache_dir=config.model.cache_dir)  # fmt: skip
