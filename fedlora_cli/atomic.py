@@ -55,7 +55,9 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
 
 
 # `.<target>.fedlora-<host>-<pid>-<random>.tmp|.old`: a name no user writes by accident
-_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.fedlora-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$")
+_LEFTOVER = re.compile(
+    r"^\.(?P<target>.+)\.fedlora-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$"
+)
 
 
 @functools.cache
@@ -94,7 +96,6 @@ def new_temp_dir(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name beside {path}")
-
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -169,6 +170,25 @@ def staged_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give the files under `folder` the mode a plain `open()` gives (0666 less the umask), for writers that
+    create theirs 0600 whatever the umask (safetensors' save_file, which transformers' save_pretrained uses)."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _approve(path: Path, may_replace: Callable[[Path], None] | None) -> None:

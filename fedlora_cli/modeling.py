@@ -452,16 +452,19 @@ def save_adapter(
     only if it is a fedlora adapter folder (ownership.ADAPTER); `option` names it in that error.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     files = sorted({*ADAPTER_FILES, *(extra_json or {})})
     with atomic.staged_dir(path, may_replace=ownership.may_replace(ownership.ADAPTER, option)) as tmp:
         lora_config(lora, base_model, inference_mode=True).save_pretrained(str(tmp))
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         try:
-            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        except SafetensorError as e:  # its I/O errors (disk full …) come wrapped in this type
+            data = save(tensors, metadata={"format": "pt"})
+        except SafetensorError as e:
             raise OutputError(f"cannot write {path}: {first_line(e)}") from e
+        # written by Python, not by safetensors' save_file (which creates its file 0600 whatever the
+        # umask): the weights are as readable as the JSON beside them
+        (tmp / ADAPTER_WEIGHTS).write_bytes(data)
         description = {"fedlora_version": __version__, **(meta or {}), "files": files}
         (tmp / ADAPTER_META).write_text(atomic.dumps_json(description))
         for name, obj in (extra_json or {}).items():

@@ -237,9 +237,13 @@ def test_a_users_dot_old_and_dot_tmp_files_are_never_taken_for_fedlora_leftovers
     (tmp_path / "c.toml").write_text(f'output-dir = "{target}"\n')
     one_error_line(run(*args), 2, str(target))  # occupied: refused, one way or another
     assert snapshot(target) == before
-    one_error_line(run(*args, "--overwrite"), 2, "holds files that fedlora did not write (.draft.tmp, .photos.old")
+    one_error_line(
+        run(*args, "--overwrite"), 2, "holds files that fedlora did not write (.draft.tmp, .photos.old"
+    )
     assert snapshot(target) == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left beside
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    )  # no temporary left beside
 
 
 def test_a_merge_killed_by_sigkill_leaves_a_temporary_that_the_next_merge_clears(trained, tmp_path):
