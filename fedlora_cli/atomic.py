@@ -218,9 +218,9 @@ def remove_dead_leftovers(path: str | os.PathLike) -> None:
     with contextlib.suppress(OSError):
         for entry in path.parent.iterdir():
             match = _LEFTOVER.match(entry.name)
-            if match and match["target"] == path.name and match["host"] == _host_tag():
-                if not _alive(int(match["pid"])):
-                    _remove(entry)
+            ours = match is not None and match["target"] == path.name and match["host"] == _host_tag()
+            if ours and not _alive(int(match["pid"])):
+                _remove(entry)
 
 
 def _alive(pid: int) -> bool:
