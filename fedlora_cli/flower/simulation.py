@@ -478,12 +478,14 @@ def _check_resources(config: RoundsConfig) -> None:
 @contextlib.contextmanager
 def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
     """Ctrl-C or SIGTERM asks the ServerApp to stop at its next wait, so the round in progress ends in order and
-    the run stays resumable; a second Ctrl-C stops everything at once."""
+    the run stays resumable; a second Ctrl-C stops everything at once. SIGTERM only in the `fedlora` command's
+    own process (termination.enable): in library use it stays the host's."""
     from fedlora_cli import termination
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signals = (signal.SIGINT, signal.SIGTERM) if termination.enabled() else (signal.SIGINT,)
 
     def handler(signum: int, frame: Any) -> None:
         if signum == signal.SIGTERM:
@@ -492,7 +494,7 @@ def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
             raise KeyboardInterrupt
         abort.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
