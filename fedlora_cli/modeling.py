@@ -116,11 +116,20 @@ def _load_pretrained(loader: Any, spec: ModelSpec, what: str, **kwargs: Any) -> 
         raise InputError(f"--model {name}: no such folder; pass an existing model folder or a hub id")
     if spec.is_local:
         _check_local_model(spec, what)
+    from safetensors import SafetensorError
+
     try:
         with memory.paused_gc():  # the imports this triggers would otherwise cost ~0.6 s of collections
             return loader.from_pretrained(
                 spec.resolved, cache_dir=spec.cache_dir, trust_remote_code=False, **kwargs
             )
+    except SafetensorError as e:  # a damaged or truncated *.safetensors: its header cannot be read
+        where = "the folder" if spec.is_local else "the Hugging Face cache"
+        fix = ("copy or save the model again" if spec.is_local else
+               f"delete it from the cache and run `fedlora download --model {name}` again")  # fmt: skip
+        raise InputError(
+            f"--model {name}: the {what} in {where} are damaged ({first_line(e)}); {fix}"
+        ) from None
     except OSError as e:
         if spec.is_local:
             first = first_line(e)
