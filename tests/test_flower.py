@@ -445,6 +445,56 @@ def test_failed_and_missing_replies_are_failures_with_their_reason():
     ]
 
 
+def test_a_client_that_crashes_while_starting_is_a_failure_not_bad_input(tmp_path, monkeypatch):
+    """Ray's out-of-memory killer (or a bug) under a virtual client is exit 1; only fedlora's own answer about the
+    node's config, shard or model is bad input (exit 2)."""
+    from flwr.app import Error
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora_cli.errors import FedloraError, InputError
+    from fedlora_cli.flower.server_app import query_nodes
+    from fedlora_cli.sharding import read_shards
+
+    for key in (
+        "_run_id",
+        "_node_id",
+        "_task_id",
+    ):  # as in a ServerApp: the messages it makes carry the run and its node
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+    shards = read_shards(write_manifests(tmp_path / "k1", [[0, 1, 2]]))
+    config = RoundsConfig(DataSpec("sst2"), shards=str(shards.directory))
+
+    class OneReply:
+        def __init__(self, error):
+            self.error = error
+
+        def send_and_receive(self, messages, timeout=None):
+            return [fake_message(7, 0, "query", error=self.error)]
+
+    def query(code, reason):
+        return query_nodes(OneReply(Error(code, reason)), [7], shards, config, 5.0)
+
+    oom = ("<class 'ray.exceptions.OutOfMemoryError'>:<'Task was killed due to the node running low on memory.\n"
+           "Memory on the node (IP: 127.0.0.1) was 7.5GB / 7.8GB (0.96), which exceeds the threshold'>")  # fmt: skip
+    crashes = [
+        (0, oom, "(OutOfMemoryError: Task was killed due to the node running low on memory.)"),
+        (2, "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
+            "Message: CUDA out of memory'>", "(ClientAppException: CUDA out of memory)"),
+        (2, "MemoryError: cannot allocate", "(MemoryError: cannot allocate)"),  # `fedlora clientapp`'s words
+        (5, "", "(error code 5)"),
+    ]  # fmt: skip
+    for code, reason, said in crashes:
+        with pytest.raises(FedloraError) as info:
+            query(code, reason)
+        assert type(info.value) is FedloraError and info.value.exit_code == 1
+        assert f"SuperNode 7 failed while starting its client {said}" in str(info.value)
+    with pytest.raises(
+        InputError, match="SuperNode 7 cannot serve a client: node config: give shard-manifest"
+    ):
+        query(2, "node config: give shard-manifest='/path/client_<i>.json' (or partition-id / client-id)")
+
+
 def test_client_app_answers_query_and_evaluate_and_reports_bad_node_config(tiny_model, glue_dir, shards):
     from flwr.app import ConfigRecord, Context, RecordDict
 
