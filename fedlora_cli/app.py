@@ -65,4 +65,8 @@ def _root(
 
 
 def main() -> None:
+    """The `fedlora` console command (and `python -m fedlora_cli`): this process handles SIGTERM as Ctrl-C."""
+    from fedlora_cli import termination
+
+    termination.enable()
     app()

@@ -4,15 +4,26 @@ Temporary files and folders are created with the mode a plain `open()` / `mkdir(
 less the umask), so what fedlora writes on a shared volume is as readable as the user's umask says.
 A write that fails (disk full, read-only file system, no permission) raises OutputError naming the
 target, never the temporary name, and leaves neither the temporary nor a half-written target behind.
+
+Temporaries are unmistakably fedlora's: `.<target>.fedlora-<host>-<pid>-<random>.tmp` (and `.old` for a
+folder being replaced), where <host> is a short hash of the machine's name and <pid> the writing
+process. Cleanup removes only names of that exact shape, never a user's `.thesis.old` or `.draft.tmp`.
+Beside a target (outside any locked run folder), a temporary is removed only when the process that
+made it, on this machine, is gone: a write killed by SIGKILL leaves one, and the next write to the
+same target clears it; a write still running in another process keeps its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,12 +54,25 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise OutputError(io_message("write", path, e)) from e
 
 
+# `.<target>.fedlora-<host>-<pid>-<random>.tmp|.old`: a name no user writes by accident
+_LEFTOVER = re.compile(
+    r"^\.(?P<target>.+)\.fedlora-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$"
+)
+
+
+@functools.cache
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
 def _temp_path(path: Path, suffix: str) -> Path:
-    return path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+    return path.parent / f".{path.name}.fedlora-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
 
 
 def _new_temp_file(path: Path) -> tuple[int, Path]:
-    """Create `.<name>.<random>.tmp` beside `path`, exclusively, with mode 0666 less the umask."""
+    """Create a temporary file beside `path`, exclusively, with mode 0666 less the umask (leftovers of earlier
+    writes to `path` whose process is gone are removed first)."""
+    remove_dead_leftovers(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(_TRIES):
         tmp = _temp_path(path, ".tmp")
@@ -59,8 +83,11 @@ def _new_temp_file(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-def _new_temp_dir(path: Path, suffix: str = ".tmp") -> Path:
-    """Create `.<name>.<random><suffix>` beside `path`, with mode 0777 less the umask."""
+def new_temp_dir(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """Create a temporary folder beside `path` (see the module docstring for its name), with mode 0777 less
+    the umask; first remove the leftovers of earlier writes to `path` whose process is gone."""
+    path = Path(path)
+    remove_dead_leftovers(path)
     for _ in range(_TRIES):
         tmp = _temp_path(path, suffix)
         try:
@@ -125,7 +152,7 @@ def staged_dir(
     _approve(path, may_replace)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _new_temp_dir(path)
+        tmp = new_temp_dir(path)
     try:
         with writing(path):
             yield tmp
@@ -133,7 +160,7 @@ def staged_dir(
                 _approve(path, may_replace)
                 # Move the old folder aside first so that `path` is never missing its content mid-way
                 # for long: rename is atomic, rmtree is not.
-                old = _new_temp_dir(path, ".old")
+                old = new_temp_dir(path, ".old")
                 os.replace(path, old / "x")
                 os.replace(tmp, path)
                 shutil.rmtree(old, ignore_errors=True)
@@ -145,6 +172,25 @@ def staged_dir(
         raise
 
 
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give the files under `folder` the mode a plain `open()` gives (0666 less the umask), for writers that
+    create theirs 0600 whatever the umask (safetensors' save_file, which transformers' save_pretrained uses)."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _approve(path: Path, may_replace: Callable[[Path], None] | None) -> None:
     if not occupied(path):
         return
@@ -154,19 +200,49 @@ def _approve(path: Path, may_replace: Callable[[Path], None] | None) -> None:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Delete leftovers of interrupted writes (`.<name>.*.tmp` / `.old`) directly inside `folder`."""
+    """Delete fedlora's temporaries directly inside `folder`, whoever made them: for a folder that only its
+    lock holder writes (a run folder), where any temporary is a leftover of an interrupted write."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
         if is_leftover(entry.name):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+            _remove(entry)
+
+
+def remove_dead_leftovers(path: str | os.PathLike) -> None:
+    """Delete the temporaries of earlier writes to `path` (beside it) whose process has ended on this machine.
+
+    A temporary of a live process, or of another machine (a shared file system), is left alone."""
+    path = Path(path)
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            match = _LEFTOVER.match(entry.name)
+            ours = match is not None and match["target"] == path.name and match["host"] == _host_tag()
+            if ours and not _alive(int(match["pid"])):
+                _remove(entry)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process (or a pid this system cannot name): not ours to judge
+    return True
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            entry.unlink()
 
 
 def is_leftover(name: str) -> bool:
-    """A temporary of an interrupted atomic write: `.<name>.<random>.tmp` or `.old`."""
-    return name.startswith(".") and name.endswith((".tmp", ".old"))
+    """A temporary of an atomic write (`.<target>.fedlora-<host>-<pid>-<random>.tmp` or `.old`)."""
+    return _LEFTOVER.match(name) is not None

@@ -348,6 +348,7 @@ def _baseline(config: BaselineConfig, out: Path, progress: Progress, argv) -> Ru
                     with atomic.staged_dir(run_dir / "model") as tmp:
                         base.save_pretrained(str(tmp))
                         tokenizer.save_pretrained(str(tmp))
+                        atomic.honour_umask(tmp)  # model.safetensors comes 0600 from save_pretrained
                 stats = train_stats(training) if training is not None else None
                 extra = {"validation": validation.metrics if validation is not None else None}
                 final = final_metrics("baseline", task, evaluation, train=stats, extra=extra)

@@ -133,6 +133,11 @@ def read_local_split(
     return _parse_rows(task, split, path, rows, limit)
 
 
+# MultiNLI marks a pair its annotators did not agree on with gold_label "-": no example, skipped. Any other
+# task's "-" is a bad label like any other (one error naming the line), never a row dropped in silence.
+NO_GOLD_LABEL, NO_GOLD_TASKS = "-", ("mnli",)
+
+
 def _parse_rows(task: GlueTask, split: str, path: Path, rows: Any, limit: int | None) -> RawSplit:
     layout = task.local
     first = next(rows, None)
@@ -167,7 +172,7 @@ def _parse_rows(task: GlueTask, split: str, path: Path, rows: Any, limit: int | 
                 f"{path}:{line_no}: expected at least {width} tab-separated fields, got {len(row)}"
             )
         raw_label = row[position["label"]].strip()
-        if raw_label == "-":  # MNLI-style "no gold label": not a training or eval example
+        if raw_label == NO_GOLD_LABEL and task.name in NO_GOLD_TASKS:  # not a training or eval example
             continue
         label = _parse_label(task, raw_label, path, line_no)
         for name, pos in position.items():

@@ -111,11 +111,20 @@ def _load_pretrained(loader: Any, spec: ModelSpec, what: str, **kwargs: Any) -> 
         raise InputError(f"--model {name}: no such folder; pass an existing model folder or a hub id")
     if spec.is_local:
         _check_local_model(spec, what)
+    from safetensors import SafetensorError
+
     try:
         with memory.paused_gc():  # the imports this triggers would otherwise cost ~0.6 s of collections
             return loader.from_pretrained(
                 spec.resolved, cache_dir=spec.cache_dir, trust_remote_code=False, **kwargs
             )
+    except SafetensorError as e:  # a damaged or truncated *.safetensors: its header cannot be read
+        where = "the folder" if spec.is_local else "the Hugging Face cache"
+        fix = ("copy or save the model again" if spec.is_local else
+               f"delete it from the cache and run `fedlora download --model {name}` again")  # fmt: skip
+        raise InputError(
+            f"--model {name}: the {what} in {where} are damaged ({first_line(e)}); {fix}"
+        ) from None
     except OSError as e:
         if spec.is_local:
             first = first_line(e)
@@ -447,16 +456,19 @@ def save_adapter(
     only if it is a fedlora adapter folder (ownership.ADAPTER); `option` names it in that error.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     files = sorted({*ADAPTER_FILES, *(extra_json or {})})
     with atomic.staged_dir(path, may_replace=ownership.may_replace(ownership.ADAPTER, option)) as tmp:
         lora_config(lora, base_model, inference_mode=True).save_pretrained(str(tmp))
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         try:
-            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        except SafetensorError as e:  # its I/O errors (disk full …) come wrapped in this type
+            data = save(tensors, metadata={"format": "pt"})
+        except SafetensorError as e:
             raise OutputError(f"cannot write {path}: {first_line(e)}") from e
+        # written by Python, not by safetensors' save_file (which creates its file 0600 whatever the
+        # umask): the weights are as readable as the JSON beside them
+        (tmp / ADAPTER_WEIGHTS).write_bytes(data)
         description = {"fedlora_version": __version__, **(meta or {}), "files": files}
         (tmp / ADAPTER_META).write_text(atomic.dumps_json(description))
         for name, obj in (extra_json or {}).items():

@@ -49,6 +49,9 @@ from fedlora_cli.ownership import RUN_RECORD
 from fedlora_cli.runs.record import COMPLETE, FAILED, INTERRUPTED, RUNNING, now, package_versions, status_for
 
 SWEEP_RECORD = "sweep.json"
+MAX_RUNS = 10_000  # cells × seeds a sweep may plan unless its [sweep] max-runs says more (a typo'd grid of
+#                    30^5 cells would otherwise be built in memory, and listed, before anything says so)
+REPORTS = "reports"  # sweep.json: {report file name: sha256} of the reports this sweep wrote
 COMMANDS = ("train", "baseline", "rounds")  # what a cell may run: the commands that make run folders
 OWNED = ("output-dir", "output-root", "run-name", "overwrite", "resume", "seed", "config")  # set by the sweep
 RESUMABLE = ("rounds",)  # interrupted runs of these continue (--resume); others start again
@@ -146,10 +149,10 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
     arms = data.get("arms", {})
     if not isinstance(head, dict) or not isinstance(base, dict) or not isinstance(arms, dict):
         raise InputError(f"sweep {path}: [sweep], [base] and [arms.<name>] must be tables")
-    bad_head = sorted(set(head) - {"name", "root", "seeds", "metric", "table"})
+    bad_head = sorted(set(head) - {"name", "root", "seeds", "metric", "table", "max-runs"})
     if bad_head:
         raise InputError(
-            f"sweep {path}: unknown key {bad_head[0]!r} in [sweep] (name, root, seeds, metric, table)"
+            f"sweep {path}: unknown key {bad_head[0]!r} in [sweep] (name, root, seeds, metric, table, max-runs)"
         )
     table_spec = _table_spec(head.get("table"), f"sweep {path} [sweep.table]")
     base, arms = _expand_env(base, f"sweep {path}"), _expand_env(arms, f"sweep {path}")
@@ -168,11 +171,10 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
     if not arms:
         raise InputError(f"sweep {path}: no [arms.<name>] table: say which command(s) to run")
     _check_owned(base, f"sweep {path} [base]")
+    _check_size(path, head, arms, len(seeds))
     cells: list[Cell] = []
     for arm, table in arms.items():
         where = f"sweep {path} [arms.{arm}]"
-        if not isinstance(table, dict):
-            raise InputError(f"{where} must be a table")
         if _label(arm) != arm:
             raise InputError(f"{where}: an arm's name must be letters, digits, . + - (it names folders)")
         table = dict(table)
@@ -210,6 +212,27 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
         data,
         table_spec,
     )
+
+
+def _check_size(path: Path, head: dict[str, Any], arms: dict[str, Any], seeds: int) -> None:
+    """Count the runs a sweep plans (cells × seeds) from the grids' lengths, before any cell is built, and refuse
+    more than [sweep] max-runs (default MAX_RUNS)."""
+    limit = head.get("max-runs", MAX_RUNS)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InputError(f"sweep {path}: max-runs must be a whole number >= 1, got {limit!r}")
+    cells = 0
+    for arm, table in arms.items():
+        if not isinstance(table, dict):
+            raise InputError(f"sweep {path} [arms.{arm}] must be a table")
+        grid = table.get("grid", {})
+        if not isinstance(grid, dict):
+            raise InputError(f"sweep {path} [arms.{arm}]: grid must be a table of option = [values]")
+        cells += math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
+    if cells * seeds > limit:
+        raise InputError(
+            f"sweep {path}: {cells:,} cells × {seeds} seed(s) = {cells * seeds:,} runs, more than the limit of "
+            f"{limit:,}: shrink the grid, or set max-runs = {cells * seeds} in [sweep] if you mean it"
+        )
 
 
 def _expand_env(value: Any, where: str) -> Any:
@@ -336,6 +359,7 @@ def run_sweep(
     continue where it stopped).
     """
     planned = plan(sweep)
+    check_reports(sweep)  # a report the sweep could not write at the end: said now, before hours of runs
     sweep.folder.mkdir(parents=True, exist_ok=True)
     outcome = SweepOutcome()
     previous = _sweep_record(sweep)
@@ -344,7 +368,7 @@ def run_sweep(
         "metric": sweep.metric, "cells": [{"name": c.name, "arm": c.arm, "command": c.command, "options": c.options,
                                            "grid": c.point} for c in sweep.cells],
         "started": previous.get("started") or now(), "updated": now(), "status": RUNNING,
-        "argv": list(argv or []), "versions": package_versions(),
+        "argv": list(argv or []), "versions": package_versions(), REPORTS: previous.get(REPORTS, {}),
         "runs": [{"cell": p.cell.name, "seed": p.seed, "folder": p.folder.name, "command": p.cell.command,
                   "options": {**p.cell.options, "seed": p.seed}, "status": "skipped" if p.action == "skip" else "pending"}
                  for p in planned],
@@ -451,14 +475,59 @@ def report_rows(sweep: Sweep, cells: list[CellReport]) -> tuple[list[str], list[
     return header, rows
 
 
+def _is_report(name: str) -> bool:
+    return name in ("report.csv", "report.md", "report.png", "table.csv", "table.md") or (
+        name.startswith("report-") and name.endswith(".png")
+    )
+
+
+def check_reports(sweep: Sweep) -> None:
+    """Every report file in the sweep's folder is one this sweep wrote and nobody changed since (its sha256 is in
+    sweep.json): otherwise it is the user's, and writing the report would replace it. One line naming it."""
+    if not sweep.folder.is_dir():
+        return
+    owned = _sweep_record(sweep).get(REPORTS)
+    owned = owned if isinstance(owned, dict) else {}
+    for path in sorted(sweep.folder.iterdir()):
+        if _is_report(path.name) and not (
+            path.is_file() and not path.is_symlink() and owned.get(path.name) == _sha256(path)
+        ):
+            raise InputError(
+                f"{path} was not written by this sweep (or was changed since): fedlora never replaces what it "
+                f"did not write; move it away, or give the sweep another name"
+            )
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) -> dict[str, Path]:
-    """report.csv, report.md and (with matplotlib) report.png in the sweep's folder."""
+    """report.csv, report.md and (with matplotlib) report.png in the sweep's folder.
+
+    A report file is replaced only when this sweep wrote it (check_reports); sweep.json records what it wrote."""
+    check_reports(sweep)
+    written: dict[str, Path] = {}
+    try:
+        _write_reports(sweep, cells, figure, written)
+    finally:  # what was written is recorded, even when a later file fails
+        if written:
+            record = _sweep_record(sweep)
+            owned = record.get(REPORTS) if isinstance(record.get(REPORTS), dict) else {}
+            owned.update({p.name: _sha256(p) for p in written.values() if p.is_file()})
+            atomic.write_json(sweep.folder / SWEEP_RECORD, {**record, REPORTS: owned})
+    return written
+
+
+def _write_reports(sweep: Sweep, cells: list[CellReport], figure: bool, written: dict[str, Path]) -> None:
     header, rows = report_rows(sweep, cells)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    written = {"csv": atomic.write_text(sweep.folder / "report.csv", buf.getvalue())}
+    written["csv"] = atomic.write_text(sweep.folder / "report.csv", buf.getvalue())
     metric = next((c.metric for c in cells if c.metric), "metric")
     title = f"# sweep {sweep.name}: {metric}, mean ± std over seeds {', '.join(map(str, sweep.seeds))}\n\n"
     written["md"] = atomic.write_text(sweep.folder / "report.md", title + markdown_table(header, rows))
@@ -474,7 +543,7 @@ def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) 
 
             require_matplotlib()
         except InputError:
-            return written
+            return
         written["png"] = plot_sweep(sweep, cells, sweep.folder / "report.png")
         by = sweep.table.figures if sweep.table is not None else None
         for value in _ordered(c.cell.options[by] for c in cells if by in c.cell.options) if by else []:
@@ -488,7 +557,6 @@ def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) 
                 title=f"{sweep.name}: {value}",
                 drop=f"{by}={_label(value)}",
             )
-    return written
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -7,6 +7,10 @@ Ctrl-C runs (a failed `train` / `baseline` removes its run folder, `rounds` keep
 for --resume, the Flower simulation shuts Ray down), and the CLI prints one line and exits with 143
 (128 + SIGTERM), the code schedulers expect. A second SIGTERM while stopping is ignored so the cleanup
 can finish.
+
+Only the console command's own process does this (`app.main` calls `enable`): importing fedlora, calling
+its functions, or invoking the app in-process (Typer's CliRunner in a test suite) leaves SIGTERM to the
+host process, so a `timeout` around a test suite still stops it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,18 @@ from typing import Any
 EXIT_CODE = 128 + signal.SIGTERM  # 143
 
 _received = threading.Event()
+_enabled = False  # set by the console entry point only (enable), never at import
+
+
+def enable() -> None:
+    """Let SIGTERM stop the commands of this process as Ctrl-C does: for the `fedlora` command's own process."""
+    global _enabled
+    _enabled = True
+
+
+def enabled() -> bool:
+    """Whether this process is the `fedlora` command's own (it handles SIGTERM)."""
+    return _enabled
 
 
 class Terminated(KeyboardInterrupt):
@@ -44,9 +60,10 @@ def reword(message: str) -> str:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """While the block runs (in the main thread), SIGTERM raises Terminated there once."""
+    """While the block runs (in the main thread of the command's own process: `enable`), SIGTERM raises
+    Terminated there once. Elsewhere the block leaves SIGTERM alone."""
     _received.clear()
-    if threading.current_thread() is not threading.main_thread():
+    if not _enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
 

@@ -123,3 +123,31 @@ def test_staged_dir_replaces_nothing_its_caller_did_not_vouch_for(tmp_path):
     with atomic.staged_dir(empty) as tmp:
         (tmp / "new").write_text("x")
     assert [p.name for p in empty.iterdir()] == ["new"]
+
+
+def test_adapter_weights_and_saved_models_honour_the_umask_like_the_json_beside_them(
+    tiny_model, glue_dir, tmp_path, umask
+):
+    import torch
+    from clitools import run
+
+    from fedlora_cli.config import LoraSpec
+    from fedlora_cli.modeling import save_adapter
+
+    state = {
+        "base_model.model.a.lora_A.weight": torch.zeros(2, 4),
+        "base_model.model.a.lora_B.weight": torch.zeros(4, 2),
+    }
+    save_adapter(tmp_path / "adapter", state, LoraSpec(2, 4.0, 0.0, ("a",)), base_model=None)
+    assert {p.name: mode(p) for p in (tmp_path / "adapter").iterdir()} == {
+        "adapter_config.json": 0o666 & ~umask,
+        "adapter_model.safetensors": 0o666 & ~umask,
+        "fedlora_adapter.json": 0o666 & ~umask,
+    }
+    if umask != 0o002:
+        return  # one CLI run is enough: save_pretrained's own files, under the umask a shared group uses
+    result = run("baseline", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir, "--no-train",
+                 "--max-eval-samples", "8", "--save-model", "--output-dir", tmp_path / "base")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    saved = {p.name: mode(p) for p in (tmp_path / "base" / "model").iterdir()}
+    assert "model.safetensors" in saved and set(saved.values()) == {0o664}, saved

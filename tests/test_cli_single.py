@@ -434,3 +434,16 @@ def test_paths_stay_on_one_line_in_a_narrow_terminal(trained, tiny_model, glue_d
                  env={"COLUMNS": "40"})  # fmt: skip
     assert any(line.startswith("error: adapter ") and line.endswith("needs 3: it was trained for another task")
                for line in result.stderr.splitlines()), result.stderr  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["text", "truncated"])
+def test_a_damaged_model_safetensors_is_one_line(tiny_model, glue_dir, tmp_path, damage):
+    folder = _model_copy(tiny_model, tmp_path, "damaged")
+    weights = folder / "model.safetensors"
+    if damage == "text":
+        weights.write_text("not a safetensors file")
+    else:
+        weights.write_bytes(weights.read_bytes()[:20_000])
+    result = run("eval", "--task", "sst2", "--model", folder, "--data-dir", glue_dir)
+    flat = one_error_line(result, 2, f"--model {folder}: the model weights in the folder are damaged")
+    assert "SafetensorError" not in flat and "copy or save the model again" in flat

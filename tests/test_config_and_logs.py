@@ -95,3 +95,36 @@ def test_rounds_log_one_plain_line_per_round(tiny_model, glue_dir, tmp_path):
     assert len(rounds) == 3 and rounds[2].startswith("rounds: done 2/2 in ")
     assert "accuracy" in rounds[0] and "agg err" in rounds[0]
     assert not any(" step " in line for line in result.stderr.splitlines())  # --log-every 0: no step lines
+
+
+def test_a_config_that_is_not_a_small_regular_file_is_refused_without_reading_it(tmp_path):
+    one_error_line(run("train", "--config", "/dev/zero"), 2, "/dev/zero is not a regular file")
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    one_error_line(run("train", "--config", fifo), 2, "is not a regular file")
+    huge = tmp_path / "huge.toml"
+    huge.write_text("# padding\n" * 200_000)  # 2 MB of valid TOML
+    one_error_line(run("train", "--config", huge), 2, "is larger than 1024 KiB")
+    one_error_line(run("train", "--config", tmp_path), 2, "is a folder; give a .toml file")
+    one_error_line(run("sweep", "/dev/zero"), 2, "sweep /dev/zero is not a regular file")
+
+
+def test_summary_tables_in_a_log_file_carry_whole_numbers(capsys, monkeypatch):
+    """Off a terminal Rich would fit a table into 80 columns and cut its cells (`accu…`, `0.48…`)."""
+    from types import SimpleNamespace
+
+    from fedlora_cli.commands.rounds import show_rounds
+
+    monkeypatch.setenv("COLUMNS", "80")
+    row = SimpleNamespace(round=1, clients=[1, 2, 3], failed=[], eval={"accuracy": 0.481234},
+                          aggregation={"error": 0.123456, "privacy": {"epsilon": 12.3456, "clipped": 3}},
+                          train_loss=0.693147, bytes_down=123_456_789, bytes_up=987_654_321, seconds={"wall": 1234.5})  # fmt: skip
+    result = SimpleNamespace(clients=3, history=[row], main_metric="accuracy", stopped=None,
+                             final_metrics={"accuracy": 0.481234}, resumed_after=None,
+                             final_adapter=Path("/r/final/adapter"), run_dir=Path("/r"))  # fmt: skip
+    show_rounds(result)
+    out = capsys.readouterr().out
+    assert "…" not in out, out
+    for whole in ("accuracy", "train loss", "agg error", "clipped", "0.4812", "0.6931", "0.1235", "12.3", "3/3",
+                  "117.74", "941.90", "1234.5"):  # fmt: skip
+        assert whole in out, (whole, out)

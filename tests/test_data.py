@@ -130,3 +130,17 @@ def test_hub_split_maps_columns_and_offline_failure_says_what_to_do(monkeypatch)
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(FedloraError, match=r"fedlora download --task rte.*--data-dir"):
         load_split("rte", "train")
+
+
+def test_a_row_without_a_valid_label_is_an_error_never_dropped_in_silence(tmp_path, glue_dir):
+    """An SST-2 row labelled "-" once vanished (the shard said 199 of 200 examples); only MultiNLI's "-" (no gold
+    label: the annotators did not agree) means a row that is no example."""
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood\t1\nodd\t-\nbad\t0\n")
+    with pytest.raises(InputError, match=r"SST-2/train.tsv:3: label '-' is neither 0..1 nor one of negative"):
+        load_split("sst2", "train", data_dir=tmp_path)
+    header = (glue_dir / "MNLI" / "train.tsv").read_text().splitlines()[:3]
+    (tmp_path / "MNLI").mkdir()
+    no_gold = header[2].rsplit("\t", 1)[0] + "\t-"
+    (tmp_path / "MNLI" / "train.tsv").write_text("\n".join([*header, no_gold]) + "\n")
+    assert len(load_split("mnli", "train", data_dir=tmp_path)) == 2

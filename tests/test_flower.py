@@ -445,6 +445,56 @@ def test_failed_and_missing_replies_are_failures_with_their_reason():
     ]
 
 
+def test_a_client_that_crashes_while_starting_is_a_failure_not_bad_input(tmp_path, monkeypatch):
+    """Ray's out-of-memory killer (or a bug) under a virtual client is exit 1; only fedlora's own answer about the
+    node's config, shard or model is bad input (exit 2)."""
+    from flwr.app import Error
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora_cli.errors import FedloraError, InputError
+    from fedlora_cli.flower.server_app import query_nodes
+    from fedlora_cli.sharding import read_shards
+
+    for key in (
+        "_run_id",
+        "_node_id",
+        "_task_id",
+    ):  # as in a ServerApp: the messages it makes carry the run and its node
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+    shards = read_shards(write_manifests(tmp_path / "k1", [[0, 1, 2]]))
+    config = RoundsConfig(DataSpec("sst2"), shards=str(shards.directory))
+
+    class OneReply:
+        def __init__(self, error):
+            self.error = error
+
+        def send_and_receive(self, messages, timeout=None):
+            return [fake_message(7, 0, "query", error=self.error)]
+
+    def query(code, reason):
+        return query_nodes(OneReply(Error(code, reason)), [7], shards, config, 5.0)
+
+    oom = ("<class 'ray.exceptions.OutOfMemoryError'>:<'Task was killed due to the node running low on memory.\n"
+           "Memory on the node (IP: 127.0.0.1) was 7.5GB / 7.8GB (0.96), which exceeds the threshold'>")  # fmt: skip
+    crashes = [
+        (0, oom, "(OutOfMemoryError: Task was killed due to the node running low on memory.)"),
+        (2, "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
+            "Message: CUDA out of memory'>", "(ClientAppException: CUDA out of memory)"),
+        (2, "MemoryError: cannot allocate", "(MemoryError: cannot allocate)"),  # `fedlora clientapp`'s words
+        (5, "", "(error code 5)"),
+    ]  # fmt: skip
+    for code, reason, said in crashes:
+        with pytest.raises(FedloraError) as info:
+            query(code, reason)
+        assert type(info.value) is FedloraError and info.value.exit_code == 1
+        assert f"SuperNode 7 failed while starting its client {said}" in str(info.value)
+    with pytest.raises(
+        InputError, match="SuperNode 7 cannot serve a client: node config: give shard-manifest"
+    ):
+        query(2, "node config: give shard-manifest='/path/client_<i>.json' (or partition-id / client-id)")
+
+
 def test_client_app_answers_query_and_evaluate_and_reports_bad_node_config(tiny_model, glue_dir, shards):
     from flwr.app import ConfigRecord, Context, RecordDict
 
@@ -923,3 +973,102 @@ def test_flower_simulation_of_a_run_that_shards_in_memory(tiny_model, glue_dir, 
         "summary.json",
     ]
     assert history(run_dir)[0]["clients"] == [1, 2] and not history(run_dir)[0]["failed"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# a simulation from the user's folder: its paths are the user's, and nothing listens beyond loopback
+
+
+class ListeningSockets:
+    """Every socket that listens (TCP) or is bound for datagrams (UDP) in this process and every process below
+    it, polled while the block runs: {(process name, address, port, kind)}."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.root = psutil.Process()
+        self.seen: set[tuple[str, str, int, str]] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.2):
+            with contextlib.suppress(psutil.Error):
+                for proc in [self.root, *self.root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        name = proc.name()
+                        for conn in proc.net_connections(kind="inet"):
+                            kind = "tcp" if conn.type == socket.SOCK_STREAM else "udp"
+                            listens = conn.status == psutil.CONN_LISTEN if kind == "tcp" else not conn.raddr
+                            if listens and conn.laddr:
+                                self.seen.add((name, conn.laddr.ip, conn.laddr.port, kind))
+
+    def __enter__(self) -> ListeningSockets:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as Ray's gRPC servers report it
+    return (mapped or ip).is_loopback
+
+
+@pytest.fixture(scope="module")
+def from_the_users_folder(tiny_model, glue_dir, shards, tmp_path_factory):
+    """`fedlora rounds` on both engines from a folder holding the data, the shards and the model, every path
+    relative and the default --output-root; the Flower run with its sockets watched."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "glue").symlink_to(glue_dir)
+    shutil.copytree(shards, home / "shards" / "k3")
+    (home / "tiny-roberta").symlink_to(tiny_model)
+    args = ["rounds", "--task", "sst2", "--model", "tiny-roberta", "--data-dir", "glue", "--shards", "shards/k3",
+            "--rounds", "2", *FAST]  # fmt: skip
+    before = os.getcwd()
+    os.chdir(home)
+    try:
+        with one_thread():
+            local = run(*args, "--run-name", "local")
+        assert local.exit_code == 0, local.stderr
+        with ListeningSockets() as sockets:
+            flower = run(*args, "--run-name", "flower", "--engine", "flower")
+        assert flower.exit_code == 0, flower.stderr
+    finally:
+        os.chdir(before)
+    return home, flower, sockets.seen
+
+
+def test_relative_paths_on_flower_land_where_local_puts_them_with_the_same_adapter(from_the_users_folder):
+    home, result, _ = from_the_users_folder
+    local, flower = (
+        home / "runs" / "sst2_tiny-roberta" / "local",
+        home / "runs" / "sst2_tiny-roberta" / "flower",
+    )
+    assert files_of(flower) == files_of(local) == expected_files(2, [1, 2, 3])
+    a, b = final_state(local), final_state(flower)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    printed = [line.removeprefix("run: ") for line in result.stdout.splitlines() if line.startswith("run: ")]
+    assert printed == [str(flower)] and Path(printed[0]).is_dir()  # the path it prints exists
+    config = json.loads((flower / "run.json").read_text())["config"]
+    assert config["data"]["data_dir"] == str(home / "glue") and config["shards"] == str(
+        home / "shards" / "k3"
+    )
+    assert config["model"]["name"] == str(home / "tiny-roberta") and config["output"]["root"] == str(
+        home / "runs"
+    )
+
+
+def test_no_process_of_a_simulation_listens_beyond_loopback(from_the_users_folder):
+    _, _, seen = from_the_users_folder
+    names = {name for name, *_ in seen}
+    assert {"gcs_server", "raylet"} <= names, seen  # Ray's servers were there to be seen
+    exposed = sorted(s for s in seen if not is_loopback(s[1]))
+    assert not exposed, f"listening beyond loopback: {exposed}"

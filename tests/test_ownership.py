@@ -195,3 +195,90 @@ def test_the_interrupt_message_names_an_option_that_works_for_every_run(tmp_path
     assert f"round 1 of {run_dir} is complete" in interrupted_rounds_message(run_dir, 1)
     assert f"rounds 1-3 of {run_dir} are complete" in interrupted_rounds_message(run_dir, 3)
     assert "1..0" not in interrupted_rounds_message(run_dir, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fedlora's temporaries are its own: a user's dot-names ending in .tmp / .old are the user's
+
+
+def users_dot_files(folder: Path) -> dict[str, bytes]:
+    """What a user may keep in a folder: names that start with '.' and end with '.old' or '.tmp'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".thesis.old").write_text("chapter 1")
+    (folder / ".photos.old").mkdir()
+    (folder / ".photos.old" / "cat.jpg").write_bytes(b"\xff\xd8cat")
+    (folder / ".draft.tmp").write_text("draft")
+    return snapshot(folder)
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["train --output-dir", "train --adapter-output-dir", "rounds --output-dir", "rounds --config output-dir",
+     "merge --save-adapter", "shard --out"],
+)  # fmt: skip
+def test_a_users_dot_old_and_dot_tmp_files_are_never_taken_for_fedlora_leftovers(
+    command, tiny_model, glue_dir, trained, tmp_path
+):
+    target = tmp_path / "target"
+    before = users_dot_files(target)
+    data = ["--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir]
+    rounds = ["rounds", *data, "--clients", "2", "--max-train-samples", "64", "--rounds", "1",
+              "--precision", "fp32", "--no-eval-each-round"]  # fmt: skip
+    args = {
+        "train --output-dir": ["train", *data, *QUICK[:-1], "--output-dir", target],
+        "train --adapter-output-dir": ["train", *data, *QUICK, "--output-dir", tmp_path / "run",
+                                       "--adapter-output-dir", target],
+        "rounds --output-dir": [*rounds, "--output-dir", target],
+        "rounds --config output-dir": [*rounds, "--config", tmp_path / "c.toml"],
+        "merge --save-adapter": ["merge", "--adapters", trained / "adapter", trained / "adapter", "--save-adapter",
+                                 target],
+        "shard --out": ["shard", "--task", "sst2", "--data-dir", glue_dir, "-k", "2", "--out", target],
+    }[command]  # fmt: skip
+    (tmp_path / "c.toml").write_text(f'output-dir = "{target}"\n')
+    one_error_line(run(*args), 2, str(target))  # occupied: refused, one way or another
+    assert snapshot(target) == before
+    one_error_line(
+        run(*args, "--overwrite"), 2, "holds files that fedlora did not write (.draft.tmp, .photos.old"
+    )
+    assert snapshot(target) == before
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    )  # no temporary left beside
+
+
+def test_a_merge_killed_by_sigkill_leaves_a_temporary_that_the_next_merge_clears(trained, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "mg_1"
+    # a merge that died half-way: its temporary folder beside the target, made by a process now gone
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys\nfrom fedlora_cli import atomic\n"
+         "tmp = atomic.new_temp_dir(sys.argv[1]); (tmp / 'adapter_model.safetensors').write_bytes(b'half')\n"
+         "os.kill(os.getpid(), signal.SIGKILL)", str(target)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    [leftover] = [p for p in tmp_path.iterdir() if p.name.startswith(".mg_1.")]
+    assert leftover.is_dir() and atomic_is_leftover(leftover.name)
+    # a write in progress in a live process (this one), and a user's look-alikes, are not leftovers to clear
+    from fedlora_cli import atomic
+
+    live = atomic.new_temp_dir(target)
+    users = users_dot_files(tmp_path / "mine")
+    (tmp_path / ".mg_1.old").write_text("the user's")
+    (tmp_path / ".mg_1.12345678.tmp").write_text("the user's too")
+    result = run("merge", "--adapters", trained / "adapter", trained / "adapter", "--save-adapter", target)
+    assert result.exit_code == 0, result.stderr
+    assert not leftover.exists() and live.is_dir()
+    assert (tmp_path / ".mg_1.old").read_text() == "the user's" and (tmp_path / ".mg_1.12345678.tmp").exists()
+    assert snapshot(tmp_path / "mine") == users
+    live.rmdir()
+
+
+def atomic_is_leftover(name: str) -> bool:
+    from fedlora_cli.atomic import is_leftover
+
+    return is_leftover(name)

@@ -478,3 +478,27 @@ def test_bad_dp_options_are_one_line_usage_errors(tiny_model, glue_dir, shards, 
     one_error_line(run(*base, "--dp-clip", "1", "--dp-noise-multiplier", "1", "--dp-where", "everywhere"), 2,
                    "--dp-where must be server or client")  # fmt: skip
     assert not (tmp_path / "sst2_tiny-roberta").exists()
+
+
+def test_a_noise_multiplier_too_large_to_account_for_is_refused_before_any_work(tiny_model, glue_dir, shards,
+                                                                                tmp_path):  # fmt: skip
+    with pytest.raises(ValueError, match="beyond any number an adapter holds"):
+        wrapped("svd", 3, 3, clip=1.0, noise_multiplier=1e300)
+    with pytest.raises(ValueError, match="the privacy accountant cannot compute ε for it"):
+        wrapped("svd", 3, 3, clip=1e-300, noise_multiplier=1e300)  # z·C = 1, but z² overflows
+    base = dp_args(tiny_model, glue_dir, shards, tmp_path, "huge", "--rounds", "2")
+    one_error_line(run(*base, "--dp-clip", "1", "--dp-noise-multiplier", "1e300"), 2,
+                   "--dp-noise-multiplier 1e+300: the noise std")  # fmt: skip
+    assert not list(tmp_path.rglob("round_001"))  # nothing trained
+
+
+def test_a_delta_that_is_not_small_is_said_to_mean_little():
+    three = wrapped("svd", 3, 3, clip=1.0, noise_multiplier=1.0).describe()
+    first, warning = three.splitlines()
+    assert first.startswith("differential privacy: clip 1")
+    assert warning.startswith("warning: δ = 0.111 (the default 1/N² for N = 3 clients) is not small")
+    assert "above 0.001" in warning
+    assert "\n" not in wrapped("svd", 40, 10, clip=1.0, noise_multiplier=1.0).describe()  # 1/1600
+    given = wrapped("svd", 100, 10, clip=1.0, noise_multiplier=1.0, delta=0.02).delta_warning()
+    assert given is not None and "at least 1/N = 0.01" in given and "--dp-delta, N = 100" in given
+    assert wrapped("svd", 3, 3, clip=1.0, noise_multiplier=1.0, delta=1e-5).delta_warning() is None

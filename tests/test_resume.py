@@ -183,7 +183,7 @@ def test_a_run_killed_before_its_first_round_can_be_started_again_or_resumed(
     # killed right after its folder was created: a temporary file and a dead process's lock files inside
     born = tmp_path / "born"
     born.mkdir()
-    (born / ".run.json.1a2b3c4d.tmp").write_text("{")
+    (born / ".run.json.fedlora-abcdef-999999-1a2b3c4d.tmp").write_text("{")
     (born / ".fedlora.lock").write_text("")
     (born / ".fedlora.lock.json").write_text(json.dumps({"pid": 999999, "host": "gone", "command": "rounds"}))
     # killed during round 1: run.json and a half-written round, but no complete round

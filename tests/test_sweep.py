@@ -256,3 +256,51 @@ def test_one_figure_per_value_and_the_reference_without_that_option_in_each(tmp_
     assert drawn["report-iid.png"] == ["central", "fed_partition=iid"]
     assert drawn["report-dirichlet.png"] == ["central", "fed_partition=dirichlet"]
     assert set(drawn) == {"report.png", "report-iid.png", "report-dirichlet.png"}
+
+
+def test_a_grid_is_counted_before_it_is_built_and_refused_past_the_limit(tmp_path):
+    import time
+
+    huge = tmp_path / "huge.toml"
+    grid = ", ".join(f"o{i} = [{', '.join(str(v) for v in range(30))}]" for i in range(5))
+    huge.write_text(f'[arms.a]\ncommand = "train"\ntask = "sst2"\ngrid = {{ {grid} }}\n')
+    started = time.monotonic()
+    one_error_line(run("sweep", huge, "--dry-run"), 2, "24,300,000 cells × 1 seed(s) = 24,300,000 runs, more than "
+                                                        "the limit of 10,000")  # fmt: skip
+    assert time.monotonic() - started < 10
+    small = tmp_path / "small.toml"
+    body = '[arms.a]\ncommand = "train"\ntask = "sst2"\ngrid = { lora-r = [1, 2, 3], epochs = [1, 2, 3] }\n'
+    small.write_text(f'[sweep]\nroot = "{tmp_path}"\nseeds = [1, 2]\nmax-runs = 17\n' + body)
+    one_error_line(run("sweep", small, "--dry-run"), 2, "set max-runs = 18 in [sweep] if you mean it")
+    small.write_text(f'[sweep]\nroot = "{tmp_path}"\nseeds = [1, 2]\nmax-runs = 18\n' + body)
+    listed = run("sweep", small, "--dry-run")
+    assert listed.exit_code == 0, listed.stderr
+    assert len([line for line in listed.stderr.splitlines() if line.startswith("run ")]) == 18
+    small.write_text('[sweep]\nmax-runs = "many"\n' + body)
+    one_error_line(run("sweep", small, "--dry-run"), 2, "max-runs must be a whole number >= 1")
+
+
+def test_a_report_the_sweep_did_not_write_is_never_replaced(swept, tmp_path):
+    home, file, folder, _ = swept
+    # the sweep's own reports are replaced when it reports again (their digests are in sweep.json)
+    again = run("sweep", file, "--report")
+    assert again.exit_code == 0, again.stderr
+    # a file the user put there, or a report the user edited, is not the sweep's to replace
+    mine = tmp_path / "s.toml"
+    mine.write_text(
+        f'[sweep]\nname = "mine"\nroot = "{tmp_path}"\n[arms.a]\ncommand = "train"\ntask = "sst2"\n'
+    )
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("my own notes")
+    for extra in ([], ["--report"]):
+        one_error_line(run("sweep", mine, *extra), 2, f"{tmp_path / 'mine' / 'report.md'} was not written by this "
+                                                      "sweep")  # fmt: skip
+        assert (tmp_path / "mine" / "report.md").read_text() == "my own notes"
+        assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["report.md"]  # nothing ran
+    edited = folder / "report.csv"
+    before = edited.read_text()
+    edited.write_text(before + "my extra row\n")
+    one_error_line(run("sweep", file, "--report"), 2, "was not written by this sweep (or was changed since)")
+    assert edited.read_text() == before + "my extra row\n"
+    edited.write_text(before)  # put back as the sweep wrote it: the sweep's again
+    assert run("sweep", file, "--report").exit_code == 0

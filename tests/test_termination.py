@@ -81,7 +81,9 @@ def test_sigterm_leaves_an_unfinished_train_run_marked_interrupted_and_reusable(
 
 
 def test_sigterm_in_any_command_is_one_line_and_exit_143(tiny_model, glue_dir, monkeypatch):
-    from fedlora_cli import centralised
+    from fedlora_cli import centralised, termination
+
+    monkeypatch.setattr(termination, "_enabled", True)  # as in the `fedlora` command's own process (app.main)
 
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -94,3 +96,71 @@ def test_sigterm_in_any_command_is_one_line_and_exit_143(tiny_model, glue_dir, m
     )
     one_error_line(result, 143, "terminated (SIGTERM): stopped before finishing")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command put the default back
+
+
+def test_in_library_use_and_under_clirunner_sigterm_stays_the_host_process_s(
+    tiny_model, glue_dir, monkeypatch
+):
+    """A SIGTERM that reaches a test suite running a command in-process is the suite's to handle, not fedlora's."""
+    from fedlora_cli import centralised
+
+    class Stopped(Exception):
+        pass
+
+    def suites_handler(signum, frame):
+        raise Stopped
+
+    seen = []
+
+    def terminated(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the host's handler raises before this ends
+        raise AssertionError("SIGTERM was not delivered")
+
+    monkeypatch.setattr(centralised, "evaluate", terminated)
+    previous = signal.signal(signal.SIGTERM, suites_handler)
+    try:
+        result = run("eval", "--task", "sst2", "--model", tiny_model, "--data-dir", glue_dir,
+                     "--max-eval-samples", "10")  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [suites_handler]  # fedlora installed nothing of its own
+    assert isinstance(result.exception, Stopped) and result.exit_code == 1  # the suite's handler stopped it
+
+
+def test_importing_fedlora_installs_no_signal_handler():
+    from fedlora_cli import termination
+
+    code = ("import signal, fedlora_cli.app, fedlora_cli.flower.simulation\n"
+            "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+            "from fedlora_cli import termination\nassert not termination.enabled()")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not termination.enabled()  # this test process is not the `fedlora` command
+
+
+def test_the_flower_engine_leaves_sigterm_alone_outside_the_command_s_own_process(monkeypatch):
+    import threading
+
+    pytest.importorskip("flwr", reason="the `flower` extra is not installed")
+    from fedlora_cli import termination
+    from fedlora_cli.flower.simulation import _ctrl_c_sets
+
+    def hosts(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, hosts)
+    try:
+        with _ctrl_c_sets(threading.Event()):
+            assert signal.getsignal(signal.SIGTERM) is hosts
+            assert (
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            )  # Ctrl-C: an orderly stop
+        monkeypatch.setattr(termination, "_enabled", True)
+        with _ctrl_c_sets(threading.Event()):
+            assert signal.getsignal(signal.SIGTERM) is not hosts
+        assert signal.getsignal(signal.SIGTERM) is hosts
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -26,15 +26,19 @@ DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 to see tracebacks of expected errors too
 # consoles: created per call, so tests that swap sys.stdout/sys.stderr see the output
 
 
-def console(*, wide: bool = False):
-    """stdout. `wide`: for tables with many columns, which Rich would squeeze into 80 columns in a pipe."""
+LOG_WIDTH = 10_000  # columns of stdout off a terminal: wider than any table fedlora prints
+
+
+def console():
+    """stdout. Off a terminal (a log file, a pipe) there is no width to fit: Rich would squeeze a table into 80
+    columns and cut its cells (`accu…`, `0.48…`), so every table is printed whole."""
     from rich.console import Console
 
     # soft_wrap: a line longer than the terminal is left to the terminal, never broken by Rich, so paths
-    # and commands can be copied whole (tables still fit their cells to the width).
+    # and commands can be copied whole (tables still fit their cells to a terminal's width).
     out = Console(soft_wrap=True)
-    if wide and not out.is_terminal:
-        out = Console(soft_wrap=True, width=max(out.width, 200))
+    if not out.is_terminal:
+        out = Console(soft_wrap=True, width=max(out.width, LOG_WIDTH))
     return out
 
 
@@ -245,20 +249,46 @@ def _toml_repr(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def load_toml(path: str | os.PathLike, what: str = "--config") -> dict[str, Any]:
-    """A TOML file as a dict, or one clear line saying what is wrong with it."""
+def load_toml(path: str | os.PathLike, what: str = "--config", max_bytes: int = 1 << 20) -> dict[str, Any]:
+    """A TOML file as a dict, or one clear line saying what is wrong with it.
+
+    Only a regular file of at most `max_bytes` (1 MiB: an options file is a few hundred bytes) is read, so
+    `--config /dev/zero`, a FIFO or a huge file is refused instead of read until memory runs out.
+    """
+    import stat
+
     try:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
 
     try:
-        with open(os.path.expanduser(path), "rb") as f:
-            return tomllib.load(f)
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; the checks below then refuse it
+        fd = os.open(os.path.expanduser(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise InputError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{what} {path} is a folder; give a .toml file") from None
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        kind = os.fstat(fd).st_mode
+        if stat.S_ISDIR(kind):
+            raise InputError(f"{what} {path} is a folder; give a .toml file")
+        if not stat.S_ISREG(kind):
+            raise InputError(
+                f"{what} {path} is not a regular file (a device, a pipe or a socket); give a .toml file"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise InputError(
+            f"{what} {path} is larger than {max_bytes // 1024} KiB; an options file is a few lines"
+        )
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{what} {path} is not valid TOML ({e})") from None
 

@@ -123,7 +123,7 @@ def show_rounds(result) -> None:
             f"{row.bytes_up / 2**20:.2f}",
             f"{row.seconds['wall']:.1f}",
         )
-    out = c.console(wide=True)
+    out = c.console()
     out.print(table)
     if result.stopped:
         out.print(result.stopped, markup=False, highlight=False)

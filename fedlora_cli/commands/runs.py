@@ -115,7 +115,7 @@ def list_command(
             _date(r.record.started),
             _duration(r.record.duration_s),
         )
-    c.console(wide=True).print(table)
+    c.console().print(table)
 
 
 def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
@@ -251,7 +251,7 @@ def compare(
         for name in metric_names:
             values = [i.final.metrics.get(name) if i.final else None for i in infos]
             table.add_row(name, *(f"{v:.4f}" if isinstance(v, int | float) else "–" for v in values))
-        c.console(wide=True).print(table)
+        c.console().print(table)
         if not diff:
             c.console().print("the configs are identical")
     if plot is not None:

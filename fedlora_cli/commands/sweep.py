@@ -71,7 +71,7 @@ def sweep(
     for r in cells:
         value = "–" if r.mean is None else f"{r.mean:.4f}" + (f" ± {r.std:.4f}" if r.std is not None else "")
         table.add_row(r.cell.name, r.cell.command, f"{r.n}/{r.runs}", value)
-    c.console(wide=True).print(table)
+    c.console().print(table)
     if spec.table is not None:
         from fedlora_cli.sweeps import pivot
 
@@ -81,7 +81,7 @@ def sweep(
             table.add_column(name, justify="left" if name in spec.table.rows else "right")
         for row in rows:
             table.add_row(*row)
-        c.console(wide=True).print(table)
+        c.console().print(table)
     for kind, path in write_report(spec, cells).items():
         c.print_path(kind, path)
     c.print_path("sweep", spec.folder / "sweep.json")

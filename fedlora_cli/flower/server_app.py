@@ -10,6 +10,7 @@ the nodes of the clients `select_clients` picked, and `aggregate_train` turns th
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedlora_cli.config import RoundsConfig
-from fedlora_cli.errors import InputError
+from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.flower import codec
 from fedlora_cli.flower.codec import ARRAYS, IDENTITY, REPORT, RUN_CONFIG
 from fedlora_cli.progress import Progress
@@ -194,6 +195,11 @@ def query_nodes(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
+            crash = crash_reason(reply.error.code, reply.error.reason)
+            if crash is not None:  # not the input's fault: exit 1, as any failure of the machine
+                raise FedloraError(f"SuperNode {node} failed while starting its client ({crash}); if the machine ran "
+                                   "out of memory, run fewer clients at once (a larger --client-cpus) or give "
+                                   "it more memory")  # fmt: skip
             raise InputError(f"SuperNode {node} cannot serve a client: {one_line(reply.error.reason)}")
         try:
             identity = reply.content.config_records[IDENTITY]
@@ -403,6 +409,29 @@ def sort_replies(
             reason = f"no reply within {timeout:g} s (--round-timeout)" if timeout is not None else "no reply"
             failed.append({"client": cid, "node": node, "reason": reason})
     return sorted(ok, key=lambda p: p[0]), sorted(failed, key=lambda f: f["client"])
+
+
+_FLOWER_WRAPPED = re.compile(r"^<class '(?P<type>[\w.]+)'>:<'(?P<message>.*)'>$", re.DOTALL)
+_EXCEPTION_FIRST = re.compile(r"^\w*(?:Error|Exception|Interrupt|Exit)\w*: ")
+
+
+def crash_reason(code: int, reason: str | None) -> str | None:
+    """None when an error reply is fedlora's ClientApp answering with an expected failure (its one line: a bad node
+    config, shard or model); else what crashed, in one line: the ClientApp raised something else (a bug, memory),
+    or the worker under it died (Ray's out-of-memory killer, a lost node), as Flower reports it."""
+    from flwr.common.constant import ErrorCode
+
+    text = (reason or "").strip()
+    wrapped = _FLOWER_WRAPPED.match(text)
+    if wrapped:  # Flower's `str(type(ex)) + ":<'" + str(ex) + "'>"`
+        lines = [line.strip() for line in wrapped["message"].splitlines() if line.strip()]
+        first = (
+            lines[0].removeprefix("Exception ClientAppException occurred. Message:").strip() if lines else ""
+        )
+        return one_line(f"{wrapped['type'].rsplit('.', 1)[-1]}: {first}" if first else wrapped["type"])
+    if code != ErrorCode.CLIENT_APP_RAISED_EXCEPTION or _EXCEPTION_FIRST.match(text):
+        return one_line(text or f"error code {code}")
+    return None
 
 
 def one_line(reason: str | None) -> str:

@@ -15,6 +15,14 @@ in the background after the run):
   i-th client of --shards), each ClientApp call with --client-cpus CPUs and a --client-gpus share;
 - the run's settings, the progress display, Ctrl-C / SIGTERM and the result: over the relay (relay.py)
   between this process and the ServerApp, so the run tree, the bar and the summary are engine local's;
+- on loopback only: the SuperLink listens on 127.0.0.1, and Ray is told this machine's address is 127.0.0.1
+  (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's own single-machine mode, its default on Windows and macOS), so
+  its GCS server, raylet, object manager, runtime-env agent and workers bind 127.0.0.1 instead of every
+  interface; Ray's dashboard stays off (Flower's default). Nothing of a simulation is reachable from another
+  machine; any local user can still reach those ports, as with any local service;
+- paths: the engines give it a config whose paths are absolute (engines.absolute_paths), and the cache
+  folders named by the environment (FEDLORA_CACHE, HF_HOME …) are made absolute here, since every process
+  below runs in the temporary folder;
 - quiet: the SuperLink's, Flower's and Ray's output go to a log file in the temporary folder; a
   failure comes back as one line;
 - clean: every process below the SuperLink (SuperExec, flwr-simulation, Ray) is stopped when the run
@@ -49,6 +57,12 @@ CONNECTION = "fedlora-simulation"  # the SuperLink connection's name in the run'
 START_SECONDS = 60.0  # for the SuperLink to listen, and for `flwr run` to submit
 END_SECONDS = 15.0  # for flwr-simulation to shut Ray down in order once the ServerApp is done
 POLL_SECONDS = 0.25
+# Ray (2.x) takes this machine's address to be 127.0.0.1 when this is 0 — its single-machine mode — so every
+# server it starts (GCS, raylet, workers, agents) binds 127.0.0.1; otherwise they listen on every interface.
+RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# folders the processes below find through the environment: relative ones would resolve in the temporary folder
+CACHE_VARIABLES = ("FEDLORA_CACHE", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
+                   "TRANSFORMERS_CACHE")  # fmt: skip
 
 
 def run_flower_simulation(
@@ -66,7 +80,11 @@ def run_flower_simulation(
     """
     _telemetry_off()
     require_flower()  # before anything imports flwr: a missing extra is one line, exit 2
+    from fedlora_cli.engines import absolute_paths
     from fedlora_cli.flower import codec, relay
+
+    # the user's paths, before anything runs in the temporary folder (run_rounds did it; a library call may not)
+    config = absolute_paths(config)
 
     progress = progress or NullProgress()
     _check_resources(config)
@@ -231,6 +249,12 @@ class _SuperLink:
         )
         self.env = {
             **os.environ,
+            **{
+                name: os.path.abspath(os.path.expanduser(os.environ[name]))
+                for name in CACHE_VARIABLES
+                if os.environ.get(name)
+            },
+            **RAY_LOOPBACK,
             "FLWR_HOME": str(flwr_home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -478,12 +502,14 @@ def _check_resources(config: RoundsConfig) -> None:
 @contextlib.contextmanager
 def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
     """Ctrl-C or SIGTERM asks the ServerApp to stop at its next wait, so the round in progress ends in order and
-    the run stays resumable; a second Ctrl-C stops everything at once."""
+    the run stays resumable; a second Ctrl-C stops everything at once. SIGTERM only in the `fedlora` command's
+    own process (termination.enable): in library use it stays the host's."""
     from fedlora_cli import termination
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signals = (signal.SIGINT, signal.SIGTERM) if termination.enabled() else (signal.SIGINT,)
 
     def handler(signum: int, frame: Any) -> None:
         if signum == signal.SIGTERM:
@@ -492,7 +518,7 @@ def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
             raise KeyboardInterrupt
         abort.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:

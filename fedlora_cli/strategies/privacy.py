@@ -42,6 +42,9 @@ from fedlora_cli.strategies.base import (
 )
 
 NORM_SLACK = 1e-6  # --dp-where client: a reply may exceed C by this share (float32 rounding on the client)
+# δ above either bound is said to be weak at the start of a run (PrivacyStrategy.delta_warning)
+SMALL_DELTA = 1e-3
+MAX_NOISE_STD = float(torch.finfo(torch.float32).max)  # z·C beyond this is no number an adapter can hold
 _KEY = "privacy.noise_key"  # the secret noise key in the saved server state (--dp-secret-noise)
 
 
@@ -74,6 +77,20 @@ class PrivacyStrategy(Strategy):
         self._round = 0
         self._shapes: dict[int, tuple[int, float]] = {}
         self._plans: dict[tuple[int, float], ClientPlan] = {}
+        z = spec.noise_multiplier
+        if not self.noise_std <= MAX_NOISE_STD:
+            raise ValueError(
+                f"--dp-noise-multiplier {z:g}: the noise std z·C = {self.noise_std:g} is beyond any number an adapter "
+                f"holds (float32 ends at {MAX_NOISE_STD:.3g}); noise that size drowns every update: use a "
+                f"multiplier of a few units (z = 1 is common)"
+            )
+        try:  # the accountant once, before any work: a z it cannot take fails here, not after round 1
+            self.epsilon(1)
+        except (OverflowError, ArithmeticError) as e:
+            raise ValueError(
+                f"--dp-noise-multiplier {z:g}: the privacy accountant cannot compute ε for it "
+                f"({type(e).__name__}: {e}); use a multiplier of a few units (z = 1 is common)"
+            ) from None
         if spec.target_epsilon is not None and self.epsilon(1) > spec.target_epsilon:
             raise ValueError(
                 f"--dp-target-epsilon {spec.target_epsilon:g}: one round already spends ε = {self.epsilon(1):.3g} "
@@ -81,14 +98,42 @@ class PrivacyStrategy(Strategy):
             )
 
     def describe(self) -> str:
-        """One line for the start of a run: the mechanism, the accountant's inputs and the noise seed."""
+        """What the start of a run says: one line for the mechanism, the accountant's inputs and the noise seed,
+        and a second one, a warning, when δ is too large to mean much (delta_warning)."""
         d = self.dp
         noise = ("the noise is drawn from a secret key (--dp-secret-noise)" if d.secret_noise else
                  "the noise is derived from --seed (reproducible: anyone who knows the seed can remove it; "
                  "use --dp-secret-noise when the adapters leave your hands)")  # fmt: skip
-        return (f"differential privacy: clip {d.clip:g} on the {d.where} in {self.update_space} space, noise "
+        line = (f"differential privacy: clip {d.clip:g} on the {d.where} in {self.update_space} space, noise "
                 f"std {self.noise_std:g} on the sum of {self.per_round} of {self.clients} clients per round, "
                 f"ε at δ = {self.delta:.3g}; {noise}")  # fmt: skip
+        warning = self.delta_warning()
+        return line if warning is None else f"{line}\n{warning}"
+
+    def delta_warning(self) -> str | None:
+        """A warning when δ is not small. (ε, δ)-DP lets the guarantee fail outright with probability δ, so δ must
+        be small in two senses: below 1/N (publishing one randomly chosen client's update in the clear is
+        (0, 1/N)-DP, so δ >= 1/N promises nothing), and small in absolute terms (SMALL_DELTA: more than a 1 in
+        1000 chance of no guarantee at all is not one worth reporting). The default 1/N² meets the first bound
+        always and the second only from N = 32 clients: with N = 3 it is 0.11."""
+        n, delta = self.clients, self.delta
+        if delta <= SMALL_DELTA and delta < 1 / n:
+            return None
+        source = (
+            f"the default 1/N² for N = {n} clients"
+            if self.dp.delta is None
+            else f"--dp-delta, N = {n} clients"
+        )
+        why = (
+            f"at least 1/N = {1 / n:.3g}, which a mechanism that publishes one client's update in the clear also meets"
+            if delta >= 1 / n
+            else f"above {SMALL_DELTA:g}: the guarantee may fail outright with probability δ"
+        )
+        return (
+            f"warning: δ = {delta:.3g} ({source}) is not small: it is {why}; the ε reported at this δ means little. "
+            f"Client-level DP needs many clients (the default δ is at most {SMALL_DELTA:g} from N = 32) or a smaller "
+            f"--dp-delta"
+        )
 
     # --- accounting --------------------------------------------------------------------------------
 
