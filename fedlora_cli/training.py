@@ -99,8 +99,8 @@ def hold_frozen_weights(model: torch.nn.Module, precision: str) -> None:
 
 
 # The learning-rate shapes after warm-up. `train`/`baseline` run one schedule over their whole training;
-# `rounds` runs either a fresh one every client turn (per-turn) or one over all rounds (global-*), of which
-# each client's turn in round t trains on the t-th slice (`schedule_window`).
+# `rounds` runs either a fresh one every client turn (per-turn = linear, cosine, constant) or one over all
+# rounds (global-*), of which each client's turn in round t trains on the t-th slice (`schedule_window`).
 SHAPES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "per-turn": "linear",
           "global-linear": "linear", "global-cosine": "cosine"}  # fmt: skip
 GLOBAL_SCHEDULES = ("global-linear", "global-cosine")

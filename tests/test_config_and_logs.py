@@ -118,10 +118,11 @@ def test_summary_tables_in_a_log_file_carry_whole_numbers(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     row = SimpleNamespace(round=1, clients=[1, 2, 3], failed=[], eval={"accuracy": 0.481234},
                           aggregation={"error": 0.123456, "privacy": {"epsilon": 12.3456, "clipped": 3}},
-                          train_loss=0.693147, bytes_down=123_456_789, bytes_up=987_654_321, seconds={"wall": 1234.5})  # fmt: skip
+                          train_loss=0.693147, bytes_down=123_456_789, bytes_up=987_654_321, seconds={"wall": 1234.5},
+                          validation=None)  # fmt: skip
     result = SimpleNamespace(clients=3, history=[row], main_metric="accuracy", stopped=None,
                              final_metrics={"accuracy": 0.481234}, resumed_after=None,
-                             final_adapter=Path("/r/final/adapter"), run_dir=Path("/r"))  # fmt: skip
+                             final_adapter=Path("/r/final/adapter"), run_dir=Path("/r"), selected=None)  # fmt: skip
     show_rounds(result)
     out = capsys.readouterr().out
     assert "…" not in out, out

@@ -229,7 +229,7 @@ def test_choosing_without_a_validation_split_is_refused(tiny_model, glue_dir, tm
     one_error_line(
         run("train", *base, "--lr-schedule", "global-linear"), 2, "one of linear, cosine, constant"
     )
-    one_error_line(run("rounds", *base, "--clients", "2", "--lr-schedule", "cosine"), 2, "global-cosine")
+    one_error_line(run("baseline", *base, "--lr-schedule", "per-turn"), 2, "one of linear, cosine, constant")
     from fedlora_cli.config import DataSpec, TrainConfig, TrainSpec
 
     with pytest.raises(ValueError, match="does not apply to `fedlora train`"):

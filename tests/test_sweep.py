@@ -239,6 +239,7 @@ def test_one_figure_per_value_and_the_reference_without_that_option_in_each(tmp_
     pytest.importorskip("matplotlib")
     from fedlora_cli import sweeps
 
+    monkeypatch.chdir(tmp_path)  # the sweep's folder is runs/<name>, under the working directory
     data = {
         "sweep": {"name": "s", "seeds": [1], "table": {"rows": ["arm", "partition"], "columns": "task",
                                                         "reference": "central", "figures": "partition"}},

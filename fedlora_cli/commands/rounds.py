@@ -30,9 +30,9 @@ OPTIONS = c.Command(
         "train.epochs": c.Rename(("--local-epochs",), "epochs over its shard per client and round"),
         "train.lr_schedule": c.Rename(
             choices=ROUNDS_SCHEDULES,
-            help="per-turn: every client turn warms up and decays to zero afresh; global-linear / global-cosine: "
-            "one schedule over all rounds, each client turn trains on its round's slice; constant (after the "
-            "warm-up)",
+            help="per-turn (= linear), cosine or constant: every client turn warms up and decays afresh; "
+            "global-linear / global-cosine: one schedule over all rounds, each client turn trains on its round's "
+            "slice",
         ),
     },
     extras=[c.MODEL_SIZE, c.LOG_EVERY, c.REPORT_TO, RESUME],

@@ -80,8 +80,8 @@ def run_flower_simulation(
     """
     _telemetry_off()
     require_flower()  # before anything imports flwr: a missing extra is one line, exit 2
-    from fedlora_cli.engines import absolute_paths
     from fedlora_cli.flower import codec, relay
+    from fedlora_cli.options import absolute_paths
 
     # the user's paths, before anything runs in the temporary folder (run_rounds did it; a library call may not)
     config = absolute_paths(config)

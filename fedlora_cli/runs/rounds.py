@@ -275,8 +275,9 @@ def _check_same_run(previous: RunRecord, record: dict[str, Any]) -> None:
                 out[f"{prefix}{k}"] = v
         return out
 
-    _check_schedule_span(_normalised(previous.config), _normalised(record["config"]))
-    old, new = flat(_normalised(previous.config)), flat(_normalised(record["config"]))
+    before, after = _normalised(previous.config, previous.cwd), _normalised(record["config"])
+    _check_schedule_span(before, after)
+    old, new = flat(before), flat(after)
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
@@ -304,11 +305,13 @@ def _check_schedule_span(old: dict[str, Any], new: dict[str, Any]) -> None:
         )
 
 
-def _normalised(config: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config with every option today's RoundsConfig has (missing ones at their defaults)."""
+def _normalised(config: dict[str, Any], cwd: str | None = None) -> dict[str, Any]:
+    """A recorded config with every option today's RoundsConfig has (missing ones at their defaults), its
+    paths absolute against the folder it was run from (an older fedlora recorded them as typed)."""
     from fedlora_cli.config import from_dict, to_dict
+    from fedlora_cli.options import absolute_paths
 
     try:
-        return to_dict(from_dict(RoundsConfig, config))
-    except (TypeError, ValueError, AttributeError, KeyError):
+        return to_dict(absolute_paths(from_dict(RoundsConfig, config), cwd=cwd))
+    except (TypeError, ValueError):
         return config
