@@ -51,6 +51,10 @@ LR_SCHEDULES = ("linear", "cosine", "constant", "per-turn", "global-linear", "gl
 ENGINES = ("local", "flower")
 DP_WHERE = ("server", "client")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
+# How a fresh LoRA adapter starts (PEFT's init_lora_weights): the ones that leave the base weights as they
+# are and need no data — default (A Kaiming-uniform, B = 0), gaussian (A ~ N(0, 1/r²), B = 0), orthogonal
+# (A and B from an orthogonal basis, not a no-op). PiSSA/OLoRA rewrite the base weights, EVA/CorDA need data.
+LORA_INITS = ("default", "gaussian", "orthogonal")
 
 SHARD_MODES = partitioner_names()  # the partitioner registry is the one source of mode names
 MODE_HELP = "how the training set is split: " + "; ".join(
@@ -447,6 +451,22 @@ class LoraSpec(Spec):
         check=lambda flag, v: _check(len(v) > 0, f"{flag} must name at least one module"),
         help="modules that get LoRA, comma-separated or repeated (or one regular expression)",
     )
+
+    init: str = option(
+        "default",
+        "--lora-init",
+        choices=LORA_INITS,
+        check=one_of(LORA_INITS),
+        compare=False,
+        help="how a fresh adapter starts: default (A Kaiming-uniform, B = 0: a no-op), gaussian (A ~ N(0, 1/r²), "
+        "B = 0), or orthogonal (A and B from one orthogonal basis; even ranks)",
+    )
+
+    def validate(self) -> None:
+        _check(
+            self.init != "orthogonal" or self.r % 2 == 0,
+            f"--lora-init orthogonal needs an even --lora-r, got {self.r}",
+        )
 
     @property
     def scaling(self) -> float:
@@ -893,9 +913,21 @@ class AggregationSpec(Spec):
         check=number(0),
         help="FedProx: add μ/2·‖θ − θ_global‖² to every client's loss (0: off)",
     )
+    equal_trainable: bool = option(
+        False,
+        "--equal-trainable",
+        negatable=False,
+        help="one-factor methods (ffa, rolora): double each client's rank, so they train as many parameters "
+        "per round as LoRA does at --lora-r (as the FFA-LoRA paper compares them)",
+    )
     svd: SvdOptions = field(default_factory=SvdOptions)
 
     def validate(self) -> None:
+        _check(
+            not self.equal_trainable or get_method(self.method).one_factor,
+            f"--equal-trainable applies to the one-factor methods "
+            f"({', '.join(m.name for m in METHODS.values() if m.one_factor)}), not {self.method}",
+        )
         for m in METHODS.values():
             if m.options is None or m.name == self.method:
                 continue
@@ -915,7 +947,12 @@ class AggregationSpec(Spec):
         return getattr(self, self.method, None) if get_method(self.method).options is not None else None
 
     def ranks_for(self, client_ids: Sequence[int], default: int) -> dict[int, int]:
-        """Each client's LoRA rank: `default` (--lora-r) unless --client-ranks says otherwise."""
+        """Each client's LoRA rank: `default` (--lora-r; twice that with --equal-trainable) unless
+        --client-ranks says otherwise (also doubled with --equal-trainable)."""
+        factor = 2 if self.equal_trainable else 1
+        return {c: factor * r for c, r in self._ranks(client_ids, default).items()}
+
+    def _ranks(self, client_ids: Sequence[int], default: int) -> dict[int, int]:
         if self.client_ranks is None:
             return {int(c): default for c in client_ids}
         text = self.client_ranks.strip()

@@ -229,6 +229,9 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+PEFT_INITS: dict[str, Any] = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}
+
+
 def lora_config(spec: LoraSpec, base_model: str | None = None, inference_mode: bool = False) -> Any:
     """A fresh PEFT LoraConfig each call: PEFT mutates the one it is given (it appends the head)."""
     from peft import LoraConfig, TaskType
@@ -245,6 +248,7 @@ def lora_config(spec: LoraSpec, base_model: str | None = None, inference_mode: b
         modules_to_save=list(HEAD_MODULES),
         base_model_name_or_path=base_model,
         inference_mode=inference_mode,
+        init_lora_weights=PEFT_INITS[spec.init],
     )
 
 

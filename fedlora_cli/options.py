@@ -58,12 +58,20 @@ class Option:
         return tuple(self.choices() if callable(self.choices) else self.choices)
 
 
-def option(default: Any = MISSING, *flags: str, help: str, default_factory: Any = MISSING, **kw: Any) -> Any:
-    """A dataclass field that is an option: `lr: float = option(5e-4, "--learning-rate", "--lr", help=...)`."""
+def option(
+    default: Any = MISSING,
+    *flags: str,
+    help: str,
+    default_factory: Any = MISSING,
+    compare: bool = True,
+    **kw: Any,
+) -> Any:
+    """A dataclass field that is an option: `lr: float = option(5e-4, "--learning-rate", "--lr", help=...)`.
+    `compare=False`: a setting that does not make two specs different (how a fresh adapter is initialised)."""
     meta = {"option": Option(tuple(flags), help, **kw)}
     if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=default_factory, metadata=meta, compare=compare)
+    return field(default=default, metadata=meta, compare=compare)
 
 
 def option_of(f: dataclasses.Field) -> Option | None:

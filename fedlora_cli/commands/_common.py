@@ -15,10 +15,17 @@ from typer.core import TyperCommand, TyperGroup, click
 from fedlora_cli.commands._options import Command, Extra, OptionError, Rename, Values
 from fedlora_cli.config import model_from_size
 from fedlora_cli.errors import FedloraError, InputError, Interrupted, io_message
+from fedlora_cli.options import walk as walk_options
 from fedlora_cli.progress import DEFAULT_LOG_EVERY
 from fedlora_cli.tasks import task_names
 
-__all__ = ["Command", "Extra", "Rename", "Values"]  # the pieces every command module takes from here
+__all__ = [
+    "Command",
+    "Extra",
+    "Rename",
+    "Values",
+    "walk_options",
+]  # the pieces every command module takes from here
 
 DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 to see tracebacks of expected errors too
 

@@ -48,6 +48,7 @@ def _rounds(ctx: typer.Context, values: c.Values) -> None:
         if values.get("data.task") is None:
             raise InputError("--task is required (or --resume RUN, which reads it from the run)")
         config = values.config(RoundsConfig, resume=resume is not None)
+        config = _with_recommended(config, values, resume is not None)
     from fedlora_cli.engines import run_rounds
 
     with c.reporter(log_every=values.extra["log_every"], report_to=values.extra["report_to"]) as progress:
@@ -56,6 +57,21 @@ def _rounds(ctx: typer.Context, values: c.Values) -> None:
 
 
 rounds = OPTIONS.wrap(_rounds)
+
+
+def _with_recommended(config: RoundsConfig, values: c.Values, resume: bool) -> RoundsConfig:
+    """The method's recommended values (strategies/registry.py) for the options the user left out, said once."""
+    from fedlora_cli.strategies.registry import recommended
+
+    given = {".".join(path) for path in values.given}
+    extra = recommended(config.aggregation.method, given)
+    if not extra:
+        return config
+    flags = {f.dotted: f.option.flag for f in c.walk_options(RoundsConfig)}
+    said = ", ".join(f"{flags.get(k, k)} {v}" for k, v in extra.items())
+    c.print_line(f"note: {config.aggregation.method} recommends {said} (give the option to choose otherwise)",
+                 c.err_console())  # fmt: skip
+    return values.config(RoundsConfig, resume=resume, **extra)
 
 
 def _resumed(resume: str, values: c.Values) -> RoundsConfig:

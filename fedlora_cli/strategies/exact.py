@@ -30,7 +30,10 @@ class ExactStrategy(Strategy):
     a lossless factorisation of `R + s B̄ Ā` at the largest rank any module needs (reported).
 
     Caveat: the residual's rank grows with rounds × clients × r (up to the module's dimension), and so
-    do the bytes each client downloads and the rank of the final adapter.
+    do the bytes each client downloads and the rank of the final adapter. The history's aggregation record
+    gives both protocols' bytes per client: `residual_bytes` (stateless clients receive the whole residual
+    every round, as here: counted in bytes_down) and `increment_bytes` (clients that keep it, as in the
+    FedEx-LoRA paper, receive only this round's change, at its exact rank, next round).
     """
 
     name = "exact"
@@ -57,9 +60,12 @@ class ExactStrategy(Strategy):
         else:
             mean = aggregate_naive(updates, rank=self.global_rank)
         new, error = accumulate_residual(self.residual, updates, mean.state, scaling)
-        self._set_residual({p: (pq[0].float(), pq[1].float()) for p, pq in new.items()})
+        sent = {p: (pq[0].float(), pq[1].float()) for p, pq in new.items()}
+        increment = increment_bytes(self.residual, sent)
+        self._set_residual(sent)
         return Aggregated.of(self.name, replace(mean, error=error, module_errors={}), self.lora,
-                             adapter_error=mean.error, residual_rank=self.residual_rank)  # fmt: skip
+                             adapter_error=mean.error, residual_rank=self.residual_rank,
+                             residual_bytes=factor_bytes(self.residual), increment_bytes=increment)  # fmt: skip
 
     @property
     def residual_rank(self) -> int:
@@ -117,6 +123,32 @@ class ExactStrategy(Strategy):
                 digest.update(prefix.encode())
                 digest.update(t.contiguous().numpy().tobytes())
         self._key = f"exact-{digest.hexdigest()[:16]}" if residual else ""
+
+
+def factor_bytes(residual: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes of a factored residual as clients receive it (float32 P and Q): what a client without state
+    downloads each round beside the adapter (today's protocol, counted in bytes_down)."""
+    return sum(4 * (p.numel() + q.numel()) for p, q in residual.values())
+
+
+def increment_bytes(
+    old: Mapping[str, tuple[torch.Tensor, torch.Tensor]], new: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> int:
+    """Bytes of this round's change of the residual, factored at its exact rank (float32): what a client that
+    keeps the residual from round to round (FedEx-LoRA's protocol) downloads next round instead."""
+    total = 0
+    for prefix, (p, q) in new.items():
+        bs, as_, coeffs = [p], [q], [1.0]
+        if prefix in old:
+            bs.append(old[prefix][0])
+            as_.append(old[prefix][1])
+            coeffs.append(-1.0)
+        b, a = low_rank_factors(bs, as_, coeffs)
+        total += 4 * (b.numel() + a.numel())
+    for prefix, (p, q) in old.items():  # a module whose residual vanished: its whole removal
+        if prefix not in new:
+            total += 4 * (p.numel() + q.numel())
+    return total
 
 
 def _zero_module(a_key: str, b_key: str, a: torch.Tensor, b: torch.Tensor, k: int) -> dict[str, torch.Tensor]:

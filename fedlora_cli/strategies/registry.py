@@ -44,6 +44,10 @@ class Method:
     label: str = ""  # the name papers give it, for `-h`
     merge: str | None = None  # why `fedlora merge` cannot use it (None: it can)
     options: Any = None  # the Spec class of the method's own options (None: it has none)
+    one_factor: bool = False  # trains one factor per round: --equal-trainable doubles its rank
+    # Recommended values of other options (config paths: {"lora.alpha": 64.0}), applied by the CLI only where
+    # the user gave none, said in the run header and recorded; each is measured (docs: methods, results).
+    defaults: Any = None
 
 
 METHODS: dict[str, Method] = {
@@ -60,12 +64,18 @@ METHODS: dict[str, Method] = {
                label="FedEx-LoRA"),
         Method("ffa", "fedlora_cli.strategies.ffa:FfaStrategy",
                "FFA-LoRA: A frozen from the seed, only B (and the head) train; averaging B is exact",
-               label="FFA-LoRA"),
+               label="FFA-LoRA", one_factor=True),
         Method("rolora", "fedlora_cli.strategies.rolora:RoloraStrategy",
                "RoLoRA: rounds alternate training B and A (the other frozen); every average is exact",
-               label="RoLoRA", merge="it alternates factors over rounds; merge with svd, naive, exact or ffa"),
+               label="RoLoRA", one_factor=True, merge="it alternates factors over rounds; merge with svd, naive, exact or ffa"),
     )
 }  # fmt: skip
+
+
+def recommended(method: str, given: set[str]) -> dict[str, Any]:
+    """The method's recommended option values (dotted config paths) that the user did not give."""
+    defaults = get_method(method).defaults or {}
+    return {path: value for path, value in defaults.items() if path not in given}
 
 
 def method_names() -> tuple[str, ...]:
