@@ -15,6 +15,7 @@ from fedlora_cli.errors import InputError, Interrupted
 from fedlora_cli.evaluation import (
     EvalResult,
     evaluate,
+    majority_metrics,
     predict,
     predictions_file,
     predictions_tsv,
@@ -229,7 +230,10 @@ class EpochWatch:
         return self.last if self.last is not None else self.scores()
 
     def record(self, validation: EvalResult | None) -> dict[str, Any]:
-        out: dict[str, Any] = {"validation": validation.metrics if validation is not None else None}
+        out: dict[str, Any] = {
+            "validation": validation.metrics if validation is not None else None,
+            "majority": majority_metrics(self.config.data.glue_task, self.data.evals),
+        }
         if self.every_epoch:
             chosen = self.selection.chosen
             out["selected"] = {"rule": self.config.select, "metric": self.selection.metric, "epoch": chosen}
@@ -350,7 +354,8 @@ def _baseline(config: BaselineConfig, out: Path, progress: Progress, argv) -> Ru
                         tokenizer.save_pretrained(str(tmp))
                         atomic.honour_umask(tmp)  # model.safetensors comes 0600 from save_pretrained
                 stats = train_stats(training) if training is not None else None
-                extra = {"validation": validation.metrics if validation is not None else None}
+                extra = {"validation": validation.metrics if validation is not None else None,
+                         "majority": majority_metrics(task, data.evals)}  # fmt: skip
                 final = final_metrics("baseline", task, evaluation, train=stats, extra=extra)
                 write_metrics(run_dir / METRICS, final)
                 _report_final(tracker, training.steps if training else 0, final, None)

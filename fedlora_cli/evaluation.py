@@ -33,6 +33,22 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray)
     return out
 
 
+def majority_metrics(task: GlueTask, splits: dict) -> dict[str, float]:
+    """What a model that always predicts the most frequent training-free answer scores on `splits`: the
+    majority class (regression: the mean score, whose correlations are 0). The floor a run must clear to
+    have learned anything; reports mark a task whose reference arm does not clear it."""
+    per_split = {}
+    for split, data in splits.items():
+        labels = np.asarray(data.labels)
+        if task.is_regression:
+            constant = np.full(len(labels), float(labels.mean()) if len(labels) else 0.0)
+        else:
+            values, counts = np.unique(labels, return_counts=True)
+            constant = np.full(len(labels), values[int(np.argmax(counts))] if len(values) else 0)
+        per_split[split] = compute_metrics(task, constant, labels)
+    return combine_splits(task, per_split) if per_split else {}
+
+
 def binary_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
     """F1 of the positive class (1): 2tp / (2tp + fp + fn); 0 when there is no positive at all."""
     pred, true = np.asarray(predictions) == 1, np.asarray(labels) == 1

@@ -84,3 +84,19 @@ def test_no_positive_class_gives_f1_zero_not_an_error():
         "accuracy": 1.0,
         "f1": 0.0,
     }
+
+
+def test_majority_metrics_are_what_a_constant_answer_scores():
+    from types import SimpleNamespace
+
+    from fedlora_cli.evaluation import majority_metrics
+    from fedlora_cli.tasks import get_task
+
+    split = SimpleNamespace(labels=np.array([1, 1, 1, 0]))
+    assert majority_metrics(get_task("sst2"), {"validation": split}) == {"accuracy": 0.75}
+    cola = majority_metrics(get_task("cola"), {"validation": split})
+    assert cola["mcc"] == 0.0  # a constant answer has no correlation
+    mrpc = majority_metrics(get_task("mrpc"), {"validation": split})
+    assert mrpc["accuracy"] == 0.75 and mrpc["f1"] == pytest.approx(2 * 3 / (2 * 3 + 1))
+    stsb = majority_metrics(get_task("stsb"), {"validation": SimpleNamespace(labels=np.array([0.5, 4.0, 2.0]))})
+    assert stsb["pearson"] == 0.0 and stsb["spearman"] == 0.0

@@ -20,7 +20,7 @@ import torch
 
 from fedlora_cli import memory
 from fedlora_cli.errors import FedloraError, InputError
-from fedlora_cli.evaluation import EvalResult, evaluate
+from fedlora_cli.evaluation import EvalResult, evaluate, majority_metrics
 from fedlora_cli.federation.setup import Setup
 from fedlora_cli.progress import NullProgress, Progress, as_tracker
 from fedlora_cli.runs import complete_rounds
@@ -359,7 +359,8 @@ class RoundDriver:
             reported, report_validation = dict(row.eval or {}), row.validation
         selected = {"rule": s.config.select, "metric": self.selection.metric, "round": chosen or last_round,
                     "dev": reported, "validation": report_validation}  # fmt: skip
-        extra.update(selected=selected, last=last, validation=report_validation)
+        extra.update(selected=selected, last=last, validation=report_validation,
+                     majority=majority_metrics(s.task, s.data.evals))  # fmt: skip
         if self.stopped:
             extra["stopped"] = self.stopped
         final = s.recorder.finish(exported, reported, last_round, extra, best=best)
