@@ -92,6 +92,7 @@ def show_rounds(result) -> None:
 
     table = Table(title=f"fedlora rounds · {result.clients} clients", title_justify="left")
     dp = any("privacy" in row.aggregation for row in result.history)
+    bounded = any("norm_bound" in row.aggregation for row in result.history)
     for name in (
         "round",
         "clients",
@@ -99,6 +100,7 @@ def show_rounds(result) -> None:
         "train loss",
         "agg error",
         *(("ε", "clipped") if dp else ()),
+        *(("bound", "clipped") if bounded else ()),
         "MB down",
         "MB up",
         "seconds",
@@ -114,6 +116,10 @@ def show_rounds(result) -> None:
             if privacy
             else ("–", "–")
         )
+        bound = row.aggregation.get("norm_bound") or {}
+        bound_cells = (
+            (f"{bound['bound']:.3g}", f"{len(bound['clipped'])}/{len(row.clients)}") if bound else ("–", "–")
+        )
         table.add_row(
             str(row.round),
             f"{len(row.clients)}" + (f" ({failed} failed)" if failed else "") if row.round else "start",
@@ -121,6 +127,7 @@ def show_rounds(result) -> None:
             f"{row.train_loss:.4f}" if row.train_loss is not None else "–",
             f"{error:.4f}" if error is not None else "–",
             *(dp_cells if dp else ()),
+            *(bound_cells if bounded else ()),
             f"{row.bytes_down / 2**20:.2f}",
             f"{row.bytes_up / 2**20:.2f}",
             f"{row.seconds['wall']:.1f}",
