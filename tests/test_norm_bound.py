@@ -180,6 +180,30 @@ def test_a_bound_no_client_reaches_gives_the_method_bit_for_bit(method):
     wrapped.load_state_dict(saved)
 
 
+def test_mixed_client_ranks_each_update_is_measured_against_what_that_client_was_sent():
+    """svd with --client-ranks 1,2: each client is sent the global adapter at its own rank; a clipped
+    update keeps that rank (the product-space clip moves along the client's own factors)."""
+    gen = torch.Generator().manual_seed(4)
+    inner = build_strategy(AggregationSpec("svd", client_ranks="1,2"), LORA, seed=7, client_ids=range(1, 5))
+    strategy, spy = NormBoundStrategy(inner, NormBoundSpec(median_multiple=1.5)), Spy(inner)
+    broadcast = GlobalAdapter(random_state(gen), LORA)
+    plans = {cid: strategy.plan(1, cid, broadcast) for cid in (1, 2, 3, 4)}
+    assert [plans[c].adapter.lora.r for c in (1, 2, 3, 4)] == [1, 2, 1, 2]
+    states = {cid: moved(p.adapter.state, gen, 0.05) for cid, p in plans.items()}
+    states[3] = scaled(states[3], plans[3].adapter.state, ATTACK)  # a rank-1 client
+    updates = [ClientUpdate(states[c], scaling=LORA.scaling, weight=10, name=f"client {c}", client=c)
+               for c in (1, 2, 3, 4)]  # fmt: skip
+    record = strategy.aggregate(1, broadcast, updates, sampled=4).record["norm_bound"]
+    assert record["clipped"] == [3]
+    for c in (1, 2, 4):
+        want = privacy.update_norm(states[c], plans[c].adapter.state, space="product", scaling=LORA.scaling)
+        assert record["norms"][str(c)] == pytest.approx(want, rel=1e-12)
+    clipped = next(u for u in spy.seen if u.client == 3)
+    assert clipped.state["m0.lora_A.weight"].shape == (1, D_IN)
+    after = privacy.update_norm(clipped.state, plans[3].adapter.state, space="product", scaling=LORA.scaling)
+    assert after == pytest.approx(record["bound"], rel=1e-5)
+
+
 def test_an_update_from_a_client_not_planned_this_round_is_refused():
     strategy, _ = bounded("naive", fixed=1.0)
     broadcast, states = attack_round()
