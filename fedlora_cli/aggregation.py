@@ -29,6 +29,7 @@ class ClientUpdate:
     scaling: float
     weight: float
     name: str = ""  # how messages name this client ("client 3", an adapter path); default: its position
+    client: int | None = None  # the client's id when an engine made it (wrappers match an update to its plan)
 
     def __post_init__(self) -> None:
         if not _positive_number(self.scaling):

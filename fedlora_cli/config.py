@@ -1075,6 +1075,57 @@ class PrivacySpec(Spec):
 
 
 # ---------------------------------------------------------------------------------------------------
+# norm bounding
+
+
+def _median_multiple(flag: str, x: Any) -> None:
+    _check(
+        x is None or (finite(x) and x >= 1),
+        f"{flag} must be a finite number >= 1 (below 1 it shrinks most honest clients' updates every round), "
+        f"got {x}",
+    )
+
+
+@dataclass(frozen=True)
+class NormBoundSpec(Spec):
+    """Server-side norm bounding (Sun et al., 2019, "Can you really backdoor federated learning?"); off unless
+    a bound is given. Each client's update (its adapter state minus what it was sent, in the method's
+    update space) is clipped to the round's bound before the method aggregates it: --norm-bound C, or
+    K × the round's lower median of the clients' update norms (--norm-bound-median K), or the smaller of the
+    two when both are given. No noise, no privacy: it limits how far one client moves the global adapter.
+    """
+
+    panel: ClassVar[str] = "Robustness"
+
+    fixed: float | None = option(
+        None,
+        "--norm-bound",
+        check=optional(number(0, low_open=True)),
+        metavar="C",
+        help="clip each client's update to L2 norm C on the server, in the method's update space (no noise, "
+        "no privacy: see --dp-clip for that)",
+    )
+    median_multiple: float | None = option(
+        None,
+        "--norm-bound-median",
+        check=_median_multiple,
+        metavar="K",
+        help="clip each client's update to K × the round's median update norm (K >= 1; with --norm-bound, "
+        "the smaller bound)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.fixed is not None or self.median_multiple is not None
+
+    @property
+    def flags(self) -> str:
+        """The options given, as a user typed them (for messages)."""
+        given = [("--norm-bound", self.fixed), ("--norm-bound-median", self.median_multiple)]
+        return " and ".join(f"{flag} {value:g}" for flag, value in given if value is not None)
+
+
+# ---------------------------------------------------------------------------------------------------
 # `fedlora rounds`
 
 
@@ -1196,6 +1247,8 @@ class RoundsConfig(Spec):
         help="flower: seconds to wait for a round's replies; later ones count as failed",
     )
     privacy: PrivacySpec = field(default_factory=PrivacySpec)  # client-level DP; off by default
+    # server-side norm bounding (robustness, no privacy); off by default
+    norm_bound: NormBoundSpec = field(default_factory=NormBoundSpec)
     partition: PartitionSpec = field(default_factory=PartitionSpec)  # shard in memory instead of --shards
 
     def validate(self) -> None:
@@ -1211,6 +1264,12 @@ class RoundsConfig(Spec):
         )
         cpr, ff = self.clients_per_round, self.fraction_fit
         _check(cpr is None or ff is None, "give --clients-per-round or --fraction-fit, not both")
+        _check(
+            not (self.norm_bound.enabled and self.privacy.enabled),
+            f"{self.norm_bound.flags} with --dp-clip: differential privacy's clip already bounds every update "
+            "(and a bound that depends on the other clients would break its guarantee); drop the norm bound, "
+            "or lower --dp-clip",
+        )
         if self.resuming:
             named = self.output.run_name is not None or self.output.output_dir is not None
             _check(named, "--resume needs the --run-name (or --output-dir) of the run to continue")

@@ -124,10 +124,19 @@ def _slow_steps(seconds: float):
         client.train_model = real
 
 
+def scale_update(content: RecordDict, sent: RecordDict, factor: float) -> None:
+    """The reply's adapter becomes the broadcast plus `factor` × the client's honest update: finite, of the
+    right keys, shapes and dtype, so it passes every check (an update scaled to take over the model)."""
+    broadcast = _state(sent)
+    _set_state(content, lambda state: state.update(
+        {k: broadcast[k] + factor * (v - broadcast[k]) for k, v in state.items()}))  # fmt: skip
+
+
 def lying_app(behaviour: dict[int, dict[int, str]]) -> ClientApp:
     """fedlora's ClientApp, but client c in round r does `behaviour[c][r]`: a LIES key, "fail" (an error
     reply), "sleep:<seconds>" (stalls before its turn, holding its worker: a client that misses
-    --round-timeout), or "slow:<seconds>" (trains at that many seconds per optimizer step)."""
+    --round-timeout), "slow:<seconds>" (trains at that many seconds per optimizer step), or
+    "scale:<factor>" (sends the broadcast plus factor × its update, `scale_update`)."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
@@ -145,7 +154,9 @@ def lying_app(behaviour: dict[int, dict[int, str]]) -> ClientApp:
             with _slow_steps(float(what.removeprefix("slow:"))):
                 return call_next(msg, context)
         reply = call_next(msg, context)
-        if what is not None and not reply.has_error():
+        if what is not None and what.startswith("scale:") and not reply.has_error():
+            scale_update(reply.content, msg.content, float(what.removeprefix("scale:")))
+        elif what is not None and not reply.has_error():
             LIES[what][0](reply.content)
         return reply
 

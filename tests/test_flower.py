@@ -718,6 +718,58 @@ def test_lying_clients_are_failed_clients_and_the_run_finishes_without_them(
 
 
 @pytest.mark.flower
+def test_a_client_that_scales_its_update_a_millionfold_is_bounded_by_the_norm_bound(
+    tiny_model, glue_dir, shards, tmp_path, monkeypatch
+):
+    """Client 2 sends the broadcast plus 10⁶ × its update (finite and well-formed: every check passes; without a
+    bound it drives the global adapter to ~10⁸). With --norm-bound-median 2 the server clips it to twice the
+    round's median update norm: the global adapter stays near the honest run's, and the history row says
+    who was clipped and every norm, on Flower as on engine local (the same attack, monkeypatched)."""
+    from lying_clients import lying_app_named
+
+    from fedlora_cli.config import NormBoundSpec
+    from fedlora_cli.federation import local, run_local
+    from fedlora_cli.flower.simulation import run_flower_simulation
+
+    factor = 1e6
+    config = flower_config(tiny_model, glue_dir, shards, tmp_path, "scaled",
+                           norm_bound=NormBoundSpec(median_multiple=2.0))  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path / "apps"))
+    attack = {2: {1: f"scale:{factor:g}", 2: f"scale:{factor:g}"}}
+    flower = run_flower_simulation(config, client_app=lying_app_named(tmp_path / "apps", attack)).run_dir
+
+    def on_local(name: str, **changes) -> Path:
+        with one_thread():
+            return run_local(replace(config, engine="local", output=replace(config.output, run_name=name),
+                                     **changes)).run_dir  # fmt: skip
+
+    honest = on_local("honest", norm_bound=NormBoundSpec())
+    real = local.train_client
+
+    def scales_its_update(model, data, indices, plan, *args, **kwargs):
+        report = real(model, data, indices, plan, *args, **kwargs)
+        if plan.client_id != 2:
+            return report
+        sent = plan.adapter.state
+        return replace(report, state={k: sent[k] + factor * (v - sent[k]) for k, v in report.state.items()})
+
+    monkeypatch.setattr(local, "train_client", scales_its_update)
+    attacked_local = on_local("scaled-local")
+
+    def norm(run_dir: Path) -> float:
+        return float(torch.cat([t.double().flatten() for t in final_state(run_dir).values()]).norm())
+
+    assert norm(flower) < 1.5 * norm(honest)
+    assert_same_adapter(final_state(attacked_local), final_state(flower), rtol=1e-4)
+    for a, b in zip(history(attacked_local), history(flower), strict=True):
+        x, y = a["aggregation"]["norm_bound"], b["aggregation"]["norm_bound"]
+        assert b["clients"] == [1, 2, 3] and b["failed"] == [] and y["clipped"] == x["clipped"] == [2]
+        assert y["norms"]["2"] > 1e4 * max(y["norms"]["1"], y["norms"]["3"])  # the attack reached the server
+        assert y["bound"] == 2 * y["median"] and y["space"] == "product"
+        assert y["norms"] == {c: pytest.approx(n, rel=1e-3) for c, n in x["norms"].items()}
+
+
+@pytest.mark.flower
 def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(
     tiny_model, glue_dir, tmp_path, monkeypatch
 ):

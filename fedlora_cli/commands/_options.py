@@ -32,6 +32,7 @@ PANELS = (
     "Federation",
     "Method",
     "Privacy",
+    "Robustness",
     "Engine",
     "Evaluation",
     "Merge",

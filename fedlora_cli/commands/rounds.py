@@ -110,9 +110,11 @@ def show_rounds(result) -> None:
     table = Table(title=f"fedlora rounds · {result.clients} clients", title_justify="left")
     dp = any("privacy" in row.aggregation for row in result.history)
     held = any(row.validation for row in result.history)
+    bounded = any("norm_bound" in row.aggregation for row in result.history)
     metric = result.main_metric
     columns = ["round", "clients", f"dev {metric}", *((f"validation {metric}",) if held else ()), "train loss",
-               "agg error", *(("ε", "clipped") if dp else ()), "MB down", "MB up", "seconds"]  # fmt: skip
+               "agg error", *(("ε", "clipped") if dp else ()), *(("bound", "clipped") if bounded else ()),
+               "MB down", "MB up", "seconds"]  # fmt: skip
     for name in columns:
         table.add_column(name, justify="right")
     chosen = (result.selected or {}).get("round") if (result.selected or {}).get("rule") == "best" else None
@@ -127,6 +129,10 @@ def show_rounds(result) -> None:
             else ("–", "–")
         )
         clients = f"{len(row.clients)}" + (f" ({failed} failed)" if failed else "") if row.round else "start"
+        bound = row.aggregation.get("norm_bound") or {}
+        bound_cells = (
+            (f"{bound['bound']:.3g}", f"{len(bound['clipped'])}/{len(row.clients)}") if bound else ("–", "–")
+        )
         table.add_row(
             f"{row.round}" + (" *" if row.round == chosen else ""),
             clients,
@@ -135,6 +141,7 @@ def show_rounds(result) -> None:
             f"{row.train_loss:.4f}" if row.train_loss is not None else "–",
             f"{error:.4f}" if error is not None else "–",
             *(dp_cells if dp else ()),
+            *(bound_cells if bounded else ()),
             f"{row.bytes_down / 2**20:.2f}",
             f"{row.bytes_up / 2**20:.2f}",
             f"{row.seconds['wall']:.1f}",

@@ -25,6 +25,7 @@ from fedlora_cli.runs import run_path, run_record
 from fedlora_cli.runs.rounds import RoundRecorder
 from fedlora_cli.strategies import build_strategy
 from fedlora_cli.strategies.base import GlobalAdapter, Strategy
+from fedlora_cli.strategies.bounded import NormBoundStrategy, with_norm_bound
 from fedlora_cli.strategies.privacy import PrivacyStrategy, with_privacy
 from fedlora_cli.tasks import GlueTask
 
@@ -217,6 +218,7 @@ def _prepare(
         strategy = with_privacy(
             strategy, config.privacy, clients=n, per_round=config.clients_in_round(n), seed=config.train.seed
         )
+        strategy = with_norm_bound(strategy, config.norm_bound)
     except ValueError as e:
         raise InputError(str(e)) from None
     if note := clients_per_round_note(config, len(shards.client_ids)):
@@ -262,6 +264,8 @@ def _prepare(
     tracker.start_run(recorder.run_dir, recorder.run_dir.name)
     tracker.log_params({"command": "rounds", **record["config"]})
     stopped = None
+    if isinstance(strategy, NormBoundStrategy):
+        progress.log(strategy.describe())
     if isinstance(strategy, PrivacyStrategy):
         progress.log(strategy.describe())
         last, stopped = strategy.rounds_allowed(config.rounds)

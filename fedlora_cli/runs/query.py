@@ -105,13 +105,15 @@ def _model(record: RunRecord) -> str | None:
 
 
 def _method(record: RunRecord) -> str:
-    """The method a run used: the federated strategy or aggregation (`+dp` with differential privacy);
-    lora / full / zero-shot otherwise."""
+    """The method a run used: the federated strategy or aggregation (`+dp` with differential privacy,
+    `+bound` with a norm bound); lora / full / zero-shot otherwise."""
     config = record.config
     if record.command in ("rounds", "merge"):
         privacy = config.get("privacy")
         dp = "+dp" if isinstance(privacy, dict) and privacy.get("clip") is not None else ""
-        return _federated_method(config) + dp
+        bound = config.get("norm_bound")
+        bounded = isinstance(bound, dict) and any(v is not None for v in bound.values())
+        return _federated_method(config) + dp + ("+bound" if bounded else "")
     if record.command == "train":
         return "lora"
     if record.command == "baseline":

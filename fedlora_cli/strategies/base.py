@@ -90,7 +90,11 @@ class ClientReport:
 
     def update(self) -> ClientUpdate:
         return ClientUpdate(
-            self.state, scaling=self.lora.scaling, weight=self.examples, name=f"client {self.client_id}"
+            self.state,
+            scaling=self.lora.scaling,
+            weight=self.examples,
+            name=f"client {self.client_id}",
+            client=self.client_id,
         )
 
     def summary(self) -> dict[str, Any]:
