@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -1253,6 +1253,8 @@ class RoundsConfig(Spec):
 
     def validate(self) -> None:
         check_schedule(self.train, ROUNDS_SCHEDULES, "rounds")
+        if self.train.lr_schedule == "linear":  # per-turn's other name (TrainSpec's default): one spelling
+            object.__setattr__(self, "train", replace(self.train, lr_schedule="per-turn"))
         check_selection(self.data, self.select, self.early_stop, "round")
         _check(
             self.eval_each_round or (self.select == "last" and self.early_stop is None),
