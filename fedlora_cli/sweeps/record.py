@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,18 @@ def read_sweep_record(sweep: Sweep) -> dict[str, Any]:
     return read_json(path, "sweep record", hint="move it away to start the sweep afresh")
 
 
+def canonical(options: dict[str, Any]) -> str:
+    """Options as one comparable string: keys in their dashed spelling, sorted."""
+    return json.dumps({str(k).replace("_", "-"): v for k, v in options.items()}, sort_keys=True, default=str)
+
+
+REPORT_FILES = ("report.csv", "report.md", "report.png", "report-last.csv", "table.csv", "table.md",
+                "table-last.csv", "compare.csv", "tuning.csv", "tuning.md")  # fmt: skip
+
+
 def _is_report(name: str) -> bool:
-    return name in ("report.csv", "report.md", "report.png", "table.csv", "table.md") or (
-        name.startswith("report-") and name.endswith(".png")
-    )
+    """The names a sweep's report writes in its folder (and so refuses to replace unless it wrote them)."""
+    return name in REPORT_FILES or (name.startswith("report-") and name.endswith(".png"))
 
 
 def check_reports(sweep: Sweep) -> None:
