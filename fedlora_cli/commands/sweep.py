@@ -67,6 +67,7 @@ def sweep(
 
         outcome = run_sweep(spec, execute, log=log, argv=c.argv())
     cells = report(spec)
+    from rich.markup import escape
     from rich.table import Table
 
     metric = next((r.metric for r in cells if r.metric), "metric")
@@ -91,14 +92,12 @@ def sweep(
     for t in report_tables(spec, cells):
         if t.document == "report":  # the table above
             continue
-        table = Table(title=f"sweep {spec.name}: {t.title}", title_justify="left", caption=" ".join(t.notes),
+        table = Table(title=escape(f"sweep {spec.name}: {t.title}"), title_justify="left", caption=escape(" ".join(t.notes)),
                       caption_justify="left")  # fmt: skip
-        for name in t.header:
-            table.add_column(
-                name, justify="right" if t.rows and _numeric(t.rows, t.header.index(name)) else "left"
-            )
+        for i, name in enumerate(t.header):
+            table.add_column(escape(name), justify="right" if _numeric(t.rows, i) else "left")
         for row in t.rows:
-            table.add_row(*row)
+            table.add_row(*map(escape, row))
         c.console().print(table)
     for kind, path in write_report(spec, cells).items():
         c.print_path(kind, path)

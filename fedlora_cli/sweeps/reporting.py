@@ -184,7 +184,7 @@ def report_tables(sweep: Sweep, cells: list[CellReport]) -> list[ReportTable]:
             tables.append(compare_table(sweep, cells))
     if sweep.tune is not None:
         choices = recorded_choices(sweep, read_sweep_record(sweep))
-        chooser = tune_metric(sweep) or "the task's main metric"
+        chooser = tune_metric(sweep) or "score (each task's main metric)"
         tables.append(ReportTable(
             "tuning", "tuning", f"tuning: validation {chooser} over tune seeds "
             f"{', '.join(map(str, sweep.tune.seeds))}", *tuning_rows(sweep, choices),
