@@ -92,8 +92,12 @@ def sweep(
     for t in report_tables(spec, cells):
         if t.document == "report":  # the table above
             continue
-        table = Table(title=escape(f"sweep {spec.name}: {t.title}"), title_justify="left", caption=escape(" ".join(t.notes)),
-                      caption_justify="left")  # fmt: skip
+        table = Table(
+            title=escape(f"sweep {spec.name}: {t.title}"),
+            title_justify="left",
+            caption=escape(" ".join(t.notes)),
+            caption_justify="left",
+        )
         for i, name in enumerate(t.header):
             table.add_column(escape(name), justify="right" if _numeric(t.rows, i) else "left")
         for row in t.rows:

@@ -94,8 +94,8 @@ def report(sweep: Sweep) -> list[CellReport]:
             if isinstance(majority, dict) and (floor := _finite(majority.get(metric))) is not None:
                 floors.append(floor)
         tuned = choices.get(cell.name, {}).get("point")
-        out.append(CellReport(cell, metric, values, len(sweep.seeds), last,
-                              statistics.fmean(floors) if floors else None, tuned, has_last))  # fmt: skip
+        floor = statistics.fmean(floors) if floors else None
+        out.append(CellReport(cell, metric, values, len(sweep.seeds), last, floor, tuned, has_last))
     return out
 
 
@@ -171,11 +171,24 @@ def report_tables(sweep: Sweep, cells: list[CellReport]) -> list[ReportTable]:
     metric = next((c.metric for c in cells if c.metric), "metric")
     seeds = ", ".join(map(str, sweep.seeds))
     has_last = any(c.has_last for c in cells)
-    tables = [ReportTable("report", "report", f"{metric}, mean ± std over seeds {seeds}", *report_rows(sweep, cells),
-                          notes=_reported_notes(has_last))]  # fmt: skip
+    tables = [
+        ReportTable(
+            "report",
+            "report",
+            f"{metric}, mean ± std over seeds {seeds}",
+            *report_rows(sweep, cells),
+            notes=_reported_notes(has_last),
+        )
+    ]
     if has_last:
-        tables.append(ReportTable("report-last", "report", f"the last round: {metric}, mean ± std over seeds {seeds}",
-                                  *report_rows(sweep, [c.at_last() for c in cells])))  # fmt: skip
+        tables.append(
+            ReportTable(
+                "report-last",
+                "report",
+                f"the last round: {metric}, mean ± std over seeds {seeds}",
+                *report_rows(sweep, [c.at_last() for c in cells]),
+            )
+        )
     if sweep.table is not None:
         tables.append(pivot_table(sweep, cells))
         if has_last:
@@ -185,20 +198,29 @@ def report_tables(sweep: Sweep, cells: list[CellReport]) -> list[ReportTable]:
     if sweep.tune is not None:
         choices = recorded_choices(sweep, read_sweep_record(sweep))
         chooser = tune_metric(sweep) or "score (each task's main metric)"
-        tables.append(ReportTable(
-            "tuning", "tuning", f"tuning: validation {chooser} over tune seeds "
-            f"{', '.join(map(str, sweep.tune.seeds))}", *tuning_rows(sweep, choices),
-            notes=("Each point of a cell runs on every tune seed and is scored on the validation split (the reported "
-                   "adapter's score: what --select chose); the cell's choice (✓) has the best mean (ties: the first in "
-                   "grid order) and runs on the [sweep] seeds. The dev split never enters the choice.",)))  # fmt: skip
+        tables.append(
+            ReportTable(
+                "tuning",
+                "tuning",
+                f"tuning: validation {chooser} over tune seeds {', '.join(map(str, sweep.tune.seeds))}",
+                *tuning_rows(sweep, choices),
+                notes=(
+                    "Each point of a cell runs on every tune seed and is scored on the validation split (the reported "
+                    "adapter's score: what --select chose); the cell's choice (✓) has the best mean (ties: the first in "
+                    "grid order) and runs on the [sweep] seeds. The dev split never enters the choice.",
+                ),
+            )
+        )
     return tables
 
 
 def _reported_notes(has_last: bool) -> tuple[str, ...]:
     if not has_last:
         return ()
-    return ("The reported adapter of each run: the round (epoch) --select chose on the validation split, or the last; "
-            "the last round's values follow in their own table.",)  # fmt: skip
+    return (
+        "The reported adapter of each run: the round (epoch) --select chose on the validation split, or the last; "
+        "the last round's values follow in their own table.",
+    )
 
 
 def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) -> dict[str, Path]:
@@ -340,8 +362,14 @@ def pivot_table(sweep: Sweep, cells: list[CellReport], *, last: bool = False) ->
             r = by_col.get(col)
             row.append(plus_minus([*values(r).values()]) if r else "")
             if col in t.also:
-                extra = ([_value_of(sweep.folder / f"{r.cell.name}-seed{s}", t.also[col], last=last) for s in values(r)]
-                         if r else [])  # fmt: skip
+                extra = (
+                    [
+                        _value_of(sweep.folder / f"{r.cell.name}-seed{s}", t.also[col], last=last)
+                        for s in values(r)
+                    ]
+                    if r
+                    else []
+                )
                 row.append(plus_minus([v for v in extra if v is not None]))
         averages = seed_averages(by_col)
         row.append(plus_minus(averages))
@@ -351,12 +379,15 @@ def pivot_table(sweep: Sweep, cells: list[CellReport], *, last: bool = False) ->
         rows.append(row)
     which = "the last round" if last else "reported"
     seeds = ", ".join(map(str, sweep.seeds))
-    notes = [f"× 100, mean ± sample std over seeds {seeds}; the average is the mean ± std over seeds of each seed's "
-             f"average over the columns."]  # fmt: skip
+    notes = [
+        f"× 100, mean ± sample std over seeds {seeds}; the average is the mean ± std over seeds of each seed's "
+        f"average over the columns."
+    ]
     if t.reference:
         notes.append(_learning_note(t.reference, t.columns, t.learn_margin, learning, columns))
-    return ReportTable("table-last" if last else "table", "table", f"{which}: by {t.columns}", header, rows,
-                       tuple(notes))  # fmt: skip
+    return ReportTable(
+        "table-last" if last else "table", "table", f"{which}: by {t.columns}", header, rows, tuple(notes)
+    )
 
 
 def _groups(
@@ -379,13 +410,17 @@ def _learning(reference: str | None, groups: dict[tuple, dict[Any, CellReport]],
 
 
 def _learning_note(reference: str, columns: str, margin: float, learning: dict, order: list[Any]) -> str:
-    note = (f"A {columns} on which {reference} does not beat the majority-class score by {100 * margin:g} points "
-            f"(learn-margin = {margin:g}) is marked “{NOT_LEARNED}” and left out of the average.")  # fmt: skip
+    note = (
+        f"A {columns} on which {reference} does not beat the majority-class score by {100 * margin:g} points "
+        f"(learn-margin = {margin:g}) is marked “{NOT_LEARNED}” and left out of the average."
+    )
     failed = [learning[c] for c in order if learning[c].learned(margin) is False]
     unknown = [str(c) for c in order if learning[c].learned(margin) is None]
     if failed:
-        note += " " + "; ".join(f"{x.column}: {reference} {100 * x.score:.1f}, majority class {100 * x.floor:.1f}"
-                                for x in failed) + "."  # fmt: skip
+        scores = [
+            f"{x.column}: {reference} {100 * x.score:.1f}, majority class {100 * x.floor:.1f}" for x in failed
+        ]
+        note += f" {'; '.join(scores)}."
     if unknown:
         note += f" Not checked (no {reference} run with a majority-class score): {', '.join(unknown)}."
     return note
@@ -432,7 +467,9 @@ def compare_table(sweep: Sweep, cells: list[CellReport]) -> ReportTable:
             rows.append([*head, "" if test.difference is None else f"{100 * test.difference:+.1f}",
                          "" if test.t is None else f"{test.t:.2f}", "" if test.p is None else f"{test.p:.3g}",
                          test.verdict])  # fmt: skip
-    notes = (f"Each {by} against the best mean of its group (the cells that agree on every other grid key), × 100: "
-             f"the {TEST} over the seeds both completed — the same seed gives both the same shards and validation "
-             f"split. Within noise: p ≥ {ALPHA:g}; n/a: fewer than 2 paired seeds (or differences without spread).",)  # fmt: skip
+    notes = (
+        f"Each {by} against the best mean of its group (the cells that agree on every other grid key), × 100: "
+        f"the {TEST} over the seeds both completed — the same seed gives both the same shards and validation "
+        f"split. Within noise: p ≥ {ALPHA:g}; n/a: fewer than 2 paired seeds (or differences without spread).",
+    )
     return ReportTable("compare", "table", f"paired comparison of {by}", header, rows, notes)

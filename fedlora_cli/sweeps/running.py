@@ -132,8 +132,11 @@ def run_sweep(
     previous = read_sweep_record(sweep)
     choices = recorded_choices(sweep, previous)
     before = {r.get("folder"): r for r in previous.get("runs", []) if isinstance(r, dict)}
-    kept = [r for r in previous.get("runs", []) if isinstance(r, dict) and r.get("stage") == "tune"
-            and str(r.get("cell")) in choices]  # the tune runs of the choices kept  # fmt: skip
+    kept = [
+        r
+        for r in previous.get("runs", [])
+        if isinstance(r, dict) and r.get("stage") == "tune" and str(r.get("cell")) in choices
+    ]
     record: dict[str, Any] = {
         "name": sweep.name, "file": str(sweep.file), "spec": sweep.spec, "seeds": list(sweep.seeds),
         "metric": sweep.metric, "cells": [{"name": c.name, "arm": c.arm, "command": c.command, "options": c.options,
@@ -151,8 +154,14 @@ def run_sweep(
             {**p.cell.options, "seed": p.seed} if not p.waits else (before.get(key) or {}).get("options")
         )
         status = "skipped" if p.action == "skip" else "waiting for tuning" if p.waits else "pending"
-        out = {"cell": p.cell.name, "seed": p.seed, "folder": key, "command": p.cell.command, "options": options,
-               "status": status}  # fmt: skip
+        out = {
+            "cell": p.cell.name,
+            "seed": p.seed,
+            "folder": key,
+            "command": p.cell.command,
+            "options": options,
+            "status": status,
+        }
         return {**out, "stage": "tune", "point": p.point} if p.stage == "tune" else out
 
     tune = [(p, entry(p)) for p in planned if p.stage == "tune"]
@@ -168,8 +177,16 @@ def run_sweep(
         for p, e in tune:
             by_cell.setdefault(p.cell.name, []).append((p, e))
         try:
-            _run_all(sweep, tune, execute, outcome, log, save, what="tune runs", after=lambda p: _tuned(
-                sweep, p, by_cell, record, outcome, log, save))  # fmt: skip
+            _run_all(
+                sweep,
+                tune,
+                execute,
+                outcome,
+                log,
+                save,
+                what="tune runs",
+                after=lambda p: _tuned(sweep, p, by_cell, record, outcome, log, save),
+            )
         except InputError:  # a choice that cannot be made (a run without the choosing metric): said, recorded
             save(FAILED)
             raise
@@ -252,6 +269,8 @@ def _tuned(
     record[CHOICES][cell.name] = choice_record(sweep, cell, metric, scores, chosen)
     outcome.chosen[cell.name] = chosen.point.name
     score = "–" if chosen.mean is None else f"{chosen.mean:.4f}"
-    log(f"sweep {sweep.name}: {cell.name}: tuning chose {chosen.point.name} (validation {metric} {score}, mean over "
-        f"tune seeds {', '.join(map(str, sweep.tune.seeds if sweep.tune else ()))})")  # fmt: skip
+    log(
+        f"sweep {sweep.name}: {cell.name}: tuning chose {chosen.point.name} (validation {metric} {score}, mean over "
+        f"tune seeds {', '.join(map(str, sweep.tune.seeds if sweep.tune else ()))})"
+    )
     save()

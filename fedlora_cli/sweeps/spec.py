@@ -129,8 +129,11 @@ class Sweep:
     def tune_runs(self, cell: Cell) -> list[tuple[TunePoint, int, Path]]:
         """Every (point, tune seed) of a cell, seed by seed."""
         assert self.tune is not None
-        return [(p, s, self.folder / TUNE_DIR / f"{cell.name}__{p.name}-seed{s}")
-                for s in self.tune.seeds for p in self.tune_points(cell)]  # fmt: skip
+        return [
+            (p, s, self.folder / TUNE_DIR / f"{cell.name}__{p.name}-seed{s}")
+            for s in self.tune.seeds
+            for p in self.tune_points(cell)
+        ]
 
     def at_point(self, cell: Cell, point: dict[str, Any]) -> Cell:
         """The cell with a tune point's options over its own (same name: its runs are the cell's)."""
@@ -205,8 +208,11 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
         )
     tune = None
     if tune_grids is not None:
-        tune = TuneSpec(tuple(tune_seeds), tune_metric,
-                        {arm: _points(grid, f"sweep {path} [tune] for arm {arm}") for arm, grid in tune_grids.items()})  # fmt: skip
+        tune = TuneSpec(
+            tuple(tune_seeds),
+            tune_metric,
+            {arm: _points(grid, f"sweep {path} [tune] for arm {arm}") for arm, grid in tune_grids.items()},
+        )
         chooser = tune_metric or (str(head["metric"]) if head.get("metric") else None)
         for cell in cells:
             for point in tune.points.get(cell.arm, ()):

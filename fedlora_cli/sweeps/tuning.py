@@ -128,8 +128,12 @@ def recorded_choices(sweep: Sweep, record: dict[str, Any]) -> dict[str, dict[str
         if not points or not isinstance(choice, dict):
             continue
         assert sweep.tune is not None
-        now_made_from = {"points": [p.name for p in points], "seeds": list(sweep.tune.seeds),
-                         "configured_metric": tune_metric(sweep), "options": cell.options}  # fmt: skip
+        now_made_from = {
+            "points": [p.name for p in points],
+            "seeds": list(sweep.tune.seeds),
+            "configured_metric": tune_metric(sweep),
+            "options": cell.options,
+        }
         for key, value in now_made_from.items():
             if canonical({"v": choice.get(key)}) != canonical({"v": value}):
                 raise InputError(
@@ -138,8 +142,10 @@ def recorded_choices(sweep: Sweep, record: dict[str, Any]) -> dict[str, dict[str
                     f"move its folder away"
                 )
         if choice.get("name") not in now_made_from["points"] or not isinstance(choice.get("point"), dict):
-            raise InputError(f"{sweep.folder / 'sweep.json'}: cell {cell.name}'s recorded choice is not one of its "
-                             f"points: move the sweep's folder away to tune it afresh")  # fmt: skip
+            raise InputError(
+                f"{sweep.folder / 'sweep.json'}: cell {cell.name}'s recorded choice is not one of its "
+                f"points: move the sweep's folder away to tune it afresh"
+            )
         out[cell.name] = choice
     return out
 
