@@ -177,6 +177,17 @@ def test_a_resumed_sweep_never_retunes_and_interrupted_tune_runs_resume(tmp_path
         plan(load_sweep(tmp_path / "t.toml", data))
 
 
+def test_runs_made_before_tune_was_added_are_refused_before_anything_runs(tmp_path):
+    data = tuned_sweep(tmp_path)
+    data["base"]["learning-rate"] = 0.001  # what the points of [tune] replace
+    plain = {k: v for k, v in data.items() if k != "tune"}
+    run_sweep(load_sweep(tmp_path / "t.toml", plain), fake_execute(score))
+    execute = fake_execute(score)
+    with pytest.raises(InputError, match="its cell's tuning is not recorded"):
+        run_sweep(load_sweep(tmp_path / "t.toml", data), execute)
+    assert execute.calls == []
+
+
 def test_a_failed_tune_run_holds_back_its_cell_only_until_it_succeeds(tmp_path):
     sweep = load_sweep(tmp_path / "t.toml", tuned_sweep(tmp_path))
 
@@ -416,7 +427,7 @@ precision = "fp32"
 batch-size = 16
 validation-fraction = 0.15
 select = "best"
-[arms.fed]
+[arms.central]
 command = "train"
 epochs = 3
 [tune]
@@ -427,11 +438,13 @@ grid = {{ learning-rate = [2e-3, 2e-2] }}
         assert result.exit_code == 0, result.stderr
         folders[name] = tmp_path / "runs" / name
     records = {k: json.loads((f / "sweep.json").read_text()) for k, f in folders.items()}
-    assert records["real"]["tuning"]["fed"]["name"] == records["permuted"]["tuning"]["fed"]["name"]
-    assert records["real"]["tuning"]["fed"]["scores"] == records["permuted"]["tuning"]["fed"]["scores"]
+    assert records["real"]["tuning"]["central"]["name"] == records["permuted"]["tuning"]["central"]["name"]
+    assert (
+        records["real"]["tuning"]["central"]["scores"] == records["permuted"]["tuning"]["central"]["scores"]
+    )
 
     def final(kind, point):
-        path = folders[kind] / "tune" / f"fed__learning-rate={point}-seed7" / "metrics.json"
+        path = folders[kind] / "tune" / f"central__learning-rate={point}-seed7" / "metrics.json"
         return json.loads(path.read_text())
 
     for point in ("0.002", "0.02"):  # same validation scores, other dev scores
@@ -440,6 +453,6 @@ grid = {{ learning-rate = [2e-3, 2e-2] }}
     # the choice is what the validation scores say
     scores = {p: final("real", p)["validation"]["accuracy"] for p in ("0.002", "0.02")}
     best = max(scores, key=lambda p: (scores[p], p == "0.002"))  # a tie: the first in grid order
-    assert records["real"]["tuning"]["fed"]["name"] == f"learning-rate={best}"
-    run_options = json.loads((folders["real"] / "fed-seed1" / "run.json").read_text())["shell"]
+    assert records["real"]["tuning"]["central"]["name"] == f"learning-rate={best}"
+    run_options = json.loads((folders["real"] / "central-seed1" / "run.json").read_text())["shell"]
     assert f"--learning-rate {float(best)}" in run_options or f"--learning-rate {best}" in run_options

@@ -84,6 +84,11 @@ def _action(
         if folder.exists() and any(folder.iterdir()):
             raise InputError(f"{folder} exists and holds no run.json: move it away, the sweep writes there")
         return "run"
+    if not check_options:  # a run of a cell not tuned yet: made before [tune] was added, with other options
+        raise InputError(
+            f"{folder} exists, but its cell's tuning is not recorded in {sweep.folder / SWEEP_RECORD}: it was made "
+            f"without the point tuning will choose; give the sweep another name, or move that run away"
+        )
     before = recorded.get(_key(sweep, folder))
     now_options = {**cell.options, "seed": seed}
     if check_options and isinstance(before, dict) and canonical(before) != canonical(now_options):
