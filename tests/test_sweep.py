@@ -238,6 +238,7 @@ def test_one_figure_per_value_and_the_reference_without_that_option_in_each(tmp_
     --partition) as its reference; no figure for 'no partition'."""
     pytest.importorskip("matplotlib")
     from fedlora_cli import sweeps
+    from fedlora_cli.sweeps import reporting
 
     monkeypatch.chdir(tmp_path)  # the sweep's folder is runs/<name>, under the working directory
     data = {
@@ -251,7 +252,7 @@ def test_one_figure_per_value_and_the_reference_without_that_option_in_each(tmp_
     sweep.folder.mkdir(parents=True, exist_ok=True)
     cells = [sweeps.CellReport(c, "accuracy", {1: 0.8}, 1) for c in sweep.cells]
     drawn = {}
-    monkeypatch.setattr(sweeps, "plot_sweep", lambda sw, subset, path, **kw: drawn.setdefault(
+    monkeypatch.setattr(reporting, "plot_sweep", lambda sw, subset, path, **kw: drawn.setdefault(
         path.name, sorted(c.cell.name for c in subset)) and path)  # fmt: skip
     sweeps.write_report(sweep, cells)
     assert drawn["report-iid.png"] == ["central", "fed_partition=iid"]

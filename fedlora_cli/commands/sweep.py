@@ -36,11 +36,16 @@ def sweep(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would run, and run nothing")] = False,
 ) -> None:
     """Run every cell of a grid for every seed (skipping complete runs, resuming interrupted ones), then report."""
-    from fedlora_cli.sweeps import load_sweep, plan, report, report_rows, run_sweep, write_report
+    from fedlora_cli.sweeps import load_sweep, plan, report, report_tables, run_sweep, write_report
 
     spec = load_sweep(file, c.load_toml(file, "sweep"))
     for cell in spec.cells:
         _check_cell(ctx, cell.command, cell.options, f"sweep {file}, cell {cell.name}")
+        for point in spec.tune_points(cell):
+            tuned = spec.at_point(cell, point.options)
+            _check_cell(
+                ctx, cell.command, tuned.options, f"sweep {file}, cell {cell.name}, tune point {point.name}"
+            )
     err = c.err_console()
 
     def log(line: str) -> None:
@@ -48,7 +53,8 @@ def sweep(
 
     if dry_run:
         for p in plan(spec):
-            log(f"{p.action:8s} {p.folder}  fedlora {p.cell.command} … --seed {p.seed}")
+            after = "  (with the point its tuning chooses)" if p.waits else ""
+            log(f"{p.action:8s} {p.folder}  fedlora {p.cell.command} … --seed {p.seed}{after}")
         return
     outcome = None
     if not report_only:
@@ -61,26 +67,41 @@ def sweep(
 
         outcome = run_sweep(spec, execute, log=log, argv=c.argv())
     cells = report(spec)
-    header, rows = report_rows(spec, cells)
+    from rich.markup import escape
     from rich.table import Table
 
     metric = next((r.metric for r in cells if r.metric), "metric")
+    last = any(r.has_last for r in cells)
+    tuned = any(r.tuned for r in cells)
     table = Table(title=f"sweep {spec.name}: {metric}, mean ± std over seeds", title_justify="left")
-    for name in ("cell", "command", "runs", f"{metric} mean ± std"):
-        table.add_column(name, justify="left" if name in ("cell", "command") else "right", overflow="fold")
+    columns = ["cell", "command", "runs", f"{metric} mean ± std", *(["last round"] if last else []),
+               *(["tuned"] if tuned else [])]  # fmt: skip
+    for name in columns:
+        table.add_column(
+            name, justify="left" if name in ("cell", "command", "tuned") else "right", overflow="fold"
+        )
     for r in cells:
-        value = "–" if r.mean is None else f"{r.mean:.4f}" + (f" ± {r.std:.4f}" if r.std is not None else "")
-        table.add_row(r.cell.name, r.cell.command, f"{r.n}/{r.runs}", value)
+        row = [r.cell.name, r.cell.command, f"{r.n}/{r.runs}", _mean_std(r.mean, r.std)]
+        if last:
+            at_last = r.at_last()
+            row.append(_mean_std(at_last.mean, at_last.std))
+        if tuned:
+            row.append(", ".join(f"{k}={v}" for k, v in (r.tuned or {}).items()))
+        table.add_row(*row)
     c.console().print(table)
-    if spec.table is not None:
-        from fedlora_cli.sweeps import pivot
-
-        header, rows = pivot(spec, cells)
-        table = Table(title=f"sweep {spec.name}: × 100, mean ± std over seeds", title_justify="left")
-        for name in header:
-            table.add_column(name, justify="left" if name in spec.table.rows else "right")
-        for row in rows:
-            table.add_row(*row)
+    for t in report_tables(spec, cells):
+        if t.document == "report":  # the table above
+            continue
+        table = Table(
+            title=escape(f"sweep {spec.name}: {t.title}"),
+            title_justify="left",
+            caption=escape(" ".join(t.notes)),
+            caption_justify="left",
+        )
+        for i, name in enumerate(t.header):
+            table.add_column(escape(name), justify="right" if _numeric(t.rows, i) else "left")
+        for row in t.rows:
+            table.add_row(*map(escape, row))
         c.console().print(table)
     for kind, path in write_report(spec, cells).items():
         c.print_path(kind, path)
@@ -91,3 +112,17 @@ def sweep(
             f"{len(outcome.failed)} run(s) failed ({names}): see `fedlora runs list "
             f"{spec.folder} --status failed`; run the sweep again to retry them"
         )
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    return "–" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def _numeric(rows: list[list[str]], column: int) -> bool:
+    """Whether a column holds numbers (right-aligned), judged by its first non-empty value."""
+    value = next((r[column] for r in rows if r[column]), "")
+    try:
+        float(value.split(" ")[0])
+    except ValueError:
+        return False
+    return True
