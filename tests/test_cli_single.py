@@ -73,6 +73,7 @@ def test_train_writes_exactly_the_run_and_learns(trained):
     assert record["config"]["lora"] == {
         "alpha": 16.0,
         "dropout": 0.1,
+        "init": "default",
         "r": 8,
         "target_modules": ["query", "value"],
     }
