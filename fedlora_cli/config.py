@@ -9,6 +9,7 @@ torch, so `fedlora --help` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -398,9 +399,30 @@ class LoraSpec(Spec):
         help="modules that get LoRA, comma-separated or repeated (or one regular expression)",
     )
 
+    use_rslora: bool = option(
+        False,
+        "--use-rslora",
+        negatable=False,
+        help="rsLoRA (Kalajdzievski, 2023): scale ΔW by alpha / √r instead of alpha / r",
+    )
+
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        """What PEFT multiplies B·A by: alpha / r, or alpha / √r with rsLoRA."""
+        return self.alpha / self.rank_divisor(self.r)
+
+    def rank_divisor(self, r: int) -> float:
+        """r, or √r with rsLoRA: scaling = alpha / rank_divisor(r)."""
+        return math.sqrt(r) if self.use_rslora else float(r)
+
+    def at_rank(self, r: int, scaling: float | None = None) -> LoraSpec:
+        """This shape at rank `r` with `scaling` (default: this spec's), in this spec's convention (plain or
+        rsLoRA): lora_alpha = scaling · r, or scaling · √r. Every place that moves an adapter to another rank
+        derives its alpha here, so a run never mixes the two conventions."""
+        s = self.scaling if scaling is None else scaling
+        if r == self.r and scaling is None:
+            return self
+        return dataclasses.replace(self, r=r, alpha=s * self.rank_divisor(r))
 
 
 @dataclass(frozen=True)

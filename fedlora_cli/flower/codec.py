@@ -213,6 +213,7 @@ def lora_to_config(spec: LoraSpec) -> dict[str, Any]:
         "lora-alpha": float(spec.alpha),
         "lora-dropout": float(spec.dropout),
         "lora-target-modules": list(spec.target_modules),
+        "lora-use-rslora": bool(spec.use_rslora),
     }
 
 
@@ -226,6 +227,7 @@ def lora_from_config(record: Mapping[str, Any]) -> LoraSpec:
         alpha=number(record, "lora-alpha", finite=True),
         dropout=number(record, "lora-dropout", finite=True),
         target_modules=tuple(modules),
+        use_rslora=_flag(record, "lora-use-rslora"),
     )  # LoraSpec's own checks (alpha > 0, 0 <= dropout < 1) raise ValueError too
 
 
@@ -249,6 +251,14 @@ def whole(record: Mapping[str, Any], key: str, low: int, high: int) -> int:
     value = _field(record, key)
     if type(value) is not int or not low <= value <= high:
         raise ValueError(f"{key} must be a whole number in {low}..{high:,}, got {_show(value)}")
+    return value
+
+
+def _flag(record: Mapping[str, Any], key: str) -> bool:
+    """A bool that may be absent (False): a record from a fedlora that did not send it."""
+    value = record.get(key, False)
+    if type(value) is not bool:
+        raise ValueError(f"{key} must be true or false, got {_show(value)}")
     return value
 
 

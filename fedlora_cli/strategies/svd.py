@@ -27,5 +27,7 @@ class SvdStrategy(Strategy):
         *,
         sampled: int | None = None,
     ) -> Aggregated:
-        result = aggregate_svd(updates, rank=self.global_rank, alpha=self.global_alpha)
+        result = aggregate_svd(
+            updates, rank=self.global_rank, alpha=self.global_alpha, scaling=self.global_scaling
+        )
         return Aggregated.of(self.name, result, self.lora)
