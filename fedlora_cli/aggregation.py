@@ -29,6 +29,9 @@ class ClientUpdate:
     scaling: float
     weight: float
     name: str = ""  # how messages name this client ("client 3", an adapter path); default: its position
+    client: int | None = (
+        None  # the client id, when a run's client sent it (None: a merge, a DP pseudo-update)
+    )
 
     def __post_init__(self) -> None:
         if not _positive_number(self.scaling):
@@ -274,6 +277,27 @@ def low_rank_factors(
     u, sigma, vh = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
     keep = int((sigma > max(rtol * sigma[0], atol)).sum()) if sigma.numel() and sigma[0] > 0 else 0
     return (q_b @ u[:, :keep]) * sigma[:keep], vh[:keep] @ q_a.mT
+
+
+def lora_norm(state: Mapping[str, torch.Tensor], scaling: float = 1.0) -> float:
+    """‖s·B·A‖_F over every LoRA module of `state` (the modules' squares summed), without forming a d x d
+    matrix (`_frobenius_sq`): the size of the update an adapter applies to the base model."""
+    total = 0.0
+    for prefix, (a_key, b_key) in lora_modules(state).items():
+        a, b = _to64(state[a_key]), _to64(state[b_key])
+        _module_rank(prefix, a, b)
+        total += _frobenius_sq(scaling * b, a) if a.shape[0] else 0.0
+    return math.sqrt(total)
+
+
+def tail_norm(state: Mapping[str, torch.Tensor], keep: int) -> float:
+    """Σ over LoRA modules of ‖B[:, keep:]‖_F · ‖A[keep:, :]‖_F: the size of the ranks after the first
+    `keep` (HetLoRA's rank regulariser and its pruning test)."""
+    total = 0.0
+    for a_key, b_key in lora_modules(state).values():
+        a, b = _to64(state[a_key]), _to64(state[b_key])
+        total += float(b[:, keep:].norm()) * float(a[keep:].norm())
+    return total
 
 
 def clip_update(

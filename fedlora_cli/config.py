@@ -32,7 +32,7 @@ from fedlora_cli.options import (
     seed,
 )
 from fedlora_cli.sharding.registry import PARTITIONERS, partitioner_names
-from fedlora_cli.strategies.registry import METHODS, SvdOptions, get_method, method_names
+from fedlora_cli.strategies.registry import METHODS, HetloraOptions, SvdOptions, get_method, method_names
 from fedlora_cli.tasks import get_task, task_names
 
 __all__ = ["MAX_COUNT", "SEED_MAX"]  # re-exported: callers take the bounds from here
@@ -849,6 +849,7 @@ class AggregationSpec(Spec):
         help="FedProx: add μ/2·‖θ − θ_global‖² to every client's loss (0: off)",
     )
     svd: SvdOptions = field(default_factory=SvdOptions)
+    hetlora: HetloraOptions = field(default_factory=HetloraOptions)
 
     def validate(self) -> None:
         for m in METHODS.values():

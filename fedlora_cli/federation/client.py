@@ -14,7 +14,7 @@ from fedlora_cli.modeling import LoraModel
 from fedlora_cli.progress import Progress
 from fedlora_cli.strategies.base import ClientPlan, ClientReport
 from fedlora_cli.tasks import GlueTask
-from fedlora_cli.training import train_model
+from fedlora_cli.training import tail_penalty, train_model
 
 
 def train_client(
@@ -39,6 +39,7 @@ def train_client(
     """
     model.apply_plan(plan)
     seed = derive_seed(run_seed, round_no, plan.client_id)
+    extra = tail_penalty(model.module, plan.tail_from, plan.tail_penalty) if plan.tail_penalty > 0 else None
     result = train_model(
         model.module,
         data.train,
@@ -50,6 +51,7 @@ def train_client(
         progress=progress,
         progress_key="client",
         prox_mu=plan.prox_mu,
+        extra_loss=extra,
         description=f"round {round_no} · client {plan.client_id}",
     )
     evaluation = None

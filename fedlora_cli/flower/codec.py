@@ -353,7 +353,8 @@ def plan_to_content(plan: Any, round_no: int, run_config: ConfigRecord) -> Recor
                          "train-parts": sorted(plan.train), "prox-mu": float(plan.prox_mu),
                          "base-delta-key": plan.base_delta_key,
                          "clip-norm": "" if plan.clip_norm is None else float(plan.clip_norm),
-                         "clip-space": plan.clip_space})  # fmt: skip
+                         "clip-space": plan.clip_space, "tail-penalty": float(plan.tail_penalty),
+                         "tail-from": int(plan.tail_from)})  # fmt: skip
     content = RecordDict({ARRAYS: state_to_arrays(plan.adapter.state), CONFIG: meta, RUN_CONFIG: run_config})
     if plan.base_delta:
         delta = {}
@@ -383,7 +384,8 @@ def plan_from_content(content: RecordDict) -> Any:
     clip = meta.get("clip-norm", "")
     return ClientPlan(int(meta["client-id"]), adapter, parts, float(meta.get("prox-mu", 0.0)), delta,
                       str(meta.get("base-delta-key", "")), None if clip == "" else float(clip),
-                      str(meta.get("clip-space", "factors")))  # fmt: skip
+                      str(meta.get("clip-space", "factors")), float(meta.get("tail-penalty", 0.0)),
+                      int(meta.get("tail-from", 0)))  # fmt: skip
 
 
 if __name__ == "__main__":  # python -m fedlora_cli.flower.codec: the run-config block of pyproject.toml

@@ -61,6 +61,9 @@ class ClientPlan:
     base_delta_key: str = ""  # names `base_delta` (same key, same tensors) so a model applies it once
     clip_norm: float | None = None  # client-side DP: clip the update (state − adapter) to this L2 norm
     clip_space: str = "factors"  # ... measured in this space (Strategy.update_space; fedlora_cli.privacy)
+    # HetLoRA's rank regulariser: λ·Σ_modules ‖B[:, k:]‖_F·‖A[k:, :]‖_F added to the loss (k = tail_from)
+    tail_penalty: float = 0.0
+    tail_from: int = 0
 
     @property
     def num_bytes(self) -> int:
@@ -89,9 +92,8 @@ class ClientReport:
         return self.wire_bytes if self.wire_bytes is not None else state_bytes(self.state)
 
     def update(self) -> ClientUpdate:
-        return ClientUpdate(
-            self.state, scaling=self.lora.scaling, weight=self.examples, name=f"client {self.client_id}"
-        )
+        return ClientUpdate(self.state, scaling=self.lora.scaling, weight=self.examples,
+                            name=f"client {self.client_id}", client=self.client_id)  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         return {"client": self.client_id, "examples": self.examples, "seed": self.seed, "rank": self.lora.r,
