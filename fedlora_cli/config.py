@@ -994,6 +994,99 @@ class PrivacySpec(Spec):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the server optimiser
+
+
+SERVER_OPTIMIZERS = ("avg", "momentum", "adam", "yogi", "adagrad")
+ADAPTIVE_OPTIMIZERS = ("adam", "yogi", "adagrad")
+
+
+def _floats(values: Any) -> Any:
+    """`0.9,0.99`, ["0.9", "0.99"] (Flower's run config) and (0.9, 0.99) alike."""
+    items = values.split(",") if isinstance(values, str) else values
+    if not isinstance(items, list | tuple):
+        return values
+    try:
+        return tuple(float(v) for v in items if str(v).strip())
+    except (TypeError, ValueError):
+        return tuple(items)
+
+
+def _betas(flag: str, betas: Any) -> None:
+    ok = isinstance(betas, tuple) and len(betas) == 2 and all(finite(b) and 0 <= b < 1 for b in betas)
+    _check(ok, f"{flag} must be two numbers in [0, 1) (β1 β2, e.g. 0.9 0.99), got {betas}")
+
+
+@dataclass(frozen=True)
+class ServerOptSpec(Spec):
+    """The server's step on each round's aggregated change Δ (the pseudo-gradient), for any method.
+
+    Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2 (FedAdam, FedYogi, FedAdagrad)
+    and server momentum (FedAvgM, Hsu et al., 2019); `avg` with --server-lr 1 is the method's own average.
+    Declared on `rounds` only (a field of RoundsConfig, like PrivacySpec): `merge` is one shot, with no
+    broadcast to measure a change against. The maths is in fedlora_cli/server_optim.py, the wrapper in
+    strategies/server_opt.py.
+    """
+
+    panel: ClassVar[str] = "Server optimizer"
+
+    optimizer: str = option(
+        "avg",
+        "--server-optimizer",
+        choices=SERVER_OPTIMIZERS,
+        check=one_of(SERVER_OPTIMIZERS),
+        help="the server's step on the aggregated change Δ: avg (x + η·Δ), momentum (FedAvgM), adam, yogi "
+        "or adagrad (Reddi et al., ICLR 2021)",
+    )
+    lr: float | None = option(
+        None,
+        "--server-lr",
+        check=optional(number(0, low_open=True)),
+        help="server learning rate η",
+        default_text="1 for avg and momentum, 0.01 for adam, yogi and adagrad",
+    )
+    momentum: float = option(
+        0.9, "--server-momentum", check=half_open(0, 1), help="momentum: β of m_t = β·m_{t−1} + Δ_t"
+    )
+    betas: tuple[float, float] = option(
+        (0.9, 0.99),
+        "--server-betas",
+        convert=_floats,
+        check=_betas,
+        help="adam, yogi: β1 β2 (adagrad uses β1)",
+        default_text="0.9 0.99",
+    )
+    tau: float = option(
+        1e-3,
+        "--server-tau",
+        check=number(0, low_open=True),
+        help="adam, yogi, adagrad: τ, the adaptivity (x + η·m / (√v + τ); v starts at τ²)",
+    )
+
+    def validate(self) -> None:
+        default = ServerOptSpec.__dataclass_fields__
+        applies = {"momentum": ("momentum",), "betas": ADAPTIVE_OPTIMIZERS, "tau": ADAPTIVE_OPTIMIZERS}
+        for name, optimizers in applies.items():
+            if self.optimizer not in optimizers and getattr(self, name) != default[name].default:
+                flag = option_flag(self, name)
+                raise ValueError(
+                    f"{flag} applies to --server-optimizer {' or '.join(optimizers)} only: "
+                    f"{self.optimizer} does not use it; drop {flag} or choose one that does"
+                )
+
+    @property
+    def effective_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-2 if self.optimizer in ADAPTIVE_OPTIMIZERS else 1.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the server steps at all: anything but `avg` at η = 1 (the method's own average)."""
+        return self.optimizer != "avg" or self.effective_lr != 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
 # `fedlora rounds`
 
 
@@ -1112,6 +1205,9 @@ class RoundsConfig(Spec):
         help="flower: seconds to wait for a round's replies; later ones count as failed",
     )
     privacy: PrivacySpec = field(default_factory=PrivacySpec)  # client-level DP; off by default
+    server_opt: ServerOptSpec = field(
+        default_factory=ServerOptSpec
+    )  # the server's step; plain average by default
     partition: PartitionSpec = field(default_factory=PartitionSpec)  # shard in memory instead of --shards
 
     def validate(self) -> None:

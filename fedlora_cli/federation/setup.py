@@ -26,6 +26,7 @@ from fedlora_cli.runs.rounds import RoundRecorder
 from fedlora_cli.strategies import build_strategy
 from fedlora_cli.strategies.base import GlobalAdapter, Strategy
 from fedlora_cli.strategies.privacy import PrivacyStrategy, with_privacy
+from fedlora_cli.strategies.server_opt import with_server_optimizer
 from fedlora_cli.tasks import GlueTask
 
 SHARDS_DIR = "shards"  # <run>/shards/: the manifests of a run that sharded the data itself (--clients K)
@@ -189,6 +190,7 @@ def _prepare(
         strategy = build_strategy(
             config.aggregation, client_lora, seed=config.train.seed, client_ids=shards.client_ids
         )
+        strategy = with_server_optimizer(strategy, config.server_opt)  # the step on the (noised) mean
         n = len(shards.client_ids)
         strategy = with_privacy(
             strategy, config.privacy, clients=n, per_round=config.clients_in_round(n), seed=config.train.seed
