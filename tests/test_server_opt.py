@@ -145,9 +145,39 @@ def test_product_space_matches_algorithm_2_over_three_rounds(method, name, lr):
         assert relative(out.adapter.state[HEAD], head) < 1e-6
         current = out.adapter
     moments = s.state_dict()
-    if name in ("adam", "yogi", "adagrad"):  # the second moment is dense per module, the first factored
-        assert moments[f"server_opt.v.{M}"].shape == DIMS and f"server_opt.m.{M}|P" in moments
+    if name in ("adam", "yogi", "adagrad"):  # the second moment is dense per module
+        assert moments[f"server_opt.v.{M}"].shape == DIMS
     assert all(t.dtype == torch.float32 for k, t in moments.items() if k.startswith("server_opt."))
+
+
+def test_the_first_moment_stays_factored_while_that_is_cheaper_then_turns_dense():
+    """Momentum in product space: m = P·Q grows by at most Σ r_i + R ranks a round; once P and Q would hold more
+    numbers than the d_out x d_in matrix (k·(d_out + d_in) >= d_out·d_in) it is kept dense. Same model either way."""
+    dims, r = (40, 30), 2
+    big = {A: torch.zeros(r, dims[1]), B: torch.zeros(dims[0], r), HEAD: torch.zeros(3)}
+    s = opt_strategy("exact", ServerOptSpec("momentum", lr=0.5, momentum=0.9))
+    current = GlobalAdapter({k: v.double() for k, v in big.items()}, LoraSpec(r, 4.0))
+    ref, model, forms = Algorithm2("momentum", 0.5, momentum=0.9), torch.zeros(dims, dtype=torch.float64), []
+    for rnd in (1, 2, 3):
+        residual = s.base_delta().get(M)
+        r_before = residual[0].double() @ residual[1].double() if residual is not None else 0.0
+        updates = []
+        for i, plan in enumerate(s.plan(rnd, c, current) for c in (1, 2, 3)):
+            g = torch.Generator().manual_seed(100 * rnd + i)
+            st = {A: torch.randn(r, dims[1], generator=g).double(), B: torch.randn(dims[0], r, generator=g).double(),
+                  HEAD: torch.randn(3, generator=g).double()}  # fmt: skip
+            updates.append(ClientUpdate(st, plan.adapter.lora.scaling, i + 1))
+        current = s.aggregate(rnd, current, updates, sampled=3).adapter
+        model = ref(
+            M,
+            model,
+            sum(w * (r_before + product(u.state, 2.0)) for w, u in zip(W, updates, strict=True)) - model,
+        )
+        p, q = s.base_delta()[M]
+        assert relative(p.double() @ q.double() + product(current.state, 2.0), model) < 1e-6
+        state_ = s.state_dict()
+        forms.append("dense" if f"server_opt.m.{M}" in state_ else state_[f"server_opt.m.{M}|P"].shape[1])
+    assert forms[0] == 6 and forms[-1] == "dense"  # rank 3·2 after round 1 (B_0 = 0); > 1200 / 70 = 17 by round 3
 
 
 def test_a_frozen_factor_stays_bit_identical_under_an_adaptive_optimiser():

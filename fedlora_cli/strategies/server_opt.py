@@ -142,6 +142,28 @@ class ServerOptStrategy(Strategy):
             self.v[key] = v.float().contiguous()
         return server_optim.step(self.rule, m, v)
 
+    def _module_moment(
+        self, prefix: str, bs: list[torch.Tensor], as_: list[torch.Tensor]
+    ) -> tuple[Any, Any, Any]:
+        """m_t of one module whose Δ = Σ bs_i·as_i: (None, P, Q) while factors are cheaper than the d_out x d_in
+        matrix, else (m, None, None) dense — from then on it stays dense (its rank only grows). Kept as state
+        when the optimiser has momentum: `<prefix>|P` and `<prefix>|Q`, or `<prefix>`."""
+        rule, d_out, d_in = self.rule, bs[0].shape[0], as_[0].shape[1]
+        if prefix in self.m:
+            m = server_optim.first_moment(rule, self.m[prefix], torch.cat(bs, dim=1) @ torch.cat(as_, dim=0))
+            self.m[prefix] = m.float().contiguous()
+            return m, None, None
+        old = (self.m.pop(f"{prefix}|P"), self.m.pop(f"{prefix}|Q")) if f"{prefix}|P" in self.m else None
+        p, q = server_optim.factored_first_moment(rule, old, bs, as_)
+        if not rule.keeps_momentum:
+            return None, p, q
+        if p.shape[1] * (d_out + d_in) >= d_out * d_in:
+            m = p @ q
+            self.m[prefix] = m.float().contiguous()
+            return m, None, None
+        self.m[f"{prefix}|P"], self.m[f"{prefix}|Q"] = p.float().contiguous(), q.float().contiguous()
+        return None, p, q
+
     def _factors(self, round_no, previous, updates, sampled) -> tuple[Aggregated, dict[str, Any]]:
         out = self.inner.aggregate(round_no, previous, updates, sampled=sampled)
         new = out.adapter.state
@@ -173,18 +195,19 @@ class ServerOptStrategy(Strategy):
             ]
             as_ = [_to64(u.state[a_key]) for u in updates] + [a0]
             delta_sq += _frobenius_sq(bs, as_)
-            old = (self.m[f"{prefix}|P"], self.m[f"{prefix}|Q"]) if f"{prefix}|P" in self.m else None
-            p, q = server_optim.factored_first_moment(self.rule, old, bs, as_)
-            if self.rule.keeps_momentum:
-                self.m[f"{prefix}|P"], self.m[f"{prefix}|Q"] = p.float().contiguous(), q.float().contiguous()
+            m_dense, p, q = self._module_moment(prefix, bs, as_)
             if self.rule.adaptive:
                 dense_delta = torch.cat(bs, dim=1) @ torch.cat(as_, dim=0)
                 v = server_optim.second_moment(self.rule, self.v.get(prefix), dense_delta)
                 self.v[prefix] = v.float().contiguous()
-                move = server_optim.step(self.rule, p @ q, v)
-                step_b, step_a = move, torch.eye(move.shape[1], dtype=torch.float64)
-                step_sq += float(move.square().sum())
+                m_dense = m_dense if m_dense is not None else p @ q
             else:
+                v = None
+            if m_dense is not None:  # the step is a dense d_out x d_in matrix: B = step, A = I
+                step_b = server_optim.step(self.rule, m_dense, v)
+                step_a = torch.eye(step_b.shape[1], dtype=torch.float64)
+                step_sq += float(step_b.square().sum())
+            else:  # momentum / avg, still factored: B = η·P, A = Q
                 step_b, step_a = self.rule.lr * p, q
                 step_sq += _frobenius_sq([step_b], [step_a])
             pseudo[b_key] = torch.cat([s0 * b0, step_b], dim=1)
