@@ -26,7 +26,7 @@ from fedlora_cli.runs.rounds import RoundRecorder
 from fedlora_cli.strategies import build_strategy
 from fedlora_cli.strategies.base import GlobalAdapter, Strategy
 from fedlora_cli.strategies.privacy import PrivacyStrategy, with_privacy
-from fedlora_cli.strategies.server_opt import with_server_optimizer
+from fedlora_cli.strategies.server_opt import ServerOptStrategy, with_server_optimizer
 from fedlora_cli.tasks import GlueTask
 
 SHARDS_DIR = "shards"  # <run>/shards/: the manifests of a run that sharded the data itself (--clients K)
@@ -238,6 +238,9 @@ def _prepare(
     tracker.start_run(recorder.run_dir, recorder.run_dir.name)
     tracker.log_params({"command": "rounds", **record["config"]})
     stopped = None
+    optimiser = strategy.inner if isinstance(strategy, PrivacyStrategy) else strategy
+    if isinstance(optimiser, ServerOptStrategy):
+        progress.log(optimiser.describe())
     if isinstance(strategy, PrivacyStrategy):
         progress.log(strategy.describe())
         last, stopped = strategy.rounds_allowed(config.rounds)

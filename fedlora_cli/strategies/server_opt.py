@@ -59,6 +59,22 @@ class ServerOptStrategy(Strategy):
         self.m: dict[str, torch.Tensor] = {}  # dense keys: the key; factored modules: "<prefix>|P" / "|Q"
         self.v: dict[str, torch.Tensor] = {}  # dense keys and (product space) modules by prefix
 
+    def describe(self) -> str:
+        """One line for the start of a run: the optimiser, its constants, its space and what it keeps."""
+        r, o = self.rule, self.opt
+        consts = (
+            f"β {o.momentum:g}" if r.name == "momentum" else f"β {o.betas[0]:g}/{o.betas[1]:g}, τ {o.tau:g}"
+        )
+        if self.update_space == "factors":
+            keeps = "moments of the adapter's shapes"
+        else:
+            keeps = "a factored first moment" + (
+                ", a dense d_out × d_in second moment per module" if r.adaptive else ""
+            )
+        if not (r.keeps_momentum or r.adaptive):
+            consts, keeps = "", "no state"
+        return f"server optimizer: {r.name} (η {r.lr:g}{', ' + consts if consts else ''}) in {self.update_space.removesuffix('s')} space; {keeps}"
+
     # --- what the wrapped method decides ------------------------------------------------------------
 
     def client_lora(self, client_id: int) -> LoraSpec:
