@@ -177,7 +177,9 @@ def test_the_first_moment_stays_factored_while_that_is_cheaper_then_turns_dense(
         assert relative(p.double() @ q.double() + product(current.state, 2.0), model) < 1e-6
         state_ = s.state_dict()
         forms.append("dense" if f"server_opt.m.{M}" in state_ else state_[f"server_opt.m.{M}|P"].shape[1])
-    assert forms[0] == 6 and forms[-1] == "dense"  # rank 3·2 after round 1 (B_0 = 0); > 1200 / 70 = 17 by round 3
+    assert (
+        forms[0] == 6 and forms[-1] == "dense"
+    )  # rank 3·2 after round 1 (B_0 = 0); > 1200 / 70 = 17 by round 3
 
 
 def test_a_frozen_factor_stays_bit_identical_under_an_adaptive_optimiser():
