@@ -198,7 +198,7 @@ def tail_penalty(model: torch.nn.Module, keep: int, weight: float) -> Callable[[
     for name, p in model.named_parameters():
         for part in ("lora_A", "lora_B"):
             if p.requires_grad and f".{part}." in name:
-                found.setdefault(name.split(f".{part}.")[0], {})[part] = p
+                found.setdefault(name.replace(f".{part}.", ".lora_*."), {})[part] = p  # paired per adapter slot
     factors = [(f["lora_A"], f["lora_B"]) for f in found.values() if len(f) == 2]
     if not factors:
         raise FedloraError("the rank regulariser needs trainable LoRA A and B factors")

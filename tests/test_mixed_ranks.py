@@ -142,22 +142,25 @@ def test_the_plan_carries_the_rank_regulariser_when_lambda_is_set():
 def test_the_rank_regulariser_is_lambda_times_the_tail_norms_and_pulls_the_tail_down():
     from fedlora_cli.training import tail_penalty
 
-    class Layer(torch.nn.Module):  # PEFT's names: <module>.lora_A.<adapter>.weight
+    class Layer(torch.nn.Module):  # PEFT's names: <module>.lora_A.<adapter slot>.weight; two slots here
         def __init__(self, seed: int) -> None:
             super().__init__()
             g = torch.Generator().manual_seed(seed)
-            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(10, 4, bias=False)})
-            self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(4, 12, bias=False)})
+            slots = ("default", "other")
+            self.lora_A = torch.nn.ModuleDict({k: torch.nn.Linear(10, 4, bias=False) for k in slots})
+            self.lora_B = torch.nn.ModuleDict({k: torch.nn.Linear(4, 12, bias=False) for k in slots})
             with torch.no_grad():
-                self.lora_A["default"].weight.copy_(torch.randn(4, 10, generator=g))
-                self.lora_B["default"].weight.copy_(torch.randn(12, 4, generator=g))
+                for k in slots:
+                    self.lora_A[k].weight.copy_(torch.randn(4, 10, generator=g))
+                    self.lora_B[k].weight.copy_(torch.randn(12, 4, generator=g))
+
+    def tails(model) -> float:  # each slot's B with its own A
+        return sum(0.5 * float(layer.lora_B[k].weight[:, 2:].detach().norm() * layer.lora_A[k].weight[2:].detach().norm())
+                   for layer in model.values() for k in ("default", "other"))  # fmt: skip
 
     model = torch.nn.ModuleDict({"q": Layer(0), "v": Layer(1)})
-    term = tail_penalty(model, 2, 0.5)
-    expected = sum(0.5 * float(layer.lora_B["default"].weight[:, 2:].detach().norm() * layer.lora_A["default"].weight[2:].detach().norm())
-                   for layer in model.values())  # fmt: skip
-    value = term()
-    assert float(value.detach()) == pytest.approx(expected)
+    value = tail_penalty(model, 2, 0.5)()
+    assert float(value.detach()) == pytest.approx(tails(model))
     value.backward()
     head_grad = model["q"].lora_B["default"].weight.grad
     assert torch.equal(head_grad[:, :2], torch.zeros(12, 2)) and head_grad[:, 2:].abs().sum() > 0
