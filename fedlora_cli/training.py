@@ -191,14 +191,17 @@ def backward(model, data: TokenizedSplit, idx: np.ndarray, parts: list[np.ndarra
 
 
 def tail_penalty(model: torch.nn.Module, keep: int, weight: float) -> Callable[[], torch.Tensor]:
-    """HetLoRA's rank regulariser (Cho et al., 2024, §3.2): weight · Σ_modules ‖B[:, keep:]‖_F · ‖A[keep:, :]‖_F
-    over the model's trainable LoRA factors, for `train_model(extra_loss=...)`. It pulls a client's last
-    ranks toward zero, so that the server's pruning test (strategies/hetlora.py) can drop them."""
+    """HetLoRA's rank regulariser (Cho et al., 2024, §3, rank self-pruning):
+    weight · Σ_modules ‖B[:, keep:]‖_F · ‖A[keep:, :]‖_F over the model's trainable LoRA factors, for
+    `train_model(extra_loss=...)`. It pulls a client's last ranks toward zero, so that the server's pruning
+    test (strategies/hetlora.py) can drop them."""
     found: dict[str, dict[str, torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         for part in ("lora_A", "lora_B"):
             if p.requires_grad and f".{part}." in name:
-                found.setdefault(name.replace(f".{part}.", ".lora_*."), {})[part] = p  # paired per adapter slot
+                found.setdefault(name.replace(f".{part}.", ".lora_*."), {})[part] = (
+                    p  # paired per adapter slot
+                )
     factors = [(f["lora_A"], f["lora_B"]) for f in found.values() if len(f) == 2]
     if not factors:
         raise FedloraError("the rank regulariser needs trainable LoRA A and B factors")

@@ -45,7 +45,8 @@ def hetlora(ranks: str, gamma: float = 1.0, penalty: float = 0.0, lora: LoraSpec
 
 
 def test_hetlora_weights_the_padded_factors_by_each_clients_update_norm_not_its_examples():
-    """§3.3: S_k = ‖s·B_k·A_k‖_F, weights S_k / Σ S; A's rows orthonormal, so ‖B A‖ = ‖B‖: 3 and 1 give 3/4, 1/4."""
+    """Sparsity-weighted aggregation (Fig. 2): S_k = ‖s·B_k·A_k‖_F, weights S_k / Σ S; A's rows orthonormal,
+    so ‖B A‖ = ‖B‖: 3 and 1 give 3/4, 1/4."""
     s = hetlora("2,4")
     eye = torch.eye(4, DIMS[1], dtype=torch.float64)
     b1 = torch.zeros(DIMS[0], 2, dtype=torch.float64)
@@ -81,8 +82,9 @@ def shrink_tail(st: dict[str, torch.Tensor], keep: int, factor: float) -> dict[s
 
 
 def test_a_client_whose_tail_shrank_prunes_its_rank_and_the_others_keep_theirs():
-    """§3.2: after local training, a client whose last ranks ‖B[:, k:]‖·‖A[k:, :]‖ (k = ⌊γ·r⌋) got smaller than in
-    the adapter it started from drops them: its update is truncated to k and it trains at rank k from then on."""
+    """Rank self-pruning: after local training, a client whose last ranks ‖B[:, k:]‖·‖A[k:, :]‖ (k = ⌊γ·r⌋) got
+    smaller than in the adapter it started from drops them: its update is truncated to k and it trains at
+    rank k from then on."""
     s = hetlora("4,4", gamma=0.5)
     current = GlobalAdapter(state(4, 0), LoraSpec(4, 8.0))
     plans = [s.plan(1, c, current) for c in (1, 2)]

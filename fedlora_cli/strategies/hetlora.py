@@ -29,8 +29,9 @@ def kept_rank(rank: int, gamma: float) -> int:
 
 
 def sparsity_weights(updates: Sequence[ClientUpdate]) -> list[float] | None:
-    """HetLoRA's aggregation weights S_k / Z with S_k = ‖ΔW_k‖_F = ‖s_k·B_k·A_k‖_F over every LoRA module and
-    Z = Σ_k S_k (§3.3, Fig. 2); None when every update is zero (then the example weights apply)."""
+    """HetLoRA's aggregation weights S_k / Z with S_k = ‖ΔW_k‖_F = ‖s_k·B_k·A_k‖_F over every LoRA module
+    and Z = Σ_k S_k (sparsity-weighted aggregation, Fig. 2); None when every update is zero (then the
+    example weights apply)."""
     norms = [lora_norm(u.state, u.scaling) for u in updates]
     total = math.fsum(norms)
     return [n / total for n in norms] if total > 0 else None
@@ -40,14 +41,15 @@ class HetloraStrategy(Strategy):
     """Clients train at their own ranks r_i (`--client-ranks`); the global adapter has the largest rank
     r_max and each client gets its leading r_i components (truncation, Fig. 2c).
 
-    Aggregation (§3.3, Fig. 2a-b): every client's B_i and A_i are zero-padded to r_max and averaged with the
-    sparsity weights S_i / Z, S_i = ‖s·B_i·A_i‖_F (the whole adapter's update, all modules), instead of the
-    example counts — clients whose update is larger count more; the head keeps the example weights.
+    Aggregation (the paper's sparsity-weighted aggregation, Fig. 2a-b): every client's B_i and A_i are
+    zero-padded to r_max and averaged with the sparsity weights S_i / Z, S_i = ‖s·B_i·A_i‖_F (the whole
+    adapter's update, all modules), instead of the example counts — clients whose update is larger count
+    more; the head keeps the example weights.
 
-    Rank self-pruning (§3.2): a client may add λ·Σ‖B_i[:, k:]‖·‖A_i[k:, :]‖ (k = ⌊γ·r_i⌋, `--hetlora-lambda`)
-    to its loss; if after local training that tail norm is smaller than in the adapter the client started
-    from, the client prunes its rank to k: its update is truncated to k before aggregation, and it trains
-    at rank k from then on. The server applies the rule to what the client sent (the same numbers the
+    Rank self-pruning (the paper's local training with rank self-pruning, §3): a client may add
+    λ·Σ‖B_i[:, k:]‖·‖A_i[k:, :]‖ (k = ⌊γ·r_i⌋, `--hetlora-lambda`) to its loss; if after local training that
+    tail norm is smaller than in the adapter the client started from, the client prunes its rank to k: its
+    update is truncated to k before aggregation, and it trains at rank k from then on. The server applies the rule to what the client sent (the same numbers the
     client has), so the pruned ranks are server state, saved every round for --resume.
 
     Caveat: the paper states the rule for its on-device setting; the decay γ and λ are yours to tune (γ = 1

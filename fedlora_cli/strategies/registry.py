@@ -62,7 +62,7 @@ class SvdOptions(Spec):
 
 @dataclass(frozen=True)
 class HetloraOptions(Spec):
-    """hetlora's own options: the local rank self-pruning of Cho et al. (2024), §3.2."""
+    """hetlora's own options: the local rank self-pruning of Cho et al. (2024), §3."""
 
     panel: ClassVar[str] = "Method"
 

@@ -73,7 +73,8 @@ class ServerOptStrategy(Strategy):
             )
         if not (r.keeps_momentum or r.adaptive):
             consts, keeps = "", "no state"
-        return f"server optimizer: {r.name} (η {r.lr:g}{', ' + consts if consts else ''}) in {self.update_space.removesuffix('s')} space; {keeps}"
+        space = self.update_space.removesuffix("s")
+        return f"server optimizer: {r.name} (η {r.lr:g}{', ' + consts if consts else ''}) in {space} space; {keeps}"
 
     # --- what the wrapped method decides ------------------------------------------------------------
 
