@@ -50,6 +50,9 @@ class AggregateResult:
     alpha: float  # lora_alpha of the result; scaling = alpha / rank
     error: float  # ||ΔW_agg − Σ w_i ΔW_i||_F / ||Σ w_i ΔW_i||_F over all LoRA modules; 0.0 if target is 0
     module_errors: dict[str, float]  # the same ratio per LoRA module prefix
+    scaling: (
+        float  # what B·A is multiplied by: alpha / rank (alpha / √rank for an rsLoRA caller of aggregate_svd)
+    )
     # Both errors describe the float64 merge, before the cast back to the inputs' dtype (for float32
     # that cast moves the product by ~1e-7 relative, far below any error worth reporting).
 
@@ -107,11 +110,14 @@ def lora_rank(state: Mapping[str, torch.Tensor]) -> int:
     return distinct[0]
 
 
-def aggregate_svd(clients: Sequence[ClientUpdate], rank: int, alpha: float) -> AggregateResult:
+def aggregate_svd(
+    clients: Sequence[ClientUpdate], rank: int, alpha: float, *, scaling: float | None = None
+) -> AggregateResult:
     """Best rank-`rank` approximation of the weighted sum of the clients' updates, per LoRA module.
 
     Target `ΔW = Σ_i w_i s_i B_i A_i` (w_i normalised example counts, s_i the client's scaling),
-    truncated by SVD to rank R = `rank` and written as `s B A` with `s = alpha / R`. The d_out x d_in
+    truncated by SVD to rank R = `rank` and written as `s B A` with `s = alpha / R` (or `scaling`, which
+    an rsLoRA caller gives as alpha / √R). The d_out x d_in
     matrix is never formed: with `Bc = [w_1 s_1 B_1 … w_K s_K B_K]`, `Ac = [A_1; …; A_K]`,
     `Bc = Q_b R_b`, `Ac^T = Q_a R_a` and `R_b R_a^T = U Σ V^T`, the result is
     `B = Q_b U_R Σ_R / s`, `A = V_R^T Q_a^T` — O(d (Σr)^2) instead of O(d^3); clients may have
@@ -134,7 +140,9 @@ def aggregate_svd(clients: Sequence[ClientUpdate], rank: int, alpha: float) -> A
                 f"rank {rank} is larger than LoRA module {prefix!r} allows: "
                 f"d_out x d_in = {d_out} x {d_in}, so rank <= {min(d_out, d_in)}"
             )
-    scaling = alpha / rank
+    scaling = alpha / rank if scaling is None else scaling
+    if not _positive_number(scaling):
+        raise ValueError(f"scaling must be a finite number > 0, got {scaling!r}")
     coeffs = [float(w) * c.scaling for w, c in zip(checked.weights, clients, strict=True)]
 
     state: dict[str, torch.Tensor] = {}
@@ -148,13 +156,20 @@ def aggregate_svd(clients: Sequence[ClientUpdate], rank: int, alpha: float) -> A
         state[b_key] = (b / scaling).to(checked.dtypes[b_key]).contiguous()
     for key in checked.dense_keys:
         state[key] = _weighted_mean(clients, key, checked.weights, checked.dtypes[key])
-    return _result(checked, state, rank, float(alpha), sq_tail, sq_total)
+    return _result(checked, state, rank, float(alpha), sq_tail, sq_total, scaling)
 
 
 def aggregate_naive(
-    clients: Sequence[ClientUpdate], rank: int | None = None, alpha: float | None = None
+    clients: Sequence[ClientUpdate],
+    rank: int | None = None,
+    alpha: float | None = None,
+    *,
+    factor_weights: Sequence[float] | None = None,
 ) -> AggregateResult:
     """Average each factor separately: `B = Σ_i w_i B_i`, `A = Σ_i w_i A_i` (the reference's `--skip_svd`).
+
+    `factor_weights` (>= 0, not all 0; normalised here) replace w_i for the LoRA factors only (HetLoRA's
+    sparsity weights); the dense keys and the error's target keep the clients' example weights.
 
     Every client must have the same scaling. Clients of different ranks are zero-padded to the largest
     rank R first (HetLoRA): rows r_i.. of A_i and columns r_i.. of B_i count as zeros. The result has
@@ -189,11 +204,12 @@ def aggregate_naive(
     sq_err: dict[str, float] = {}
     sq_target: dict[str, float] = {}
     w = [float(x) for x in checked.weights]
+    fw = w if factor_weights is None else _share(factor_weights, len(clients))
     for prefix, (a_key, b_key) in checked.modules.items():
         bs = [_to64(c.state[b_key]) for c in clients]
         as_ = [_to64(c.state[a_key]) for c in clients]
-        b_mean = sum(wi * _pad_cols(b, r) for wi, b in zip(w, bs, strict=True))
-        a_mean = sum(wi * _pad_rows(a, r) for wi, a in zip(w, as_, strict=True))
+        b_mean = sum(fi * _pad_cols(b, r) for fi, b in zip(fw, bs, strict=True))
+        a_mean = sum(fi * _pad_rows(a, r) for fi, a in zip(fw, as_, strict=True))
         target_b = [wi * s * b for wi, b in zip(w, bs, strict=True)]
         sq_err[prefix] = _frobenius_sq(
             torch.cat([s * b_mean, *(-tb for tb in target_b)], dim=1), torch.cat([a_mean, *as_], dim=0)
@@ -204,7 +220,7 @@ def aggregate_naive(
     for key in checked.dense_keys:
         state[key] = _weighted_mean(clients, key, checked.weights, checked.dtypes[key])
     out_alpha = float(alpha) if alpha is not None else s * r
-    return _result(checked, state, r, out_alpha, sq_err, sq_target)
+    return _result(checked, state, r, out_alpha, sq_err, sq_target, s)
 
 
 def resize_rank(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
@@ -261,6 +277,27 @@ def low_rank_factors(
     return (q_b @ u[:, :keep]) * sigma[:keep], vh[:keep] @ q_a.mT
 
 
+def lora_norm(state: Mapping[str, torch.Tensor], scaling: float = 1.0) -> float:
+    """‖s·B·A‖_F over every LoRA module of `state` (the modules' squares summed), without forming a d x d
+    matrix (`_frobenius_sq`): the size of the update an adapter applies to the base model."""
+    total = 0.0
+    for prefix, (a_key, b_key) in lora_modules(state).items():
+        a, b = _to64(state[a_key]), _to64(state[b_key])
+        _module_rank(prefix, a, b)
+        total += _frobenius_sq(scaling * b, a) if a.shape[0] else 0.0
+    return math.sqrt(total)
+
+
+def tail_norm(state: Mapping[str, torch.Tensor], keep: int) -> float:
+    """Σ over LoRA modules of ‖B[:, keep:]‖_F · ‖A[keep:, :]‖_F: the size of the ranks after the first
+    `keep` (HetLoRA's rank regulariser and its pruning test)."""
+    total = 0.0
+    for a_key, b_key in lora_modules(state).values():
+        a, b = _to64(state[a_key]), _to64(state[b_key])
+        total += float(b[:, keep:].norm()) * float(a[keep:].norm())
+    return total
+
+
 def clip_update(
     state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], max_norm: float
 ) -> tuple[dict[str, torch.Tensor], float]:
@@ -278,6 +315,17 @@ def clip_update(
         k: (_to64(reference[k]) + factor * deltas[k]).to(state[k].dtype).contiguous() for k in reference
     }
     return {k: clipped[k] for k in state}, norm
+
+
+def _share(weights: Sequence[float], n: int) -> list[float]:
+    """Weights >= 0 (not all 0) scaled to sum to 1, in float64."""
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} factor weights for {n} clients")
+    bad = [x for x in weights if not (isinstance(x, int | float) and math.isfinite(x) and x >= 0)]
+    if bad or not sum(weights) > 0:
+        raise ValueError(f"factor weights must be finite, >= 0 and not all 0, got {list(weights)}")
+    total = math.fsum(float(x) for x in weights)
+    return [float(x) / total for x in weights]
 
 
 def _pad_cols(b: torch.Tensor, r: int) -> torch.Tensor:
@@ -341,7 +389,7 @@ def aggregate_one_factor(
         state[b_key] = fixed if trained == "A" else b_new.to(checked.dtypes[b_key]).contiguous()
     for key in checked.dense_keys:
         state[key] = _weighted_mean(clients, key, checked.weights, checked.dtypes[key])
-    return _result(checked, state, rank, s * rank, sq_err, sq_target)
+    return _result(checked, state, rank, s * rank, sq_err, sq_target, s)
 
 
 def accumulate_residual(
@@ -550,6 +598,7 @@ def _result(
     alpha: float,
     sq_err: dict[str, float],
     sq_target: dict[str, float],
+    scaling: float,
 ) -> AggregateResult:
     def ratio(num: float, den: float) -> float:
         # A zero target (all B = 0, as right after LoRA init) is reproduced exactly: error 0, not NaN.
@@ -558,4 +607,4 @@ def _result(
     module_errors = {p: ratio(sq_err[p], sq_target[p]) for p in checked.modules}
     error = ratio(sum(sq_err.values()), sum(sq_target.values()))
     ordered = {k: state[k] for k in checked.keys}
-    return AggregateResult(ordered, int(rank), alpha, error, module_errors)
+    return AggregateResult(ordered, int(rank), alpha, error, module_errors, float(scaling))

@@ -9,6 +9,7 @@ torch, so `fedlora --help` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from fedlora_cli.options import (
     seed,
 )
 from fedlora_cli.sharding.registry import PARTITIONERS, partitioner_names
-from fedlora_cli.strategies.registry import METHODS, SvdOptions, get_method, method_names
+from fedlora_cli.strategies.registry import METHODS, HetloraOptions, SvdOptions, get_method, method_names
 from fedlora_cli.tasks import get_task, task_names
 
 __all__ = ["MAX_COUNT", "SEED_MAX"]  # re-exported: callers take the bounds from here
@@ -462,6 +463,13 @@ class LoraSpec(Spec):
         "B = 0), or orthogonal (A and B from one orthogonal basis; even ranks)",
     )
 
+    use_rslora: bool = option(
+        False,
+        "--use-rslora",
+        negatable=False,
+        help="rsLoRA (Kalajdzievski, 2023): scale ΔW by alpha / √r instead of alpha / r",
+    )
+
     def validate(self) -> None:
         _check(
             self.init != "orthogonal" or self.r % 2 == 0,
@@ -470,7 +478,21 @@ class LoraSpec(Spec):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        """What PEFT multiplies B·A by: alpha / r, or alpha / √r with rsLoRA."""
+        return self.alpha / self.rank_divisor(self.r)
+
+    def rank_divisor(self, r: int) -> float:
+        """r, or √r with rsLoRA: scaling = alpha / rank_divisor(r)."""
+        return math.sqrt(r) if self.use_rslora else float(r)
+
+    def at_rank(self, r: int, scaling: float | None = None) -> LoraSpec:
+        """This shape at rank `r` with `scaling` (default: this spec's), in this spec's convention (plain or
+        rsLoRA): lora_alpha = scaling · r, or scaling · √r. Every place that moves an adapter to another rank
+        derives its alpha here, so a run never mixes the two conventions."""
+        s = self.scaling if scaling is None else scaling
+        if r == self.r and scaling is None:
+            return self
+        return dataclasses.replace(self, r=r, alpha=s * self.rank_divisor(r))
 
 
 @dataclass(frozen=True)
@@ -921,6 +943,7 @@ class AggregationSpec(Spec):
         "per round as LoRA does at --lora-r (as the FFA-LoRA paper compares them)",
     )
     svd: SvdOptions = field(default_factory=SvdOptions)
+    hetlora: HetloraOptions = field(default_factory=HetloraOptions)
 
     def validate(self) -> None:
         _check(
@@ -1126,6 +1149,99 @@ class NormBoundSpec(Spec):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the server optimiser
+
+
+SERVER_OPTIMIZERS = ("avg", "momentum", "adam", "yogi", "adagrad")
+ADAPTIVE_OPTIMIZERS = ("adam", "yogi", "adagrad")
+
+
+def _floats(values: Any) -> Any:
+    """`0.9,0.99`, ["0.9", "0.99"] (Flower's run config) and (0.9, 0.99) alike."""
+    items = values.split(",") if isinstance(values, str) else values
+    if not isinstance(items, list | tuple):
+        return values
+    try:
+        return tuple(float(v) for v in items if str(v).strip())
+    except (TypeError, ValueError):
+        return tuple(items)
+
+
+def _betas(flag: str, betas: Any) -> None:
+    ok = isinstance(betas, tuple) and len(betas) == 2 and all(finite(b) and 0 <= b < 1 for b in betas)
+    _check(ok, f"{flag} must be two numbers in [0, 1) (β1 β2, e.g. 0.9 0.99), got {betas}")
+
+
+@dataclass(frozen=True)
+class ServerOptSpec(Spec):
+    """The server's step on each round's aggregated change Δ (the pseudo-gradient), for any method.
+
+    Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2 (FedAdam, FedYogi, FedAdagrad)
+    and server momentum (FedAvgM, Hsu et al., 2019); `avg` with --server-lr 1 is the method's own average.
+    Declared on `rounds` only (a field of RoundsConfig, like PrivacySpec): `merge` is one shot, with no
+    broadcast to measure a change against. The maths is in fedlora_cli/server_optim.py, the wrapper in
+    strategies/server_opt.py.
+    """
+
+    panel: ClassVar[str] = "Server optimizer"
+
+    optimizer: str = option(
+        "avg",
+        "--server-optimizer",
+        choices=SERVER_OPTIMIZERS,
+        check=one_of(SERVER_OPTIMIZERS),
+        help="the server's step on the aggregated change Δ: avg (x + η·Δ), momentum (FedAvgM), adam, yogi "
+        "or adagrad (Reddi et al., ICLR 2021)",
+    )
+    lr: float | None = option(
+        None,
+        "--server-lr",
+        check=optional(number(0, low_open=True)),
+        help="server learning rate η",
+        default_text="1 for avg and momentum, 0.01 for adam, yogi and adagrad",
+    )
+    momentum: float = option(
+        0.9, "--server-momentum", check=half_open(0, 1), help="momentum: β of m_t = β·m_{t−1} + Δ_t"
+    )
+    betas: tuple[float, float] = option(
+        (0.9, 0.99),
+        "--server-betas",
+        convert=_floats,
+        check=_betas,
+        help="adam, yogi: β1 β2 (adagrad uses β1)",
+        default_text="0.9 0.99",
+    )
+    tau: float = option(
+        1e-3,
+        "--server-tau",
+        check=number(0, low_open=True),
+        help="adam, yogi, adagrad: τ, the adaptivity (x + η·m / (√v + τ); v starts at τ²)",
+    )
+
+    def validate(self) -> None:
+        default = ServerOptSpec.__dataclass_fields__
+        applies = {"momentum": ("momentum",), "betas": ADAPTIVE_OPTIMIZERS, "tau": ADAPTIVE_OPTIMIZERS}
+        for name, optimizers in applies.items():
+            if self.optimizer not in optimizers and getattr(self, name) != default[name].default:
+                flag = option_flag(self, name)
+                raise ValueError(
+                    f"{flag} applies to --server-optimizer {' or '.join(optimizers)} only: "
+                    f"{self.optimizer} does not use it; drop {flag} or choose one that does"
+                )
+
+    @property
+    def effective_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-2 if self.optimizer in ADAPTIVE_OPTIMIZERS else 1.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the server steps at all: anything but `avg` at η = 1 (the method's own average)."""
+        return self.optimizer != "avg" or self.effective_lr != 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
 # `fedlora rounds`
 
 
@@ -1249,6 +1365,11 @@ class RoundsConfig(Spec):
     privacy: PrivacySpec = field(default_factory=PrivacySpec)  # client-level DP; off by default
     # server-side norm bounding (robustness, no privacy); off by default
     norm_bound: NormBoundSpec = field(default_factory=NormBoundSpec)
+
+    # ---------------------------------------------------------------------------------------------------
+    server_opt: ServerOptSpec = field(
+        default_factory=ServerOptSpec
+    )  # the server's step; plain average by default
     partition: PartitionSpec = field(default_factory=PartitionSpec)  # shard in memory instead of --shards
 
     def validate(self) -> None:

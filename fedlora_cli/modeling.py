@@ -244,6 +244,7 @@ def lora_config(spec: LoraSpec, base_model: str | None = None, inference_mode: b
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
+        use_rslora=spec.use_rslora,
         target_modules=targets,
         modules_to_save=list(HEAD_MODULES),
         base_model_name_or_path=base_model,
@@ -529,9 +530,11 @@ def _lora_from_config(cfg: Any, path: str | os.PathLike) -> LoraSpec:
         raise InputError(
             f"adapter {path} is a {cfg.get('peft_type')!r} adapter; fedlora works with LoRA only"
         )
-    for unsupported in ("use_dora", "use_rslora"):
-        if cfg.get(unsupported):
-            raise InputError(f"adapter {path} uses {unsupported}, which fedlora does not aggregate")
+    if cfg.get("use_dora"):
+        raise InputError(f"adapter {path} uses use_dora, which fedlora does not aggregate")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise InputError(f"{where}: 'use_rslora' must be true or false, got {rslora!r}")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise InputError(f"adapter {path} has per-module ranks (rank_pattern/alpha_pattern): not supported")
 
@@ -555,7 +558,11 @@ def _lora_from_config(cfg: Any, path: str | os.PathLike) -> LoraSpec:
         )
     try:
         return LoraSpec(
-            r=r, alpha=number("lora_alpha"), dropout=number("lora_dropout", 0.0), target_modules=targets
+            r=r,
+            alpha=number("lora_alpha"),
+            dropout=number("lora_dropout", 0.0),
+            target_modules=targets,
+            use_rslora=rslora,
         )
     except ValueError as e:  # LoraSpec names the CLI flag; here the value came from the file
         raise InputError(f"{where} is invalid ({e})") from None

@@ -190,6 +190,28 @@ def backward(model, data: TokenizedSplit, idx: np.ndarray, parts: list[np.ndarra
     return total
 
 
+def tail_penalty(model: torch.nn.Module, keep: int, weight: float) -> Callable[[], torch.Tensor]:
+    """HetLoRA's rank regulariser (Cho et al., 2024, §3, rank self-pruning):
+    weight · Σ_modules ‖B[:, keep:]‖_F · ‖A[keep:, :]‖_F over the model's trainable LoRA factors, for
+    `train_model(extra_loss=...)`. It pulls a client's last ranks toward zero, so that the server's pruning
+    test (strategies/hetlora.py) can drop them."""
+    found: dict[str, dict[str, torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        for part in ("lora_A", "lora_B"):
+            if p.requires_grad and f".{part}." in name:
+                found.setdefault(name.replace(f".{part}.", ".lora_*."), {})[part] = (
+                    p  # paired per adapter slot
+                )
+    factors = [(f["lora_A"], f["lora_B"]) for f in found.values() if len(f) == 2]
+    if not factors:
+        raise FedloraError("the rank regulariser needs trainable LoRA A and B factors")
+
+    def term() -> torch.Tensor:
+        return weight * sum(b[:, keep:].norm() * a[keep:].norm() for a, b in factors)
+
+    return term
+
+
 def train_model(
     model: torch.nn.Module,
     data: TokenizedSplit,
@@ -205,6 +227,7 @@ def train_model(
     prox_mu: float = 0.0,
     window: tuple[int, int] | None = None,
     on_epoch: Callable[[int], bool] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Fit the model's trainable parameters on `data[indices]` (all of it by default).
 
@@ -212,6 +235,8 @@ def train_model(
     state across rounds). `seed` fixes dropout and data order, so a call is reproducible on CPU.
     `prox_mu` > 0 adds FedProx's μ/2·‖θ − θ_start‖² over the trained parameters (θ_start: their
     values when the call begins, i.e. the broadcast global adapter); 0 adds nothing at all.
+    `extra_loss`, if given, is a term added to every step's loss, gradient included (HetLoRA's rank
+    regulariser, `tail_penalty`).
     `window` = (first step, total steps) places this call in a longer schedule (`schedule_window`): the
     learning rate follows `spec.lr_schedule` over the total, warm-up included; None: over this call.
     `on_epoch(epoch)` is called after each full epoch and after the last step; True stops training there
@@ -266,6 +291,10 @@ def train_model(
                 prox = prox_mu / 2 * sum((p - a).square().sum() for p, a in zip(params, anchors, strict=True))
                 prox.backward()
                 loss = loss + prox.detach()
+            if extra_loss is not None:
+                extra = extra_loss()
+                extra.backward()
+                loss = loss + extra.detach()
             if spec.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
             lr_last = scheduler.get_last_lr()[0]  # the rate this step used

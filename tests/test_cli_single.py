@@ -76,6 +76,7 @@ def test_train_writes_exactly_the_run_and_learns(trained):
         "init": "default",
         "r": 8,
         "target_modules": ["query", "value"],
+        "use_rslora": False,
     }
     assert {"fedlora", "torch", "transformers", "peft"} <= set(record["versions"])
     assert record["seeds"] == {"seed": 42} and len(record["data_fingerprints"]["train"]) == 64

@@ -571,7 +571,13 @@ def test_flower_simulation_writes_the_same_run_tree_and_final_adapter_as_local(l
 
 
 @pytest.mark.flower
-@pytest.mark.parametrize("method, extra", [("exact", ["--client-ranks", "4,8"]), ("rolora", [])])
+@pytest.mark.parametrize("method, extra", [
+    ("exact", ["--client-ranks", "4,8"]), ("rolora", []),
+    # a server optimiser's moments are server state of the one round driver (issue 21), rsLoRA over the wire
+    ("svd", ["--server-optimizer", "adam", "--server-lr", "0.01", "--use-rslora", "--client-ranks", "4,8"]),
+    # HetLoRA: the rank regulariser travels in each plan; pruned ranks are server state
+    ("hetlora", ["--client-ranks", "4,8", "--hetlora-gamma", "0.5", "--hetlora-lambda", "1"]),
+])  # fmt: skip
 def test_every_method_gives_the_same_rounds_on_flower_as_on_local(method, extra, tiny_model, glue_dir, shards,
                                                                   tmp_path):  # fmt: skip
     """Each client gets its own plan over the wire (its rank, the parts that train, exact's residual)."""

@@ -56,7 +56,8 @@ def test_every_config_field_is_an_option_or_a_nested_spec():
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_each_command_takes_exactly_its_configs_cli_options(name):
     flags = flags_of(name)
-    skipped = {"eval": {"--max-train-samples"}, "merge": {"--client-ranks", "--prox-mu"}}.get(name, set())
+    skipped = {"eval": {"--max-train-samples"},
+               "merge": {"--client-ranks", "--prox-mu", "--hetlora-gamma", "--hetlora-lambda"}}.get(name, set())  # fmt: skip
     for f in walk(CONFIGS[name]):
         if not f.option.cli or f.option.flag in skipped:
             continue
@@ -85,7 +86,7 @@ def test_rounds_help_groups_options_in_panels_by_spec():
 
 
 CHOICES = [
-    ("rounds", "--aggregation", {"svd", "naive", "exact", "ffa", "rolora"}),
+    ("rounds", "--aggregation", {"svd", "naive", "hetlora", "exact", "ffa", "rolora"}),
     ("rounds", "--partition", {"iid", "overlap", "category", "category_overlap", "dirichlet", "quantity"}),
     ("shard", "--mode", {"iid", "overlap", "category", "category_overlap", "dirichlet", "quantity"}),
     ("rounds", "--engine", {"local", "flower"}),
@@ -93,7 +94,10 @@ CHOICES = [
     ("train", "--precision", {"auto", "fp32", "bf16"}),
     ("eval", "--precision", {"auto", "fp32", "bf16"}),
     ("rounds", "--dp-where", {"server", "client"}),
-    ("merge", "--aggregation", {"svd", "naive", "exact", "ffa", "rolora"}),
+    ("merge", "--aggregation", {"svd", "naive", "hetlora", "exact", "ffa", "rolora"}),
+    ("rounds", "--server-optimizer", {"avg", "momentum", "adam", "yogi", "adagrad"}),
+    ("rounds", "--rank-scaling", {"fixed-scale", "fixed-alpha"}),
+    ("rounds", "--server-rank", {"truncated", "full"}),
 ]
 
 

@@ -31,6 +31,7 @@ PANELS = (
     "Sharding",
     "Federation",
     "Method",
+    "Server optimizer",
     "Privacy",
     "Robustness",
     "Engine",

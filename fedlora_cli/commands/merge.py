@@ -10,7 +10,12 @@ from fedlora_cli.config import MergeConfig
 OPTIONS = c.Command(
     MergeConfig,
     required={"adapters", "save_adapter"},
-    skip={"aggregation.client_ranks", "aggregation.prox_mu"},
+    skip={
+        "aggregation.client_ranks",
+        "aggregation.prox_mu",
+        "aggregation.hetlora.gamma",
+        "aggregation.hetlora.penalty",
+    },
 )
 
 

@@ -14,7 +14,7 @@ from fedlora_cli.modeling import LoraModel
 from fedlora_cli.progress import Progress
 from fedlora_cli.strategies.base import ClientPlan, ClientReport
 from fedlora_cli.tasks import GlueTask
-from fedlora_cli.training import planned_steps, schedule_window, train_model
+from fedlora_cli.training import planned_steps, schedule_window, tail_penalty, train_model
 
 
 def train_client(
@@ -43,6 +43,7 @@ def train_client(
     seed = derive_seed(run_seed, round_no, plan.client_id)
     steps = planned_steps(len(indices), train_spec)
     window = schedule_window(train_spec.lr_schedule, round_no, rounds or round_no, steps)
+    extra = tail_penalty(model.module, plan.tail_from, plan.tail_penalty) if plan.tail_penalty > 0 else None
     result = train_model(
         model.module,
         data.train,
@@ -54,6 +55,7 @@ def train_client(
         progress=progress,
         progress_key="client",
         prox_mu=plan.prox_mu,
+        extra_loss=extra,
         description=f"round {round_no} · client {plan.client_id}",
         window=window,
     )

@@ -27,6 +27,7 @@ from fedlora_cli.strategies import build_strategy
 from fedlora_cli.strategies.base import GlobalAdapter, Strategy
 from fedlora_cli.strategies.bounded import NormBoundStrategy, with_norm_bound
 from fedlora_cli.strategies.privacy import PrivacyStrategy, with_privacy
+from fedlora_cli.strategies.server_opt import ServerOptStrategy, with_server_optimizer
 from fedlora_cli.tasks import GlueTask
 
 SHARDS_DIR = "shards"  # <run>/shards/: the manifests of a run that sharded the data itself (--clients K)
@@ -214,6 +215,7 @@ def _prepare(
         strategy = build_strategy(
             config.aggregation, client_lora, seed=config.train.seed, client_ids=shards.client_ids
         )
+        strategy = with_server_optimizer(strategy, config.server_opt)  # the step on the (noised) mean
         n = len(shards.client_ids)
         strategy = with_privacy(
             strategy, config.privacy, clients=n, per_round=config.clients_in_round(n), seed=config.train.seed
@@ -264,8 +266,11 @@ def _prepare(
     tracker.start_run(recorder.run_dir, recorder.run_dir.name)
     tracker.log_params({"command": "rounds", **record["config"]})
     stopped = None
-    if isinstance(strategy, NormBoundStrategy):
-        progress.log(strategy.describe())
+    layer = strategy
+    while layer is not None:  # the wrappers around the method, outermost first: each says what it does
+        if isinstance(layer, NormBoundStrategy | ServerOptStrategy):
+            progress.log(layer.describe())
+        layer = getattr(layer, "inner", None)
     if isinstance(strategy, PrivacyStrategy):
         progress.log(strategy.describe())
         last, stopped = strategy.rounds_allowed(config.rounds)

@@ -213,6 +213,7 @@ def lora_to_config(spec: LoraSpec) -> dict[str, Any]:
         "lora-alpha": float(spec.alpha),
         "lora-dropout": float(spec.dropout),
         "lora-target-modules": list(spec.target_modules),
+        "lora-use-rslora": bool(spec.use_rslora),
     }
 
 
@@ -226,6 +227,7 @@ def lora_from_config(record: Mapping[str, Any]) -> LoraSpec:
         alpha=number(record, "lora-alpha", finite=True),
         dropout=number(record, "lora-dropout", finite=True),
         target_modules=tuple(modules),
+        use_rslora=_flag(record, "lora-use-rslora"),
     )  # LoraSpec's own checks (alpha > 0, 0 <= dropout < 1) raise ValueError too
 
 
@@ -249,6 +251,14 @@ def whole(record: Mapping[str, Any], key: str, low: int, high: int) -> int:
     value = _field(record, key)
     if type(value) is not int or not low <= value <= high:
         raise ValueError(f"{key} must be a whole number in {low}..{high:,}, got {_show(value)}")
+    return value
+
+
+def _flag(record: Mapping[str, Any], key: str) -> bool:
+    """A bool that may be absent (False): a record from a fedlora that did not send it."""
+    value = record.get(key, False)
+    if type(value) is not bool:
+        raise ValueError(f"{key} must be true or false, got {_show(value)}")
     return value
 
 
@@ -355,7 +365,8 @@ def plan_to_content(plan: Any, round_no: int, run_config: ConfigRecord) -> Recor
                          "train-parts": sorted(plan.train), "prox-mu": float(plan.prox_mu),
                          "base-delta-key": plan.base_delta_key,
                          "clip-norm": "" if plan.clip_norm is None else float(plan.clip_norm),
-                         "clip-space": plan.clip_space})  # fmt: skip
+                         "clip-space": plan.clip_space, "tail-penalty": float(plan.tail_penalty),
+                         "tail-from": int(plan.tail_from)})  # fmt: skip
     content = RecordDict({ARRAYS: state_to_arrays(plan.adapter.state), CONFIG: meta, RUN_CONFIG: run_config})
     if plan.base_delta:
         delta = {}
@@ -385,7 +396,8 @@ def plan_from_content(content: RecordDict) -> Any:
     clip = meta.get("clip-norm", "")
     return ClientPlan(int(meta["client-id"]), adapter, parts, float(meta.get("prox-mu", 0.0)), delta,
                       str(meta.get("base-delta-key", "")), None if clip == "" else float(clip),
-                      str(meta.get("clip-space", "factors")))  # fmt: skip
+                      str(meta.get("clip-space", "factors")), float(meta.get("tail-penalty", 0.0)),
+                      int(meta.get("tail-from", 0)))  # fmt: skip
 
 
 if __name__ == "__main__":  # python -m fedlora_cli.flower.codec: the run-config block of pyproject.toml

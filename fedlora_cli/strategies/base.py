@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -61,6 +61,9 @@ class ClientPlan:
     base_delta_key: str = ""  # names `base_delta` (same key, same tensors) so a model applies it once
     clip_norm: float | None = None  # client-side DP: clip the update (state − adapter) to this L2 norm
     clip_space: str = "factors"  # ... measured in this space (Strategy.update_space; fedlora_cli.privacy)
+    # HetLoRA's rank regulariser: λ·Σ_modules ‖B[:, k:]‖_F·‖A[k:, :]‖_F added to the loss (k = tail_from)
+    tail_penalty: float = 0.0
+    tail_from: int = 0
 
     @property
     def num_bytes(self) -> int:
@@ -112,8 +115,10 @@ class Aggregated:
 
     @classmethod
     def of(cls, method: str, result: AggregateResult, lora: LoraSpec, **extra: Any) -> Aggregated:
-        new_lora = replace(lora, r=result.rank, alpha=result.alpha)
-        record = {"method": method, "rank": result.rank, "alpha": result.alpha, "error": result.error,
+        new_lora = lora.at_rank(
+            result.rank, result.scaling
+        )  # alpha in the clients' convention (rsLoRA or not)
+        record = {"method": method, "rank": result.rank, "alpha": new_lora.alpha, "error": result.error,
                   "module_errors": result.module_errors, **extra}  # fmt: skip
         return cls(GlobalAdapter(result.state, new_lora), record)
 
@@ -145,9 +150,9 @@ class Strategy:
     # --- the shapes ------------------------------------------------------------------------------
 
     def client_lora(self, client_id: int) -> LoraSpec:
-        """The client's LoRA shape: its rank, at the scaling the user chose (alpha_i = s·r_i)."""
-        r = self.ranks.get(client_id, self.lora.r)
-        return self.lora if r == self.lora.r else replace(self.lora, r=r, alpha=self.lora.scaling * r)
+        """The client's LoRA shape: its rank, at the scaling the user chose (alpha_i = s·r_i; s·√r_i with
+        rsLoRA)."""
+        return self.lora.at_rank(self.ranks.get(client_id, self.lora.r))
 
     @property
     def global_rank(self) -> int:
@@ -160,7 +165,12 @@ class Strategy:
     def global_alpha(self) -> float:
         """lora_alpha of the aggregated adapter: --alpha, else the clients' scaling at the global rank."""
         alpha = self.spec.svd.alpha
-        return alpha if alpha is not None else self.lora.scaling * self.global_rank
+        return alpha if alpha is not None else self.lora.at_rank(self.global_rank).alpha
+
+    @property
+    def global_scaling(self) -> float:
+        """What the aggregated adapter's B·A is multiplied by: `global_alpha` in the clients' convention."""
+        return self.global_alpha / self.lora.rank_divisor(self.global_rank)
 
     # --- the hooks -------------------------------------------------------------------------------
 
@@ -224,7 +234,7 @@ def fit(adapter: GlobalAdapter, rank: int, scaling: float, lora: LoraSpec | None
     """`adapter` at `rank`, keeping the product s·B·A: the factors are resized (`resize_rank`) and B is
     rescaled when the adapter's scaling differs from `scaling`, so what the model computes is unchanged
     (up to the dropped components when the rank shrinks)."""
-    target = lora or replace(adapter.lora, r=rank, alpha=scaling * rank)
+    target = lora or adapter.lora.at_rank(rank, scaling)
     if target.r == adapter.lora.r and math.isclose(target.scaling, adapter.lora.scaling, rel_tol=1e-12):
         return adapter if target == adapter.lora else GlobalAdapter(adapter.state, target)
     state = resize_rank(adapter.state, rank) if rank != adapter.lora.r else dict(adapter.state)

@@ -56,7 +56,8 @@ class ExactStrategy(Strategy):
         if max(lora_rank(u.state) for u in updates) > self.global_rank:
             # A (noised, DP) pseudo-update of a rank above the adapter's: its best rank-R part goes in
             # the adapter, the rest in the residual — the global model is still exactly the mean.
-            mean = aggregate_svd(updates, rank=self.global_rank, alpha=scaling * self.global_rank)
+            mean = aggregate_svd(updates, rank=self.global_rank, alpha=self.lora.at_rank(self.global_rank).alpha,
+                                 scaling=scaling)  # fmt: skip
         else:
             mean = aggregate_naive(updates, rank=self.global_rank)
         new, error = accumulate_residual(self.residual, updates, mean.state, scaling)
@@ -95,7 +96,7 @@ class ExactStrategy(Strategy):
             dtype = adapter.state[b_key].dtype
             one = resize_rank({a_key: a, b_key: b}, k) if b.shape[1] else _zero_module(a_key, b_key, a, b, k)
             state[a_key], state[b_key] = one[a_key].to(dtype).contiguous(), one[b_key].to(dtype).contiguous()
-        return GlobalAdapter(state, replace(adapter.lora, r=k, alpha=s * k))
+        return GlobalAdapter(state, adapter.lora.at_rank(k, s))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}

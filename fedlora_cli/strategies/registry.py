@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fedlora_cli.options import Spec, at_least, every, integer, number, option, optional
+from fedlora_cli.options import Spec, at_least, every, integer, number, one_of, option, optional
+
+RANK_SCALINGS = ("fixed-scale", "fixed-alpha")
+SERVER_RANKS = ("truncated", "full")
 
 
 @dataclass(frozen=True)
 class SvdOptions(Spec):
-    """svd's own options: the shape of the aggregated adapter."""
+    """svd's own options: the shape of the aggregated adapter, and FlexLoRA's conventions for mixed ranks."""
 
     panel: ClassVar[str] = "Method"
 
@@ -33,6 +36,49 @@ class SvdOptions(Spec):
         check=optional(number(0, low_open=True)),
         help="svd: lora_alpha of the aggregated adapter",
         default_text="keeps the clients' alpha/r",
+    )
+    rank_scaling: str = option(
+        "fixed-scale",
+        "--rank-scaling",
+        choices=RANK_SCALINGS,
+        check=one_of(RANK_SCALINGS),
+        help="svd with mixed ranks: fixed-scale keeps alpha/r the same at every rank (alpha_i = s·r_i); "
+        "fixed-alpha keeps --lora-alpha at every rank, as FlexLoRA's code does (scaling alpha/r_i)",
+    )
+    server_rank: str = option(
+        "truncated",
+        "--server-rank",
+        choices=SERVER_RANKS,
+        check=one_of(SERVER_RANKS),
+        help="svd: truncated (to --svd-rank) or full: keep the untruncated mean of the updates as the "
+        "global model (rank Σ r_i, lossless; FlexLoRA's full-size ΔW), each client still gets its "
+        "best rank-r_i part",
+    )
+
+    def validate(self) -> None:
+        if self.server_rank == "full" and self.rank is not None:
+            raise ValueError("--server-rank full keeps every rank the clients send: drop --svd-rank")
+
+
+@dataclass(frozen=True)
+class HetloraOptions(Spec):
+    """hetlora's own options: the local rank self-pruning of Cho et al. (2024), §3."""
+
+    panel: ClassVar[str] = "Method"
+
+    gamma: float = option(
+        0.99,
+        "--hetlora-gamma",
+        check=number(0, 1, low_open=True),
+        help="hetlora: rank decay factor γ; a client whose last (1−γ)·r_i ranks shrank in local training "
+        "is pruned to ⌊γ·r_i⌋ (never below 1; 1: no pruning)",
+    )
+    penalty: float = option(
+        0.0,
+        "--hetlora-lambda",
+        check=number(0),
+        help="hetlora: λ of the clients' rank regulariser λ·Σ‖B[:, ⌊γr⌋:]‖·‖A[⌊γr⌋:, :]‖ over the LoRA "
+        "modules (0: none)",
     )
 
 
@@ -57,8 +103,11 @@ METHODS: dict[str, Method] = {
                "mean of the updates ΔW_i = s·B_i·A_i, truncated by SVD to --svd-rank (FlexLoRA with mixed ranks)",
                label="ΔW+SVD; FlexLoRA with mixed ranks", options=SvdOptions),
         Method("naive", "fedlora_cli.strategies.naive:NaiveStrategy",
-               "mean of A and mean of B (zero-padded for mixed ranks); not the mean of the products",
+               "mean of A and mean of B with example weights (mixed ranks: zero-padding only); not the mean of the products",
                label="FedIT: mean A, mean B"),
+        Method("hetlora", "fedlora_cli.strategies.hetlora:HetloraStrategy",
+               "HetLoRA: zero-padding, factors weighted by each client's ‖B_i A_i‖_F, local rank self-pruning",
+               label="HetLoRA", options=HetloraOptions),
         Method("exact", "fedlora_cli.strategies.exact:ExactStrategy",
                "FedEx-LoRA: mean of A and of B, plus the residual folded into a frozen low-rank base delta",
                label="FedEx-LoRA"),
