@@ -30,6 +30,7 @@ from fedlora_cli.options import (
     optional,
     seed,
 )
+from fedlora_cli.personal.spec import PersonalSpec, check_personal
 from fedlora_cli.sharding.registry import PARTITIONERS, partitioner_names
 from fedlora_cli.strategies.registry import METHODS, SvdOptions, get_method, method_names
 from fedlora_cli.tasks import get_task, task_names
@@ -1197,9 +1198,11 @@ class RoundsConfig(Spec):
     )
     privacy: PrivacySpec = field(default_factory=PrivacySpec)  # client-level DP; off by default
     partition: PartitionSpec = field(default_factory=PartitionSpec)  # shard in memory instead of --shards
+    personal: PersonalSpec = field(default_factory=PersonalSpec)  # per-client test splits, local fine-tuning
 
     def validate(self) -> None:
         check_schedule(self.train, ROUNDS_SCHEDULES, "rounds")
+        check_personal(self)
         check_selection(self.data, self.select, self.early_stop, "round")
         _check(
             self.eval_each_round or (self.select == "last" and self.early_stop is None),
