@@ -10,9 +10,9 @@ from fedlora_cli.config import TrainSpec
 from fedlora_cli.evaluation import evaluate
 from fedlora_cli.features import TaskData
 from fedlora_cli.federation.driver import derive_seed
+from fedlora_cli.federation.personal import with_personal
 from fedlora_cli.modeling import LoraModel
 from fedlora_cli.progress import Progress
-from fedlora_cli.federation.personal import with_personal
 from fedlora_cli.strategies.base import ClientPlan, ClientReport, split_parts
 from fedlora_cli.tasks import GlueTask
 from fedlora_cli.training import planned_steps, schedule_window, train_model
@@ -89,4 +89,6 @@ def train_client(
             space=plan.clip_space,
             scaling=plan.adapter.lora.scaling,
         )
-    return ClientReport(plan.client_id, state, plan.adapter.lora, result.examples, seed, train, evaluation, personal=own)
+    return ClientReport(
+        plan.client_id, state, plan.adapter.lora, result.examples, seed, train, evaluation, personal=own
+    )

@@ -197,7 +197,7 @@ class RoundDriver:
         """Select this round's clients (seeded) and ask the strategy what each one does."""
         started = time.perf_counter()
         selected = select_clients(self.client_ids, self.per_round, self.s.config.train.seed, round_no)
-        plans = {cid: self.personal.plan(self.s.strategy.plan(round_no, cid, self.current)) for cid in selected}
+        plans = {cid: self.client_plan(round_no, cid) for cid in selected}
         return RoundPlan(
             round_no, selected, plans, self.current, started, memory.PeakMemory(self.s.device).start()
         )
@@ -268,7 +268,7 @@ class RoundDriver:
 
         t = time.perf_counter()
         written = sum(s.recorder.save_client(round_no, r) for r in usable)
-        for r in usable:  # engine local: the client's personal parts, kept with the round (Flower: on the client)
+        for r in usable:  # engine local: each client's personal parts, with the round (Flower: on the client)
             if r.personal is not None:
                 written += self.store.save(round_no, r.client_id, r.personal)
         self.personal.completed(round_no, [r.client_id for r in usable])
@@ -327,8 +327,11 @@ class RoundDriver:
             ),
             eval_loss=evaluation.loss if evaluation is not None else None,
             validation=self.validation if validation is not None else None,
-            extra={"memory": self._round_memory(plan), **_lr_range(usable),
-                   **({"per_client": per_client} if per_client is not None else {})},  # fmt: skip
+            extra={
+                "memory": self._round_memory(plan),
+                **_lr_range(usable),
+                **({"per_client": per_client} if per_client is not None else {}),
+            },
         )
         s.recorder.complete_round(row)
         if self.selection.stop and round_no < config.rounds:
@@ -357,21 +360,27 @@ class RoundDriver:
             return None
         if self.global_model:
             return self._summary(self._global_per_client(), "global")
-        plans = {c: self.personal.plan(self.s.strategy.plan(round_no, c, self.current)) for c in self.client_ids}
+        plans = {c: self.client_plan(round_no, c) for c in self.client_ids}
         return self._summary(self.clients.evaluate(round_no, plans), "personal")
 
     def _global_per_client(self) -> dict[int, Any] | None:
         if self.s.splits is None:
             return None
         strategy = self.s.strategy
-        return evaluate_global_per_client(self.s, self.current, strategy.base_delta(), strategy.base_delta_key())
+        return evaluate_global_per_client(
+            self.s, self.current, strategy.base_delta(), strategy.base_delta_key()
+        )
 
     def _summary(self, outcomes: dict[int, Any] | None, model: str) -> dict[str, Any] | None:
         return None if outcomes is None else summarise(outcomes, self.s.task.main_metric, model)
 
+    def client_plan(self, round_no: int, client_id: int) -> ClientPlan:
+        """What the strategy plans for the client, and where its personal parts (if any) continue from."""
+        return self.personal.plan(self.s.strategy.plan(round_no, client_id, self.current))
+
     def personal_state(self, plan: ClientPlan) -> dict[str, torch.Tensor] | None:
         """Engine local: the client's personal parts the plan continues from (None: its first turn, or none)."""
-        return self.store.load(plan.client_id, plan.personal_round) if plan.personal and plan.personal_round else None
+        return self.store.continued(plan)
 
     def _personalize(self, last_round: int, adapter: GlobalAdapter) -> dict[str, Any] | None:
         """final/clients/: every client's own final model — its personal model (a method with personal parts) or
@@ -382,7 +391,7 @@ class RoundDriver:
         if self.global_model:
             plans = {c: ClientPlan(c, adapter) for c in self.client_ids}
         else:
-            plans = {c: self.personal.plan(s.strategy.plan(last_round, c, self.current)) for c in self.client_ids}
+            plans = {c: self.client_plan(last_round, c) for c in self.client_ids}
         self.progress.log(
             f"{len(plans)} clients: "
             + (f"fine-tuning for {epochs:g} epochs, " if epochs > 0 else "")

@@ -93,7 +93,9 @@ def with_personal(plan: ClientPlan, personal: Mapping[str, torch.Tensor] | None)
     own = dict(personal) if plan.personal_round else dict(plan.personal_start)
     shared, mine = split_parts(own, plan.personal)
     if shared or not own:
-        raise InputError(f"client {plan.client_id}: its personal parts hold {sorted(shared)[:2] or 'nothing'}")
+        raise InputError(
+            f"client {plan.client_id}: its personal parts hold {sorted(shared)[:2] or 'nothing'}"
+        )
     state = {**mine, **plan.adapter.state}
     return replace(plan, adapter=GlobalAdapter(state, plan.adapter.lora))
 
@@ -121,6 +123,12 @@ class PersonalStore:
         blob = save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata={"format": "pt"})
         atomic.write_bytes(self.path(round_no, client_id), blob)
         return len(blob)
+
+    def continued(self, plan: ClientPlan) -> dict[str, torch.Tensor] | None:
+        """The personal parts `plan` continues from (None: the client's first turn, or a plan without any)."""
+        return (
+            self.load(plan.client_id, plan.personal_round) if plan.personal and plan.personal_round else None
+        )
 
     def load(self, client_id: int, round_no: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
@@ -163,7 +171,9 @@ def evaluate_client(
     from fedlora_cli.evaluation import evaluate
 
     model.apply_plan(with_personal(plan, personal))
-    result = evaluate(model.module, task, {"client_test": data.train.subset(test)}, batch_size, device, precision)
+    result = evaluate(
+        model.module, task, {"client_test": data.train.subset(test)}, batch_size, device, precision
+    )
     return {**result.metrics, "examples": float(result.examples)}
 
 
@@ -195,10 +205,17 @@ def personalize_client(
     if epochs > 0:
         spec = replace(train_spec, epochs=float(epochs), lr_schedule=_turn_schedule(train_spec.lr_schedule))
         result = train_model(
-            model.module, data.train, spec, device=device, precision=precision,
-            seed=derive_seed(run_seed, PERSONALIZE_ROUND, plan.client_id), indices=train, progress=progress,
-            progress_key="client", description=f"fine-tuning · client {plan.client_id}",
-        )  # fmt: skip
+            model.module,
+            data.train,
+            spec,
+            device=device,
+            precision=precision,
+            seed=derive_seed(run_seed, PERSONALIZE_ROUND, plan.client_id),
+            indices=train,
+            progress=progress,
+            progress_key="client",
+            description=f"fine-tuning · client {plan.client_id}",
+        )
         metrics.update(train_loss=float(result.loss), train_steps=float(result.steps))
     state = model.state()
     if len(test):
@@ -231,9 +248,14 @@ def save_client_adapter(
 
 def client_meta(task: Any, config: Any, rounds: int) -> dict[str, Any]:
     """What a client's final adapter says about itself (fedlora_adapter.json), the same on every engine."""
-    return {"task": task.name, "label_names": list(task.label_names), "origin": "client", "round": rounds,
-            "method": config.aggregation.method,
-            "personalize_epochs": config.personal.personalize_epochs}  # fmt: skip
+    return {
+        "task": task.name,
+        "label_names": list(task.label_names),
+        "origin": "client",
+        "round": rounds,
+        "method": config.aggregation.method,
+        "personalize_epochs": config.personal.personalize_epochs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,7 +268,9 @@ class ClientRunner(Protocol):
 
     def evaluate(self, round_no: int, plans: Mapping[int, ClientPlan]) -> dict[int, Outcome]: ...
 
-    def personalize(self, rounds: int, plans: Mapping[int, ClientPlan], epochs: float) -> dict[int, Outcome]: ...
+    def personalize(
+        self, rounds: int, plans: Mapping[int, ClientPlan], epochs: float
+    ) -> dict[int, Outcome]: ...
 
 
 class InProcessClients:
@@ -256,17 +280,22 @@ class InProcessClients:
         self.s = setup
         self.store = store
 
-    def personal(self, plan: ClientPlan) -> dict[str, torch.Tensor] | None:
-        return self.store.load(plan.client_id, plan.personal_round) if plan.personal and plan.personal_round else None
-
     def evaluate(self, round_no: int, plans: Mapping[int, ClientPlan]) -> dict[int, Outcome]:
         s, out = self.s, {}
         for cid, plan in sorted(plans.items()):
             test = s.splits.test(cid)
             if len(test):
-                out[cid] = evaluate_client(s.model, s.data, test, plan, self.personal(plan), s.task,
-                                           batch_size=s.config.eval_batch_size, device=s.device,
-                                           precision=s.precision)  # fmt: skip
+                out[cid] = evaluate_client(
+                    s.model,
+                    s.data,
+                    test,
+                    plan,
+                    self.store.continued(plan),
+                    s.task,
+                    batch_size=s.config.eval_batch_size,
+                    device=s.device,
+                    precision=s.precision,
+                )
         return out
 
     def personalize(self, rounds: int, plans: Mapping[int, ClientPlan], epochs: float) -> dict[int, Outcome]:
@@ -275,17 +304,35 @@ class InProcessClients:
         for cid, plan in sorted(plans.items()):
             train, test = s.client_split(cid)
             state, metrics = personalize_client(
-                s.model, s.data, train, test, plan, self.personal(plan), s.config.train, epochs,
-                run_seed=s.config.train.seed, task=s.task, batch_size=s.config.eval_batch_size, device=s.device,
+                s.model,
+                s.data,
+                train,
+                test,
+                plan,
+                self.store.continued(plan),
+                s.config.train,
+                epochs,
+                run_seed=s.config.train.seed,
+                task=s.task,
+                batch_size=s.config.eval_batch_size,
+                device=s.device,
                 precision=s.precision,
-            )  # fmt: skip
-            save_client_adapter(client_adapter_dir(s.recorder.tree.final_dir, cid), state, plan.adapter.lora,
-                                base_model=s.recorder.base_model, meta=meta, client_id=cid)  # fmt: skip
+            )
+            save_client_adapter(
+                client_adapter_dir(s.recorder.tree.final_dir, cid),
+                state,
+                plan.adapter.lora,
+                base_model=s.recorder.base_model,
+                meta=meta,
+                client_id=cid,
+            )
             out[cid] = metrics
         return out
 
 
-def evaluate_global_per_client(setup: Any, adapter: GlobalAdapter, base_delta: Any, key: str) -> dict[int, Outcome]:
+def evaluate_global_per_client(
+    setup: Any, adapter: GlobalAdapter, base_delta: Any, key: str
+) -> dict[int, Outcome]:
     """One global model on every client's local test split: one pass over all of them, scored per client."""
     from fedlora_cli.evaluation import compute_metrics, predict, to_predictions
 

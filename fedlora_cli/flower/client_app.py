@@ -137,9 +137,17 @@ def evaluate_personal(msg: Message, context: Context) -> Message:
         _, test = _split(config, shard, worker)
         metrics: dict[str, float] = {}
         if len(test):
-            metrics = evaluate_client(worker.model, worker.data, test, plan, stored_personal(context, plan),
-                                      worker.task, batch_size=config.eval_batch_size, device=worker.device,
-                                      precision=worker.precision)  # fmt: skip
+            metrics = evaluate_client(
+                worker.model,
+                worker.data,
+                test,
+                plan,
+                stored_personal(context, plan),
+                worker.task,
+                batch_size=config.eval_batch_size,
+                device=worker.device,
+                precision=worker.precision,
+            )
         return _metrics_reply(msg, shard.client_id, metrics, "")
 
     return _answer(msg, answer)
@@ -161,14 +169,31 @@ def personalize(msg: Message, context: Context) -> Message:
         worker.check(shard)
         train_indices, test = _split(config, shard, worker)
         state, metrics = personalize_client(
-            worker.model, worker.data, train_indices, test, plan, stored_personal(context, plan), config.train,
-            epochs, run_seed=config.train.seed, task=worker.task, batch_size=config.eval_batch_size,
-            device=worker.device, precision=worker.precision, progress=deadline,
-        )  # fmt: skip
+            worker.model,
+            worker.data,
+            train_indices,
+            test,
+            plan,
+            stored_personal(context, plan),
+            config.train,
+            epochs,
+            run_seed=config.train.seed,
+            task=worker.task,
+            batch_size=config.eval_batch_size,
+            device=worker.device,
+            precision=worker.precision,
+            progress=deadline,
+        )
         folder = _personal_folder(context.node_config, str(meta.get("save-to", "")), shard.client_id)
         if folder is not None:
-            save_client_adapter(folder, state, plan.adapter.lora, base_model=config.model.resolved,
-                                meta=client_meta(worker.task, config, round_no), client_id=shard.client_id)  # fmt: skip
+            save_client_adapter(
+                folder,
+                state,
+                plan.adapter.lora,
+                base_model=config.model.resolved,
+                meta=client_meta(worker.task, config, round_no),
+                client_id=shard.client_id,
+            )
         return _metrics_reply(msg, shard.client_id, metrics, str(folder or ""))
 
     return _answer(msg, answer)
@@ -188,10 +213,12 @@ def _personal_message(msg: Message, context: Context) -> tuple[RoundsConfig, Sha
 
 
 def _metrics_reply(msg: Message, client_id: int, metrics: Mapping[str, float], saved: str) -> Message:
-    content = RecordDict({
-        METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
-        REPORT: ConfigRecord({"client-id": client_id, "saved": saved}),
-    })  # fmt: skip
+    content = RecordDict(
+        {
+            METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
+            REPORT: ConfigRecord({"client-id": client_id, "saved": saved}),
+        }
+    )
     return Message(content, reply_to=msg)
 
 
@@ -392,8 +419,14 @@ def _split(config: RoundsConfig, shard: Shard, worker: _Worker) -> tuple[np.ndar
     if key not in _SPLITS:
         from fedlora_cli.personal.split import split_client
 
-        split = split_client(shard.client_id, shard.indices, worker.data.train.labels, fraction, config.train.seed,
-                             regression=worker.task.is_regression)  # fmt: skip
+        split = split_client(
+            shard.client_id,
+            shard.indices,
+            worker.data.train.labels,
+            fraction,
+            config.train.seed,
+            regression=worker.task.is_regression,
+        )
         _SPLITS[key] = (split.train, split.test)
     return _SPLITS[key]
 

@@ -35,7 +35,7 @@ METRICS = "metrics"  # MetricRecord: num-examples (the FedAvg weight) and the tr
 REPORT = "report"  # ConfigRecord: the rest of a client's report (report_to_config)
 IDENTITY = "identity"  # ConfigRecord: a QUERY answer, the client a node serves
 BASE_DELTA = "base-delta"  # ArrayRecord: a plan's frozen base delta, "<module>|P" and "<module>|Q"
-PERSONAL_START = "personal-start"  # ArrayRecord: the run's initial values of a plan's personal parts (first turn)
+PERSONAL_START = "personal-start"  # ArrayRecord: the initial values of a plan's personal parts (first turn)
 
 # ---------------------------------------------------------------------------------------------------
 # RoundsConfig <-> run config

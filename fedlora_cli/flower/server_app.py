@@ -117,7 +117,9 @@ def run_server(
         """Find which node serves which client, then let Flower's `Strategy.start` carry the rounds left."""
         nodes = identify_clients(grid, driver.s.shards, driver.s.config, progress)
         strategy = FedloraStrategy(driver, nodes)
-        driver.clients = FlowerClients(strategy, grid)  # a client's own model is scored and finished on its node
+        driver.clients = FlowerClients(
+            strategy, grid
+        )  # a client's own model is scored and finished on its node
         remaining = driver.rounds_to_run
         # --round-timeout None: wait for every reply (PollingGrid takes None, though Flower's type says float)
         timeout: Any = config.round_timeout
@@ -340,7 +342,9 @@ class FedloraStrategy(Strategy):
         row = self.driver.close_round(r.plan, reports, failed, bytes_down=r.bytes_down)
         self.round = None
         summary = {"train-loss": float(row.train_loss)}
-        if row.aggregation.get("error") is not None:  # none for a method whose clients keep parts (fedsa, local)
+        if (
+            row.aggregation.get("error") is not None
+        ):  # none for a method whose clients keep parts (fedsa, local)
             summary["aggregation-error"] = float(row.aggregation["error"])
         return self.global_arrays(), MetricRecord(summary)
 
@@ -408,11 +412,19 @@ class FlowerClients:
         for cid, plan in sorted(plans.items()):
             node = strategy.nodes.get(cid)
             if node is None or node in strategy.busy:
-                out[cid] = "no SuperNode serves this client" if node is None else "still busy with a timed-out round"
+                out[cid] = (
+                    "no SuperNode serves this client" if node is None else "still busy with a timed-out round"
+                )
                 continue
             content = codec.plan_to_content(plan, round_no, run_config, extra)
-            messages.append(Message(content, dst_node_id=node, message_type=message_type,
-                                    group_id=f"{round_no}.{message_type}"))  # fmt: skip
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node,
+                    message_type=message_type,
+                    group_id=f"{round_no}.{message_type}",
+                )
+            )
             sent[node] = cid
         replies = self.grid.send_and_receive(messages, timeout=config.round_timeout) if messages else []
         ok, failed = sort_replies(sent, replies, config.round_timeout)

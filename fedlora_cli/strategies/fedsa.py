@@ -38,15 +38,25 @@ class FedsaStrategy(Strategy):
         sampled: int | None = None,
     ) -> Aggregated:
         if previous is None:
-            raise ValueError("fedsa needs rounds: its clients keep B and the head, so there is nothing to merge")
+            raise ValueError(
+                "fedsa needs rounds: its clients keep B and the head, so there is nothing to merge"
+            )
         state = dict(previous.state)
         state.update(mean_rows(updates, previous.state))
-        record = {"method": self.name, "rank": previous.lora.r, "alpha": previous.lora.alpha, "error": None,
-                  "module_errors": {}, "shared": sorted({part_of(k) for u in updates for k in u.state})}  # fmt: skip
+        record = {
+            "method": self.name,
+            "rank": previous.lora.r,
+            "alpha": previous.lora.alpha,
+            "error": None,
+            "module_errors": {},
+            "shared": sorted({part_of(k) for u in updates for k in u.state}),
+        }
         return Aggregated(GlobalAdapter(state, previous.lora), record)
 
 
-def mean_rows(updates: Sequence[ClientUpdate], previous: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def mean_rows(
+    updates: Sequence[ClientUpdate], previous: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The example-weighted mean of what the clients sent, row by row for LoRA A.
 
     For a LoRA A key (r_i x d_in per client, R x d_in in `previous`): row j is `Σ_{i: r_i > j} w_i A_i[j] /
@@ -62,7 +72,9 @@ def mean_rows(updates: Sequence[ClientUpdate], previous: Mapping[str, torch.Tens
     out: dict[str, torch.Tensor] = {}
     for i, u in enumerate(updates):
         if set(u.state) != set(keys):
-            raise ValueError(f"{u.name or f'client #{i + 1}'} sent other keys than {updates[0].name or 'client #1'}")
+            raise ValueError(
+                f"{u.name or f'client #{i + 1}'} sent other keys than {updates[0].name or 'client #1'}"
+            )
     for key in keys:
         if key not in previous:
             raise ValueError(f"{key} is not part of the global adapter")
@@ -73,19 +85,25 @@ def mean_rows(updates: Sequence[ClientUpdate], previous: Mapping[str, torch.Tens
             for i, (w, u) in enumerate(zip(weights, updates, strict=True)):
                 a = u.state[key]
                 if a.ndim != 2 or a.shape[1] != old.shape[1] or a.shape[0] > old.shape[0]:
-                    raise ValueError(f"{u.name or f'client #{i + 1}'}: {key} has shape {tuple(a.shape)}, the global "
-                                     f"{tuple(old.shape)}")  # fmt: skip
+                    raise ValueError(
+                        f"{u.name or f'client #{i + 1}'}: {key} has shape {tuple(a.shape)}, the global "
+                        f"{tuple(old.shape)}"
+                    )
                 acc[: a.shape[0]] += float(w) * a.detach().to("cpu", torch.float64)
                 held[: a.shape[0]] += float(w)
             rows = torch.from_numpy(held)
-            mean = torch.where(rows[:, None] > 0, acc / rows.clamp_min(1e-300)[:, None], old.to(torch.float64))
+            mean = torch.where(
+                rows[:, None] > 0, acc / rows.clamp_min(1e-300)[:, None], old.to(torch.float64)
+            )
             out[key] = mean.to(old.dtype).contiguous()
         else:
             acc = torch.zeros(old.shape, dtype=torch.float64)
             for i, (w, u) in enumerate(zip(weights, updates, strict=True)):
                 if tuple(u.state[key].shape) != tuple(old.shape):
-                    raise ValueError(f"{u.name or f'client #{i + 1}'}: {key} has shape {tuple(u.state[key].shape)}, "
-                                     f"the global {tuple(old.shape)}")  # fmt: skip
+                    raise ValueError(
+                        f"{u.name or f'client #{i + 1}'}: {key} has shape {tuple(u.state[key].shape)}, "
+                        f"the global {tuple(old.shape)}"
+                    )
                 acc += float(w) * u.state[key].detach().to("cpu", torch.float64)
             out[key] = acc.to(old.dtype).contiguous()
     return out

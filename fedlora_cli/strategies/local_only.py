@@ -32,6 +32,12 @@ class LocalStrategy(Strategy):
     ) -> Aggregated:
         if previous is None:
             raise ValueError("local trains each client alone: there is nothing to merge")
-        record = {"method": self.name, "rank": previous.lora.r, "alpha": previous.lora.alpha, "error": None,
-                  "module_errors": {}, "shared": []}  # fmt: skip
+        record = {
+            "method": self.name,
+            "rank": previous.lora.r,
+            "alpha": previous.lora.alpha,
+            "error": None,
+            "module_errors": {},
+            "shared": [],
+        }
         return Aggregated(previous, record)
