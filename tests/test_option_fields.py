@@ -85,7 +85,7 @@ def test_rounds_help_groups_options_in_panels_by_spec():
 
 
 CHOICES = [
-    ("rounds", "--aggregation", {"svd", "naive", "exact", "ffa", "rolora"}),
+    ("rounds", "--aggregation", {"svd", "naive", "exact", "ffa", "rolora", "fedsa", "local"}),
     ("rounds", "--partition", {"iid", "overlap", "category", "category_overlap", "dirichlet", "quantity"}),
     ("shard", "--mode", {"iid", "overlap", "category", "category_overlap", "dirichlet", "quantity"}),
     ("rounds", "--engine", {"local", "flower"}),
@@ -93,7 +93,7 @@ CHOICES = [
     ("train", "--precision", {"auto", "fp32", "bf16"}),
     ("eval", "--precision", {"auto", "fp32", "bf16"}),
     ("rounds", "--dp-where", {"server", "client"}),
-    ("merge", "--aggregation", {"svd", "naive", "exact", "ffa", "rolora"}),
+    ("merge", "--aggregation", {"svd", "naive", "exact", "ffa", "rolora", "fedsa", "local"}),
 ]
 
 

@@ -110,8 +110,10 @@ def show_rounds(result) -> None:
     table = Table(title=f"fedlora rounds · {result.clients} clients", title_justify="left")
     dp = any("privacy" in row.aggregation for row in result.history)
     held = any(row.validation for row in result.history)
+    personal = any(row.extra.get("per_client") for row in result.history)  # --client-test-fraction
     metric = result.main_metric
-    columns = ["round", "clients", f"dev {metric}", *((f"validation {metric}",) if held else ()), "train loss",
+    columns = ["round", "clients", f"dev {metric}", *((f"validation {metric}",) if held else ()),
+               *(("clients mean", "worst 10 %") if personal else ()), "train loss",
                "agg error", *(("ε", "clipped") if dp else ()), "MB down", "MB up", "seconds"]  # fmt: skip
     for name in columns:
         table.add_column(name, justify="right")
@@ -127,11 +129,14 @@ def show_rounds(result) -> None:
             else ("–", "–")
         )
         clients = f"{len(row.clients)}" + (f" ({failed} failed)" if failed else "") if row.round else "start"
+        own = row.extra.get("per_client") or {}
+        own_cells = (f"{own['mean']:.4f}", f"{own['worst10']:.4f}") if own.get("n") else ("–", "–")
         table.add_row(
             f"{row.round}" + (" *" if row.round == chosen else ""),
             clients,
             f"{ev[metric]:.4f}" if metric in ev else "–",
             *((f"{val[metric]:.4f}" if metric in val else "–",) if held else ()),
+            *(own_cells if personal else ()),
             f"{row.train_loss:.4f}" if row.train_loss is not None else "–",
             f"{error:.4f}" if error is not None else "–",
             *(dp_cells if dp else ()),
@@ -155,7 +160,17 @@ def show_rounds(result) -> None:
             markup=False,
             highlight=False,
         )
+    if result.per_client:
+        from fedlora_cli.personal.stats import describe
+
+        final = "final models" if result.per_client.get("model") == "personal" else "the reported adapter"
+        out.print(f"local test, {final}: {describe(result.per_client)}", markup=False, highlight=False)
     if result.resumed_after:
         out.print(f"resumed after round {result.resumed_after}")
     c.print_path("final adapter" if chosen is None else "selected adapter", result.final_adapter)
+    clients = result.run_dir / "final" / "clients"
+    if clients.is_dir():
+        c.print_path(
+            "client adapters", f"{clients}/client_NNN/adapter ({len(list(clients.glob('client_*')))} clients)"
+        )
     c.print_path("run", result.run_dir)
