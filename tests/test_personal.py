@@ -429,3 +429,77 @@ def test_fedsa_refuses_merge_and_select_best_with_one_line(fedsa_run, tiny_model
                    2, "its clients keep B and the head")  # fmt: skip
     one_error_line(run(*rounds_args(tiny_model, glue_dir, tmp_path, "x", *FEDSA, "--validation-fraction", "0.1",
                                     "--select", "best")), 2, "no global adapter to score")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flower: the same rounds, personal parts in each ClientApp's Context.state, never on the wire
+
+
+@pytest.mark.flower
+def test_fedsa_on_flower_is_local_bit_for_bit_and_nothing_personal_crosses_the_wire(
+    tiny_model, glue_dir, tmp_path, monkeypatch
+):
+    pytest.importorskip("flwr", reason="the `flower` extra is not installed")
+    from recording_clients import digest, read_log, recording_app_named
+    from test_flower import one_thread
+
+    from fedlora_cli.config import ModelSpec, TrainSpec
+    from fedlora_cli.federation import run_local
+    from fedlora_cli.flower.simulation import run_flower_simulation
+
+    order = np.random.default_rng(4).permutation(600).tolist()
+    shards = write_manifests(tmp_path / "k4", [order[:50], order[50:130], order[130:170], order[170:260]])
+
+    def config(name: str, engine: str) -> RoundsConfig:
+        return RoundsConfig(
+            data=DataSpec("sst2", str(glue_dir), max_eval_samples=50), shards=str(shards),
+            model=ModelSpec(str(tiny_model)), train=TrainSpec(epochs=1.0, learning_rate=2e-2, precision="fp32"),
+            output=OutputSpec(root=str(tmp_path), run_name=name), engine=engine, rounds=3, clients_per_round=3,
+            aggregation=AggregationSpec("fedsa"), personal=PersonalSpec(0.25, 1.0),
+        )  # fmt: skip
+
+    with one_thread():
+        local = run_local(config("local", "local"))
+    monkeypatch.syspath_prepend(str(tmp_path / "apps"))
+    app = recording_app_named(tmp_path / "apps", tmp_path / "wire")
+    flower = run_flower_simulation(config("flower", "flower"), client_app=app)
+    a, b = local.run_dir, flower.run_dir
+    ours, theirs = safetensors_bytes(a), safetensors_bytes(b)
+    personal = {k for k in ours if k.endswith("personal.safetensors")}
+    assert personal and not any(k.endswith("personal.safetensors") for k in theirs)  # Flower: on the clients
+    assert {k: v for k, v in ours.items() if k not in personal} == theirs  # every adapter, bit for bit
+    assert sum(k.startswith("final/clients/") for k in theirs) == 4  # saved by the ClientApps themselves
+    assert flower.per_client == local.per_client and flower.per_client["n"] == 4
+    for x, y in zip(history(a), history(b), strict=True):
+        assert x["per_client"] == y["per_client"] and x["clients"] == y["clients"]
+
+    # what crossed the wire: the shared part (A) down and up, the start values of B and the head once per
+    # client (the run's initial ones, the same for all), metrics back from evaluation and the final turn
+    log = read_log(tmp_path / "wire")
+    kinds = {(e["request"]["type"]) for e in log}
+    assert kinds == {"query", "train", "evaluate.personal", "train.personalize"}
+    start = adapter_state(a / "round_001" / "global")  # fedsa's server state keeps the initial B and head
+    initial = digest(only(start, "B", "head"))
+    starts = {}
+    for entry in log:
+        request, reply = entry["request"], entry["reply"]
+        assert "error" not in reply, reply
+        for record in reply["arrays"].values():  # up: never a B or head tensor
+            assert {part_of(k) for k in record["keys"]} <= {"A"}, entry
+        if request["type"] == "query":
+            continue
+        meta = request["configs"]["config"]
+        assert {part_of(k) for k in request["arrays"]["arrays"]["keys"]} == {"A"}
+        if meta["personal-round"] == 0:
+            assert request["arrays"]["personal-start"]["digest"] == initial
+            starts.setdefault(meta["client-id"], []).append((meta["server-round"], request["type"]))
+        else:
+            assert "personal-start" not in request["arrays"]
+        if request["type"] != "train":
+            assert reply["arrays"] == {} and reply["metrics"]["metrics"]  # metrics only
+    rows = history(a)[1:]
+    assert {c for row in rows for c in row["clients"]} == {1, 2, 3, 4}
+    for c in range(1, 5):  # the start values went to each client only until its first turn counted
+        first = min(row["round"] for row in rows if c in row["clients"])
+        assert [kind for r, kind in starts[c] if kind == "train"] == ["train"]
+        assert all(r < first or (r, kind) == (first, "train") for r, kind in starts[c]), (c, first, starts[c])
