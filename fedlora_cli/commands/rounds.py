@@ -110,7 +110,7 @@ def show_rounds(result) -> None:
     table = Table(title=f"fedlora rounds · {result.clients} clients", title_justify="left")
     dp = any("privacy" in row.aggregation for row in result.history)
     held = any(row.validation for row in result.history)
-    personal = any(row.extra.get("per_client") for row in result.history)  # --client-test-fraction
+    personal = any(_per_client(row) for row in result.history)  # --client-test-fraction
     metric = result.main_metric
     columns = ["round", "clients", f"dev {metric}", *((f"validation {metric}",) if held else ()),
                *(("clients mean", "worst 10 %") if personal else ()), "train loss",
@@ -129,7 +129,7 @@ def show_rounds(result) -> None:
             else ("–", "–")
         )
         clients = f"{len(row.clients)}" + (f" ({failed} failed)" if failed else "") if row.round else "start"
-        own = row.extra.get("per_client") or {}
+        own = _per_client(row)
         own_cells = (f"{own['mean']:.4f}", f"{own['worst10']:.4f}") if own.get("n") else ("–", "–")
         table.add_row(
             f"{row.round}" + (" *" if row.round == chosen else ""),
@@ -160,7 +160,7 @@ def show_rounds(result) -> None:
             markup=False,
             highlight=False,
         )
-    if result.per_client:
+    if getattr(result, "per_client", None):
         from fedlora_cli.personal.stats import describe
 
         final = "final models" if result.per_client.get("model") == "personal" else "the reported adapter"
@@ -174,3 +174,9 @@ def show_rounds(result) -> None:
             "client adapters", f"{clients}/client_NNN/adapter ({len(list(clients.glob('client_*')))} clients)"
         )
     c.print_path("run", result.run_dir)
+
+
+def _per_client(row) -> dict:
+    """A history row's per-client results (--client-test-fraction), {} without."""
+    value = (getattr(row, "extra", None) or {}).get("per_client")
+    return value if isinstance(value, dict) else {}
