@@ -153,7 +153,8 @@ def lying_app(behaviour: dict[int, dict[int, str]]) -> ClientApp:
     app.query()(fedlora.query)
     app.train()(fedlora.train)
     app.evaluate()(fedlora.evaluate)
-    app.evaluate("personal")(fedlora.evaluate_personal)  # personalised runs (fedsa, local, --personalize-epochs)
+    # personalised runs (fedsa, local, --personalize-epochs)
+    app.evaluate("personal")(fedlora.evaluate_personal)
     app.train("personalize")(fedlora.personalize)
     return app
 
