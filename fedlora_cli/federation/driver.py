@@ -394,7 +394,7 @@ class RoundDriver:
             plans = {c: self.client_plan(last_round, c) for c in self.client_ids}
         self.progress.log(
             f"{len(plans)} clients: "
-            + (f"fine-tuning for {epochs:g} epochs, " if epochs > 0 else "")
+            + (f"fine-tuning for {epochs:g} epoch{'' if epochs == 1 else 's'}, " if epochs > 0 else "")
             + "their own final models"
         )
         outcomes = self.clients.personalize(last_round, plans, epochs)

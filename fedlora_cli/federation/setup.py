@@ -53,9 +53,8 @@ class Setup:
     start_round: int
     resume_hint: Callable[[Path], str]
     stopped: str | None = None  # why the run ends before --rounds (a privacy budget), if it does
-    splits: Any = (
-        None  # personal.split.ClientSplits: each shard's local train / local test (None: no local tests)
-    )
+    # personal.split.ClientSplits: each shard's local train / local test (None: no local tests)
+    splits: Any = None
 
     @property
     def run_dir(self) -> Path:

@@ -224,7 +224,7 @@ def _metrics_reply(msg: Message, client_id: int, metrics: Mapping[str, float], s
 
 def _personal_folder(node: Mapping[str, Any], save_to: str, client_id: int) -> Path | None:
     """Where this client's final model goes: `personal-dir` of the node config, else the run's final/clients/
-    when the run folder is on this machine (the simulation); None: nowhere (it stays in the reply's metrics)."""
+    when the run folder is on this machine (the simulation); None: it is not saved (only its metrics go back)."""
     from fedlora_cli.ownership import RUN_RECORD
 
     if node.get("personal-dir"):
