@@ -347,6 +347,21 @@ def test_fedsa_resume_after_an_interruption_is_bit_identical(
     assert ours == json.loads((reference / "final" / "metrics.json").read_text())["per_client"]
 
 
+def test_fedsa_with_mixed_ranks_gives_each_client_the_shared_a_at_its_rank(tiny_model, glue_dir, tmp_path):
+    args = ["--clients", "4", "--partition", "dirichlet", "--rounds", "2", "--aggregation", "fedsa",
+            "--client-ranks", "2,4", *FAST]  # fmt: skip
+    result = run(*rounds_args(tiny_model, glue_dir, tmp_path, "mixed", *args))
+    assert result.exit_code == 0, result.stderr
+    run_dir = tmp_path / "sst2_tiny-roberta" / "mixed"
+    shared = adapter_state(run_dir / "final")[f"{M}.lora_A.weight"]
+    assert shared.shape[0] == 4  # the largest rank
+    for c, rank in ((1, 2), (2, 4), (3, 2), (4, 4)):
+        mine = adapter_state(run_dir / "final" / "clients" / f"client_{c:03d}")
+        assert mine[f"{M}.lora_B.weight"].shape[1] == rank and torch.equal(
+            mine[f"{M}.lora_A.weight"], shared[:rank]
+        )
+
+
 def test_a_resume_that_lost_a_clients_personal_parts_says_so(fedsa_run, tiny_model, glue_dir, tmp_path):
     reference, _ = fedsa_run
     run_dir = Path(shutil.copytree(reference, tmp_path / "copy"))
