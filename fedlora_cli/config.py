@@ -31,6 +31,7 @@ from fedlora_cli.options import (
     optional,
     seed,
 )
+from fedlora_cli.personal.spec import PersonalSpec, check_personal
 from fedlora_cli.sharding.registry import PARTITIONERS, partitioner_names
 from fedlora_cli.strategies.registry import METHODS, HetloraOptions, SvdOptions, get_method, method_names
 from fedlora_cli.tasks import get_task, task_names
@@ -1371,11 +1372,13 @@ class RoundsConfig(Spec):
         default_factory=ServerOptSpec
     )  # the server's step; plain average by default
     partition: PartitionSpec = field(default_factory=PartitionSpec)  # shard in memory instead of --shards
+    personal: PersonalSpec = field(default_factory=PersonalSpec)  # per-client test splits, local fine-tuning
 
     def validate(self) -> None:
         check_schedule(self.train, ROUNDS_SCHEDULES, "rounds")
         if self.train.lr_schedule == "linear":  # per-turn's other name (TrainSpec's default): one spelling
             object.__setattr__(self, "train", replace(self.train, lr_schedule="per-turn"))
+        check_personal(self)
         check_selection(self.data, self.select, self.early_stop, "round")
         _check(
             self.eval_each_round or (self.select == "last" and self.early_stop is None),

@@ -1,4 +1,4 @@
-"""Figures (a shard split, learning curves); matplotlib is an optional extra, imported only when a plot is asked for."""
+"""Figures (a shard split, learning curves, per-client results); matplotlib is an optional extra, imported only when a plot is asked for."""
 
 from __future__ import annotations
 
@@ -163,6 +163,43 @@ def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, ti
     elif curves:
         left.legend(fontsize="small")
     fig.suptitle(title)
+    buf = io.BytesIO()
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    fig.savefig(buf, format=fmt, dpi=120)
+    plt.close(fig)
+    return write_bytes(Path(path).expanduser(), buf.getvalue())
+
+
+def plot_client_distribution(
+    groups: list[tuple[str, list[float]]], path: str | os.PathLike, *, metric: str, title: str
+) -> Path:
+    """One box per run (or method) of its clients' metric, every client drawn as a point over it (jittered
+    sideways, seeded), the mean as a diamond: where the clients lie, and how far the worst are from the rest."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    k = len(groups)
+    fig, ax = plt.subplots(figsize=(min(3 + 1.3 * k, 20), 4.5), constrained_layout=True)
+    positions = list(range(1, k + 1))
+    values = [list(v) for _, v in groups]
+    drawn = [(p, v) for p, v in zip(positions, values, strict=True) if v]
+    if drawn:
+        ax.boxplot([v for _, v in drawn], positions=[p for p, _ in drawn], widths=0.55, showfliers=False)
+    rng = np.random.default_rng(0)
+    for p, v in drawn:
+        ax.scatter(p + rng.uniform(-0.15, 0.15, len(v)), v, s=14, alpha=0.6, zorder=3)
+        ax.scatter([p], [float(np.mean(v))], marker="D", color="black", s=28, zorder=4)
+    ax.set_xticks(positions)
+    ax.set_xticklabels(
+        [name for name, _ in groups], rotation=20 if k > 4 else 0, ha="right" if k > 4 else "center"
+    )
+    ax.set_ylabel(f"{metric} on the client's local test split")
+    ax.set_title(f"{title}: one point per client (◆ mean)")
+    ax.grid(axis="y", alpha=0.3)
     buf = io.BytesIO()
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     fig.savefig(buf, format=fmt, dpi=120)

@@ -164,6 +164,9 @@ def lying_app(behaviour: dict[int, dict[int, str]]) -> ClientApp:
     app.query()(fedlora.query)
     app.train()(fedlora.train)
     app.evaluate()(fedlora.evaluate)
+    # personalised runs (fedsa, local, --personalize-epochs)
+    app.evaluate("personal")(fedlora.evaluate_personal)
+    app.train("personalize")(fedlora.personalize)
     return app
 
 

@@ -86,7 +86,7 @@ def test_rounds_help_groups_options_in_panels_by_spec():
 
 
 CHOICES = [
-    ("rounds", "--aggregation", {"svd", "naive", "hetlora", "exact", "ffa", "rolora"}),
+    ("rounds", "--aggregation", {"svd", "naive", "hetlora", "exact", "ffa", "rolora", "fedsa", "local"}),
     ("rounds", "--partition", {"iid", "overlap", "category", "category_overlap", "dirichlet", "quantity"}),
     ("shard", "--mode", {"iid", "overlap", "category", "category_overlap", "dirichlet", "quantity"}),
     ("rounds", "--engine", {"local", "flower"}),
@@ -94,7 +94,7 @@ CHOICES = [
     ("train", "--precision", {"auto", "fp32", "bf16"}),
     ("eval", "--precision", {"auto", "fp32", "bf16"}),
     ("rounds", "--dp-where", {"server", "client"}),
-    ("merge", "--aggregation", {"svd", "naive", "hetlora", "exact", "ffa", "rolora"}),
+    ("merge", "--aggregation", {"svd", "naive", "hetlora", "exact", "ffa", "rolora", "fedsa", "local"}),
     ("rounds", "--server-optimizer", {"avg", "momentum", "adam", "yogi", "adagrad"}),
     ("rounds", "--rank-scaling", {"fixed-scale", "fixed-alpha"}),
     ("rounds", "--server-rank", {"truncated", "full"}),

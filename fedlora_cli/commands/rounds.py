@@ -111,8 +111,10 @@ def show_rounds(result) -> None:
     dp = any("privacy" in row.aggregation for row in result.history)
     held = any(row.validation for row in result.history)
     bounded = any("norm_bound" in row.aggregation for row in result.history)
+    personal = any(_per_client(row) for row in result.history)  # --client-test-fraction
     metric = result.main_metric
-    columns = ["round", "clients", f"dev {metric}", *((f"validation {metric}",) if held else ()), "train loss",
+    columns = ["round", "clients", f"dev {metric}", *((f"validation {metric}",) if held else ()),
+               *(("clients mean", "worst 10 %") if personal else ()), "train loss",
                "agg error", *(("ε", "clipped") if dp else ()), *(("bound", "clipped") if bounded else ()),
                "MB down", "MB up", "seconds"]  # fmt: skip
     for name in columns:
@@ -133,11 +135,14 @@ def show_rounds(result) -> None:
         bound_cells = (
             (f"{bound['bound']:.3g}", f"{len(bound['clipped'])}/{len(row.clients)}") if bound else ("–", "–")
         )
+        own = _per_client(row)
+        own_cells = (f"{own['mean']:.4f}", f"{own['worst10']:.4f}") if own.get("n") else ("–", "–")
         table.add_row(
             f"{row.round}" + (" *" if row.round == chosen else ""),
             clients,
             f"{ev[metric]:.4f}" if metric in ev else "–",
             *((f"{val[metric]:.4f}" if metric in val else "–",) if held else ()),
+            *(own_cells if personal else ()),
             f"{row.train_loss:.4f}" if row.train_loss is not None else "–",
             f"{error:.4f}" if error is not None else "–",
             *(dp_cells if dp else ()),
@@ -162,7 +167,23 @@ def show_rounds(result) -> None:
             markup=False,
             highlight=False,
         )
+    if getattr(result, "per_client", None):
+        from fedlora_cli.personal.stats import describe
+
+        final = "final models" if result.per_client.get("model") == "personal" else "the reported adapter"
+        out.print(f"local test, {final}: {describe(result.per_client)}", markup=False, highlight=False)
     if result.resumed_after:
         out.print(f"resumed after round {result.resumed_after}")
     c.print_path("final adapter" if chosen is None else "selected adapter", result.final_adapter)
+    clients = result.run_dir / "final" / "clients"
+    if clients.is_dir():
+        c.print_path(
+            "client adapters", f"{clients}/client_NNN/adapter ({len(list(clients.glob('client_*')))} clients)"
+        )
     c.print_path("run", result.run_dir)
+
+
+def _per_client(row) -> dict:
+    """A history row's per-client results (--client-test-fraction), {} without."""
+    value = (getattr(row, "extra", None) or {}).get("per_client")
+    return value if isinstance(value, dict) else {}

@@ -40,8 +40,24 @@ def _date(stamp: str | None) -> str:
 
 def _metric(info) -> str:
     if info.main_value is None:
-        return "–"
+        own = _per_client(info)  # a personalised run: no global adapter, each client's own model
+        return f"{own['metric']} {own['mean']:.4f} (clients)" if own.get("n") else "–"
     return f"{info.main_metric} {info.main_value:.4f}"
+
+
+def _per_client(info, key: str = "per_client") -> dict[str, Any]:
+    """The run's per-client results (final/metrics.json; --client-test-fraction), {} when it has none."""
+    value = info.final.extra.get(key) if info.final is not None else None
+    return value if isinstance(value, dict) else {}
+
+
+CLIENT_STATS = (
+    ("mean", "mean"),
+    ("std", "std"),
+    ("worst", "worst"),
+    ("worst10", "worst 10 %"),
+    ("best", "best"),
+)
 
 
 def _rounds(info) -> str:
@@ -174,15 +190,21 @@ def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
     if history:
         metric = info.main_metric
         table = Table(title="rounds", title_justify="left")
-        for name in ("round", "clients", metric or "metric", "train loss", "agg error", "MB up", "seconds"):
+        personal = any(row.extra.get("per_client") for row in history)
+        names = ["round", "clients", metric or "metric", *(("clients mean", "worst 10 %") if personal else ()),
+                 "train loss", "agg error", "MB up", "seconds"]  # fmt: skip
+        for name in names:
             table.add_column(name, justify="right")
         for row in history:
             value, loss = row.metric(metric), row.train_loss
             agg, wall = row.aggregation.get("error"), row.seconds.get("wall")
+            own = row.extra.get("per_client") if isinstance(row.extra.get("per_client"), dict) else {}
+            own_cells = (f"{own['mean']:.4f}", f"{own['worst10']:.4f}") if own.get("n") else ("–", "–")
             table.add_row(
                 str(row.round),
                 str(len(row.clients)),
                 f"{value:.4f}" if value is not None else "–",
+                *(own_cells if personal else ()),
                 f"{loss:.4f}" if loss is not None else "–",
                 f"{agg:.4f}" if isinstance(agg, int | float) else "–",
                 f"{row.bytes_up / 2**20:.2f}",
@@ -194,8 +216,18 @@ def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
             "final: "
             + ", ".join(f"{k} {v:.4f}" for k, v in info.final.metrics.items() if isinstance(v, int | float))
         )
+    from fedlora_cli.personal.stats import describe
+
+    for key, what in (("per_client_global", "the global adapter"), ("per_client", "each client's model")):
+        own = _per_client(info, key)
+        if own:
+            which = what if own.get("model") != "personal" else "each client's own final model"
+            out.print(f"local test, {which}: {describe(own)}", markup=False, highlight=False)
     if info.adapter is not None:
         c.print_path("final adapter", info.adapter)
+    clients = info.path / "final" / "clients"
+    if clients.is_dir():
+        c.print_path("client adapters", f"{clients}/client_NNN/adapter")
     rounds = sorted(info.path.glob("round_*/global/adapter"))
     if rounds:
         c.print_path(
@@ -213,16 +245,29 @@ def compare(
         str | None,
         typer.Option("--plot", help="draw the metric and loss per round of every run into FILE.png"),
     ] = None,
+    plot_clients: Annotated[
+        str | None,
+        typer.Option(
+            "--plot-clients",
+            help="draw each run's per-client metric on the clients' local test splits (a box and the clients) "
+            "into FILE.png",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Configs side by side (only what differs) and final metrics; --plot draws the learning curves."""
+    """Configs side by side (only what differs) and final metrics, per-client results (mean, std, worst client,
+    worst 10 %, best); --plot draws the learning curves, --plot-clients the per-client distributions."""
     from fedlora_cli.runs.query import config_diff, curve_of, load_run, resolve_run
 
-    if plot is not None:
+    if plot is not None or plot_clients is not None:
         from fedlora_cli.plots import require_matplotlib
 
         require_matplotlib()
     infos = [load_run(resolve_run(r, root), root) for r in runs]
+    if plot_clients is not None and not any(_per_client(i).get("n") for i in infos):
+        raise c.InputError(
+            "--plot-clients: none of these runs scored its clients (run them with --client-test-fraction F)"
+        )
     diff = config_diff(infos)
     metric_names = sorted(
         {k for i in infos if i.final for k, v in i.final.metrics.items() if isinstance(v, int | float)}
@@ -236,6 +281,7 @@ def compare(
                     k: [i.final.metrics.get(k) if i.final else None for i in infos] for k in metric_names
                 },
                 "status": [i.status for i in infos],
+                "per_client": [_per_client(i) or None for i in infos],
             }
         )
     else:
@@ -251,6 +297,17 @@ def compare(
         for name in metric_names:
             values = [i.final.metrics.get(name) if i.final else None for i in infos]
             table.add_row(name, *(f"{v:.4f}" if isinstance(v, int | float) else "–" for v in values))
+        owns = [_per_client(i) for i in infos]
+        if any(own.get("n") for own in owns):  # each client's model on its local test split
+            metric = next(own["metric"] for own in owns if own.get("n"))
+            for key, label in CLIENT_STATS:
+                cells = [f"{own[key]:.4f}" if own.get("n") else "–" for own in owns]
+                table.add_row(f"clients {metric} {label}", *cells)
+            table.add_row("clients", *(str(own.get("n", "–")) for own in owns))
+            before = [_per_client(i, "per_client_global") for i in infos]  # --personalize-epochs: before it
+            if any(b.get("n") for b in before):
+                table.add_row(f"clients {metric} mean, global adapter",
+                              *(f"{b['mean']:.4f}" if b.get("n") else "–" for b in before))  # fmt: skip
         c.console().print(table)
         if not diff:
             c.console().print("the configs are identical")
@@ -262,6 +319,13 @@ def compare(
             [curve_of(i, metric) for i in infos], plot, metric=metric, title=f"{len(infos)} runs"
         )
         c.print_path("plot", path)
+    if plot_clients is not None:
+        from fedlora_cli.plots import plot_client_distribution
+
+        groups = [(i.name, list(_per_client(i).get("values", {}).values())) for i in infos]
+        metric = next((_per_client(i)["metric"] for i in infos if _per_client(i).get("n")), "metric")
+        path = plot_client_distribution(groups, plot_clients, metric=metric, title=f"{len(infos)} runs")
+        c.print_path("client plot", path)
 
 
 def rerun(

@@ -10,9 +10,10 @@ from fedlora_cli.config import TrainSpec
 from fedlora_cli.evaluation import evaluate
 from fedlora_cli.features import TaskData
 from fedlora_cli.federation.driver import derive_seed
+from fedlora_cli.federation.personal import with_personal
 from fedlora_cli.modeling import LoraModel
 from fedlora_cli.progress import Progress
-from fedlora_cli.strategies.base import ClientPlan, ClientReport
+from fedlora_cli.strategies.base import ClientPlan, ClientReport, split_parts
 from fedlora_cli.tasks import GlueTask
 from fedlora_cli.training import planned_steps, schedule_window, tail_penalty, train_model
 
@@ -32,14 +33,18 @@ def train_client(
     task: GlueTask | None = None,
     eval_batch_size: int = 64,
     progress: Progress | None = None,
+    personal: dict[str, torch.Tensor] | None = None,
 ) -> ClientReport:
     """One client's turn: load the plan (adapter, frozen parts, base delta), train on its shard, report.
 
     The base model is never reloaded: only the adapter state (and a method's base delta) moves in and
     out. Pass `task` to also evaluate the client's adapter on the dev split(s). `rounds` (the run's total)
-    places the turn in a global learning-rate schedule (--lr-schedule global-*).
+    places the turn in a global learning-rate schedule (--lr-schedule global-*). A plan with personal parts
+    starts from the client's own (`personal`, as after its turn in `plan.personal_round`), or from the
+    plan's personal start in its first turn; the report sends the shared parts and keeps the personal ones
+    apart (`ClientReport.personal`), for the client to keep.
     """
-    model.apply_plan(plan)
+    model.apply_plan(with_personal(plan, personal))
     seed = derive_seed(run_seed, round_no, plan.client_id)
     steps = planned_steps(len(indices), train_spec)
     window = schedule_window(train_spec.lr_schedule, round_no, rounds or round_no, steps)
@@ -73,7 +78,9 @@ def train_client(
     }
     if result.lr_range is not None:
         train["lr_range"] = [float(v) for v in result.lr_range]
-    state = model.state()
+    state, own = model.state(), None
+    if plan.personal:  # what is sent: the shared parts only
+        state, own = split_parts(state, plan.personal)
     if plan.clip_norm is not None:  # differential privacy, clipped here: the server never sees more
         from fedlora_cli.privacy import clip_client_update
 
@@ -84,4 +91,6 @@ def train_client(
             space=plan.clip_space,
             scaling=plan.adapter.lora.scaling,
         )
-    return ClientReport(plan.client_id, state, plan.adapter.lora, result.examples, seed, train, evaluation)
+    return ClientReport(
+        plan.client_id, state, plan.adapter.lora, result.examples, seed, train, evaluation, personal=own
+    )

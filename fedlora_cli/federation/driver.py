@@ -21,6 +21,14 @@ import torch
 from fedlora_cli import memory
 from fedlora_cli.errors import FedloraError, InputError
 from fedlora_cli.evaluation import EvalResult, evaluate, majority_metrics
+from fedlora_cli.federation.personal import (
+    ClientRunner,
+    InProcessClients,
+    PersonalStore,
+    PersonalTurns,
+    evaluate_global_per_client,
+    summarise,
+)
 from fedlora_cli.federation.setup import Setup
 from fedlora_cli.progress import NullProgress, Progress, as_tracker
 from fedlora_cli.runs import complete_rounds
@@ -77,6 +85,8 @@ class RoundsResult:
     stopped: str | None = None  # why the run ended before --rounds (--dp-target-epsilon, --early-stop)
     selected: dict[str, Any] | None = None  # --select: the round kept, its validation and dev metrics
     last: dict[str, Any] | None = None  # the last round's number, validation and dev metrics
+    # --client-test-fraction: each client's final model on its local test split (personal.stats.client_stats)
+    per_client: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,16 +125,30 @@ class RoundDriver:
             if row.round >= 1:
                 self.selection.observe(row.round, row.validation)
         self.stopped: str | None = None
+        # Personal parts (strategies whose clients keep some): from which turn each client continues, where
+        # engine local keeps them, and who runs a client's own model (engine Flower replaces `clients`).
+        self.personal = PersonalTurns(setup.initial, setup.recorder.history)
+        self.store = PersonalStore(setup.recorder.tree)
+        self.clients: ClientRunner = InProcessClients(setup, self.store)
         if not setup.start_round and setup.config.eval_each_round and not setup.recorder.history:
             self._record_round_zero()
+
+    @property
+    def global_model(self) -> bool:
+        """Whether the run has one model for all clients (False: its clients keep parts of theirs)."""
+        return not self.s.strategy.personal_parts
 
     def _record_round_zero(self) -> None:
         """History row 0: the starting adapter (fresh from the seed, or --init-adapter) before training."""
         t = time.perf_counter()
-        evaluation, validation = self.evaluate_current()
+        evaluation = validation = None
+        if self.global_model:
+            evaluation, validation = self.evaluate_current()
+            self.metrics = evaluation.metrics
+            self.validation = validation.metrics if validation is not None else None
+        # every client's model is the starting adapter (its personal parts too: their initial values)
+        per_client = self._summary(self._global_per_client(), "start")
         seconds = time.perf_counter() - t
-        self.metrics = evaluation.metrics
-        self.validation = validation.metrics if validation is not None else None
         row = HistoryRow(
             round=0,
             clients=[],
@@ -133,14 +157,15 @@ class RoundDriver:
             examples=0,
             train_loss=None,
             aggregation={},
-            eval=evaluation.metrics,
+            eval=evaluation.metrics if evaluation is not None else None,
             bytes_down=0,
             bytes_up=0,
             bytes_written=0,
             seconds={"wall": seconds, "eval": seconds},
             time=now(),
-            eval_loss=evaluation.loss,
+            eval_loss=evaluation.loss if evaluation is not None else None,
             validation=self.validation,
+            extra={"per_client": per_client} if per_client is not None else {},
         )
         self.s.recorder.complete_round(row)
         report_round(self.progress, row.to_json())
@@ -172,7 +197,7 @@ class RoundDriver:
         """Select this round's clients (seeded) and ask the strategy what each one does."""
         started = time.perf_counter()
         selected = select_clients(self.client_ids, self.per_round, self.s.config.train.seed, round_no)
-        plans = {cid: self.s.strategy.plan(round_no, cid, self.current) for cid in selected}
+        plans = {cid: self.client_plan(round_no, cid) for cid in selected}
         return RoundPlan(
             round_no, selected, plans, self.current, started, memory.PeakMemory(self.s.device).start()
         )
@@ -243,6 +268,10 @@ class RoundDriver:
 
         t = time.perf_counter()
         written = sum(s.recorder.save_client(round_no, r) for r in usable)
+        for r in usable:  # engine local: each client's personal parts, with the round (Flower: on the client)
+            if r.personal is not None:
+                written += self.store.save(round_no, r.client_id, r.personal)
+        self.personal.completed(round_no, [r.client_id for r in usable])
         io_seconds = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -256,12 +285,14 @@ class RoundDriver:
         self.current = outcome.adapter
 
         t = time.perf_counter()
-        evaluation = validation = None
+        evaluation = validation = per_client = None
         if config.eval_each_round or round_no == config.rounds:
-            evaluation, validation = self.evaluate_current()
-            self.metrics = evaluation.metrics
-            self.validation = validation.metrics if validation is not None else None
-            self.selection.observe(round_no, self.validation)
+            if self.global_model:
+                evaluation, validation = self.evaluate_current()
+                self.metrics = evaluation.metrics
+                self.validation = validation.metrics if validation is not None else None
+                self.selection.observe(round_no, self.validation)
+            per_client = self.evaluate_clients(round_no)
         eval_seconds = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -296,7 +327,11 @@ class RoundDriver:
             ),
             eval_loss=evaluation.loss if evaluation is not None else None,
             validation=self.validation if validation is not None else None,
-            extra={"memory": self._round_memory(plan), **_lr_range(usable)},
+            extra={
+                "memory": self._round_memory(plan),
+                **_lr_range(usable),
+                **({"per_client": per_client} if per_client is not None else {}),
+            },
         )
         s.recorder.complete_round(row)
         if self.selection.stop and round_no < config.rounds:
@@ -315,6 +350,55 @@ class RoundDriver:
         """
         memory.release()
         return plan.memory.stop() if plan.memory is not None else {}
+
+    # --- each client's model on its local test split (--client-test-fraction) -----------------------------
+
+    def evaluate_clients(self, round_no: int) -> dict[str, Any] | None:
+        """Every client's own model on its local test split: the global adapter for a global method (scored
+        here), the client's personal model otherwise (scored by `self.clients`); None without local tests."""
+        if self.s.splits is None:
+            return None
+        if self.global_model:
+            return self._summary(self._global_per_client(), "global")
+        plans = {c: self.client_plan(round_no, c) for c in self.client_ids}
+        return self._summary(self.clients.evaluate(round_no, plans), "personal")
+
+    def _global_per_client(self) -> dict[int, Any] | None:
+        if self.s.splits is None:
+            return None
+        strategy = self.s.strategy
+        return evaluate_global_per_client(
+            self.s, self.current, strategy.base_delta(), strategy.base_delta_key()
+        )
+
+    def _summary(self, outcomes: dict[int, Any] | None, model: str) -> dict[str, Any] | None:
+        return None if outcomes is None else summarise(outcomes, self.s.task.main_metric, model)
+
+    def client_plan(self, round_no: int, client_id: int) -> ClientPlan:
+        """What the strategy plans for the client, and where its personal parts (if any) continue from."""
+        return self.personal.plan(self.s.strategy.plan(round_no, client_id, self.current))
+
+    def personal_state(self, plan: ClientPlan) -> dict[str, torch.Tensor] | None:
+        """Engine local: the client's personal parts the plan continues from (None: its first turn, or none)."""
+        return self.store.continued(plan)
+
+    def _personalize(self, last_round: int, adapter: GlobalAdapter) -> dict[str, Any] | None:
+        """final/clients/: every client's own final model — its personal model (a method with personal parts) or
+        `adapter`, the global adapter the run reports — fine-tuned for --personalize-epochs, scored and saved."""
+        s, epochs = self.s, self.s.config.personal.personalize_epochs
+        if self.global_model and epochs <= 0:
+            return None
+        if self.global_model:
+            plans = {c: ClientPlan(c, adapter) for c in self.client_ids}
+        else:
+            plans = {c: self.client_plan(last_round, c) for c in self.client_ids}
+        self.progress.log(
+            f"{len(plans)} clients: "
+            + (f"fine-tuning for {epochs:g} epoch{'' if epochs == 1 else 's'}, " if epochs > 0 else "")
+            + "their own final models"
+        )
+        outcomes = self.clients.personalize(last_round, plans, epochs)
+        return self._summary(outcomes, "personal") if s.splits is not None else None
 
     def evaluate_global(self) -> EvalResult:
         """The current global model (adapter and the strategy's base delta) on the dev split(s)."""
@@ -348,6 +432,9 @@ class RoundDriver:
         chosen = self.selection.chosen if s.config.select == "best" else None
         best = None
         reported, report_validation = self.metrics, self.validation
+        if not self.global_model:  # its clients keep parts of their models: no global model was scored
+            reported, report_validation = {}, None
+        report_adapter, report_round = exported, last_round
         if chosen is not None:
             row = next(r for r in history if r.round == chosen)
             adapter = exported
@@ -356,6 +443,7 @@ class RoundDriver:
                 s.strategy.load_state_dict(state_k)  # the run is over: its state only serves this export
                 adapter = s.strategy.export(global_k)
             best = (chosen, adapter)
+            report_adapter, report_round = adapter, chosen
             reported, report_validation = dict(row.eval or {}), row.validation
         selected = {"rule": s.config.select, "metric": self.selection.metric, "round": chosen or last_round,
                     "dev": reported, "validation": report_validation}  # fmt: skip
@@ -363,6 +451,16 @@ class RoundDriver:
                      majority=majority_metrics(s.task, s.data.evals))  # fmt: skip
         if self.stopped:
             extra["stopped"] = self.stopped
+        # per-client results: the reported round's evaluation, or (a personalised run) each client's final model
+        scored = next((r for r in history if r.round == report_round), None)
+        per_client = (scored.extra.get("per_client") if scored is not None else None) or None
+        personalised = self._personalize(last_round, report_adapter)
+        if personalised is not None:
+            if per_client is not None and per_client.get("model") == "global":
+                extra["per_client_global"] = per_client  # before --personalize-epochs
+            per_client = personalised
+        if per_client is not None:
+            extra["per_client"] = per_client
         final = s.recorder.finish(exported, reported, last_round, extra, best=best)
         tracker = as_tracker(self.progress)
         eval_metrics = {f"eval/{k}": v for k, v in reported.items() if isinstance(v, int | float)}
@@ -380,6 +478,7 @@ class RoundDriver:
             stopped=self.stopped or s.stopped,
             selected=selected,
             last=last,
+            per_client=per_client,
         )
 
 
@@ -395,4 +494,8 @@ def round_info(row: HistoryRow, task: GlueTask) -> str:
     """The short status of a finished round shown beside the progress bar (every engine)."""
     ev = row.eval or {}
     metric = f"{task.main_metric} {ev[task.main_metric]:.4f} · " if task.main_metric in ev else ""
-    return f"{metric}loss {row.train_loss:.4f} · agg err {row.aggregation['error']:.3f}"
+    clients = row.extra.get("per_client") or {}
+    if clients.get("n"):
+        metric += f"clients {clients['mean']:.4f} (worst 10 % {clients['worst10']:.4f}) · "
+    error = row.aggregation.get("error")
+    return f"{metric}loss {row.train_loss:.4f}" + (f" · agg err {error:.3f}" if error is not None else "")

@@ -19,7 +19,7 @@ def run_local(
 def local_rounds(driver: RoundDriver) -> None:
     """The rounds left, each client trained here in turn on the run's one model."""
     s = driver.s
-    index = dict(zip(s.shards.client_ids, s.shards.clients, strict=True))
+    index = s.train_indices  # each client's shard, less its local test split (--client-test-fraction)
     for round_no in driver.rounds_left:
         plan = driver.plan_round(round_no)
         reports = [
@@ -37,6 +37,7 @@ def local_rounds(driver: RoundDriver) -> None:
                 task=s.task if s.config.eval_clients else None,
                 eval_batch_size=s.config.eval_batch_size,
                 progress=driver.progress,
+                personal=driver.personal_state(plan.plans[cid]),
             )
             for cid in plan.selected
         ]

@@ -55,6 +55,8 @@ class Setup:
     start_round: int
     resume_hint: Callable[[Path], str]
     stopped: str | None = None  # why the run ends before --rounds (a privacy budget), if it does
+    # personal.split.ClientSplits: each shard's local train / local test (None: no local tests)
+    splits: Any = None
 
     @property
     def run_dir(self) -> Path:
@@ -62,7 +64,22 @@ class Setup:
 
     @property
     def client_sizes(self) -> dict[int, int]:
-        return dict(zip(self.shards.client_ids, self.shards.sizes, strict=True))
+        """Each client's training examples (its FedAvg weight): its shard, less its local test split."""
+        return {c: len(idx) for c, idx in self.train_indices.items()}
+
+    @property
+    def train_indices(self) -> dict[int, np.ndarray]:
+        """What each client trains on: its shard, less its local test split (--client-test-fraction)."""
+        if self.splits is None:
+            return dict(zip(self.shards.client_ids, self.shards.clients, strict=True))
+        return {c: self.splits.train(c) for c in self.shards.client_ids}
+
+    def client_split(self, client_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(local train, local test) of one client; no local test without --client-test-fraction."""
+        if self.splits is None:
+            idx = self.shards.clients[self.shards.client_ids.index(client_id)]
+            return idx, idx[:0]
+        return self.splits.train(client_id), self.splits.test(client_id)
 
 
 def prepare(
@@ -235,6 +252,7 @@ def _prepare(
     )
     validate_shards(shards, task.name, len(data.train), train_fingerprint=data.fingerprints["train"])
     check_holdout(shards, data, config)
+    splits = client_splits(shards, data, config)
     initial = strategy.initial(GlobalAdapter(model.state(), start_lora))  # from the seed, or --init-adapter
 
     record = run_record(
@@ -251,6 +269,7 @@ def _prepare(
             else str(path.resolve() / SHARDS_DIR),
             "client_sizes": dict(zip(map(str, shards.client_ids), shards.sizes, strict=True)),
             "client_ranks": {str(c): strategy.client_lora(c).r for c in shards.client_ids},
+            **({"client_test": splits.record()} if splits is not None else {}),
             "device": str(device),
             "precision": precision,
         },
@@ -278,7 +297,7 @@ def _prepare(
             progress.log(stopped)
             config = replace(config, rounds=max(last, start))
 
-    sizes = np.asarray(shards.sizes)
+    sizes = np.asarray(shards.sizes if splits is None else [len(splits.train(c)) for c in shards.client_ids])
     per_round = config.clients_in_round(len(shards.client_ids))
     steps = [
         max(1, round(config.train.epochs * steps_per_epoch(int(n), config.train.batch_size))) for n in sizes
@@ -297,6 +316,11 @@ def _prepare(
             else ""
         )
         + (f"; keeps the {config.select} round" if config.select == "best" else "")
+        + (
+            f"; {sum(len(s.test) for s in splits.splits.values()):,} examples held out as the clients' local tests"
+            if splits is not None
+            else ""
+        )
         + (f"; resuming after round {start}" if start else "")
     )
     return Setup(
@@ -313,7 +337,20 @@ def _prepare(
         start_round=start,
         resume_hint=resume_hint or cli_resume_hint,
         stopped=stopped,
+        splits=splits,
     )
+
+
+def client_splits(shards: Any, data: TaskData, config: RoundsConfig) -> Any:
+    """Each shard's local train / local test split (--client-test-fraction; None when 0), before any training."""
+    from fedlora_cli.personal.split import split_clients
+
+    fraction = config.personal.client_test_fraction
+    if fraction <= 0:
+        return None
+    task = config.data.glue_task
+    return split_clients(shards.client_ids, shards.clients, data.train.labels, fraction, config.train.seed,
+                         regression=task.is_regression)  # fmt: skip
 
 
 def _largest(strategy: Strategy, client_ids: list[int]) -> LoraSpec:

@@ -9,7 +9,16 @@ node-local files are:
 - `shard-manifest='/abs/client_3.json'`: that manifest (client id from the file name, or `client-id`);
 - `client-id=3` (with the run config's `shards`, or a node-local `shards='/abs/folder'`);
 - `data-dir`, `model`, `device`: node-local replacements for the run config's `data.data-dir`,
-  `model.name` and `model.device`.
+  `model.name` and `model.device`;
+- `personal-dir='/abs/folder'`: where the client saves its own final model (a personalised run,
+  `<personal-dir>/client_NNN/adapter`); without it, into the run folder when that folder is on this
+  machine (the simulation), else nowhere.
+
+Personalised runs (a method whose clients keep parts of the adapter, --client-test-fraction,
+--personalize-epochs): the node trains on its shard less its local test split (carved as the server
+carves it), keeps its personal parts in `Context.state` after each turn (one record per turn it may still
+continue from) and never sends them; `evaluate.personal` scores its own model on its local test split, and
+`train.personalize` makes its final model (fine-tuned, scored, saved), replying with metrics only.
 
 The base model and the tokenized data are built once per process and kept: a Ray actor in simulation
 serves many rounds, and so does `fedlora clientapp` (worker.py) beside a SuperNode. Flower's own
@@ -75,12 +84,15 @@ def train(msg: Message, context: Context) -> Message:
         deadline.check()  # a message that waited past its round (a busy node, a queue): no work at all
         worker = _worker(config, plan.adapter.lora)
         worker.check(shard)
+        train_indices, _ = _split(config, shard, worker)
         report = train_client(
-            worker.model, worker.data, shard.indices, plan, config.train, round_no=round_no, rounds=config.rounds,
+            worker.model, worker.data, train_indices, plan, config.train, round_no=round_no, rounds=config.rounds,
             run_seed=config.train.seed, device=worker.device, precision=worker.precision,
             task=worker.task if config.eval_clients else None, eval_batch_size=config.eval_batch_size,
-            progress=deadline,
+            progress=deadline, personal=stored_personal(context, plan),
         )  # fmt: skip
+        if report.personal is not None:  # kept here, never sent
+            keep_personal(context, round_no, report.personal, since=plan.personal_round)
         content = RecordDict({
             ARRAYS: codec.state_to_arrays(report.state),
             METRICS: MetricRecord({"num-examples": report.examples, "train-loss": float(report.train["loss"])}),
@@ -110,6 +122,139 @@ def evaluate(msg: Message, context: Context) -> Message:
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return _answer(msg, answer)
+
+
+@app.evaluate("personal")
+def evaluate_personal(msg: Message, context: Context) -> Message:
+    """Score this client's own model (the shared parts received, its personal parts) on its local test split."""
+
+    def answer() -> Message:
+        from fedlora_cli.federation.personal import evaluate_client
+
+        config, shard, plan, round_no = _personal_message(msg, context)
+        worker = _worker(config, plan.adapter.lora)
+        worker.check(shard)
+        _, test = _split(config, shard, worker)
+        metrics: dict[str, float] = {}
+        if len(test):
+            metrics = evaluate_client(
+                worker.model,
+                worker.data,
+                test,
+                plan,
+                stored_personal(context, plan),
+                worker.task,
+                batch_size=config.eval_batch_size,
+                device=worker.device,
+                precision=worker.precision,
+            )
+        return _metrics_reply(msg, shard.client_id, metrics, "")
+
+    return _answer(msg, answer)
+
+
+@app.train("personalize")
+def personalize(msg: Message, context: Context) -> Message:
+    """This client's final model: its own (or the final global adapter) fine-tuned for --personalize-epochs on its
+    local training split, scored on its local test split, and saved on this machine; only the metrics go back."""
+
+    def answer() -> Message:
+        from fedlora_cli.federation.personal import client_meta, personalize_client, save_client_adapter
+
+        config, shard, plan, round_no = _personal_message(msg, context)
+        meta = msg.content.config_records[CONFIG]
+        epochs = float(meta.get("personalize-epochs", 0.0))
+        deadline = Deadline.of(msg, config, round_no)
+        worker = _worker(config, plan.adapter.lora)
+        worker.check(shard)
+        train_indices, test = _split(config, shard, worker)
+        state, metrics = personalize_client(
+            worker.model,
+            worker.data,
+            train_indices,
+            test,
+            plan,
+            stored_personal(context, plan),
+            config.train,
+            epochs,
+            run_seed=config.train.seed,
+            task=worker.task,
+            batch_size=config.eval_batch_size,
+            device=worker.device,
+            precision=worker.precision,
+            progress=deadline,
+        )
+        folder = _personal_folder(context.node_config, str(meta.get("save-to", "")), shard.client_id)
+        if folder is not None:
+            save_client_adapter(
+                folder,
+                state,
+                plan.adapter.lora,
+                base_model=config.model.resolved,
+                meta=client_meta(worker.task, config, round_no),
+                client_id=shard.client_id,
+            )
+        return _metrics_reply(msg, shard.client_id, metrics, str(folder or ""))
+
+    return _answer(msg, answer)
+
+
+def _personal_message(msg: Message, context: Context) -> tuple[RoundsConfig, Shard, Any, int]:
+    config = node_config(settings(msg), context.node_config)
+    shard = read_shard(config, context.node_config)
+    try:
+        plan = codec.plan_from_content(msg.content)
+        round_no = int(msg.content.config_records[CONFIG]["server-round"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise InputError(f"malformed {msg.metadata.message_type} message ({e})") from None
+    if plan.client_id != shard.client_id:
+        raise InputError(f"this node serves client {shard.client_id}, not client {plan.client_id}")
+    return config, shard, plan, round_no
+
+
+def _metrics_reply(msg: Message, client_id: int, metrics: Mapping[str, float], saved: str) -> Message:
+    content = RecordDict(
+        {
+            METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
+            REPORT: ConfigRecord({"client-id": client_id, "saved": saved}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _personal_folder(node: Mapping[str, Any], save_to: str, client_id: int) -> Path | None:
+    """Where this client's final model goes: `personal-dir` of the node config, else the run's final/clients/
+    when the run folder is on this machine (the simulation); None: it is not saved (only its metrics go back)."""
+    from fedlora_cli.ownership import RUN_RECORD
+
+    if node.get("personal-dir"):
+        return Path(str(node["personal-dir"])).expanduser() / f"client_{client_id:03d}" / "adapter"
+    if save_to and (Path(save_to).parents[1] / RUN_RECORD).is_file():
+        return Path(save_to) / f"client_{client_id:03d}" / "adapter"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# this client's personal parts, in its Context.state (never sent)
+
+PERSONAL_RECORD = "fedlora.personal."  # + the round of the turn that left them
+
+
+def keep_personal(context: Context, round_no: int, state: Mapping[str, Any], *, since: int) -> None:
+    """Keep the personal parts this turn left; forget those of turns before `since` (the turn this one continued
+    from: the server never names an older one again). A turn the server refused stays until a later one counts."""
+    for name in list(context.state.array_records):
+        if name.startswith(PERSONAL_RECORD) and int(name.removeprefix(PERSONAL_RECORD)) < since:
+            del context.state[name]
+    context.state[f"{PERSONAL_RECORD}{round_no}"] = codec.state_to_arrays(state)
+
+
+def stored_personal(context: Context, plan: Any) -> dict[str, Any] | None:
+    """The personal parts the plan continues from (None: its first turn, or a plan without personal parts)."""
+    if not plan.personal or not plan.personal_round:
+        return None
+    record = context.state.array_records.get(f"{PERSONAL_RECORD}{plan.personal_round}")
+    return codec.arrays_to_state(record) if record is not None else None
 
 
 class Deadline(NullProgress):
@@ -260,6 +405,30 @@ def _int(name: str, value: Any) -> int:
 
 # ---------------------------------------------------------------------------------------------------
 # the model and data, built once per process
+
+
+_SPLITS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _split(config: RoundsConfig, shard: Shard, worker: _Worker) -> tuple[np.ndarray, np.ndarray]:
+    """(local train, local test) of this node's shard, carved as the server carves it (--client-test-fraction)."""
+    fraction = config.personal.client_test_fraction
+    if fraction <= 0:
+        return shard.indices, shard.indices[:0]
+    key = (shard.client_id, shard.fingerprint, fraction, config.train.seed)
+    if key not in _SPLITS:
+        from fedlora_cli.personal.split import split_client
+
+        split = split_client(
+            shard.client_id,
+            shard.indices,
+            worker.data.train.labels,
+            fraction,
+            config.train.seed,
+            regression=worker.task.is_regression,
+        )
+        _SPLITS[key] = (split.train, split.test)
+    return _SPLITS[key]
 
 
 @dataclass

@@ -35,6 +35,7 @@ METRICS = "metrics"  # MetricRecord: num-examples (the FedAvg weight) and the tr
 REPORT = "report"  # ConfigRecord: the rest of a client's report (report_to_config)
 IDENTITY = "identity"  # ConfigRecord: a QUERY answer, the client a node serves
 BASE_DELTA = "base-delta"  # ArrayRecord: a plan's frozen base delta, "<module>|P" and "<module>|Q"
+PERSONAL_START = "personal-start"  # ArrayRecord: the initial values of a plan's personal parts (first turn)
 
 # ---------------------------------------------------------------------------------------------------
 # RoundsConfig <-> run config
@@ -359,15 +360,22 @@ def report_from_config(record: Mapping[str, Any]) -> dict[str, Any]:
 # a client's plan (strategies.base.ClientPlan) <-> the content of a TRAIN message
 
 
-def plan_to_content(plan: Any, round_no: int, run_config: ConfigRecord) -> RecordDict:
-    """Everything a client needs for its turn: the adapter, its shape, what trains, the base delta."""
+def plan_to_content(
+    plan: Any, round_no: int, run_config: ConfigRecord, extra: Mapping[str, Any] | None = None
+) -> RecordDict:
+    """Everything a client needs for its turn: the adapter (its shared parts), its shape, what trains, the base
+    delta, and which of its own turns its personal parts continue from (their initial values for its first).
+    `extra`: more CONFIG fields (a final turn's epochs)."""
     meta = ConfigRecord({"server-round": round_no, "client-id": plan.client_id, **lora_to_config(plan.adapter.lora),
                          "train-parts": sorted(plan.train), "prox-mu": float(plan.prox_mu),
                          "base-delta-key": plan.base_delta_key,
                          "clip-norm": "" if plan.clip_norm is None else float(plan.clip_norm),
                          "clip-space": plan.clip_space, "tail-penalty": float(plan.tail_penalty),
-                         "tail-from": int(plan.tail_from)})  # fmt: skip
+                         "tail-from": int(plan.tail_from), "personal-parts": sorted(plan.personal),
+                         "personal-round": int(plan.personal_round), **(extra or {})})  # fmt: skip
     content = RecordDict({ARRAYS: state_to_arrays(plan.adapter.state), CONFIG: meta, RUN_CONFIG: run_config})
+    if plan.personal_start:
+        content[PERSONAL_START] = state_to_arrays(plan.personal_start)
     if plan.base_delta:
         delta = {}
         for prefix, (p, q) in plan.base_delta.items():
@@ -383,8 +391,12 @@ def plan_from_content(content: RecordDict) -> Any:
     meta = content.config_records[CONFIG]
     lora = lora_from_config(meta)
     parts = frozenset(str(p) for p in meta.get("train-parts", list(PARTS)))
-    if not parts <= set(PARTS):
-        raise ValueError(f"unknown train-parts {sorted(parts - set(PARTS))}")
+    personal = frozenset(str(p) for p in meta.get("personal-parts", []))
+    if not parts | personal <= set(PARTS):
+        raise ValueError(f"unknown parts {sorted((parts | personal) - set(PARTS))}")
+    start = {}
+    if PERSONAL_START in content.array_records:
+        start = arrays_to_state(content.array_records[PERSONAL_START])
     delta: dict[str, Any] = {}
     if BASE_DELTA in content.array_records:
         flat = arrays_to_state(content.array_records[BASE_DELTA])
@@ -397,7 +409,8 @@ def plan_from_content(content: RecordDict) -> Any:
     return ClientPlan(int(meta["client-id"]), adapter, parts, float(meta.get("prox-mu", 0.0)), delta,
                       str(meta.get("base-delta-key", "")), None if clip == "" else float(clip),
                       str(meta.get("clip-space", "factors")), float(meta.get("tail-penalty", 0.0)),
-                      int(meta.get("tail-from", 0)))  # fmt: skip
+                      int(meta.get("tail-from", 0)), personal, int(meta.get("personal-round", 0)),
+                      start)  # fmt: skip
 
 
 if __name__ == "__main__":  # python -m fedlora_cli.flower.codec: the run-config block of pyproject.toml

@@ -199,6 +199,9 @@ def result_to_json(result: Any) -> dict[str, Any]:
         "clients": result.clients,
         "main_metric": result.main_metric,
         "stopped": result.stopped,
+        "selected": result.selected,
+        "last": result.last,
+        "per_client": result.per_client,
     }
 
 
@@ -215,6 +218,9 @@ def result_from_json(data: dict[str, Any]) -> Any:
         clients=int(data["clients"]),
         main_metric=data["main_metric"],
         stopped=data.get("stopped"),
+        selected=data.get("selected"),
+        last=data.get("last"),
+        per_client=data.get("per_client"),
     )
 
 

@@ -117,6 +117,9 @@ def run_server(
         """Find which node serves which client, then let Flower's `Strategy.start` carry the rounds left."""
         nodes = identify_clients(grid, driver.s.shards, driver.s.config, progress)
         strategy = FedloraStrategy(driver, nodes)
+        driver.clients = FlowerClients(
+            strategy, grid
+        )  # a client's own model is scored and finished on its node
         remaining = driver.rounds_to_run
         # --round-timeout None: wait for every reply (PollingGrid takes None, though Flower's type says float)
         timeout: Any = config.round_timeout
@@ -338,7 +341,11 @@ class FedloraStrategy(Strategy):
                 reports.append(report)
         row = self.driver.close_round(r.plan, reports, failed, bytes_down=r.bytes_down)
         self.round = None
-        summary = {"train-loss": float(row.train_loss), "aggregation-error": float(row.aggregation["error"])}
+        summary = {"train-loss": float(row.train_loss)}
+        if (
+            row.aggregation.get("error") is not None
+        ):  # none for a method whose clients keep parts (fedsa, local)
+            summary["aggregation-error"] = float(row.aggregation["error"])
         return self.global_arrays(), MetricRecord(summary)
 
     def _report(self, client_id: int, msg: Message) -> ClientReport | str:
@@ -372,6 +379,78 @@ class FedloraStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+class FlowerClients:
+    """What only a client can do with its personal parts (federation.personal.ClientRunner), on its SuperNode: score
+    its own model on its local test split (`evaluate.personal`), make its final model (`train.personalize`: it is
+    saved on the node's machine). Each message carries the shared parts and the round its personal parts continue
+    from; each reply carries metrics only. A node that fails or does not reply within --round-timeout is a
+    failure with its reason; a node still busy with a timed-out round gets no message."""
+
+    def __init__(self, strategy: FedloraStrategy, grid: Grid) -> None:
+        self.strategy = strategy
+        self.grid = grid
+
+    def evaluate(self, round_no: int, plans: Any) -> dict[int, Any]:
+        return self._ask(round_no, plans, f"{MessageType.EVALUATE}.personal", {})
+
+    def personalize(self, rounds: int, plans: Any, epochs: float) -> dict[int, Any]:
+        from fedlora_cli.federation.personal import CLIENTS_DIR
+
+        save_to = str(self.strategy.driver.s.recorder.tree.final_dir / CLIENTS_DIR)
+        extra = {"personalize-epochs": float(epochs), "save-to": save_to}
+        return self._ask(rounds, plans, f"{MessageType.TRAIN}.personalize", extra)
+
+    def _ask(self, round_no: int, plans: Any, message_type: str, extra: dict[str, Any]) -> dict[int, Any]:
+        strategy, config = self.strategy, self.strategy.driver.s.config
+        strategy._free_nodes(self.grid)
+        run_config = codec.run_config_record(config)
+        out: dict[int, Any] = {}
+        sent: dict[int, int] = {}
+        messages = []
+        for cid, plan in sorted(plans.items()):
+            node = strategy.nodes.get(cid)
+            if node is None or node in strategy.busy:
+                out[cid] = (
+                    "no SuperNode serves this client" if node is None else "still busy with a timed-out round"
+                )
+                continue
+            content = codec.plan_to_content(plan, round_no, run_config, extra)
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node,
+                    message_type=message_type,
+                    group_id=f"{round_no}.{message_type}",
+                )
+            )
+            sent[node] = cid
+        replies = self.grid.send_and_receive(messages, timeout=config.round_timeout) if messages else []
+        ok, failed = sort_replies(sent, replies, config.round_timeout)
+        for f in failed:
+            out[f["client"]] = f["reason"]
+        for cid, msg in ok:
+            out[cid] = _metrics_of(cid, msg)
+        return out
+
+
+def _metrics_of(client_id: int, msg: Message) -> dict[str, float] | str:
+    """A client's metrics from its reply, or why they cannot be read (an untrusted reply: numbers only)."""
+    try:
+        report = msg.content.config_records[REPORT]
+        metrics = msg.content.metric_records[codec.METRICS]
+        cid = codec.whole(report, "client-id", 0, codec.MAX_EXAMPLES)
+    except (KeyError, ValueError, TypeError) as e:
+        return f"malformed reply ({e})"
+    if cid != client_id:
+        return f"the reply is for client {cid}"
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if type(value) not in (int, float):
+            return f"its metric {key} is not a number"
+        out[str(key)] = float(value)
+    return out
 
 
 def _late_nodes(grid: Grid, known: dict[int, int], shards: Any, config: RoundsConfig) -> dict[int, int]:

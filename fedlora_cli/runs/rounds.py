@@ -195,9 +195,12 @@ class RoundRecorder:
                 "round": round_no, **extra}  # fmt: skip
 
     def save_client(self, round_no: int, report: ClientReport) -> int:
+        """The update a client sent (its metrics only when it sent nothing: `--aggregation local`)."""
         folder = self.tree.client_dir(round_no, report.client_id)
-        size = save_adapter(folder / ADAPTER_DIR, report.state, report.lora, base_model=self.base_model,
-                            meta=self._meta("client", round_no, client=report.client_id, examples=report.examples))  # fmt: skip
+        size = 0
+        if report.state:
+            size = save_adapter(folder / ADAPTER_DIR, report.state, report.lora, base_model=self.base_model,
+                                meta=self._meta("client", round_no, client=report.client_id, examples=report.examples))  # fmt: skip
         atomic.write_json(folder / METRICS, report.summary())
         return size
 

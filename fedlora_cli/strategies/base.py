@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -64,12 +64,21 @@ class ClientPlan:
     # HetLoRA's rank regulariser: λ·Σ_modules ‖B[:, k:]‖_F·‖A[k:, :]‖_F added to the loss (k = tail_from)
     tail_penalty: float = 0.0
     tail_from: int = 0
+    # Personal parts (a method whose clients keep parts of the adapter, e.g. FedSA-LoRA's B and head): they are
+    # not in `adapter` (what is sent holds the shared parts only) and the client reports them to no one; it
+    # starts from its own, as they were after its turn in round `personal_round`, or from `personal_start`, the
+    # run's initial values of those parts (the same for every client), sent for its first turn only.
+    personal: frozenset[str] = frozenset()
+    personal_round: int = 0  # the round of the client's last counted turn (0: it has none yet)
+    personal_start: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_bytes(self) -> int:
-        """What the server sends: the adapter and the factors of the base delta."""
-        return self.adapter.num_bytes + sum(
-            state_bytes({"p": p, "q": q}) for p, q in self.base_delta.values()
+        """What the server sends: the adapter, the factors of the base delta, a first turn's personal start."""
+        return (
+            self.adapter.num_bytes
+            + sum(state_bytes({"p": p, "q": q}) for p, q in self.base_delta.values())
+            + state_bytes(self.personal_start)
         )
 
 
@@ -86,6 +95,9 @@ class ClientReport:
     train: dict[str, Any]
     eval: dict[str, float] | None = None
     wire_bytes: int | None = None  # size of the record that actually carried the state (Flower), if known
+    # The plan's personal parts after the turn: kept by the client (engine local: the run tree; Flower: the
+    # ClientApp's Context.state), never sent (`state` holds only the shared parts), never aggregated.
+    personal: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_bytes(self) -> int:
@@ -174,16 +186,25 @@ class Strategy:
 
     # --- the hooks -------------------------------------------------------------------------------
 
+    @property
+    def personal_parts(self) -> frozenset[str]:
+        """The parts each client keeps as its own (the registry's `Method.personal`); empty: a global method."""
+        from fedlora_cli.strategies.registry import METHODS
+
+        method = METHODS.get(self.name)
+        return frozenset(method.personal) if method is not None else frozenset()
+
     def initial(self, adapter: GlobalAdapter) -> GlobalAdapter:
         """Round 1's broadcast, from the fresh (seeded) or --init-adapter adapter. Default: as it is;
         each client gets it at its own rank (`plan`)."""
         return adapter
 
     def plan(self, round_no: int, client_id: int, current: GlobalAdapter) -> ClientPlan:
-        """Default: the global adapter at the client's rank, everything trains."""
+        """Default: the global adapter at the client's rank, everything trains; the personal parts are not sent."""
         lora = self.client_lora(client_id)
-        return ClientPlan(client_id, fit(current, lora.r, lora.scaling, lora), prox_mu=self.spec.prox_mu,
+        plan = ClientPlan(client_id, fit(current, lora.r, lora.scaling, lora), prox_mu=self.spec.prox_mu,
                           base_delta=self.base_delta(), base_delta_key=self.base_delta_key())  # fmt: skip
+        return keep_personal(plan, self.personal_parts)
 
     def aggregate(
         self,
@@ -228,6 +249,23 @@ class Strategy:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         if state:
             raise ValueError(f"{self.name} keeps no server state, but the run has {sorted(state)[:3]}")
+
+
+def split_parts(
+    state: Mapping[str, torch.Tensor], personal: frozenset[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(shared, personal) halves of an adapter state: the keys of the `personal` parts and the others."""
+    shared = {k: v for k, v in state.items() if part_of(k) not in personal}
+    own = {k: v for k, v in state.items() if part_of(k) in personal}
+    return shared, own
+
+
+def keep_personal(plan: ClientPlan, personal: frozenset[str]) -> ClientPlan:
+    """`plan` with the `personal` parts taken out of what is sent (and marked as the client's own)."""
+    if not personal:
+        return plan
+    shared, _ = split_parts(plan.adapter.state, personal)
+    return replace(plan, adapter=GlobalAdapter(shared, plan.adapter.lora), personal=frozenset(personal))
 
 
 def fit(adapter: GlobalAdapter, rank: int, scaling: float, lora: LoraSpec | None = None) -> GlobalAdapter:

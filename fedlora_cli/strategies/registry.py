@@ -94,6 +94,10 @@ class Method:
     # Recommended values of other options (config paths: {"lora.alpha": 64.0}), applied by the CLI only where
     # the user gave none, said in the run header and recorded; each is measured (docs: methods, results).
     defaults: Any = None
+    # The parts of the adapter each client keeps as its own ("A", "B", "head"): never sent, never averaged, kept
+    # per client between its turns (engine local: in the run tree; Flower: the ClientApp's Context.state). A
+    # method with personal parts has no global model: each client ends with its own (final/clients/).
+    personal: tuple[str, ...] = ()
 
 
 METHODS: dict[str, Method] = {
@@ -117,6 +121,16 @@ METHODS: dict[str, Method] = {
         Method("rolora", "fedlora_cli.strategies.rolora:RoloraStrategy",
                "RoLoRA: rounds alternate training B and A (the other frozen); every average is exact",
                label="RoLoRA", one_factor=True, merge="it alternates factors over rounds; merge with svd, naive, exact or ffa"),
+        Method("fedsa", "fedlora_cli.strategies.fedsa:FedsaStrategy",
+               "FedSA-LoRA: A shared and averaged (A = Σ w_i A_i), B and the head kept by each client; personalised",
+               label="FedSA-LoRA: shared A, personal B and head", personal=("B", "head"),
+               merge="its clients keep B and the head: there is no one adapter to merge",
+               defaults={"personal.client_test_fraction": 0.2}),
+        Method("local", "fedlora_cli.strategies.local_only:LocalStrategy",
+               "no federation: each client trains its own adapter alone, for the same rounds × local epochs",
+               label="local-only training, the lower bound", personal=("A", "B", "head"),
+               merge="nothing is shared: each client has its own adapter",
+               defaults={"personal.client_test_fraction": 0.2}),
     )
 }  # fmt: skip
 
