@@ -14,7 +14,7 @@ from fedlora_cli.modeling import LoraModel
 from fedlora_cli.progress import Progress
 from fedlora_cli.strategies.base import ClientPlan, ClientReport
 from fedlora_cli.tasks import GlueTask
-from fedlora_cli.training import train_model
+from fedlora_cli.training import TrainResult, planned_steps, schedule_window, train_model
 
 
 def train_client(
@@ -31,11 +31,13 @@ def train_client(
     task: GlueTask | None = None,
     eval_batch_size: int = 64,
     progress: Progress | None = None,
+    rounds: int | None = None,
 ) -> ClientReport:
     """One client's turn: load the plan (adapter, frozen parts, base delta), train on its shard, report.
 
     The base model is never reloaded: only the adapter state (and a method's base delta) moves in and
-    out. Pass `task` to also evaluate the client's adapter on the dev split(s).
+    out. Pass `task` to also evaluate the client's adapter on the dev split(s), and the run's `rounds` for
+    a learning-rate schedule over all rounds (`--lr-schedule global-*`: this turn is round_no's slice).
     """
     model.apply_plan(plan)
     seed = derive_seed(run_seed, round_no, plan.client_id)
@@ -51,7 +53,44 @@ def train_client(
         progress_key="client",
         prox_mu=plan.prox_mu,
         description=f"round {round_no} · client {plan.client_id}",
+        window=client_window(train_spec, round_no, rounds, len(indices)),
     )
+    return client_report(
+        model,
+        data,
+        plan,
+        result,
+        seed,
+        task=task,
+        eval_batch_size=eval_batch_size,
+        device=device,
+        precision=precision,
+    )
+
+
+def client_window(
+    spec: TrainSpec, round_no: int, rounds: int | None, examples: int
+) -> tuple[int, int] | None:
+    """Where this client's turn sits in a schedule over all rounds (None: a schedule of its own)."""
+    if rounds is None:
+        return None
+    return schedule_window(spec.lr_schedule, round_no, rounds, planned_steps(examples, spec))
+
+
+def client_report(
+    model: LoraModel,
+    data: TaskData,
+    plan: ClientPlan,
+    result: TrainResult,
+    seed: int,
+    *,
+    task: GlueTask | None,
+    eval_batch_size: int,
+    device: torch.device,
+    precision: str,
+) -> ClientReport:
+    """What a client sends back once its adapter (trained as `result` says) is the model's active one:
+    its state (clipped to the plan's norm under client-side DP), statistics and, with `task`, evaluation."""
     evaluation = None
     if task is not None:
         evaluation = evaluate(model.module, task, data.evals, eval_batch_size, device, precision).metrics

@@ -79,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
             worker.model, worker.data, shard.indices, plan, config.train, round_no=round_no,
             run_seed=config.train.seed, device=worker.device, precision=worker.precision,
             task=worker.task if config.eval_clients else None, eval_batch_size=config.eval_batch_size,
-            progress=deadline,
+            progress=deadline, rounds=config.rounds,
         )  # fmt: skip
         content = RecordDict({
             ARRAYS: codec.state_to_arrays(report.state),
