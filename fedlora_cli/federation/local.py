@@ -28,9 +28,16 @@ def local_rounds(driver: RoundDriver) -> None:
         estimate = estimate_memory(s.model, s.data, config.train, at_once, s.device, s.precision)
         driver.progress.log(estimate.describe(at_once))
         check_memory(estimate, at_once)
-    common = dict(round_no=0, run_seed=config.train.seed, device=s.device, precision=s.precision,
-                  task=s.task if config.eval_clients else None, eval_batch_size=config.eval_batch_size,
-                  progress=driver.progress, rounds=config.rounds)  # fmt: skip
+    common = dict(
+        round_no=0,
+        run_seed=config.train.seed,
+        device=s.device,
+        precision=s.precision,
+        task=s.task if config.eval_clients else None,
+        eval_batch_size=config.eval_batch_size,
+        progress=driver.progress,
+        rounds=config.rounds,
+    )
     for round_no in driver.rounds_left:
         plan = driver.plan_round(round_no)
         common["round_no"] = round_no

@@ -81,8 +81,16 @@ def train_clients_at_once(
 
     A group of one is `train_client` itself.
     """
-    kwargs = dict(round_no=round_no, run_seed=run_seed, device=device, precision=precision, task=task,
-                  eval_batch_size=eval_batch_size, progress=progress, rounds=rounds)  # fmt: skip
+    kwargs = dict(
+        round_no=round_no,
+        run_seed=run_seed,
+        device=device,
+        precision=precision,
+        task=task,
+        eval_batch_size=eval_batch_size,
+        progress=progress,
+        rounds=rounds,
+    )
     if len(members) == 1:
         indices, plan = members[0]
         return [train_client(model, data, indices, plan, train_spec, **kwargs)]
@@ -91,15 +99,36 @@ def train_clients_at_once(
         raise ValueError(
             f"clients trained at once share one frozen base, but their base deltas differ: {keys}"
         )
-    group = _Group(model, data, members, train_spec, round_no=round_no, run_seed=run_seed, rounds=rounds,
-                   device=device, precision=precision, progress=progress or NullProgress())  # fmt: skip
+    group = _Group(
+        model,
+        data,
+        members,
+        train_spec,
+        round_no=round_no,
+        run_seed=run_seed,
+        rounds=rounds,
+        device=device,
+        precision=precision,
+        progress=progress or NullProgress(),
+    )
     results = group.train()
     reports = []
     for (_, plan), client, result in zip(members, group.clients, results, strict=True):
         model.apply_plan(plan)  # its slot, its start state and base delta; then what it trained
         stacked_lora.put(model.module, model.peft.active_adapter, client.adapter)
-        reports.append(client_report(model, data, plan, result, client.seed, task=task,
-                                     eval_batch_size=eval_batch_size, device=device, precision=precision))  # fmt: skip
+        reports.append(
+            client_report(
+                model,
+                data,
+                plan,
+                result,
+                client.seed,
+                task=task,
+                eval_batch_size=eval_batch_size,
+                device=device,
+                precision=precision,
+            )
+        )
     return reports
 
 
@@ -160,8 +189,14 @@ class _Group:
             model.apply_plan(plan)  # the first sets the (shared) base delta; each its own adapter slot
             adapter = stacked_lora.take(model.module, model.peft.active_adapter, plan.train)
             total = planned_steps(len(indices), spec)
-            client = _Client(plan, indices, derive_seed(run_seed, round_no, plan.client_id), total,
-                             steps_per_epoch(len(indices), spec.batch_size), adapter)  # fmt: skip
+            client = _Client(
+                plan,
+                indices,
+                derive_seed(run_seed, round_no, plan.client_id),
+                total,
+                steps_per_epoch(len(indices), spec.batch_size),
+                adapter,
+            )
             client.window = client_window(spec, round_no, rounds, len(indices))
             self.clients.append(client)
         self.stack = stacked_lora.Stack(
@@ -185,8 +220,9 @@ class _Group:
             c.optimizer, lambda step, o=offset, s=span, w=warmup: lr_factor(shape, o + step, s, w)
         )
         c.lr_first = c.lr_last = c.scheduler.get_last_lr()[0]
-        c.batches = batch_stream(self.data.train.lengths, c.indices, self.spec, np.random.default_rng(c.seed),
-                                 c.total)  # fmt: skip
+        c.batches = batch_stream(
+            self.data.train.lengths, c.indices, self.spec, np.random.default_rng(c.seed), c.total
+        )
         c.losses = torch.zeros(c.total, dtype=torch.float32)
 
     def train(self) -> list[TrainResult]:
@@ -213,27 +249,44 @@ class _Group:
                 progress.advance(
                     "client", 1, info=f"loss {sum(values) / len(values):.4f} · {len(active)} at once"
                 )
-                tracker.log_metrics(step, {"train/loss": sum(values) / len(values),
-                                           "train/learning_rate": active[0].scheduler.get_last_lr()[0]})  # fmt: skip
+                tracker.log_metrics(
+                    step,
+                    {
+                        "train/loss": sum(values) / len(values),
+                        "train/learning_rate": active[0].scheduler.get_last_lr()[0],
+                    },
+                )
                 for c in active:
                     if c.total > c.per_epoch and (c.step % c.per_epoch == 0 or c.step == c.total):
                         epoch = math.ceil(c.step / c.per_epoch)
                         done = c.losses[(epoch - 1) * c.per_epoch : c.step]
-                        progress.log(f"round {self.round_no} · {c.label}: epoch {epoch}/"
-                                     f"{math.ceil(c.total / c.per_epoch)} · loss {float(done.mean()):.4f} · "
-                                     f"{now - start:.1f} s")  # fmt: skip
+                        progress.log(
+                            f"round {self.round_no} · {c.label}: epoch {epoch}/"
+                            f"{math.ceil(c.total / c.per_epoch)} · loss {float(done.mean()):.4f} · "
+                            f"{now - start:.1f} s"
+                        )
             progress.stop("client")
             hf.eval()
         peak = cuda_memory.stop()["cuda_peak_mb"]
         results = []
         for c in self.clients:
             tail = c.losses[-min(c.per_epoch, c.total) :]
-            results.append(TrainResult(
-                loss=float(c.losses.mean()), last_loss=float(tail.mean()), steps=c.total, examples=len(c.indices),
-                samples_seen=c.samples, seconds=c.seconds, real_tokens=c.real, padded_tokens=c.padded,
-                precision=self.precision, order_digest=c.order.hexdigest()[:16], peak_memory_mb=peak,
-                lr_range=(c.lr_first, c.lr_last),
-            ))  # fmt: skip
+            results.append(
+                TrainResult(
+                    loss=float(c.losses.mean()),
+                    last_loss=float(tail.mean()),
+                    steps=c.total,
+                    examples=len(c.indices),
+                    samples_seen=c.samples,
+                    seconds=c.seconds,
+                    real_tokens=c.real,
+                    padded_tokens=c.padded,
+                    precision=self.precision,
+                    order_digest=c.order.hexdigest()[:16],
+                    peak_memory_mb=peak,
+                    lr_range=(c.lr_first, c.lr_last),
+                )
+            )
         return results
 
     def _step(self, active: list[_Client]) -> list[float]:
@@ -283,10 +336,8 @@ class _Group:
         if prox:
             sum(prox).backward()
         for c in active:
-            if self.spec.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    c.params, self.spec.max_grad_norm
-                )  # its own norm, not the stack's
+            if self.spec.max_grad_norm > 0:  # its own norm, not the stack's
+                torch.nn.utils.clip_grad_norm_(c.params, self.spec.max_grad_norm)
             c.lr_last = c.scheduler.get_last_lr()[0]
             c.optimizer.step()
             c.scheduler.step()
@@ -344,8 +395,10 @@ class MemoryEstimate:
         have = (
             f"; {self.available_mb:,.0f} MB {self.where} available" if self.available_mb is not None else ""
         )
-        return (f"clients at once: {k} · a pass holds up to {self.rows} rows × {self.width} tokens: about "
-                f"{self.total_mb:,.0f} MB of activations ({self.per_row_mb:,.1f} MB a row, measured){have}")  # fmt: skip
+        return (
+            f"clients at once: {k} · a pass holds up to {self.rows} rows × {self.width} tokens: about "
+            f"{self.total_mb:,.0f} MB of activations ({self.per_row_mb:,.1f} MB a row, measured){have}"
+        )
 
 
 def estimate_memory(
