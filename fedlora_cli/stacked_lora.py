@@ -144,8 +144,13 @@ class StackedLoraLinear(nn.Module):
             rows = x.reshape(g, -1, x.shape[-1])  # (K, rows·tokens, d_in): each client's rows together
             a = torch.stack([self.lora_A[s.client] for s in segs])  # (K, r, d_in)
             b = torch.stack([self.lora_B[s.client] for s in segs])  # (K, d_out, r)
-            scale = torch.tensor([self.scaling[s.client] for s in segs], device=x.device).view(g, 1, 1)
-            lora = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * scale.to(rows.dtype)
+            scalings = [self.scaling[s.client] for s in segs]
+            scale = (  # one number for every client (alpha_i = s·r_i), or one per client
+                scalings[0]
+                if len(set(scalings)) == 1
+                else torch.tensor(scalings, device=x.device, dtype=rows.dtype).view(g, 1, 1)
+            )
+            lora = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * scale
             lora = lora.reshape(*x.shape[:-1], -1)
         else:
             parts = [

@@ -311,3 +311,23 @@ def test_memory_estimate_grows_with_the_rows_of_a_pass_and_max_tokens_bounds_it(
     assert (two.rows, four.rows, bounded.rows) == (32, 64, 10)
     assert two.per_row_mb > 0 and four.total_mb > two.total_mb > bounded.total_mb
     assert four.total_mb == pytest.approx(four.fixed_mb + 64 * four.per_row_mb)
+
+
+def test_a_step_of_several_clients_is_passes_of_batches_of_similar_width():
+    """Every row once, each client's rows together within a pass, padding within PADDING_SLACK of what the
+    batches need alone, and --max-tokens caps every pass (a batch wider than it is split first)."""
+    from fedlora_cli.federation.stacked import PADDING_SLACK, plan_passes
+
+    lengths = np.array([10] * 16 + [40] * 16 + [11] * 16 + [38] * 16 + [15] * 16)
+    batches = [np.arange(0, 16), np.arange(16, 32), np.arange(32, 48), np.arange(48, 64), np.arange(64, 80)]
+    passes = plan_passes(batches, lengths, None)
+    # widest first; similar widths share a pass (40 with 38; 15, 11 and 10), 38 with 15 would not
+    assert [[j for j, _ in p] for p in passes] == [[1, 3], [4, 2, 0]]
+    for p in passes:
+        rows = np.concatenate([part for _, part in p])
+        assert len(rows) * lengths[rows].max() <= PADDING_SLACK * sum(len(x) * lengths[x].max() for _, x in p)
+    seen = np.sort(np.concatenate([part for p in passes for _, part in p]))
+    assert np.array_equal(seen, np.arange(80))
+    capped = plan_passes(batches, lengths, 400)
+    assert all(sum(len(x) for _, x in p) * max(lengths[x].max() for _, x in p) <= 400 for p in capped)
+    assert np.array_equal(np.sort(np.concatenate([x for p in capped for _, x in p])), np.arange(80))

@@ -290,38 +290,35 @@ class _Group:
         return results
 
     def _step(self, active: list[_Client]) -> list[float]:
-        """One optimizer step of every active client, over one concatenated batch (pass by pass)."""
+        """One optimizer step of every active client: their batches through the base together (`plan_passes`)."""
         t0 = time.perf_counter()
         lengths = self.data.train.lengths
         slots = [self.clients.index(c) for c in active]
         batches = [next(c.batches) for c in active]
-        rows = np.concatenate(batches)
-        owner = np.concatenate([np.full(len(b), j) for j, b in enumerate(batches)])
-        weight = np.concatenate([np.full(len(b), 1.0 / len(b)) for b in batches])  # each client's batch mean
         sums = torch.zeros(len(active), dtype=torch.float32, device=self.device)
         padded = np.zeros(len(active), dtype=np.int64)
-        for part in split_batch(np.arange(len(rows)), lengths[rows], self.spec.max_tokens):
-            who = owner[part]
+        for pass_ in plan_passes(batches, lengths, self.spec.max_tokens):
             segments, start = [], 0
-            for j in np.unique(who):  # rows are in client order: one segment per client in the pass
-                n = int((who == j).sum())
-                segments.append(stacked_lora.Segment(slots[j], start, start + n))
-                start += n
+            for j, part in pass_:
+                segments.append(stacked_lora.Segment(slots[j], start, start + len(part)))
+                start += len(part)
             self.stack.set_rows(segments)
+            rows = np.concatenate([part for _, part in pass_])
+            who = np.concatenate([np.full(len(part), j) for j, part in pass_])
+            # each row counts 1/(its client's batch size): every client's loss is the mean over its own batch
+            weight = np.concatenate([np.full(len(part), 1.0 / len(batches[j])) for j, part in pass_])
             batch = {
-                k: v.to(self.device, non_blocking=True)
-                for k, v in self.data.train.collate(rows[part]).items()
+                k: v.to(self.device, non_blocking=True) for k, v in self.data.train.collate(rows).items()
             }
             labels = batch.pop("labels")
-            w = torch.from_numpy(weight[part]).to(self.device, torch.float32)
+            w = torch.from_numpy(weight).to(self.device, torch.float32)
             with autocast(self.device, self.precision):
                 logits = self.model.module(**batch).logits
                 row_loss = _row_losses(logits, labels, self.model.module)
             weighted = row_loss.float() * w
             weighted.sum().backward()
             sums.index_add_(0, torch.from_numpy(who).to(self.device), weighted.detach())
-            width = int(lengths[rows[part]].max())
-            np.add.at(padded, who, width)
+            np.add.at(padded, who, int(lengths[rows].max()))
         losses = [sums[j] for j in range(len(active))]
         prox = []
         for j, c in enumerate(active):
@@ -360,6 +357,41 @@ class _Group:
             c.padded += int(padded[j])
             c.seconds += seconds * float(share[j])  # the step's time, shared by padded tokens
         return values
+
+
+PADDING_SLACK = 1.25  # a pass may compute this many times the tokens its clients' batches need alone
+
+
+def plan_passes(
+    batches: Sequence[np.ndarray], lengths: np.ndarray, max_tokens: int | None
+) -> list[list[tuple[int, np.ndarray]]]:
+    """The forward/backward passes of one step of several clients: lists of (client j, rows of its batch).
+
+    A pass is padded to its widest row, and the clients' batches have different widths (each is
+    length-grouped on its own), so batches of similar width share a pass: widest first, a batch joins the
+    pass while the pass computes at most PADDING_SLACK times the tokens its batches need alone. On a CPU,
+    where compute is the cost, this keeps the padding near what the clients pay one after another; the
+    rows still go through the base in few, large passes. `--max-tokens` splits a batch first
+    (`split_batch`) and caps every pass.
+    """
+    units = [(j, part) for j, idx in enumerate(batches) for part in split_batch(idx, lengths, max_tokens)]
+    units.sort(key=lambda u: -int(lengths[u[1]].max()))  # stable: ties keep client order
+    passes: list[list[tuple[int, np.ndarray]]] = []
+    rows = own = width = 0
+    for j, part in units:
+        w = int(lengths[part].max())
+        merged = (rows + len(part)) * width
+        if (
+            passes
+            and merged <= PADDING_SLACK * (own + len(part) * w)
+            and (max_tokens is None or merged <= max_tokens)
+        ):
+            passes[-1].append((j, part))
+            rows, own = rows + len(part), own + len(part) * w
+        else:
+            passes.append([(j, part)])
+            rows, own, width = len(part), len(part) * w, w
+    return passes
 
 
 def _row_losses(logits: torch.Tensor, labels: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
