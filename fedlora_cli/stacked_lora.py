@@ -209,7 +209,7 @@ def take(model: nn.Module, adapter_name: str, trains: frozenset[str]) -> ClientA
             continue
         if type(layer) is not Linear or adapter_name in getattr(layer, "lora_variant", {}):
             raise ValueError(
-                f"{name}: several clients at once need plain LoRA on Linear layers, not {type(layer)}"
+                f"{name} is a {type(layer).__name__} LoRA layer; stacking takes plain LoRA on Linear layers"
             )
         dropout = layer.lora_dropout[adapter_name]
         factors[name] = Factors(

@@ -86,7 +86,13 @@ METHODS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# one case in the fast subset, every method in the full suite
+FAST_CASE = "svd-mixed-ranks-prox"
+
+
+@pytest.mark.parametrize(
+    "method", [m if m == FAST_CASE else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
+)
 def test_clients_at_once_give_the_sequential_round(method, still_model, glue_dir, shards, tmp_path):
     """Dropout 0 (LoRA's and the model's): K = 3 (a group of three and a group of one, mixed shard sizes, so
     clients finish at different steps) ends where one after another ends, to float rounding, round after
@@ -125,6 +131,7 @@ def test_a_regression_task_at_once_gives_the_sequential_round(still_model, glue_
     assert_close_runs(one, many, ["round_001/client_001", "round_001/client_002", "final"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_with_dropout_a_run_is_reproducible_bit_for_bit_and_resumes_at_any_k(
     tiny_model, glue_dir, shards, tmp_path
 ):

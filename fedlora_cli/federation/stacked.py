@@ -187,7 +187,12 @@ class _Group:
             if len(indices) == 0:
                 raise FedloraError("no training examples: the client or task split is empty")
             model.apply_plan(plan)  # the first sets the (shared) base delta; each its own adapter slot
-            adapter = stacked_lora.take(model.module, model.peft.active_adapter, plan.train)
+            try:
+                adapter = stacked_lora.take(model.module, model.peft.active_adapter, plan.train)
+            except ValueError as e:
+                raise InputError(
+                    f"--clients-at-once: {e}; train one client at a time (--clients-at-once 1)"
+                ) from None
             total = planned_steps(len(indices), spec)
             client = _Client(
                 plan,
