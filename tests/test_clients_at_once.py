@@ -338,3 +338,35 @@ def test_a_step_of_several_clients_is_passes_of_batches_of_similar_width():
     capped = plan_passes(batches, lengths, 400)
     assert all(sum(len(x) for _, x in p) * max(lengths[x].max() for _, x in p) <= 400 for p in capped)
     assert np.array_equal(np.sort(np.concatenate([x for p in capped for _, x in p])), np.arange(80))
+
+
+def test_a_global_schedule_puts_each_clients_turn_on_its_rounds_slice(monkeypatch):
+    """`--lr-schedule global-*`: round t's turn is the t-th slice of one schedule over all rounds, on either
+    path (train_client passes the window the stacked path computes with the same `client_window`)."""
+    from fedlora_cli.config import TrainSpec
+    from fedlora_cli.federation import client
+
+    spec = TrainSpec(epochs=1.0, batch_size=16, lr_schedule="global-cosine")
+    assert client.client_window(spec, 2, 3, 64) == (4, 12)  # 4 steps a turn: round 2 of 3 is steps 4-7 of 12
+    assert client.client_window(spec, 2, None, 64) is None
+    assert client.client_window(TrainSpec(epochs=1.0, lr_schedule="per-turn"), 2, 3, 64) is None
+
+    class Stop(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        raise Stop(kwargs["window"])
+
+    class Model:
+        module = None
+
+        def apply_plan(self, plan):
+            pass
+
+    monkeypatch.setattr(client, "train_model", record)
+    plan = type("Plan", (), {"client_id": 1, "prox_mu": 0.0})()
+    data = type("Data", (), {"train": None})()
+    with pytest.raises(Stop) as stop:
+        client.train_client(Model(), data, np.arange(64), plan, spec, round_no=3, run_seed=0, device=CPU,
+                            precision="fp32", rounds=3)  # fmt: skip
+    assert stop.value.args[0] == (8, 12)
