@@ -294,6 +294,11 @@ class Stack:
                 setattr(parent, child, original)
             self._layers, self._heads = {}, {}
 
+    def factors(self, k: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """Client k's (A, B) per layer where both train, while swapped in."""
+        pairs = [(layer.lora_A[k], layer.lora_B[k]) for layer in self._layers.values()]
+        return [(a, b) for a, b in pairs if a.requires_grad and b.requires_grad]
+
     def parameters(self, k: int) -> list[nn.Parameter]:
         """Client k's trainable tensors while swapped in: per layer A then B, then the head's."""
         out: list[nn.Parameter] = []

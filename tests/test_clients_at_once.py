@@ -370,3 +370,41 @@ def test_a_global_schedule_puts_each_clients_turn_on_its_rounds_slice(monkeypatc
         client.train_client(Model(), data, np.arange(64), plan, spec, round_no=3, run_seed=0, device=CPU,
                             precision="fp32", rounds=3)  # fmt: skip
     assert stop.value.args[0] == (8, 12)
+
+
+def test_a_plans_rank_regulariser_pulls_each_clients_own_tail_toward_zero(still_model, glue_dir):
+    """A plan that carries HetLoRA's rank regulariser (tail_penalty λ, tail_from k) adds
+    λ·Σ ‖B[:, k:]‖·‖A[k:, :]‖ over that client's own factors: its ranks beyond k shrink, the other client's
+    do not move."""
+    from dataclasses import dataclass
+
+    from fedlora_cli.config import DataSpec, ModelSpec, TrainSpec
+    from fedlora_cli.features import load_task_data
+    from fedlora_cli.federation.stacked import train_clients_at_once
+    from fedlora_cli.modeling import load_tokenizer
+    from fedlora_cli.strategies.base import ClientPlan, GlobalAdapter
+
+    @dataclass(frozen=True)
+    class TailPlan(ClientPlan):
+        tail_penalty: float = 0.0
+        tail_from: int = 0
+
+    model = lora_model(still_model, r=8)
+    random_adapter(model, 1)  # B away from 0, so the tail has a norm to lose
+    start = GlobalAdapter(model.state(), model.spec)
+    data = load_task_data(
+        DataSpec(task="sst2", data_dir=str(glue_dir)), load_tokenizer(ModelSpec(str(still_model)))
+    )
+    spec = TrainSpec(epochs=2.0, batch_size=16, learning_rate=3e-2, lr_schedule="constant", warmup_ratio=0.0)
+
+    def tails(penalty: float) -> list[float]:
+        members = [(np.arange(0, 64), TailPlan(1, start, tail_penalty=penalty, tail_from=4)),
+                   (np.arange(64, 128), TailPlan(2, start))]  # fmt: skip
+        reports = train_clients_at_once(model, data, members, spec, round_no=1, run_seed=0, device=CPU,
+                                        precision="fp32")  # fmt: skip
+        return [sum(float(v[..., 4:].norm() if ".lora_B." in k else v[4:].norm()) for k, v in r.state.items()
+                    if ".lora_" in k) for r in reports]  # fmt: skip
+
+    plain, pulled = tails(0.0), tails(5.0)
+    assert pulled[0] < 0.7 * plain[0]
+    assert pulled[1] == pytest.approx(plain[1], rel=1e-5)

@@ -325,7 +325,7 @@ class _Group:
             sums.index_add_(0, torch.from_numpy(who).to(self.device), weighted.detach())
             np.add.at(padded, who, int(lengths[rows].max()))
         losses = [sums[j] for j in range(len(active))]
-        prox = []
+        extra = []  # each client's own extra loss terms: their gradients add to its batch's
         for j, c in enumerate(active):
             if c.anchors is not None:  # FedProx, each against its own broadcast
                 term = (
@@ -333,10 +333,20 @@ class _Group:
                     / 2
                     * sum((p - a).square().sum() for p, a in zip(c.params, c.anchors, strict=True))
                 )
-                prox.append(term)
+                extra.append(term)
                 losses[j] = losses[j] + term.detach()
-        if prox:
-            sum(prox).backward()
+            # HetLoRA's rank regulariser, where plans carry one (main's ClientPlan.tail_penalty / tail_from)
+            penalty = getattr(c.plan, "tail_penalty", 0.0)
+            if penalty > 0:  # λ·Σ_modules ‖B[:, k:]‖_F·‖A[k:, :]‖_F over its own factors (k = tail_from)
+                pairs = self.stack.factors(self.clients.index(c))
+                if not pairs:
+                    raise FedloraError("the rank regulariser needs trainable LoRA A and B factors")
+                keep = c.plan.tail_from
+                term = penalty * sum(b[:, keep:].norm() * a[keep:].norm() for a, b in pairs)
+                extra.append(term)
+                losses[j] = losses[j] + term.detach()
+        if extra:
+            sum(extra).backward()
         for c in active:
             if self.spec.max_grad_norm > 0:  # its own norm, not the stack's
                 torch.nn.utils.clip_grad_norm_(c.params, self.spec.max_grad_norm)
