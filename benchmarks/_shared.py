@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("FEDLORA_SHARED", ROOT.parent / "shared"))  # as the tests read it
 GLUE = SHARED / "data" / "glue"  # real GLUE files, if this machine has them
 
 

@@ -65,6 +65,9 @@ MODE_HELP = "how the training set is split: " + "; ".join(
 
 MAX_EPOCHS = 1000.0  # more passes than any fine-tuning needs; a typo'd 1e9 would run for centuries
 MAX_ROUNDS = 100_000
+MAX_CLIENTS_AT_ONCE = (
+    1024  # --clients-at-once: clients trained together in one pass (memory decides before this)
+)
 # Folder names that say nothing about the model inside (a wheel's `model/`, a training's `checkpoint/`):
 # runs of such a folder are named after its parent folder instead.
 ANONYMOUS_FOLDERS = {"model", "models", "checkpoint", "weights", "hf", "final", "snapshot", "files"}
@@ -1329,6 +1332,15 @@ class RoundsConfig(Spec):
         resume_free=True,
         help="local (one process) or flower (Flower's simulation engine)",
     )
+    clients_at_once: int = option(
+        1,
+        "--clients-at-once",
+        check=integer(1, MAX_CLIENTS_AT_ONCE),
+        panel="Engine",
+        resume_free=True,
+        help="local: train this many clients together, their adapters stacked over one pass of the frozen "
+        "base (same result as one after another)",
+    )
     min_clients: int | None = option(
         None,
         "--min-clients",
@@ -1387,6 +1399,16 @@ class RoundsConfig(Spec):
         _check(
             not (self.shards and self.partition.clients is not None),
             "give --shards DIR (made by fedlora shard) or --clients K (shard in memory), not both",
+        )
+        _check(
+            self.clients_at_once == 1 or self.engine == "local",
+            f"--clients-at-once {self.clients_at_once} needs --engine local (a Flower ClientApp trains one client "
+            f"per message)",
+        )
+        _check(
+            self.clients_at_once == 1 or not get_method(self.aggregation.method).personal,
+            f"--clients-at-once {self.clients_at_once} with --aggregation {self.aggregation.method}: clients that "
+            f"keep parts of their own train one at a time (drop --clients-at-once)",
         )
         cpr, ff = self.clients_per_round, self.fraction_fit
         _check(cpr is None or ff is None, "give --clients-per-round or --fraction-fit, not both")

@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,12 +135,11 @@ def schedule_window(schedule: str, round_no: int, rounds: int, steps: int) -> tu
     return (round_no - 1) * steps, rounds * steps
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # Decay matrices only; biases and LayerNorm weights (1-d) are not decayed, as in BERT/RoBERTa recipes.
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+def param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW's groups: decay matrices only; biases and LayerNorm weights (1-d) are not decayed, as in
+    BERT/RoBERTa recipes."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -156,6 +155,25 @@ def planned_steps(n_examples: int, spec: TrainSpec) -> int:
             f"{steps:,} optimizer steps, more than {MAX_STEPS:,}: lower --epochs or raise --batch-size"
         )
     return steps
+
+
+def batch_stream(
+    lengths: np.ndarray, indices: np.ndarray, spec: TrainSpec, rng: np.random.Generator, total_steps: int
+) -> Iterator[np.ndarray]:
+    """The batches of one training, in order: epoch after epoch of `make_batches`, `total_steps` of them.
+
+    One client's data order is this stream from its own seed, whether it trains alone (`train_model`) or
+    beside other clients (`federation.stacked`).
+    """
+    step = 0
+    while step < total_steps:
+        for idx in make_batches(
+            lengths, indices, spec.batch_size, rng=rng, group_by_length=spec.group_by_length
+        ):
+            if step >= total_steps:
+                return
+            yield idx
+            step += 1
 
 
 def split_batch(idx: np.ndarray, lengths: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
@@ -260,7 +278,7 @@ def train_model(
     offset, span = window or (0, total_steps)
     warmup = math.floor(spec.warmup_ratio * span)
     shape = SHAPES[spec.lr_schedule]
-    optimizer = torch.optim.AdamW(_param_groups(model, spec.weight_decay), lr=spec.learning_rate)
+    optimizer = torch.optim.AdamW(param_groups(params, spec.weight_decay), lr=spec.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(shape, offset + step, span, warmup)
     )
@@ -274,62 +292,56 @@ def train_model(
     progress.start(progress_key, description, total=total_steps)
     losses = torch.zeros(total_steps, dtype=torch.float32)  # kept on CPU; one host sync per step below
     samples = real = padded = 0
-    step = 0
     start = time.perf_counter()
+    step = 0
     stop = False
     paused = 0.0  # seconds spent in on_epoch (evaluation): not training time
-    while step < total_steps and not stop:
-        for idx in make_batches(
-            lengths, indices, spec.batch_size, rng=rng, group_by_length=spec.group_by_length
-        ):
-            if step >= total_steps:
+    for step, idx in enumerate(batch_stream(lengths, indices, spec, rng, total_steps), start=1):
+        order_hash.update(idx.tobytes())
+        parts = split_batch(idx, lengths, spec.max_tokens)
+        loss = backward(model, data, idx, parts, device, precision)
+        if anchors is not None:  # FedProx: its gradient adds to the batch's
+            prox = prox_mu / 2 * sum((p - a).square().sum() for p, a in zip(params, anchors, strict=True))
+            prox.backward()
+            loss = loss + prox.detach()
+        if extra_loss is not None:
+            extra = extra_loss()
+            extra.backward()
+            loss = loss + extra.detach()
+        if spec.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        lr_last = scheduler.get_last_lr()[0]  # the rate this step used
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()  # host sync: one per step, also catches divergence early
+        if not math.isfinite(value):
+            raise FedloraError(
+                f"training diverged at step {step} (loss {value}): lower --learning-rate "
+                f"or use --precision fp32"
+            )
+        losses[step - 1] = value
+        samples += len(idx)
+        real += int(lengths[idx].sum())
+        padded += sum(len(part) * int(lengths[part].max()) for part in parts)
+        progress.advance(progress_key, 1, info=f"loss {value:.4f}")
+        lr = scheduler.get_last_lr()[0]  # the rate the next step will use
+        tracker.log_metrics(step, {"train/loss": value, "train/learning_rate": lr,
+                                   "train/epoch": step / per_epoch})  # fmt: skip
+        epoch_end = step % per_epoch == 0 or step == total_steps
+        if total_steps > per_epoch and epoch_end:
+            epoch = math.ceil(step / per_epoch)
+            done = losses[(epoch - 1) * per_epoch : step]
+            progress.log(f"{description}: epoch {epoch}/{math.ceil(total_steps / per_epoch)} · "
+                         f"loss {float(done.mean()):.4f} · {time.perf_counter() - start:.1f} s")  # fmt: skip
+        if on_epoch is not None and epoch_end:
+            t = time.perf_counter()
+            model.eval()
+            stop = bool(on_epoch(math.ceil(step / per_epoch)))
+            model.train()
+            paused += time.perf_counter() - t
+            if stop:
                 break
-            order_hash.update(idx.tobytes())
-            parts = split_batch(idx, lengths, spec.max_tokens)
-            loss = backward(model, data, idx, parts, device, precision)
-            if anchors is not None:  # FedProx: its gradient adds to the batch's
-                prox = prox_mu / 2 * sum((p - a).square().sum() for p, a in zip(params, anchors, strict=True))
-                prox.backward()
-                loss = loss + prox.detach()
-            if extra_loss is not None:
-                extra = extra_loss()
-                extra.backward()
-                loss = loss + extra.detach()
-            if spec.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-            lr_last = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = loss.item()  # host sync: one per step, also catches divergence early
-            if not math.isfinite(value):
-                raise FedloraError(
-                    f"training diverged at step {step + 1} (loss {value}): lower --learning-rate "
-                    f"or use --precision fp32"
-                )
-            losses[step] = value
-            samples += len(idx)
-            real += int(lengths[idx].sum())
-            padded += sum(len(part) * int(lengths[part].max()) for part in parts)
-            step += 1
-            progress.advance(progress_key, 1, info=f"loss {value:.4f}")
-            lr = scheduler.get_last_lr()[0]  # the rate the next step will use
-            tracker.log_metrics(step, {"train/loss": value, "train/learning_rate": lr,
-                                       "train/epoch": step / per_epoch})  # fmt: skip
-            epoch_end = step % per_epoch == 0 or step == total_steps
-            if total_steps > per_epoch and epoch_end:
-                epoch = math.ceil(step / per_epoch)
-                done = losses[(epoch - 1) * per_epoch : step]
-                progress.log(f"{description}: epoch {epoch}/{math.ceil(total_steps / per_epoch)} · "
-                             f"loss {float(done.mean()):.4f} · {time.perf_counter() - start:.1f} s")  # fmt: skip
-            if on_epoch is not None and epoch_end:
-                t = time.perf_counter()
-                model.eval()
-                stop = bool(on_epoch(math.ceil(step / per_epoch)))
-                model.train()
-                paused += time.perf_counter() - t
-                if stop:
-                    break
     seconds = time.perf_counter() - start - paused
     progress.stop(progress_key)
     model.eval()

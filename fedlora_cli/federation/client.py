@@ -15,7 +15,7 @@ from fedlora_cli.modeling import LoraModel
 from fedlora_cli.progress import Progress
 from fedlora_cli.strategies.base import ClientPlan, ClientReport, split_parts
 from fedlora_cli.tasks import GlueTask
-from fedlora_cli.training import planned_steps, schedule_window, tail_penalty, train_model
+from fedlora_cli.training import TrainResult, planned_steps, schedule_window, tail_penalty, train_model
 
 
 def train_client(
@@ -38,16 +38,14 @@ def train_client(
     """One client's turn: load the plan (adapter, frozen parts, base delta), train on its shard, report.
 
     The base model is never reloaded: only the adapter state (and a method's base delta) moves in and
-    out. Pass `task` to also evaluate the client's adapter on the dev split(s). `rounds` (the run's total)
-    places the turn in a global learning-rate schedule (--lr-schedule global-*). A plan with personal parts
-    starts from the client's own (`personal`, as after its turn in `plan.personal_round`), or from the
-    plan's personal start in its first turn; the report sends the shared parts and keeps the personal ones
-    apart (`ClientReport.personal`), for the client to keep.
+    out. Pass `task` to also evaluate the client's adapter on the dev split(s), and the run's `rounds` for
+    a learning-rate schedule over all rounds (`--lr-schedule global-*`: this turn is round_no's slice).
+    A plan with personal parts starts from the client's own (`personal`, as after its turn in
+    `plan.personal_round`), or from the plan's personal start in its first turn; the report sends the
+    shared parts and keeps the personal ones apart (`ClientReport.personal`), for the client to keep.
     """
     model.apply_plan(with_personal(plan, personal))
     seed = derive_seed(run_seed, round_no, plan.client_id)
-    steps = planned_steps(len(indices), train_spec)
-    window = schedule_window(train_spec.lr_schedule, round_no, rounds or round_no, steps)
     extra = tail_penalty(model.module, plan.tail_from, plan.tail_penalty) if plan.tail_penalty > 0 else None
     result = train_model(
         model.module,
@@ -62,8 +60,38 @@ def train_client(
         prox_mu=plan.prox_mu,
         extra_loss=extra,
         description=f"round {round_no} · client {plan.client_id}",
-        window=window,
+        window=client_window(train_spec, round_no, rounds, len(indices)),
     )
+    return client_report(
+        model, data, plan, result, seed, task=task, eval_batch_size=eval_batch_size, device=device,
+        precision=precision,
+    )  # fmt: skip
+
+
+def client_window(
+    spec: TrainSpec, round_no: int, rounds: int | None, examples: int
+) -> tuple[int, int] | None:
+    """Where this client's turn sits in a schedule over all rounds (None: a schedule of its own)."""
+    if rounds is None:
+        return None
+    return schedule_window(spec.lr_schedule, round_no, rounds, planned_steps(examples, spec))
+
+
+def client_report(
+    model: LoraModel,
+    data: TaskData,
+    plan: ClientPlan,
+    result: TrainResult,
+    seed: int,
+    *,
+    task: GlueTask | None,
+    eval_batch_size: int,
+    device: torch.device,
+    precision: str,
+) -> ClientReport:
+    """What a client sends back once its adapter (trained as `result` says) is the model's active one: its
+    shared state (clipped to the plan's norm under client-side DP; personal parts kept apart), statistics
+    and, with `task`, evaluation."""
     evaluation = None
     if task is not None:
         evaluation = evaluate(model.module, task, data.evals, eval_batch_size, device, precision).metrics
