@@ -1307,6 +1307,14 @@ class RoundsConfig(Spec):
         resume_free=True,
         help="also evaluate every client's adapter (one dev pass each)",
     )
+    dev_each_round: bool = option(
+        True,
+        "--dev-each-round",
+        panel="Evaluation",
+        resume_free=True,
+        help="score the dev split every round (per-round curves); --no-dev-each-round: score only the "
+        "validation split each round, and the dev split for the selected and the last round at the end",
+    )
     eval_batch_size: int = eval_batch_size_option()
     select: str = select_option()
     early_stop: int | None = early_stop_option()
@@ -1392,6 +1400,11 @@ class RoundsConfig(Spec):
             object.__setattr__(self, "train", replace(self.train, lr_schedule="per-turn"))
         check_personal(self)
         check_selection(self.data, self.select, self.early_stop, "round")
+        _check(
+            self.dev_each_round or self.data.holds_out,
+            "--no-dev-each-round scores only the validation split every round: give --validation-fraction F "
+            "or --validation-examples N",
+        )
         _check(
             self.eval_each_round or (self.select == "last" and self.early_stop is None),
             "--select best and --early-stop score every round: drop --no-eval-each-round",

@@ -92,6 +92,8 @@ class Curve:
     loss_std: list[float | None] | None = None
     final: float | None = None  # a run without rounds (train, baseline): its final metric, drawn flat
     final_std: float | None = None
+    error: list[float | None] = field(default_factory=list)  # the aggregation error per round, if known
+    error_std: list[float | None] | None = None
 
 
 def _band(
@@ -118,7 +120,8 @@ LEGEND_COLUMNS = 3
 
 
 def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, title: str) -> Path:
-    """The metric (left) and the training loss (right) per round of every curve, on one figure.
+    """The metric (left), the training loss and, where curves carry it, the aggregation error per round of
+    every curve, on one figure: what a method's approximation costs, beside what it reaches.
 
     Runs without rounds (centralised `train`) are drawn as a dashed horizontal line at their final
     metric, with their band over seeds if any: the reference the federated curves are read against.
@@ -133,16 +136,24 @@ def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, ti
     labels = len(curves)
     below = labels > LEGEND_INSIDE  # many curves: the legend goes under the axes, in columns
     rows = -(-labels // LEGEND_COLUMNS) if below else 0
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.22 * rows), constrained_layout=True)
+    errors = any(any(e is not None for e in c.error) for c in curves)
+    panels = 3 if errors else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2 + 0.22 * rows), constrained_layout=True)
+    left, right = axes[0], axes[1]
     if labels > 10:  # matplotlib's default cycle repeats after 10 colours
         pairs = plt.get_cmap("tab20").colors  # dark/light pairs: the ten dark hues first, then the light
         colors = [*pairs[0::2], *pairs[1::2]]
-        for ax in (left, right):
+        for ax in axes:
             ax.set_prop_cycle(color=colors)
     for curve in curves:
         if curve.rounds:
             _band(left, curve.rounds, curve.metric, curve.metric_std, curve.label)
             _band(right, curve.rounds, curve.loss, curve.loss_std, curve.label)
+            if errors:
+                error = curve.error or [None] * len(curve.rounds)
+                _band(axes[2], curve.rounds, error, curve.error_std, curve.label)
+        elif errors:
+            axes[2].plot([], [])  # keep the colours of the three panels in step
         elif curve.final is not None:
             line = left.axhline(curve.final, linestyle="--", label=f"{curve.label} (final)")
             if curve.final_std:
@@ -154,7 +165,11 @@ def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, ti
     right.set_xlabel("round")
     right.set_ylabel("train loss")
     right.set_title("training loss per round")
-    for ax in (left, right):
+    if errors:
+        axes[2].set_xlabel("round")
+        axes[2].set_ylabel("‖ΔW_agg − Σ w_i ΔW_i‖ / ‖Σ w_i ΔW_i‖")
+        axes[2].set_title("aggregation error per round")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if curves and below:

@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n N`: N test processes share the cores, one thread each
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 from fixtures import build_tokenizer_and_model, write_glue_dir  # noqa: E402
 from hypothesis import settings  # noqa: E402
@@ -35,11 +37,20 @@ REAL_DATA_FIXTURES = {"shared_glue", "minilm"}
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the markers added here count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    flower = 0
     for item in items:
         if REAL_DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.real_data)
         if item.get_closest_marker("flower") or item.get_closest_marker("real_data"):
             item.add_marker(pytest.mark.slow)
+        # `-n N --dist loadgroup` (pyproject's addopts): a test module runs in one process, so its module
+        # fixtures are built once; the Flower simulations, mostly waiting on processes they start, are dealt
+        # round-robin over the processes so that two of them overlap.
+        if item.get_closest_marker("flower"):
+            group, flower = f"flower-{flower % 2}", flower + 1
+        else:
+            group = item.module.__name__ if getattr(item, "module", None) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)

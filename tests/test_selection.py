@@ -171,8 +171,8 @@ def test_early_stop_ends_the_run_after_patience(tiny_model, glue_dir, tmp_path, 
     real = driver.RoundDriver.evaluate_current
     calls = {"n": 0}
 
-    def flat_validation(self):
-        dev, val = real(self)
+    def flat_validation(self, dev=True):
+        dev, val = real(self, dev)
         calls["n"] += 1
         score = 0.9 if calls["n"] == 2 else 0.5  # round 0, then round 1 best, then worse
         return dev, dataclasses.replace(val, metrics={**val.metrics, "accuracy": score})
@@ -253,3 +253,23 @@ def test_shards_made_with_the_same_holdout_are_accepted_others_refused(tiny_mode
     )
     ok = run(*base, "--shards", tmp_path / "held", "--run-name", "h")
     assert ok.exit_code == 0, ok.stderr
+
+
+def test_dev_scored_only_at_the_end_reports_what_every_round_scoring_reports(tiny_model, glue_dir, tmp_path):
+    """--no-dev-each-round: rounds are scored on validation only (it chooses), and the dev split once for the
+    selected and the last round — the same numbers as scoring dev every round, for less work."""
+    both = {}
+    for name, extra in (("each", []), ("end", ["--no-dev-each-round"])):
+        result = run(
+            *rounds_cli(tiny_model, glue_dir, tmp_path, name, "--rounds", "3", "--select", "best", *extra)
+        )
+        assert result.exit_code == 0, result.stderr
+        both[name] = tmp_path / "sst2_tiny-roberta" / name
+    each, end = (json.loads((both[k] / "final" / "metrics.json").read_text()) for k in ("each", "end"))
+    assert end["selected"]["round"] == each["selected"]["round"]
+    assert end["metrics"] == each["metrics"] and end["last"]["dev"] == each["last"]["dev"]
+    rows = history(both["end"])
+    assert [r["eval"] is None for r in rows] == [True, True, True, False]  # dev only after the last round
+    assert all(r["validation"] is not None for r in rows)
+    one_error_line(run("rounds", "--task", "sst2", "--shards", tmp_path, "--no-dev-each-round"), 2,
+                   "--no-dev-each-round scores only the validation split")  # fmt: skip

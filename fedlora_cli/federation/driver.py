@@ -143,8 +143,9 @@ class RoundDriver:
         t = time.perf_counter()
         evaluation = validation = None
         if self.global_model:
-            evaluation, validation = self.evaluate_current()
-            self.metrics = evaluation.metrics
+            evaluation, validation = self.evaluate_current(dev=self.s.config.dev_each_round)
+            if evaluation is not None:
+                self.metrics = evaluation.metrics
             self.validation = validation.metrics if validation is not None else None
         # every client's model is the starting adapter (its personal parts too: their initial values)
         per_client = self._summary(self._global_per_client(), "start")
@@ -288,8 +289,11 @@ class RoundDriver:
         evaluation = validation = per_client = None
         if config.eval_each_round or round_no == config.rounds:
             if self.global_model:
-                evaluation, validation = self.evaluate_current()
-                self.metrics = evaluation.metrics
+                evaluation, validation = self.evaluate_current(
+                    dev=config.dev_each_round or round_no == config.rounds
+                )
+                if evaluation is not None:
+                    self.metrics = evaluation.metrics
                 self.validation = validation.metrics if validation is not None else None
                 self.selection.observe(round_no, self.validation)
             per_client = self.evaluate_clients(round_no)
@@ -402,20 +406,44 @@ class RoundDriver:
 
     def evaluate_global(self) -> EvalResult:
         """The current global model (adapter and the strategy's base delta) on the dev split(s)."""
-        return self.evaluate_current()[0]
+        dev = self.evaluate_current()[0]
+        assert dev is not None
+        return dev
 
-    def evaluate_current(self) -> tuple[EvalResult, EvalResult | None]:
-        """The current global model on the dev split(s) (reported) and on the validation split (chooses)."""
+    def evaluate_current(self, dev: bool = True) -> tuple[EvalResult | None, EvalResult | None]:
+        """The current global model on the dev split(s) (reported; `dev=False`: not now) and on the validation
+        split (chooses)."""
         s = self.s
         s.model.apply_global(self.current, s.strategy.base_delta(), s.strategy.base_delta_key())
-        dev = evaluate(s.model.module, s.task, s.data.evals, s.config.eval_batch_size, s.device, s.precision)
+        return self._scores(dev)
+
+    def _scores(self, dev: bool = True) -> tuple[EvalResult | None, EvalResult | None]:
+        """The model as it is now (its adapter applied) on the dev split(s) and the validation split."""
+        s = self.s
+        scored = (
+            evaluate(s.model.module, s.task, s.data.evals, s.config.eval_batch_size, s.device, s.precision)
+            if dev
+            else None
+        )
         held = s.data.validation_splits
         val = (
             evaluate(s.model.module, s.task, held, s.config.eval_batch_size, s.device, s.precision)
             if held
             else None
         )
-        return dev, val
+        return scored, val
+
+    def _dev_of(self, adapter: GlobalAdapter | None) -> dict[str, float]:
+        """--no-dev-each-round: the dev metrics of the current global model (None) or of an exported adapter
+        (a round chosen on validation), scored once the run is over."""
+        s = self.s
+        if adapter is None:
+            s.model.apply_global(self.current, s.strategy.base_delta(), s.strategy.base_delta_key())
+        else:
+            s.model.apply_global(adapter, {}, "")  # an exported adapter carries any base delta itself
+        dev, _ = self._scores(dev=True)
+        assert dev is not None
+        return dev.metrics
 
     def finish(self) -> RoundsResult:
         """Write final/ (the last round's global model as one plain PEFT adapter) and, with --select best,
@@ -428,6 +456,9 @@ class RoundDriver:
         extra: dict[str, Any] = (
             {"exported_rank": exported.lora.r} if exported.lora.r != self.current.lora.r else {}
         )
+        last_row = history[-1] if history else None
+        if self.global_model and last_row is not None and last_row.eval is None and last_row.round >= 1:
+            self.metrics = self._dev_of(None)  # --no-dev-each-round, or a run --early-stop ended
         last = {"round": last_round, "dev": self.metrics, "validation": self.validation}
         chosen = self.selection.chosen if s.config.select == "best" else None
         best = None
@@ -444,7 +475,12 @@ class RoundDriver:
                 adapter = s.strategy.export(global_k)
             best = (chosen, adapter)
             report_adapter, report_round = adapter, chosen
-            reported, report_validation = dict(row.eval or {}), row.validation
+            dev = (
+                row.eval
+                if row.eval is not None
+                else (self.metrics if chosen == last_round else self._dev_of(adapter))
+            )
+            reported, report_validation = dict(dev), row.validation
         selected = {"rule": s.config.select, "metric": self.selection.metric, "round": chosen or last_round,
                     "dev": reported, "validation": report_validation}  # fmt: skip
         extra.update(selected=selected, last=last, validation=report_validation,

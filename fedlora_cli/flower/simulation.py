@@ -26,7 +26,7 @@ in the background after the run):
 - quiet: the SuperLink's, Flower's and Ray's output go to a log file in the temporary folder; a
   failure comes back as one line;
 - clean: every process below the SuperLink (SuperExec, flwr-simulation, Ray) is stopped when the run
-  ends, however it ends.
+  ends, however it ends, and Ray's session folder (RAY_TMPDIR) is inside the temporary folder.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ SERVER_APP = "fedlora_cli.flower.server_app:app"
 CLIENT_APP = "fedlora_cli.flower.client_app:app"
 CONNECTION = "fedlora-simulation"  # the SuperLink connection's name in the run's own Flower config
 START_SECONDS = 60.0  # for the SuperLink to listen, and for `flwr run` to submit
-END_SECONDS = 15.0  # for flwr-simulation to shut Ray down in order once the ServerApp is done
 POLL_SECONDS = 0.25
 # Ray (2.x) takes this machine's address to be 127.0.0.1 when this is 0 — its single-machine mode — so every
 # server it starts (GCS, raylet, workers, agents) binds 127.0.0.1; otherwise they listen on every interface.
@@ -108,8 +107,6 @@ def run_flower_simulation(
                     app, federation_config(nodes, config.client_cpus, config.client_gpus, _cpu_count())
                 )
                 _follow(link, superlink, abort)
-            if link.outcome is not None:  # the ServerApp is done: Flower shuts Ray down in order
-                superlink.wait_for_simulation(END_SECONDS)
         except KeyboardInterrupt:  # a second Ctrl-C: stop everything now (the `with` does)
             abort.set()
         if abort.is_set() and (link.outcome is None or "error" in link.outcome):
@@ -255,6 +252,9 @@ class _SuperLink:
                 if os.environ.get(name)
             },
             **RAY_LOOPBACK,
+            # Ray's session folder (sockets, logs, spilled objects) inside the run's temporary folder, removed
+            # with it: by default every simulation left a session_* folder in /tmp/ray for good
+            "RAY_TMPDIR": str(self.work / "ray"),
             "FLWR_HOME": str(flwr_home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -347,11 +347,6 @@ class _SuperLink:
         self._track()
         started = list(self.simulations.values())
         return bool(started) and not any(running(p) for p in started)
-
-    def wait_for_simulation(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.simulation_ended() and time.monotonic() < deadline:
-            time.sleep(0.1)
 
     def failure(self) -> str:
         """Why the simulation ended without a result, as the SuperLink recorded it."""
