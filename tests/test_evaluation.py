@@ -98,5 +98,7 @@ def test_majority_metrics_are_what_a_constant_answer_scores():
     assert cola["mcc"] == 0.0  # a constant answer has no correlation
     mrpc = majority_metrics(get_task("mrpc"), {"validation": split})
     assert mrpc["accuracy"] == 0.75 and mrpc["f1"] == pytest.approx(2 * 3 / (2 * 3 + 1))
-    stsb = majority_metrics(get_task("stsb"), {"validation": SimpleNamespace(labels=np.array([0.5, 4.0, 2.0]))})
+    stsb = majority_metrics(
+        get_task("stsb"), {"validation": SimpleNamespace(labels=np.array([0.5, 4.0, 2.0]))}
+    )
     assert stsb["pearson"] == 0.0 and stsb["spearman"] == 0.0

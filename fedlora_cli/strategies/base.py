@@ -251,6 +251,61 @@ class Strategy:
             raise ValueError(f"{self.name} keeps no server state, but the run has {sorted(state)[:3]}")
 
 
+class Wrapper(Strategy):
+    """A strategy around another (norm bounding, differential privacy, a server optimiser): it takes the
+    wrapped method's name, shapes, update space and plans, and changes only what it overrides. `aggregate`
+    and the state methods are delegated too; a wrapper that keeps state of its own extends them."""
+
+    def __init__(self, inner: Strategy, *, spaces: Sequence[str]) -> None:
+        if inner.update_space not in spaces:
+            raise ValueError(
+                f"{inner.name}: update_space must be one of {tuple(spaces)}, got {inner.update_space!r}"
+            )
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]  # messages name the method
+        self.spec, self.lora, self.seed, self.ranks = inner.spec, inner.lora, inner.seed, inner.ranks
+        self.update_space = inner.update_space  # type: ignore[misc]
+
+    def client_lora(self, client_id: int) -> LoraSpec:
+        return self.inner.client_lora(client_id)
+
+    @property
+    def global_rank(self) -> int:
+        return self.inner.global_rank
+
+    @property
+    def global_alpha(self) -> float:
+        return self.inner.global_alpha
+
+    def initial(self, adapter: GlobalAdapter) -> GlobalAdapter:
+        return self.inner.initial(adapter)
+
+    def plan(self, round_no: int, client_id: int, current: GlobalAdapter) -> ClientPlan:
+        return self.inner.plan(round_no, client_id, current)
+
+    def check_update(self, plan: ClientPlan, update: ClientUpdate) -> str | None:
+        return self.inner.check_update(plan, update)
+
+    def aggregate(self, round_no: int, previous: GlobalAdapter | None, updates: Sequence[ClientUpdate], *,
+                  sampled: int | None = None) -> Aggregated:  # fmt: skip
+        return self.inner.aggregate(round_no, previous, updates, sampled=sampled)
+
+    def base_delta(self) -> BaseDelta:
+        return self.inner.base_delta()
+
+    def base_delta_key(self) -> str:
+        return self.inner.base_delta_key()
+
+    def export(self, adapter: GlobalAdapter) -> GlobalAdapter:
+        return self.inner.export(adapter)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+
 def split_parts(
     state: Mapping[str, torch.Tensor], personal: frozenset[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

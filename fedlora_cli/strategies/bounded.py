@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-
-import torch
 
 from fedlora_cli import privacy
 from fedlora_cli.aggregation import ClientUpdate
 from fedlora_cli.config import NormBoundSpec
-from fedlora_cli.strategies.base import Aggregated, BaseDelta, ClientPlan, GlobalAdapter, Strategy
+from fedlora_cli.strategies.base import Aggregated, ClientPlan, GlobalAdapter, Strategy, Wrapper
 
 
 def round_bound(
@@ -51,22 +49,14 @@ def round_bound(
     return bound, median
 
 
-class NormBoundStrategy(Strategy):
+class NormBoundStrategy(Wrapper):
     """`inner` with every client update clipped to the round's bound first (see the module docstring)."""
-
-    name = "bound"
 
     def __init__(self, inner: Strategy, bound: NormBoundSpec) -> None:
         if not bound.enabled:
             raise ValueError("NormBoundStrategy needs --norm-bound or --norm-bound-median")
-        if inner.update_space not in privacy.SPACES:
-            raise ValueError(
-                f"{inner.name}: update_space must be one of {privacy.SPACES}, got {inner.update_space!r}"
-            )
-        self.inner = inner
+        super().__init__(inner, spaces=privacy.SPACES)
         self.bound = bound
-        self.spec, self.lora, self.seed, self.ranks = inner.spec, inner.lora, inner.seed, inner.ranks
-        self.update_space = inner.update_space  # type: ignore[misc]  # the wrapped method's
         # This round's plans by client id: each reply is measured against what that client was sent.
         self._round = 0
         self._plans: dict[int, ClientPlan] = {}
@@ -85,44 +75,12 @@ class NormBoundStrategy(Strategy):
 
     # --- what the wrapped method decides ------------------------------------------------------------
 
-    def client_lora(self, client_id: int):
-        return self.inner.client_lora(client_id)
-
-    @property
-    def global_rank(self) -> int:
-        return self.inner.global_rank
-
-    @property
-    def global_alpha(self) -> float:
-        return self.inner.global_alpha
-
-    def initial(self, adapter: GlobalAdapter) -> GlobalAdapter:
-        return self.inner.initial(adapter)
-
-    def base_delta(self) -> BaseDelta:
-        return self.inner.base_delta()
-
-    def base_delta_key(self) -> str:
-        return self.inner.base_delta_key()
-
-    def export(self, adapter: GlobalAdapter) -> GlobalAdapter:
-        return self.inner.export(adapter)
-
     def plan(self, round_no: int, client_id: int, current: GlobalAdapter) -> ClientPlan:
         plan = self.inner.plan(round_no, client_id, current)
         if round_no != self._round:
             self._round, self._plans = round_no, {}
         self._plans[client_id] = plan
         return plan
-
-    def check_update(self, plan: ClientPlan, update: ClientUpdate) -> str | None:
-        return self.inner.check_update(plan, update)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.inner.load_state_dict(state)
 
     # --- the bound ---------------------------------------------------------------------------------
 

@@ -34,10 +34,10 @@ from fedlora_cli.aggregation import ClientUpdate, lora_modules, lora_rank, norma
 from fedlora_cli.config import PrivacySpec
 from fedlora_cli.strategies.base import (
     Aggregated,
-    BaseDelta,
     ClientPlan,
     GlobalAdapter,
     Strategy,
+    Wrapper,
     part_of,
 )
 
@@ -48,27 +48,19 @@ MAX_NOISE_STD = float(torch.finfo(torch.float32).max)  # z·C beyond this is no 
 _KEY = "privacy.noise_key"  # the secret noise key in the saved server state (--dp-secret-noise)
 
 
-class PrivacyStrategy(Strategy):
+class PrivacyStrategy(Wrapper):
     """`inner` with client-level DP (see the module docstring). `clients`: N, every client of the run;
     `per_round`: m, the clients sampled each round; `seed`: the run seed (the noise key unless
     `spec.secret_noise`)."""
-
-    name = "dp"
 
     def __init__(
         self, inner: Strategy, spec: PrivacySpec, *, clients: int, per_round: int, seed: int
     ) -> None:
         if not spec.enabled or spec.clip is None or spec.noise_multiplier is None:
             raise ValueError("PrivacyStrategy needs a PrivacySpec with --dp-clip and --dp-noise-multiplier")
-        if inner.update_space not in privacy.SPACES:
-            raise ValueError(
-                f"{inner.name}: update_space must be one of {privacy.SPACES}, got {inner.update_space!r}"
-            )
+        super().__init__(inner, spaces=privacy.SPACES)
         privacy.require_accounting()
-        self.inner = inner
         self.dp = spec
-        self.spec, self.lora, self.seed, self.ranks = inner.spec, inner.lora, inner.seed, inner.ranks
-        self.update_space = inner.update_space  # type: ignore[misc]  # the wrapped method's
         self.clients, self.per_round = clients, per_round
         self.delta = spec.delta_for(clients)
         self.noise_key = [secrets.randbits(63), secrets.randbits(63)] if spec.secret_noise else [seed]
@@ -164,29 +156,6 @@ class PrivacyStrategy(Strategy):
         )
 
     # --- what the wrapped method decides ------------------------------------------------------------
-
-    def client_lora(self, client_id: int):
-        return self.inner.client_lora(client_id)
-
-    @property
-    def global_rank(self) -> int:
-        return self.inner.global_rank
-
-    @property
-    def global_alpha(self) -> float:
-        return self.inner.global_alpha
-
-    def initial(self, adapter: GlobalAdapter) -> GlobalAdapter:
-        return self.inner.initial(adapter)
-
-    def base_delta(self) -> BaseDelta:
-        return self.inner.base_delta()
-
-    def base_delta_key(self) -> str:
-        return self.inner.base_delta_key()
-
-    def export(self, adapter: GlobalAdapter) -> GlobalAdapter:
-        return self.inner.export(adapter)
 
     def plan(self, round_no: int, client_id: int, current: GlobalAdapter) -> ClientPlan:
         """The method's plan; with --dp-where client it also tells the client to clip (norm C, this space).

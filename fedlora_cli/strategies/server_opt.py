@@ -30,32 +30,25 @@ import torch
 
 from fedlora_cli import server_optim
 from fedlora_cli.aggregation import ClientUpdate, lora_modules, normalise_weights
-from fedlora_cli.config import LoraSpec, ServerOptSpec
+from fedlora_cli.config import ServerOptSpec
 from fedlora_cli.server_optim import Rule
 from fedlora_cli.strategies.base import (
     Aggregated,
-    BaseDelta,
-    ClientPlan,
     GlobalAdapter,
     Strategy,
+    Wrapper,
     state_bytes,
 )
 
 _M, _V = "server_opt.m.", "server_opt.v."  # the moments in the saved server state
 
 
-class ServerOptStrategy(Strategy):
+class ServerOptStrategy(Wrapper):
     """`inner` with a server optimiser (see the module docstring)."""
 
     def __init__(self, inner: Strategy, spec: ServerOptSpec) -> None:
-        if inner.update_space not in ("factors", "product"):
-            raise ValueError(
-                f"{inner.name}: update_space must be factors or product, got {inner.update_space!r}"
-            )
-        self.inner, self.opt, self.rule = inner, spec, Rule.of(spec)
-        self.name = inner.name  # type: ignore[misc]  # messages name the method
-        self.spec, self.lora, self.seed, self.ranks = inner.spec, inner.lora, inner.seed, inner.ranks
-        self.update_space = inner.update_space  # type: ignore[misc]
+        super().__init__(inner, spaces=("factors", "product"))
+        self.opt, self.rule = spec, Rule.of(spec)
         self.m: dict[str, torch.Tensor] = {}  # dense keys: the key; factored modules: "<prefix>|P" / "|Q"
         self.v: dict[str, torch.Tensor] = {}  # dense keys and (product space) modules by prefix
 
@@ -77,35 +70,6 @@ class ServerOptStrategy(Strategy):
         return f"server optimizer: {r.name} (η {r.lr:g}{', ' + consts if consts else ''}) in {space} space; {keeps}"
 
     # --- what the wrapped method decides ------------------------------------------------------------
-
-    def client_lora(self, client_id: int) -> LoraSpec:
-        return self.inner.client_lora(client_id)
-
-    @property
-    def global_rank(self) -> int:
-        return self.inner.global_rank
-
-    @property
-    def global_alpha(self) -> float:
-        return self.inner.global_alpha
-
-    def initial(self, adapter: GlobalAdapter) -> GlobalAdapter:
-        return self.inner.initial(adapter)
-
-    def plan(self, round_no: int, client_id: int, current: GlobalAdapter) -> ClientPlan:
-        return self.inner.plan(round_no, client_id, current)
-
-    def check_update(self, plan: ClientPlan, update: ClientUpdate) -> str | None:
-        return self.inner.check_update(plan, update)
-
-    def base_delta(self) -> BaseDelta:
-        return self.inner.base_delta()
-
-    def base_delta_key(self) -> str:
-        return self.inner.base_delta_key()
-
-    def export(self, adapter: GlobalAdapter) -> GlobalAdapter:
-        return self.inner.export(adapter)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = dict(self.inner.state_dict())
