@@ -37,7 +37,8 @@ class ClientUpdate:
 
 
 def _who(clients: Sequence[ClientUpdate], i: int) -> str:
-    """A client as messages name it: its own name (the engines give the client id), else its 1-based position."""
+    """A client as messages name it: its own name (the engines give the client id), else its 1-based
+    position."""
     return clients[i].name or f"client #{i + 1}"
 
 
@@ -339,7 +340,8 @@ def _pad_rows(a: torch.Tensor, r: int) -> torch.Tensor:
 def aggregate_one_factor(
     clients: Sequence[ClientUpdate], *, trained: str, frozen: Mapping[str, torch.Tensor]
 ) -> AggregateResult:
-    """Average the factor that trained; keep the other one as it was (FFA-LoRA: A frozen; RoLoRA: alternating).
+    """Average the factor that trained; keep the other one as it was (FFA-LoRA: A frozen; RoLoRA:
+    alternating).
 
     trained: "B" (every client kept A = `frozen`'s A) or "A" (every client kept B = `frozen`'s B).
     `frozen` is the adapter the clients started from, at rank R >= every client's rank; a client of

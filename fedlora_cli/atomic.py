@@ -174,7 +174,8 @@ def staged_dir(
 
 def honour_umask(folder: str | os.PathLike) -> None:
     """Give the files under `folder` the mode a plain `open()` gives (0666 less the umask), for writers that
-    create theirs 0600 whatever the umask (safetensors' save_file, which transformers' save_pretrained uses)."""
+    create theirs 0600 whatever the umask (safetensors' save_file, which transformers' save_pretrained
+    uses)."""
     mode = 0o666 & ~_umask()
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():

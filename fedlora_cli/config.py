@@ -44,9 +44,10 @@ MODEL_ALIASES = {
     "roberta-large": "FacebookAI/roberta-large",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
-# Learning-rate schedules (training.lr_factor): after the warm-up, linear or cosine decay to zero, or constant.
-# `train` and `baseline` run one over their whole training. In `rounds`, linear / cosine / constant start
-# afresh every client turn (per-turn is linear's name there), global-linear / global-cosine span all rounds.
+# Learning-rate schedules (training.lr_factor): after the warm-up, linear or cosine decay to zero, or
+# constant. `train` and `baseline` run one over their whole training. In `rounds`, linear / cosine / constant
+# start afresh every client turn (per-turn is linear's name there), global-linear / global-cosine span all
+# rounds.
 TRAIN_SCHEDULES = ("linear", "cosine", "constant")
 ROUNDS_SCHEDULES = ("per-turn", "global-linear", "global-cosine", "constant", "linear", "cosine")
 LR_SCHEDULES = ("linear", "cosine", "constant", "per-turn", "global-linear", "global-cosine")
@@ -358,7 +359,8 @@ class ModelSpec(Spec):
 
     @property
     def resolved(self) -> str:
-        """What `from_pretrained` receives: an absolute folder (given, or one a package carries), or a hub id."""
+        """What `from_pretrained` receives: an absolute folder (given, or one a package carries), or a hub
+        id."""
         if self.is_local:
             return str(Path(self.name).expanduser().resolve())
         packaged = packaged_model(self.name)
@@ -903,7 +905,8 @@ def _method(flag: str, name: Any) -> None:
 
 @dataclass(frozen=True)
 class AggregationSpec(Spec):
-    """The federated method (a name in `strategies.METHODS`), its own options, and the LoRA shapes it works with.
+    """The federated method (a name in `strategies.METHODS`), its own options, and the LoRA shapes it works
+    with.
 
     Scaling convention: every client keeps the scaling s = lora_alpha / lora_r the user chose, whatever
     its rank (a client of rank r_i trains with alpha_i = s·r_i), and so does the aggregated adapter
@@ -1097,7 +1100,8 @@ class PrivacySpec(Spec):
 
     def delta_for(self, clients: int) -> float:
         """δ: --dp-delta, else 1/N². It must stay well below 1/N: publishing one randomly chosen client's
-        update in the clear satisfies (0, 1/N)-DP, so δ = 1/N promises nothing; 1/N² keeps it N times lower."""
+        update in the clear satisfies (0, 1/N)-DP, so δ = 1/N promises nothing; 1/N² keeps it N times
+        lower."""
         return self.delta if self.delta is not None else 1.0 / clients**2
 
 
@@ -1262,7 +1266,8 @@ def _fraction_fit(flag: str, x: Any) -> None:
 
 @dataclass(frozen=True)
 class RoundsConfig(Spec):
-    """`fedlora rounds`: multi-round FedAvg of LoRA adapters over shards (`shards`, or made in memory: `partition`)."""
+    """`fedlora rounds`: multi-round FedAvg of LoRA adapters over shards (`shards`, or made in memory:
+    `partition`)."""
 
     panel: ClassVar[str] = "Federation"
 

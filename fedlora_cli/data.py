@@ -181,7 +181,8 @@ def _parse_rows(task: GlueTask, split: str, path: Path, rows: Any, limit: int | 
 
 
 def _read_text(path: Path) -> str:
-    """The file as text: UTF-8, a byte-order mark dropped; bytes that are not UTF-8 are one error with the line."""
+    """The file as text: UTF-8, a byte-order mark dropped; bytes that are not UTF-8 are one error with the
+    line."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")

@@ -67,7 +67,8 @@ def read_json(
 
 
 def read_json_or_none(path: str | os.PathLike, what: str = "file") -> dict[str, Any] | None:
-    """The same reader for callers that only look (is this fedlora's? what does it name?): None on any problem."""
+    """The same reader for callers that only look (is this fedlora's? what does it name?): None on any
+    problem."""
     try:
         return read_json(path, what)
     except InputError:

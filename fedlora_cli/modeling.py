@@ -1,4 +1,5 @@
-"""Build the encoder once, attach LoRA from a frozen spec, move adapter state in and out, read/write PEFT dirs."""
+"""Build the encoder once, attach LoRA from a frozen spec, move adapter state in and out, read/write PEFT
+dirs."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def _check_local_model(spec: ModelSpec, what: str) -> None:
-    """A local model folder: config.json an object of an architecture transformers knows, weights in safetensors."""
+    """A local model folder: config.json an object of an architecture transformers knows, weights in
+    safetensors."""
     folder = Path(spec.resolved)
     name = spec.name
     config_file = folder / "config.json"
@@ -569,7 +571,8 @@ def _lora_from_config(cfg: Any, path: str | os.PathLike) -> LoraSpec:
 
 
 def check_adapter_tensors(state: dict[str, torch.Tensor], lora: LoraSpec, where: str) -> None:
-    """Floating point, finite, LoRA factors of one rank that is the config's `r`: else one line naming a tensor."""
+    """Floating point, finite, LoRA factors of one rank that is the config's `r`: else one line naming a
+    tensor."""
     from fedlora_cli.aggregation import lora_rank
 
     for key, tensor in state.items():

@@ -187,8 +187,8 @@ def build(cls: type, values: dict[tuple[str, ...], Any], base: Any = MISSING) ->
 
 
 def absolute_paths(config: Any, cwd: str | None = None) -> Any:
-    """`config` with every path field (Option.path) absolute — `~` expanded, `..` folded, links kept as named —
-    against `cwd` (default: this process's working directory): what the user meant, wherever an engine,
+    """`config` with every path field (Option.path) absolute — `~` expanded, `..` folded, links kept as named
+    — against `cwd` (default: this process's working directory): what the user meant, wherever an engine,
     a process or a thread later runs. Values that are not set ("" or None) stay as they are."""
     import os
 

@@ -1,4 +1,5 @@
-"""Figures (a shard split, learning curves, per-client results); matplotlib is an optional extra, imported only when a plot is asked for."""
+"""Figures (a shard split, learning curves, per-client results); matplotlib is an optional extra, imported
+only when a plot is asked for."""
 
 from __future__ import annotations
 
@@ -189,7 +190,8 @@ def plot_client_distribution(
     groups: list[tuple[str, list[float]]], path: str | os.PathLike, *, metric: str, title: str
 ) -> Path:
     """One box per run (or method) of its clients' metric, every client drawn as a point over it (jittered
-    sideways, seeded), the mean as a diamond: where the clients lie, and how far the worst are from the rest."""
+    sideways, seeded), the mean as a diamond: where the clients lie, and how far the worst are from the
+    rest."""
     require_matplotlib()
     import matplotlib
 

@@ -138,7 +138,8 @@ def require_accounting() -> None:
 
 @functools.lru_cache(maxsize=1024)
 def epsilon(*, clients: int, per_round: int, noise_multiplier: float, rounds: int, delta: float) -> float:
-    """ε at `delta` after `rounds` rounds of DP-FedAvg as fedlora runs it, from dp-accounting's RDP accountant.
+    """ε at `delta` after `rounds` rounds of DP-FedAvg as fedlora runs it, from dp-accounting's RDP
+    accountant.
 
     Each round samples exactly `per_round` of `clients` clients without replacement (data-independent,
     seeded), adds N(0, (z·C)²) to the sum of their updates clipped to norm C, and divides by `per_round`.

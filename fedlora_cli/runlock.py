@@ -81,7 +81,8 @@ class RunLock:
         with atomic.writing(folder):
             self._created = _missing_ancestors(folder)
             folder.mkdir(parents=True, exist_ok=True)
-            # thread_local=False: a Flower ServerApp may take the lock in one thread and release it in another.
+            # thread_local=False: a Flower ServerApp may take the lock in one thread and release it in
+            # another.
             lock = filelock.FileLock(folder / LOCK_FILE, timeout=0, thread_local=False)
             try:
                 lock.acquire()

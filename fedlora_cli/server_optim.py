@@ -88,7 +88,8 @@ def factored_first_moment(
     bs: Sequence[torch.Tensor],
     as_: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """m_t = decay·m_{t−1} + gain·Δ_t as factors (P, Q), m = P·Q, where Δ_t = Σ_i bs_i·as_i and m_{t−1} = P'·Q'.
+    """m_t = decay·m_{t−1} + gain·Δ_t as factors (P, Q), m = P·Q, where Δ_t = Σ_i bs_i·as_i and
+    m_{t−1} = P'·Q'.
 
     The stacked factors are re-compressed losslessly (`low_rank_factors`: QR of each side, SVD of the small
     core, singular values below 1e-9 of the largest dropped), so P has as many columns as m has rank: at most

@@ -1,4 +1,5 @@
-"""Several clients' LoRA adapters over one frozen base: each row of a batch goes through its own client's factors.
+"""Several clients' LoRA adapters over one frozen base: each row of a batch goes through its own client's
+factors.
 
 A batch of K clients is their batches one after another; a `Layout` says which rows are whose (contiguous
 `Segment`s). While a `Stack` is swapped into a PEFT model, each LoRA layer is a `StackedLoraLinear` (the
@@ -77,7 +78,8 @@ class Layout:
     segments: list[Segment] = field(default_factory=list)
 
     def per_client(self, x: torch.Tensor, fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """`fn(client, rows)` on each client's rows of `x` (dim 0), under the client's stream, in row order."""
+        """`fn(client, rows)` on each client's rows of `x` (dim 0), under the client's stream, in row
+        order."""
         out = []
         for seg in self.segments:
             with self.streams.use(seg.client):
@@ -110,7 +112,8 @@ class Factors:
 
 
 class StackedLoraLinear(nn.Module):
-    """The frozen base layer over every row, plus each row's own client's s·B·A (PEFT's lora.Linear, K-fold)."""
+    """The frozen base layer over every row, plus each row's own client's s·B·A (PEFT's lora.Linear,
+    K-fold)."""
 
     def __init__(self, base_layer: nn.Module, factors: Sequence[Factors], layout: Layout) -> None:
         super().__init__()
@@ -228,7 +231,8 @@ def take(model: nn.Module, adapter_name: str, trains: frozenset[str]) -> ClientA
 
 @torch.no_grad()
 def put(model: nn.Module, adapter_name: str, client: ClientAdapter) -> None:
-    """Write a client's trained tensors into the adapter slot `adapter_name` of a PEFT model (of its shape)."""
+    """Write a client's trained tensors into the adapter slot `adapter_name` of a PEFT model (of its
+    shape)."""
     layers = lora_layers(model)
     for name, f in client.factors.items():
         layers[name].lora_A[adapter_name].weight.copy_(f.A)

@@ -70,7 +70,8 @@ TASKS: dict[str, GlueTask] = {
             ("validation",),
             ("mcc", "accuracy"),
             "mcc",
-            # CoLA's train/dev files have no header: source, label, original label, sentence; test.tsv has one.
+            # CoLA's train/dev files have no header: source, label, original label, sentence; test.tsv has
+            # one.
             _layout("CoLA", {"sentence": 3}, 1, has_header=False, test_columns={"sentence": "sentence"}),
         ),
         GlueTask(

@@ -28,7 +28,8 @@ _enabled = False  # set by the console entry point only (enable), never at impor
 
 
 def enable() -> None:
-    """Let SIGTERM stop the commands of this process as Ctrl-C does: for the `fedlora` command's own process."""
+    """Let SIGTERM stop the commands of this process as Ctrl-C does: for the `fedlora` command's own
+    process."""
     global _enabled
     _enabled = True
 
@@ -53,7 +54,8 @@ def note() -> None:
 
 
 def reword(message: str) -> str:
-    """An interrupt message as the answer to SIGTERM: `terminated (SIGTERM): …` instead of `interrupted: …`."""
+    """An interrupt message as the answer to SIGTERM: `terminated (SIGTERM): …` instead of
+    `interrupted: …`."""
     rest = message.removeprefix("interrupted").removeprefix(":").strip()
     return "terminated (SIGTERM)" + (f": {rest}" if rest else "")
 

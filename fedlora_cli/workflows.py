@@ -252,6 +252,7 @@ def rerun(
     progress: Any = None,
     argv: list[str] | None = None,
 ) -> RerunResult:
-    """Run a recorded run's final configuration again into a new folder (rerun_target); compare the adapters."""
+    """Run a recorded run's final configuration again into a new folder (rerun_target); compare the
+    adapters."""
     plan = plan_rerun(folder, root=root, output_dir=output_dir, model_cache=model_cache)
     return run_rerun(plan, progress=progress, argv=argv)

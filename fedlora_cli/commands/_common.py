@@ -1,4 +1,5 @@
-"""What every command shares: option types, the reference scripts' flag aliases, the error boundary, output."""
+"""What every command shares: option types, the reference scripts' flag aliases, the error boundary,
+output."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ LOG_WIDTH = 10_000  # columns of stdout off a terminal: wider than any table fed
 
 
 def console():
-    """stdout. Off a terminal (a log file, a pipe) there is no width to fit: Rich would squeeze a table into 80
-    columns and cut its cells (`accu…`, `0.48…`), so every table is printed whole."""
+    """stdout. Off a terminal (a log file, a pipe) there is no width to fit: Rich would squeeze a table into
+    80 columns and cut its cells (`accu…`, `0.48…`), so every table is printed whole."""
     from rich.console import Console
 
     # soft_wrap: a line longer than the terminal is left to the terminal, never broken by Rich, so paths
@@ -301,7 +302,8 @@ def load_toml(path: str | os.PathLike, what: str = "--config", max_bytes: int = 
 
 
 def _load_config(ctx: Any, param: Any, value: str | None) -> None:
-    """--config: the file's options become defaults, so the command line overrides them (click's default_map)."""
+    """--config: the file's options become defaults, so the command line overrides them (click's
+    default_map)."""
     if not value or ctx.resilient_parsing:
         return
     defaults = options_to_defaults(ctx.command, load_toml(value), f"--config {value}")

@@ -45,7 +45,8 @@ MAX_CHOICES_WIDTH = 20  # longer choice lists are named in the help text, not in
 
 
 class SpecChoice(click.Choice):
-    """A closed set of values: shown as [a|b|c] in `-h`, completed on Tab; a bad value gets the field's message."""
+    """A closed set of values: shown as [a|b|c] in `-h`, completed on Tab; a bad value gets the field's
+    message."""
 
     def __init__(self, choices: Sequence[str], flag: str, check: Callable[[str, Any], None] | None) -> None:
         super().__init__(list(choices))
@@ -146,7 +147,8 @@ class Command:
         self.paths = {p.name: p.path for p in self.params}
 
     def wrap(self, body: Callable[[Any, Values], Any]) -> Callable[..., Any]:
-        """A function Typer can register: its signature is the generated parameters, its body `body(ctx, values)`."""
+        """A function Typer can register: its signature is the generated parameters, its body
+        `body(ctx, values)`."""
 
         def command(ctx: typer.Context, **kwargs: Any) -> Any:
             return body(ctx, self.values(ctx, kwargs))

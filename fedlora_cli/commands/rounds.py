@@ -60,7 +60,8 @@ rounds = OPTIONS.wrap(_rounds)
 
 
 def _with_recommended(config: RoundsConfig, values: c.Values, resume: bool) -> RoundsConfig:
-    """The method's recommended values (strategies/registry.py) for the options the user left out, said once."""
+    """The method's recommended values (strategies/registry.py) for the options the user left out, said
+    once."""
     from fedlora_cli.strategies.registry import recommended
 
     given = {".".join(path) for path in values.given}

@@ -135,7 +135,8 @@ def list_command(
 
 
 def show(run: RunArg, root: RootOpt = "runs", as_json: JsonOpt = False) -> None:
-    """One run: its command line, config, status, per-round table, final metrics and where its adapters are."""
+    """One run: its command line, config, status, per-round table, final metrics and where its \
+adapters are."""
     from fedlora_cli.runs import flatten, read_history
     from fedlora_cli.runs.query import load_run, resolve_run
 
@@ -255,7 +256,8 @@ def compare(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Configs side by side (only what differs) and final metrics, per-client results (mean, std, worst client,
+    """Configs side by side (only what differs) and final metrics, per-client results (mean, std, \
+worst client,
     worst 10 %, best); --plot draws the learning curves, --plot-clients the per-client distributions."""
     from fedlora_cli.runs.query import config_diff, curve_of, load_run, resolve_run
 

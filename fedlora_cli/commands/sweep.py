@@ -35,7 +35,8 @@ def sweep(
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would run, and run nothing")] = False,
 ) -> None:
-    """Run every cell of a grid for every seed (skipping complete runs, resuming interrupted ones), then report."""
+    """Run every cell of a grid for every seed (skipping complete runs, resuming interrupted ones), \
+then report."""
     from fedlora_cli.sweeps import load_sweep, plan, report, report_tables, run_sweep, write_report
 
     spec = load_sweep(file, c.load_toml(file, "sweep"))

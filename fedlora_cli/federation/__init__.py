@@ -6,7 +6,8 @@
     lifecycle.py  run_federated: prepare -> session -> driver -> the engine's round loop -> finish -> release
     local.py      engine `local`: the round loop with every client in this process
     personal.py   personal parts kept per client, per-client evaluation, each client's own final model
-    stacked.py    engine `local`'s --clients-at-once K: a group of clients trained together over one frozen base
+    stacked.py    engine `local`'s --clients-at-once K: a group of clients trained together over one frozen
+                  base
 
 The package knows no engine beyond `local`: the command picks one (`fedlora_cli.engines`), and the Flower
 ServerApp brings its own round loop to the same `run_federated`.

@@ -383,12 +383,14 @@ class RoundDriver:
         return self.personal.plan(self.s.strategy.plan(round_no, client_id, self.current))
 
     def personal_state(self, plan: ClientPlan) -> dict[str, torch.Tensor] | None:
-        """Engine local: the client's personal parts the plan continues from (None: its first turn, or none)."""
+        """Engine local: the client's personal parts the plan continues from (None: its first turn, or
+        none)."""
         return self.store.continued(plan)
 
     def _personalize(self, last_round: int, adapter: GlobalAdapter) -> dict[str, Any] | None:
-        """final/clients/: every client's own final model — its personal model (a method with personal parts) or
-        `adapter`, the global adapter the run reports — fine-tuned for --personalize-epochs, scored and saved."""
+        """final/clients/: every client's own final model — its personal model (a method with personal parts)
+        or `adapter`, the global adapter the run reports — fine-tuned for --personalize-epochs, scored and
+        saved."""
         s, epochs = self.s, self.s.config.personal.personalize_epochs
         if self.global_model and epochs <= 0:
             return None
@@ -487,7 +489,8 @@ class RoundDriver:
                      majority=majority_metrics(s.task, s.data.evals))  # fmt: skip
         if self.stopped:
             extra["stopped"] = self.stopped
-        # per-client results: the reported round's evaluation, or (a personalised run) each client's final model
+        # per-client results: the reported round's evaluation, or (a personalised run) each client's final
+        # model
         scored = next((r for r in history if r.round == report_round), None)
         per_client = (scored.extra.get("per_client") if scored is not None else None) or None
         personalised = self._personalize(last_round, report_adapter)

@@ -68,7 +68,8 @@ class PersonalTurns:
             self.last[int(cid)] = round_no
 
     def plan(self, plan: ClientPlan) -> ClientPlan:
-        """`plan` with the round the client's personal parts come from, or (first turn) their initial values."""
+        """`plan` with the round the client's personal parts come from, or (first turn) their initial
+        values."""
         if not plan.personal:
             return plan
         done = self.last.get(plan.client_id, 0)
@@ -80,8 +81,9 @@ class PersonalTurns:
 
 
 def with_personal(plan: ClientPlan, personal: Mapping[str, torch.Tensor] | None) -> ClientPlan:
-    """The plan a client trains or scores: the shared parts it was sent plus its own personal parts (`personal`,
-    from its turn in `plan.personal_round`), or, before its first turn, the plan's personal start."""
+    """The plan a client trains or scores: the shared parts it was sent plus its own personal parts
+    (`personal`, from its turn in `plan.personal_round`), or, before its first turn, the plan's personal
+    start."""
     if not plan.personal:
         return plan
     if plan.personal_round and personal is None:
@@ -142,7 +144,8 @@ class PersonalStore:
                 "is missing (a run made with --engine flower keeps its clients' personal parts on the clients)",
                 round_no,
             )
-        # a complete round's file is checked against its seal; the round in progress (no record yet) wrote it now
+        # a complete round's file is checked against its seal; the round in progress (no record yet) wrote it
+        # now
         sealed = (self.tree.global_dir(round_no) / "metrics.json").is_file()
         files = read_round_record(self.tree, round_no).get("files") if sealed else None
         name = path.relative_to(self.tree.round_dir(round_no)).as_posix()
@@ -194,8 +197,9 @@ def personalize_client(
     precision: str,
     progress: Any = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """A client's final model: its own (or the final global adapter) fine-tuned for `epochs` on its local training
-    split (0: as it is), then scored on its local test split (no metrics without one); returns (state, metrics)."""
+    """A client's final model: its own (or the final global adapter) fine-tuned for `epochs` on its local
+    training split (0: as it is), then scored on its local test split (no metrics without one); returns
+    (state, metrics)."""
     from fedlora_cli.evaluation import evaluate
     from fedlora_cli.federation.driver import derive_seed
     from fedlora_cli.training import train_model
@@ -263,8 +267,8 @@ def client_meta(task: Any, config: Any, rounds: int) -> dict[str, Any]:
 
 
 class ClientRunner(Protocol):
-    """Runs what only a client can do with its personal parts: score its own model, finish it (engine local in this
-    process, `InProcessClients`; Flower sends messages to the SuperNodes)."""
+    """Runs what only a client can do with its personal parts: score its own model, finish it (engine local in
+    this process, `InProcessClients`; Flower sends messages to the SuperNodes)."""
 
     def evaluate(self, round_no: int, plans: Mapping[int, ClientPlan]) -> dict[int, Outcome]: ...
 
@@ -274,7 +278,8 @@ class ClientRunner(Protocol):
 
 
 class InProcessClients:
-    """Engine local's clients: the run's one model and data, each client's personal parts from the run tree."""
+    """Engine local's clients: the run's one model and data, each client's personal parts from the run
+    tree."""
 
     def __init__(self, setup: Any, store: PersonalStore) -> None:
         self.s = setup

@@ -342,7 +342,8 @@ def _prepare(
 
 
 def client_splits(shards: Any, data: TaskData, config: RoundsConfig) -> Any:
-    """Each shard's local train / local test split (--client-test-fraction; None when 0), before any training."""
+    """Each shard's local train / local test split (--client-test-fraction; None when 0), before any
+    training."""
     from fedlora_cli.personal.split import split_clients
 
     fraction = config.personal.client_test_fraction

@@ -295,7 +295,8 @@ class _Group:
         return results
 
     def _step(self, active: list[_Client]) -> list[float]:
-        """One optimizer step of every active client: their batches through the base together (`plan_passes`)."""
+        """One optimizer step of every active client: their batches through the base together
+        (`plan_passes`)."""
         t0 = time.perf_counter()
         lengths = self.data.train.lengths
         slots = [self.clients.index(c) for c in active]
@@ -410,7 +411,8 @@ def plan_passes(
 
 
 def _row_losses(logits: torch.Tensor, labels: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """Each row's loss, as the model's own mean loss counts it (regression: squared error; else cross-entropy)."""
+    """Each row's loss, as the model's own mean loss counts it (regression: squared error; else
+    cross-entropy)."""
     config = model.config
     if config.problem_type == "regression" or (config.problem_type is None and config.num_labels == 1):
         return torch.nn.functional.mse_loss(logits.view(-1), labels.view(-1), reduction="none")

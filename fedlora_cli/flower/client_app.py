@@ -1,9 +1,10 @@
-"""The ClientApp: one client's turn of `fedlora rounds` (`federation.train_client`) behind Flower's Message API.
+"""The ClientApp: one client's turn of `fedlora rounds` (`federation.train_client`) behind Flower's Message
+API.
 
 Every message carries the server's resolved settings (a "run-config" ConfigRecord: clients always
 train with exactly the server's options, however the ServerApp got them — from the run config in a
-deployment, from the command over the relay in `--engine flower`). The SuperNode's node config says which shard the node serves and where its
-node-local files are:
+deployment, from the command over the relay in `--engine flower`). The SuperNode's node config says which
+shard the node serves and where its node-local files are:
 
 - `partition-id` (set by Flower's simulation): the i-th client of the run config's `shards` folder;
 - `shard-manifest='/abs/client_3.json'`: that manifest (client id from the file name, or `client-id`);
@@ -126,7 +127,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.evaluate("personal")
 def evaluate_personal(msg: Message, context: Context) -> Message:
-    """Score this client's own model (the shared parts received, its personal parts) on its local test split."""
+    """Score this client's own model (the shared parts received, its personal parts) on its local test
+    split."""
 
     def answer() -> Message:
         from fedlora_cli.federation.personal import evaluate_client
@@ -155,8 +157,9 @@ def evaluate_personal(msg: Message, context: Context) -> Message:
 
 @app.train("personalize")
 def personalize(msg: Message, context: Context) -> Message:
-    """This client's final model: its own (or the final global adapter) fine-tuned for --personalize-epochs on its
-    local training split, scored on its local test split, and saved on this machine; only the metrics go back."""
+    """This client's final model: its own (or the final global adapter) fine-tuned for --personalize-epochs on
+    its local training split, scored on its local test split, and saved on this machine; only the metrics go
+    back."""
 
     def answer() -> Message:
         from fedlora_cli.federation.personal import client_meta, personalize_client, save_client_adapter
@@ -224,7 +227,8 @@ def _metrics_reply(msg: Message, client_id: int, metrics: Mapping[str, float], s
 
 def _personal_folder(node: Mapping[str, Any], save_to: str, client_id: int) -> Path | None:
     """Where this client's final model goes: `personal-dir` of the node config, else the run's final/clients/
-    when the run folder is on this machine (the simulation); None: it is not saved (only its metrics go back)."""
+    when the run folder is on this machine (the simulation); None: it is not saved (only its metrics go
+    back)."""
     from fedlora_cli.ownership import RUN_RECORD
 
     if node.get("personal-dir"):
@@ -241,8 +245,9 @@ PERSONAL_RECORD = "fedlora.personal."  # + the round of the turn that left them
 
 
 def keep_personal(context: Context, round_no: int, state: Mapping[str, Any], *, since: int) -> None:
-    """Keep the personal parts this turn left; forget those of turns before `since` (the turn this one continued
-    from: the server never names an older one again). A turn the server refused stays until a later one counts."""
+    """Keep the personal parts this turn left; forget those of turns before `since` (the turn this one
+    continued from: the server never names an older one again). A turn the server refused stays until a later
+    one counts."""
     for name in list(context.state.array_records):
         if name.startswith(PERSONAL_RECORD) and int(name.removeprefix(PERSONAL_RECORD)) < since:
             del context.state[name]
@@ -411,7 +416,8 @@ _SPLITS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _split(config: RoundsConfig, shard: Shard, worker: _Worker) -> tuple[np.ndarray, np.ndarray]:
-    """(local train, local test) of this node's shard, carved as the server carves it (--client-test-fraction)."""
+    """(local train, local test) of this node's shard, carved as the server carves it
+    (--client-test-fraction)."""
     fraction = config.personal.client_test_fraction
     if fraction <= 0:
         return shard.indices, shard.indices[:0]

@@ -1,5 +1,5 @@
-"""What crosses Flower's wire: adapter states as ArrayRecords (one safetensors array each), LoRA shapes and reports as ConfigRecords,
-and `RoundsConfig` as Flower's flat run config.
+"""What crosses Flower's wire: adapter states as ArrayRecords (one safetensors array each), LoRA shapes and
+reports as ConfigRecords, and `RoundsConfig` as Flower's flat run config.
 
 The run config is derived from the option fields of `RoundsConfig` (fedlora_cli/options.py), so the
 defaults in pyproject.toml's `[tool.flwr.app.config]` (`pyproject_block`; a test checks the file), the
@@ -46,7 +46,8 @@ def _kebab(name: str) -> str:
 
 
 def run_config_key(path: tuple[str, ...]) -> str:
-    """A config field's run-config key: its path in kebab-case, `train.learning-rate`, `aggregation.svd.rank`."""
+    """A config field's run-config key: its path in kebab-case, `train.learning-rate`,
+    `aggregation.svd.rank`."""
     return ".".join(_kebab(p) for p in path)
 
 
@@ -91,7 +92,8 @@ def _decode(key: str, value: Any, tp: Any) -> Any:
 
 
 def _fields() -> list[OptionField]:
-    """Every field of RoundsConfig, CLI option or not (resume, the token cache): the run config has them all."""
+    """Every field of RoundsConfig, CLI option or not (resume, the token cache): the run config has them
+    all."""
     return list(walk(RoundsConfig))
 
 
@@ -172,12 +174,13 @@ PACKED_STYPE = "safetensors"  # how its bytes are laid out
 
 
 def state_to_arrays(state: Mapping[str, Any]) -> ArrayRecord:
-    """An adapter state dict (PEFT keys, CPU tensors) as an ArrayRecord of ONE array: the whole state as safetensors
-    bytes (no pickle), the key order in its metadata.
+    """An adapter state dict (PEFT keys, CPU tensors) as an ArrayRecord of ONE array: the whole state as
+    safetensors bytes (no pickle), the key order in its metadata.
 
-    One array rather than one per tensor: Flower moves every array (and every record) as an object of its own —
-    in a deployment one HTTP request each, from the ServerApp to the SuperLink, to the SuperNode, to the ClientApp
-    and back — so a 26-tensor LoRA adapter made a 57-object message; packed, a message has about ten.
+    One array rather than one per tensor: Flower moves every array (and every record) as an object of its own
+    — in a deployment one HTTP request each, from the ServerApp to the SuperLink, to the SuperNode, to the
+    ClientApp and back — so a 26-tensor LoRA adapter made a 57-object message; packed, a message has about
+    ten.
     """
     from safetensors.torch import save
 
@@ -189,8 +192,8 @@ def state_to_arrays(state: Mapping[str, Any]) -> ArrayRecord:
 def arrays_to_state(arrays: ArrayRecord) -> dict[str, Any]:
     """Back to `{key: torch.Tensor}`, keys in the order they were sent.
 
-    What a client sent is untrusted: any failure to decode it (another layout, a dtype torch has no tensor for,
-    a damaged or lying header …) is a ValueError, which the server counts as a failed client.
+    What a client sent is untrusted: any failure to decode it (another layout, a dtype torch has no tensor
+    for, a damaged or lying header …) is a ValueError, which the server counts as a failed client.
     """
     from safetensors.torch import load
 
@@ -264,7 +267,8 @@ def _flag(record: Mapping[str, Any], key: str) -> bool:
 
 
 def number(record: Mapping[str, Any], key: str, *, finite: bool) -> float:
-    """A real number (int or float, not a bool); finite unless `finite=False` (then NaN is allowed, ±Inf not)."""
+    """A real number (int or float, not a bool); finite unless `finite=False` (then NaN is allowed, ±Inf
+    not)."""
     value = _field(record, key)
     if type(value) not in (int, float):
         raise ValueError(f"{key} must be a number, got {_show(value)}")
@@ -363,9 +367,9 @@ def report_from_config(record: Mapping[str, Any]) -> dict[str, Any]:
 def plan_to_content(
     plan: Any, round_no: int, run_config: ConfigRecord, extra: Mapping[str, Any] | None = None
 ) -> RecordDict:
-    """Everything a client needs for its turn: the adapter (its shared parts), its shape, what trains, the base
-    delta, and which of its own turns its personal parts continue from (their initial values for its first).
-    `extra`: more CONFIG fields (a final turn's epochs)."""
+    """Everything a client needs for its turn: the adapter (its shared parts), its shape, what trains, the
+    base delta, and which of its own turns its personal parts continue from (their initial values for its
+    first). `extra`: more CONFIG fields (a final turn's epochs)."""
     meta = ConfigRecord({"server-round": round_no, "client-id": plan.client_id, **lora_to_config(plan.adapter.lora),
                          "train-parts": sorted(plan.train), "prox-mu": float(plan.prox_mu),
                          "base-delta-key": plan.base_delta_key,

@@ -5,8 +5,9 @@ ServerApp runs in a `flwr-simulation` process that the SuperLink's SuperExec sta
 process, so it cannot be handed the command's settings, progress display, stop switch or result as
 objects. The relay carries them over one loopback TCP connection, as JSON lines:
 
-    ServerApp -> command: {"hello": token}, then progress and tracker calls {"call": "advance", "args": [...]},
-                          {"prepared": run_dir}, and last {"result": {...}} or {"error": {...}}
+    ServerApp -> command: {"hello": token}, then progress and tracker calls
+                          {"call": "advance", "args": [...]}, {"prepared": run_dir},
+                          and last {"result": {...}} or {"error": {...}}
     command -> ServerApp: {"config": {...}, "argv": [...]} (the run config as `codec.to_run_config` writes
                           it, exact), then {"stop": true} on Ctrl-C / SIGTERM
 
@@ -72,7 +73,8 @@ class _Lines:
 
 
 class Relay:
-    """Listens on loopback for the ServerApp of this run; feeds its calls to `progress` (in the caller's thread)."""
+    """Listens on loopback for the ServerApp of this run; feeds its calls to `progress` (in the caller's
+    thread)."""
 
     def __init__(self, config_record: dict[str, Any], argv: list[str] | None, progress: Any) -> None:
         self.start_message = {"config": config_record, "argv": argv}
@@ -268,7 +270,8 @@ def error_from_json(data: dict[str, Any]) -> Exception:
 
 
 class RelayProgress:
-    """The command's progress display and trackers, as seen from the ServerApp: every call goes over the line."""
+    """The command's progress display and trackers, as seen from the ServerApp: every call goes over the
+    line."""
 
     def __init__(self, link: Link) -> None:
         self._link = link
@@ -341,7 +344,8 @@ class Link:
             _send(self.sock, self.lock, message)
 
     def serve(self, run: Callable[..., Any]) -> None:
-        """`run(config, argv, progress, abort, on_prepared)` -> RoundsResult; its outcome goes back to the command.
+        """`run(config, argv, progress, abort, on_prepared)` -> RoundsResult; its outcome goes back to the
+        command.
 
         An expected failure (FedloraError) is reported and not raised again: the run ended as the command
         will say. A bug is reported and raised, so that Flower logs its traceback.

@@ -42,9 +42,9 @@ _log = logging.getLogger("flwr")
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """`fedlora rounds --engine flower` (simulation.py): settings, progress display, Ctrl-C and the result go over
-    the relay to the command. Deployment (`flwr run .`): settings from the run config, progress as Flower log
-    lines."""
+    """`fedlora rounds --engine flower` (simulation.py): settings, progress display, Ctrl-C and the result go
+    over the relay to the command. Deployment (`flwr run .`): settings from the run config, progress as Flower
+    log lines."""
     from fedlora_cli.flower import relay
 
     link = relay.link_from_env()
@@ -382,11 +382,12 @@ class FedloraStrategy(Strategy):
 
 
 class FlowerClients:
-    """What only a client can do with its personal parts (federation.personal.ClientRunner), on its SuperNode: score
-    its own model on its local test split (`evaluate.personal`), make its final model (`train.personalize`: it is
-    saved on the node's machine). Each message carries the shared parts and the round its personal parts continue
-    from; each reply carries metrics only. A node that fails or does not reply within --round-timeout is a
-    failure with its reason; a node still busy with a timed-out round gets no message."""
+    """What only a client can do with its personal parts (federation.personal.ClientRunner), on its SuperNode:
+    score its own model on its local test split (`evaluate.personal`), make its final model
+    (`train.personalize`: it is saved on the node's machine). Each message carries the shared parts and the
+    round its personal parts continue from; each reply carries metrics only. A node that fails or does not
+    reply within --round-timeout is a failure with its reason; a node still busy with a timed-out round gets
+    no message."""
 
     def __init__(self, strategy: FedloraStrategy, grid: Grid) -> None:
         self.strategy = strategy
@@ -495,9 +496,9 @@ _EXCEPTION_FIRST = re.compile(r"^\w*(?:Error|Exception|Interrupt|Exit)\w*: ")
 
 
 def crash_reason(code: int, reason: str | None) -> str | None:
-    """None when an error reply is fedlora's ClientApp answering with an expected failure (its one line: a bad node
-    config, shard or model); else what crashed, in one line: the ClientApp raised something else (a bug, memory),
-    or the worker under it died (Ray's out-of-memory killer, a lost node), as Flower reports it."""
+    """None when an error reply is fedlora's ClientApp answering with an expected failure (its one line: a bad
+    node config, shard or model); else what crashed, in one line: the ClientApp raised something else (a bug,
+    memory), or the worker under it died (Ray's out-of-memory killer, a lost node), as Flower reports it."""
     from flwr.common.constant import ErrorCode
 
     text = (reason or "").strip()

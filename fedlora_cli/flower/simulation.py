@@ -59,7 +59,8 @@ POLL_SECONDS = 0.25
 # Ray (2.x) takes this machine's address to be 127.0.0.1 when this is 0 — its single-machine mode — so every
 # server it starts (GCS, raylet, workers, agents) binds 127.0.0.1; otherwise they listen on every interface.
 RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# folders the processes below find through the environment: relative ones would resolve in the temporary folder
+# folders the processes below find through the environment: relative ones would resolve in the temporary
+# folder
 CACHE_VARIABLES = ("FEDLORA_CACHE", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
                    "TRANSFORMERS_CACHE")  # fmt: skip
 
@@ -82,7 +83,8 @@ def run_flower_simulation(
     from fedlora_cli.flower import codec, relay
     from fedlora_cli.options import absolute_paths
 
-    # the user's paths, before anything runs in the temporary folder (run_rounds did it; a library call may not)
+    # the user's paths, before anything runs in the temporary folder (run_rounds did it; a library call may
+    # not)
     config = absolute_paths(config)
 
     progress = progress or NullProgress()
@@ -151,8 +153,8 @@ def _interrupted(run_dir: Path | None) -> Exception:
 
 
 def write_app(folder: Path, client_app: str) -> Path:
-    """A Flower app folder: one pyproject.toml naming fedlora's ServerApp and `client_app`, with the run config
-    declared as fedlora's pyproject.toml declares it. No code: fedlora comes from this environment."""
+    """A Flower app folder: one pyproject.toml naming fedlora's ServerApp and `client_app`, with the run
+    config declared as fedlora's pyproject.toml declares it. No code: fedlora comes from this environment."""
     from fedlora_cli import __version__
     from fedlora_cli.flower import codec
 
@@ -214,7 +216,8 @@ def _tool(name: str) -> str:
 
 
 class _SuperLink:
-    """A SuperLink in simulation mode, for one run: started, watched, and stopped with every process below it."""
+    """A SuperLink in simulation mode, for one run: started, watched, and stopped with every process below
+    it."""
 
     def __init__(self, work: Path, relay_address: str) -> None:
         from fedlora_cli.flower import relay
@@ -270,7 +273,8 @@ class _SuperLink:
         command = [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                    "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
         with open(self.log, "ab") as log:
-            # a session of its own: Ctrl-C in the terminal reaches this process only, which stops the run in order
+            # a session of its own: Ctrl-C in the terminal reaches this process only, which stops the run in
+            # order
             self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
                                          stdin=subprocess.DEVNULL, start_new_session=True, **_die_with_parent())  # fmt: skip
         self._watch.start()
@@ -443,7 +447,8 @@ def _stop(processes: Iterable[Any], grace: float = 3.0) -> None:
 
 
 def _reason(text: str | None) -> str | None:
-    """Flower's multi-line messages in one line: its bullet points ("- Unable to load module x"), or the first line."""
+    """Flower's multi-line messages in one line: its bullet points ("- Unable to load module x"), or the first
+    line."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     bullets = [line[2:] for line in lines if line.startswith("- ")]
     return _one_line("; ".join(bullets) if bullets else lines[0]) if lines else None
@@ -496,9 +501,9 @@ def _check_resources(config: RoundsConfig) -> None:
 
 @contextlib.contextmanager
 def _ctrl_c_sets(abort: threading.Event) -> Iterator[None]:
-    """Ctrl-C or SIGTERM asks the ServerApp to stop at its next wait, so the round in progress ends in order and
-    the run stays resumable; a second Ctrl-C stops everything at once. SIGTERM only in the `fedlora` command's
-    own process (termination.enable): in library use it stays the host's."""
+    """Ctrl-C or SIGTERM asks the ServerApp to stop at its next wait, so the round in progress ends in order
+    and the run stays resumable; a second Ctrl-C stops everything at once. SIGTERM only in the `fedlora`
+    command's own process (termination.enable): in library use it stays the host's."""
     from fedlora_cli import termination
 
     if threading.current_thread() is not threading.main_thread():

@@ -72,8 +72,9 @@ def connect(
     token: str | None = None,
     auth_secret: bytes | None = None,
 ) -> Any:
-    """A Runtime API client for the SuperNode at `address`: as an executor (signing its requests for tasks with
-    `auth_secret` when the SuperNode asks for SuperExec authentication), or for one task with its token."""
+    """A Runtime API client for the SuperNode at `address`: as an executor (signing its requests for tasks
+    with `auth_secret` when the SuperNode asks for SuperExec authentication), or for one task with its
+    token."""
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
@@ -119,7 +120,8 @@ def serve(
     max_tasks: int | None = None,
     auth_secret: bytes | None = None,
 ) -> int:
-    """Serve the SuperNode's ClientApp tasks until `stop` is set (or `max_tasks` were served); returns how many.
+    """Serve the SuperNode's ClientApp tasks until `stop` is set (or `max_tasks` were served); returns how
+    many.
 
     `poll`: seconds between two requests for a task while there is none (on the SuperNode's local API). A
     SuperNode that does not answer (not started yet, restarting) is waited for; `on_wait` hears about it once.
@@ -226,8 +228,8 @@ PULL_FIRST_RETRY = 0.05  # seconds; Flower's default is 1 s (see pull_task_input
 def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     """Flower's `run_clientapp.pull_task_input` with a short first retry: the message, context, run and FAB.
 
-    A SuperNode hands out a task as soon as it has the message's header and pulls the message's content from the
-    SuperLink afterwards; Flower's puller waits 1 s before asking again for content that is not there yet,
+    A SuperNode hands out a task as soon as it has the message's header and pulls the message's content from
+    the SuperLink afterwards; Flower's puller waits 1 s before asking again for content that is not there yet,
     which a fresh `flwr-clientapp` never notices (its start-up takes longer) but a process that is already
     running pays on every message. Here the first retry comes after 50 ms, doubling up to 1 s.
     """

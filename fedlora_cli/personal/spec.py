@@ -1,4 +1,5 @@
-"""The personalisation options of `fedlora rounds` (one spec, one field each) and the checks that involve the method."""
+"""The personalisation options of `fedlora rounds` (one spec, one field each) and the checks that involve the
+method."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Each client's shard split into local train / local test, before any training: clients never train on their test.
+"""Each client's shard split into local train / local test, before any training: clients never train on their
+test.
 
 The carve is `holdout.carve`'s (each stratum in proportion to its share, exact total), per client: strata are
 the labels (regression: 0.2-wide score bins), the generator is seeded by (--seed, client id), so the server
@@ -27,7 +28,8 @@ class ClientSplit:
 
 
 def local_test_size(n: int, fraction: float) -> int:
-    """Local test examples of a shard of `n`: round(fraction·n), at least 1 and at most n − 1 (0 when off or n < 2)."""
+    """Local test examples of a shard of `n`: round(fraction·n), at least 1 and at most n − 1 (0 when off
+    or n < 2)."""
     if fraction <= 0 or n < 2:
         return 0
     return int(min(max(1, round(fraction * n)), n - 1))
@@ -70,7 +72,8 @@ class ClientSplits:
 
     @property
     def digest(self) -> str:
-        """sha256 over (client id, local test indices): two runs scored their clients on the same examples iff equal."""
+        """sha256 over (client id, local test indices): two runs scored their clients on the same examples iff
+        equal."""
         h = hashlib.sha256()
         for cid in sorted(self.splits):
             h.update(np.int64(cid).tobytes())
@@ -78,7 +81,8 @@ class ClientSplits:
         return h.hexdigest()[:16]
 
     def record(self) -> dict[str, object]:
-        """What run.json keeps (`client_test`): the fraction, the seed, each client's train/test sizes, the digest."""
+        """What run.json keeps (`client_test`): the fraction, the seed, each client's train/test sizes, the
+        digest."""
         sizes = {str(c): [int(len(s.train)), int(len(s.test))] for c, s in sorted(self.splits.items())}
         return {"fraction": self.fraction, "seed": self.seed, "sizes": sizes, "sha256": self.digest}
 

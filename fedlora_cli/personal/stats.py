@@ -1,4 +1,5 @@
-"""One metric over many clients: mean, spread, the worst client, the worst 10 % and the best (pure numbers, no I/O).
+"""One metric over many clients: mean, spread, the worst client, the worst 10 % and the best (pure numbers, no
+I/O).
 
 The mean is over clients, unweighted: each client's model is scored on its own data, and a personalised
 method is judged by how it serves each client, not by how it serves the examples of the largest ones.
@@ -51,7 +52,8 @@ def client_stats(
 
 
 def describe(stats: Mapping[str, Any]) -> str:
-    """One line: `accuracy over 10 clients: mean 0.8123 ± 0.0456, worst 0.7000 (client 4), worst 10 % 0.7000, best …`."""
+    """One line: `accuracy over 10 clients: mean 0.8123 ± 0.0456, worst 0.7000 (client 4), worst 10 % 0.7000,
+    best …`."""
     n = stats.get("n", 0)
     head = f"{stats.get('metric')} over {n} client{'' if n == 1 else 's'}"
     if not n:

@@ -72,7 +72,8 @@ class HistoryRow:
         return cls(**known, **missing, extra=extra)
 
     def metric(self, name: str | None) -> float | None:
-        """The global adapter's value of dev metric `name` this round (None: not evaluated, or no such metric)."""
+        """The global adapter's value of dev metric `name` this round (None: not evaluated, or no such
+        metric)."""
         value = self.eval.get(name) if self.eval and name else None
         return float(value) if _number(value) else None
 

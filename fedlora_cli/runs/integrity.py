@@ -39,7 +39,8 @@ def sha256_file(path: Path) -> str:
 
 
 def record_digest(record: dict[str, Any]) -> str:
-    """The sha256 of a round record as fedlora writes it (sorted keys, `atomic.dumps_json`), without RECORD_KEY."""
+    """The sha256 of a round record as fedlora writes it (sorted keys, `atomic.dumps_json`), without
+    RECORD_KEY."""
     body = {k: v for k, v in record.items() if k != RECORD_KEY}
     return hashlib.sha256(atomic.dumps_json(body).encode()).hexdigest()
 
@@ -63,7 +64,8 @@ def sealed(record: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
 
 
 def last_recorded_round(tree: RoundTree) -> int:
-    """The highest round with a round record (global/metrics.json), 0 if none: the round `--resume` continues from."""
+    """The highest round with a round record (global/metrics.json), 0 if none: the round `--resume` continues
+    from."""
     numbers = [
         int(p.name.removeprefix("round_")) for p in tree.root.glob("round_*") if ROUND_DIR.match(p.name)
     ]
@@ -94,7 +96,8 @@ def read_round_record(tree: RoundTree, round_no: int) -> dict[str, Any]:
 
 
 def check_round(tree: RoundTree, round_no: int) -> bool:
-    """Check everything round `round_no` wrote before a run continues from it; raise DamagedRun naming the file.
+    """Check everything round `round_no` wrote before a run continues from it; raise DamagedRun naming the
+    file.
 
     Returns False when the round predates recorded digests (an older fedlora): its files are then only
     parsed and checked for finite numbers.

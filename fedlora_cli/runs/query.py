@@ -236,7 +236,8 @@ def load_run(folder: str | os.PathLike, root: str | os.PathLike | None = None) -
 
 
 def find_runs(root: str | os.PathLike) -> list[Path]:
-    """Every folder under `root` that holds a run.json, in path order; a run's own subfolders are not searched."""
+    """Every folder under `root` that holds a run.json, in path order; a run's own subfolders are not
+    searched."""
     root = Path(root).expanduser()
     if (root / RUN_RECORD).is_file():
         return [root]
@@ -313,7 +314,8 @@ def run_names(root: str | os.PathLike, prefix: str = "") -> list[str]:
 
 
 def config_diff(runs: list[RunInfo]) -> dict[str, list[Any]]:
-    """Flattened config keys (plus the command) whose values differ between the runs: key -> one value per run."""
+    """Flattened config keys (plus the command) whose values differ between the runs: key -> one value per
+    run."""
     flat = [{"command": r.command, **flatten(r.record.config)} for r in runs]
     keys = sorted(set().union(*flat)) if flat else []
     return {

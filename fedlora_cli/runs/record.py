@@ -1,4 +1,5 @@
-"""run.json as a type: what ran (exactly), on what, when and how it ended; its lifecycle; the final-metrics shape.
+"""run.json as a type: what ran (exactly), on what, when and how it ended; its lifecycle; the final-metrics
+shape.
 
 A record is written when a run starts (status `running`) and rewritten atomically as the run goes: each
 resume appends an entry, and the end sets the status (`complete`, `failed`, `interrupted`), the end time
@@ -192,9 +193,9 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
-        """A record from its JSON object. Missing keys take defaults (older fedlora versions wrote fewer), unknown
-        ones go to `extra`; a known key of the wrong type is a ValueError naming it: a damaged or hand-edited
-        record must fail here, in one line, not somewhere in the code that trusts it."""
+        """A record from its JSON object. Missing keys take defaults (older fedlora versions wrote fewer),
+        unknown ones go to `extra`; a known key of the wrong type is a ValueError naming it: a damaged or
+        hand-edited record must fail here, in one line, not somewhere in the code that trusts it."""
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: data[k] for k in known if k in data}
         extra = {k: v for k, v in data.items() if k not in known}
@@ -542,7 +543,8 @@ def state_digest(state: Mapping[str, Any]) -> str:
 
 
 def safetensors_header(f: Any) -> tuple[dict[str, Any], int]:
-    """The JSON header of the safetensors stream `f` (at its start) and the offset where its tensor data begins."""
+    """The JSON header of the safetensors stream `f` (at its start) and the offset where its tensor data
+    begins."""
     (length,) = struct.unpack("<Q", f.read(8))
     return json.loads(f.read(length)), 8 + length
 

@@ -107,7 +107,8 @@ class RoundRecorder:
         return self.tree.root
 
     def claim(self, config: RoundsConfig) -> None:
-        """Before any work: a --resume needs a run to continue; then hold the folder's lock (or say who does)."""
+        """Before any work: a --resume needs a run to continue; then hold the folder's lock (or say who
+        does)."""
         root = self.tree.root
         if config.resuming and not root.is_dir():
             raise InputError(f"--resume: there is no run at {root}: check {RUN_OPTION}, or start the run "
@@ -121,7 +122,8 @@ class RoundRecorder:
         self.lock.release()
 
     def start(self, config: RoundsConfig, record: dict[str, Any]) -> int:
-        """Under the lock: start the run in its folder, or check it for --resume; return the last complete round.
+        """Under the lock: start the run in its folder, or check it for --resume; return the last complete
+        round.
 
         A folder holding nothing but fedlora's temporaries, or a rounds run that never completed a round
         (killed right after it started), may be started again without --overwrite, or resumed.
@@ -295,7 +297,8 @@ def _check_same_run(previous: RunRecord, record: dict[str, Any]) -> None:
 
 def _check_schedule_span(old: dict[str, Any], new: dict[str, Any]) -> None:
     """--rounds may change on --resume because no round depends on the total — unless the learning rate
-    follows one schedule over all rounds (--lr-schedule global-*), where the total sets every round's rates."""
+    follows one schedule over all rounds (--lr-schedule global-*), where the total sets every round's
+    rates."""
     from fedlora_cli.training import GLOBAL_SCHEDULES
 
     train = old.get("train") if isinstance(old.get("train"), dict) else {}

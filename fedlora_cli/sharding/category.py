@@ -61,7 +61,8 @@ def split_items(
         clients = split_by_owner(items, owner, k)
         params: dict[str, Any] = {"categories": c}
         if c > MAX_LISTED_CATEGORIES:
-            # e.g. --category-key sentence: thousands of one-example categories; lists would swamp summary.json
+            # e.g. --category-key sentence: thousands of one-example categories; lists would swamp
+            # summary.json
             notes.append(f"{c:,} categories: which client holds which is not listed")
             return ShardPlan(clients, notes, params, None)
         held: list[list[str]] = [[] for _ in range(k)]

@@ -64,17 +64,18 @@ class ClientPlan:
     # HetLoRA's rank regulariser: λ·Σ_modules ‖B[:, k:]‖_F·‖A[k:, :]‖_F added to the loss (k = tail_from)
     tail_penalty: float = 0.0
     tail_from: int = 0
-    # Personal parts (a method whose clients keep parts of the adapter, e.g. FedSA-LoRA's B and head): they are
-    # not in `adapter` (what is sent holds the shared parts only) and the client reports them to no one; it
-    # starts from its own, as they were after its turn in round `personal_round`, or from `personal_start`, the
-    # run's initial values of those parts (the same for every client), sent for its first turn only.
+    # Personal parts (a method whose clients keep parts of the adapter, e.g. FedSA-LoRA's B and head): they
+    # are not in `adapter` (what is sent holds the shared parts only) and the client reports them to no one;
+    # it starts from its own, as they were after its turn in round `personal_round`, or from `personal_start`,
+    # the run's initial values of those parts (the same for every client), sent for its first turn only.
     personal: frozenset[str] = frozenset()
     personal_round: int = 0  # the round of the client's last counted turn (0: it has none yet)
     personal_start: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_bytes(self) -> int:
-        """What the server sends: the adapter, the factors of the base delta, a first turn's personal start."""
+        """What the server sends: the adapter, the factors of the base delta, a first turn's personal
+        start."""
         return (
             self.adapter.num_bytes
             + sum(state_bytes({"p": p, "q": q}) for p, q in self.base_delta.values())
@@ -188,7 +189,8 @@ class Strategy:
 
     @property
     def personal_parts(self) -> frozenset[str]:
-        """The parts each client keeps as its own (the registry's `Method.personal`); empty: a global method."""
+        """The parts each client keeps as its own (the registry's `Method.personal`); empty: a global
+        method."""
         from fedlora_cli.strategies.registry import METHODS
 
         method = METHODS.get(self.name)
@@ -200,7 +202,8 @@ class Strategy:
         return adapter
 
     def plan(self, round_no: int, client_id: int, current: GlobalAdapter) -> ClientPlan:
-        """Default: the global adapter at the client's rank, everything trains; the personal parts are not sent."""
+        """Default: the global adapter at the client's rank, everything trains; the personal parts are not
+        sent."""
         lora = self.client_lora(client_id)
         plan = ClientPlan(client_id, fit(current, lora.r, lora.scaling, lora), prox_mu=self.spec.prox_mu,
                           base_delta=self.base_delta(), base_delta_key=self.base_delta_key())  # fmt: skip

@@ -11,7 +11,8 @@ Clipping is the DP clip (fedlora_cli.privacy.clip_client_update): in factor spac
 in product space the product is not linear in the factors, so the state moves back along the client's factor
 update to the largest t in [0, 1] whose product-space update has norm <= B (bisection). Either way the
 clipped update stays a LoRA adapter of the client's rank, which every method aggregates. An update within
-the bound is passed on untouched: with a bound no client reaches, the run is bit-identical to the method alone.
+the bound is passed on untouched: with a bound no client reaches, the run is bit-identical to the method
+alone.
 
 No state: the bound is recomputed every round from that round's norms, so --resume has nothing to restore.
 """

@@ -1,4 +1,5 @@
-"""`exact`: FedEx-LoRA (Singhal et al., 2024): average A and B, and fold what that misses into a frozen base delta."""
+"""`exact`: FedEx-LoRA (Singhal et al., 2024): average A and B, and fold what that misses into a frozen base
+delta."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`fedsa`: FedSA-LoRA (Guo et al., ICLR 2025): A is shared and averaged; B and the head stay with each client."""
+"""`fedsa`: FedSA-LoRA (Guo et al., ICLR 2025): A is shared and averaged; B and the head stay with each
+client."""
 
 from __future__ import annotations
 
@@ -61,9 +62,9 @@ def mean_rows(
 
     For a LoRA A key (r_i x d_in per client, R x d_in in `previous`): row j is `Σ_{i: r_i > j} w_i A_i[j] /
     Σ_{i: r_i > j} w_i`, the mean over the clients that hold the row (with one rank for all, the plain mean
-    Σ w_i A_i); a row no client of the round holds keeps its value in `previous`. Any other key: Σ w_i x_i, same
-    shape for all. w_i = n_i / Σ n_j (examples); sums in float64, the result in `previous`' dtype. ValueError
-    names the client and the key when keys or shapes disagree.
+    Σ w_i A_i); a row no client of the round holds keeps its value in `previous`. Any other key: Σ w_i x_i,
+    same shape for all. w_i = n_i / Σ n_j (examples); sums in float64, the result in `previous`' dtype.
+    ValueError names the client and the key when keys or shapes disagree.
     """
     if not updates:
         raise ValueError("no clients to aggregate")

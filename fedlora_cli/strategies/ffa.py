@@ -1,4 +1,5 @@
-"""`ffa`: FFA-LoRA (Sun et al., ICLR 2024): A drawn once from the run seed and frozen everywhere; only B and the head train."""
+"""`ffa`: FFA-LoRA (Sun et al., ICLR 2024): A drawn once from the run seed and frozen everywhere; only B and
+the head train."""
 
 from __future__ import annotations
 

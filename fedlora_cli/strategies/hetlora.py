@@ -49,8 +49,9 @@ class HetloraStrategy(Strategy):
     Rank self-pruning (the paper's local training with rank self-pruning, §3): a client may add
     λ·Σ‖B_i[:, k:]‖·‖A_i[k:, :]‖ (k = ⌊γ·r_i⌋, `--hetlora-lambda`) to its loss; if after local training that
     tail norm is smaller than in the adapter the client started from, the client prunes its rank to k: its
-    update is truncated to k before aggregation, and it trains at rank k from then on. The server applies the rule to what the client sent (the same numbers the
-    client has), so the pruned ranks are server state, saved every round for --resume.
+    update is truncated to k before aggregation, and it trains at rank k from then on. The server applies the
+    rule to what the client sent (the same numbers the client has), so the pruned ranks are server state,
+    saved every round for --resume.
 
     Caveat: the paper states the rule for its on-device setting; the decay γ and λ are yours to tune (γ = 1
     turns pruning off). With differential privacy the server sees only the noised mean: no sparsity

@@ -1,4 +1,5 @@
-"""`local`: no federation. Each client trains its own adapter alone, the lower bound of personalisation papers."""
+"""`local`: no federation. Each client trains its own adapter alone, the lower bound of personalisation
+papers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`naive`: the weighted mean of A and of B, separately (the reference's `--skip_svd`; mixed ranks: zero-padding only)."""
+"""`naive`: the weighted mean of A and of B, separately (the reference's `--skip_svd`; mixed ranks:
+zero-padding only)."""
 
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ class PrivacyStrategy(Wrapper):
             )
 
     def describe(self) -> str:
-        """What the start of a run says: one line for the mechanism, the accountant's inputs and the noise seed,
-        and a second one, a warning, when δ is too large to mean much (delta_warning)."""
+        """What the start of a run says: one line for the mechanism, the accountant's inputs and the noise
+        seed, and a second one, a warning, when δ is too large to mean much (delta_warning)."""
         d = self.dp
         noise = ("the noise is drawn from a secret key (--dp-secret-noise)" if d.secret_noise else
                  "the noise is derived from --seed (reproducible: anyone who knows the seed can remove it; "
@@ -103,8 +103,8 @@ class PrivacyStrategy(Wrapper):
         return line if warning is None else f"{line}\n{warning}"
 
     def delta_warning(self) -> str | None:
-        """A warning when δ is not small. (ε, δ)-DP lets the guarantee fail outright with probability δ, so δ must
-        be small in two senses: below 1/N (publishing one randomly chosen client's update in the clear is
+        """A warning when δ is not small. (ε, δ)-DP lets the guarantee fail outright with probability δ, so δ
+        must be small in two senses: below 1/N (publishing one randomly chosen client's update in the clear is
         (0, 1/N)-DP, so δ >= 1/N promises nothing), and small in absolute terms (SMALL_DELTA: more than a 1 in
         1000 chance of no guarantee at all is not one worth reporting). The default 1/N² meets the first bound
         always and the second only from N = 32 clients: with N = 3 it is 0.11."""
@@ -293,7 +293,8 @@ def _pad(key: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _clipped(update: ClientUpdate, plan: ClientPlan, key: str, factor: float) -> torch.Tensor:
-    """One key of the clipped state `sent + factor·(state − sent)`; the client's own tensor when factor = 1."""
+    """One key of the clipped state `sent + factor·(state − sent)`; the client's own tensor when
+    factor = 1."""
     if factor == 1.0:
         return _to64(update.state[key])
     sent = _to64(plan.adapter.state[key])
@@ -332,7 +333,8 @@ def _pseudo_factors(
 
 def _draw(rng: Any, shapes: Mapping[str, tuple[int, ...]], std: float) -> dict[str, torch.Tensor]:
     """N(0, std²) for each named block, drawn in sorted name order: the noise a key gets does not depend on
-    the order of the state's keys (a state read back from disk for --resume has them sorted). None: no noise."""
+    the order of the state's keys (a state read back from disk for --resume has them sorted). None: no
+    noise."""
     if rng is None:
         return {}
     return {name: privacy.gaussian(rng, shapes[name], std) for name in sorted(shapes)}

@@ -94,9 +94,10 @@ class Method:
     # Recommended values of other options (config paths: {"lora.alpha": 64.0}), applied by the CLI only where
     # the user gave none, said in the run header and recorded; each is measured (docs: methods, results).
     defaults: Any = None
-    # The parts of the adapter each client keeps as its own ("A", "B", "head"): never sent, never averaged, kept
-    # per client between its turns (engine local: in the run tree; Flower: the ClientApp's Context.state). A
-    # method with personal parts has no global model: each client ends with its own (final/clients/).
+    # The parts of the adapter each client keeps as its own ("A", "B", "head"): never sent, never averaged,
+    # kept per client between its turns (engine local: in the run tree; Flower: the ClientApp's
+    # Context.state). A method with personal parts has no global model: each client ends with its own
+    # (final/clients/).
     personal: tuple[str, ...] = ()
 
 

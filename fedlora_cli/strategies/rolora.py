@@ -1,4 +1,5 @@
-"""`rolora`: RoLoRA (Chen et al., NeurIPS 2025): rounds alternate which LoRA factor trains; every average is exact."""
+"""`rolora`: RoLoRA (Chen et al., NeurIPS 2025): rounds alternate which LoRA factor trains; every average is
+exact."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from fedlora_cli.strategies.base import Aggregated, ClientPlan, GlobalAdapter, S
 
 
 def trained_factor(round_no: int) -> str:
-    """B in odd rounds, A in even ones: B first, because it starts at zero (A's gradient is B^T·…, zero too)."""
+    """B in odd rounds, A in even ones: B first, because it starts at zero (A's gradient is B^T·…, zero
+    too)."""
     return "B" if round_no % 2 == 1 else "A"
 
 

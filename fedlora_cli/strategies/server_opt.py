@@ -126,9 +126,9 @@ class ServerOptStrategy(Wrapper):
     def _module_moment(
         self, prefix: str, bs: list[torch.Tensor], as_: list[torch.Tensor]
     ) -> tuple[Any, Any, Any]:
-        """m_t of one module whose Δ = Σ bs_i·as_i: (None, P, Q) while factors are cheaper than the d_out x d_in
-        matrix, else (m, None, None) dense — from then on it stays dense (its rank only grows). Kept as state
-        when the optimiser has momentum: `<prefix>|P` and `<prefix>|Q`, or `<prefix>`."""
+        """m_t of one module whose Δ = Σ bs_i·as_i: (None, P, Q) while factors are cheaper than the
+        d_out x d_in matrix, else (m, None, None) dense — from then on it stays dense (its rank only grows).
+        Kept as state when the optimiser has momentum: `<prefix>|P` and `<prefix>|Q`, or `<prefix>`."""
         rule, d_out, d_in = self.rule, bs[0].shape[0], as_[0].shape[1]
         if prefix in self.m:
             m = server_optim.first_moment(rule, self.m[prefix], torch.cat(bs, dim=1) @ torch.cat(as_, dim=0))
@@ -220,7 +220,8 @@ def _frobenius_sq(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor]) -> fl
 
 
 def with_server_optimizer(strategy: Strategy, spec: ServerOptSpec) -> Strategy:
-    """`strategy` wrapped with the server optimiser `spec` asks for; the strategy itself for plain `avg` at η = 1."""
+    """`strategy` wrapped with the server optimiser `spec` asks for; the strategy itself for plain `avg`
+    at η = 1."""
     if not spec.enabled:
         return strategy
     return ServerOptStrategy(strategy, spec)

@@ -1,4 +1,5 @@
-"""`svd`: the weighted mean of the clients' updates ΔW_i = s_i·B_i·A_i, truncated by SVD (FlexLoRA with mixed ranks)."""
+"""`svd`: the weighted mean of the clients' updates ΔW_i = s_i·B_i·A_i, truncated by SVD (FlexLoRA with mixed
+ranks)."""
 
 from __future__ import annotations
 

@@ -37,8 +37,9 @@ def _is_report(name: str) -> bool:
 
 
 def check_reports(sweep: Sweep) -> None:
-    """Every report file in the sweep's folder is one this sweep wrote and nobody changed since (its sha256 is in
-    sweep.json): otherwise it is the user's, and writing the report would replace it. One line naming it."""
+    """Every report file in the sweep's folder is one this sweep wrote and nobody changed since (its sha256 is
+    in sweep.json): otherwise it is the user's, and writing the report would replace it. One line naming
+    it."""
     if not sweep.folder.is_dir():
         return
     owned = read_sweep_record(sweep).get(REPORTS)

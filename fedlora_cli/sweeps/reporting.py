@@ -137,8 +137,8 @@ def _tuned_keys(cells: list[CellReport]) -> list[str]:
 
 
 def report_rows(sweep: Sweep, cells: list[CellReport]) -> tuple[list[str], list[list[str]]]:
-    """The table: cell, arm, command, each grid key, each tuned option (its chosen value), metric, n, mean, std,
-    and the per-seed values."""
+    """The table: cell, arm, command, each grid key, each tuned option (its chosen value), metric, n, mean,
+    std, and the per-seed values."""
     grid_keys: list[str] = []
     for c in sweep.cells:
         grid_keys += [k for k in c.point if k not in grid_keys]
@@ -156,7 +156,8 @@ def report_rows(sweep: Sweep, cells: list[CellReport]) -> tuple[list[str], list[
 
 @dataclass(frozen=True)
 class ReportTable:
-    """One table of the report: `<name>.csv`, and a section of `<document>.md` (title, then notes, then rows)."""
+    """One table of the report: `<name>.csv`, and a section of `<document>.md` (title, then notes, then
+    rows)."""
 
     name: str
     document: str  # report | table | tuning
@@ -224,10 +225,11 @@ def _reported_notes(has_last: bool) -> tuple[str, ...]:
 
 
 def write_report(sweep: Sweep, cells: list[CellReport], *, figure: bool = True) -> dict[str, Path]:
-    """Every table as `<name>.csv` and in its markdown file (report.md, table.md, tuning.md), and (with matplotlib)
-    report.png in the sweep's folder.
+    """Every table as `<name>.csv` and in its markdown file (report.md, table.md, tuning.md), and (with
+    matplotlib) report.png in the sweep's folder.
 
-    A report file is replaced only when this sweep wrote it (check_reports); sweep.json records what it wrote."""
+    A report file is replaced only when this sweep wrote it (check_reports); sweep.json records what it
+    wrote."""
     check_reports(sweep)
     written: dict[str, Path] = {}
     try:
@@ -431,9 +433,9 @@ def _metric_of(groups: dict[tuple, dict[Any, CellReport]], column: Any) -> str:
 
 
 def compare_table(sweep: Sweep, cells: list[CellReport]) -> ReportTable:
-    """[sweep.table] compare: within each group of cells that agree on every other grid key (and arm), each value
-    of the compared option against the group's best mean, paired by seed: the mean difference, the paired t-test,
-    its p-value, and "within noise" when p >= ALPHA."""
+    """[sweep.table] compare: within each group of cells that agree on every other grid key (and arm), each
+    value of the compared option against the group's best mean, paired by seed: the mean difference, the
+    paired t-test, its p-value, and "within noise" when p >= ALPHA."""
     t = sweep.table
     assert t is not None and t.compare is not None
     by = t.compare

@@ -1,6 +1,6 @@
-"""Running a sweep: what each run needs now (plan), and the runs one after another (run_sweep): first the tune runs
-of the cells still to be tuned (each cell's choice recorded as soon as its tune runs are complete), then every
-(cell, seed) with its options (a tuned cell's: with its chosen point)."""
+"""Running a sweep: what each run needs now (plan), and the runs one after another (run_sweep): first the tune
+runs of the cells still to be tuned (each cell's choice recorded as soon as its tune runs are complete), then
+every (cell, seed) with its options (a tuned cell's: with its chosen point)."""
 
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ def _key(sweep: Sweep, folder: Path) -> str:
 
 
 def plan(sweep: Sweep) -> list[PlannedRun]:
-    """What each run needs now, from its folder: the tune runs of every tuned cell whose choice is not recorded
-    (a recorded one is never re-tuned: its tune runs are not even planned), then every (cell, seed). Runs made
-    with other options are refused."""
+    """What each run needs now, from its folder: the tune runs of every tuned cell whose choice is not
+    recorded (a recorded one is never re-tuned: its tune runs are not even planned), then every (cell, seed).
+    Runs made with other options are refused."""
     record = read_sweep_record(sweep)
     choices = recorded_choices(sweep, record)
     recorded = {r.get("folder"): r.get("options") for r in record.get("runs", []) if isinstance(r, dict)}
@@ -126,9 +126,10 @@ def run_sweep(
 ) -> SweepOutcome:
     """Every planned run, one after another, through `execute(command, options)`; sweep.json as it goes.
 
-    Tune runs come first, cell by cell, and a cell's choice is recorded as soon as its tune runs are complete; a
-    cell whose tuning is not complete (a tune run failed) does not run on the [sweep] seeds. A run that fails is
-    recorded and the sweep goes on; an interruption stops the sweep (run it again to continue where it stopped).
+    Tune runs come first, cell by cell, and a cell's choice is recorded as soon as its tune runs are complete;
+    a cell whose tuning is not complete (a tune run failed) does not run on the [sweep] seeds. A run that
+    fails is recorded and the sweep goes on; an interruption stops the sweep (run it again to continue where
+    it stopped).
     """
     planned = plan(sweep)
     check_reports(sweep)  # a report the sweep could not write at the end: said now, before hours of runs
@@ -220,7 +221,8 @@ def _run_all(
     what: str,
     after: Callable[[PlannedRun], None] = lambda p: None,
 ) -> None:
-    """Run what is not complete, one after another; `after(run)` once each run is done with (ran, failed, skipped)."""
+    """Run what is not complete, one after another; `after(run)` once each run is done with (ran, failed,
+    skipped)."""
     todo = [p for p, _ in runs if p.action != "skip"]
     skipped = [p.name for p, _ in runs if p.action == "skip"]
     outcome.skipped += skipped

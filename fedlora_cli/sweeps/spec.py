@@ -1,5 +1,5 @@
-"""The sweep file: its TOML checked, its grid expanded into cells and its [tune] grid into points (option keys are
-checked by the CLI)."""
+"""The sweep file: its TOML checked, its grid expanded into cells and its [tune] grid into points (option keys
+are checked by the CLI)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ class Cell:
 
 
 def option_key(key: Any) -> str:
-    """An option's key as the sweep compares it: `--config` files accept `learning_rate` for `learning-rate`."""
+    """An option's key as the sweep compares it: `--config` files accept `learning_rate` for
+    `learning-rate`."""
     return str(key).replace("_", "-")
 
 
@@ -68,8 +69,8 @@ class TuneSpec:
     """`[tune]`: every point of an arm's tune grid runs on the tune seeds for each cell of that arm; the point
     with the best mean validation score (ties: the first in grid order) is the cell's, on the [sweep] seeds.
 
-    seeds: the tune seeds, none of them a [sweep] seed; metric: what chooses (default: the sweep's metric, else
-    the task's main one), read from the validation split; points: {arm: its points in grid order} — the
+    seeds: the tune seeds, none of them a [sweep] seed; metric: what chooses (default: the sweep's metric,
+    else the task's main one), read from the validation split; points: {arm: its points in grid order} — the
     common [tune.grid] with [tune.arms.<arm>] over it key by key (an arm's list replaces the common one for
     that option, a new option adds a dimension, `[]` drops one); an arm without points is not tuned."""
 
@@ -141,7 +142,8 @@ class Sweep:
 
 
 def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
-    """Check a sweep file's structure and expand its grid into cells (option keys are checked by the caller)."""
+    """Check a sweep file's structure and expand its grid into cells (option keys are checked by the
+    caller)."""
     path = Path(path)
     known = {"sweep", "base", "arms", "tune"}
     unknown = sorted(set(data) - known)
@@ -258,7 +260,8 @@ def _check_tunable(where: str, options: dict[str, Any], metric: str | None) -> N
 def _tune_grids(
     data: Any, arms: dict[str, Any], sweep_seeds: list[int], where: str
 ) -> tuple[list[int], str | None, dict[str, dict[str, list[Any]]] | None]:
-    """[tune] checked: its seeds, its metric, and each tuned arm's grid (the common one with the arm's over it)."""
+    """[tune] checked: its seeds, its metric, and each tuned arm's grid (the common one with the arm's over
+    it)."""
     if data is None:
         return [], None, None
     if not isinstance(data, dict):

@@ -1,4 +1,5 @@
-"""The statistics of a sweep's report: mean ± std over seeds, the paired test between two cells, the learning floor.
+"""The statistics of a sweep's report: mean ± std over seeds, the paired test between two cells, the learning
+floor.
 
 Seeds pair runs: two cells run with the same --seed get the same shards and the same validation split, so a
 difference between them seed by seed is a difference of methods, not of data. The paired t-test

@@ -1,11 +1,13 @@
-"""Tuning: each tuned cell's points scored on the validation split over the tune seeds, the choice, its record.
+"""Tuning: each tuned cell's points scored on the validation split over the tune seeds, the choice, its
+record.
 
 A point's score on one tune seed is the validation metric of that run's reported adapter (final metrics'
 `validation`: the selected round or epoch with --select best, else the last), never a dev score: the dev split
 only reports. The cell's choice is the point with the best mean over the tune seeds; a point whose mean is not
-finite (a diverged run's NaN) never wins; ties go to the first in grid order. Once made, the choice is recorded
-in sweep.json (`tuning`) with what it was made from, and a sweep run again uses it and never tunes that cell
-again: a recorded choice whose points, tune seeds, metric or cell options differ from the file's is refused.
+finite (a diverged run's NaN) never wins; ties go to the first in grid order. Once made, the choice is
+recorded in sweep.json (`tuning`) with what it was made from, and a sweep run again uses it and never tunes
+that cell again: a recorded choice whose points, tune seeds, metric or cell options differ from the file's is
+refused.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def tune_metric(sweep: Sweep) -> str | None:
 
 
 def validation_score(folder: Path, metric: str | None) -> tuple[str, float] | None:
-    """The validation score (metric, value) of a complete run's reported adapter; None while it is not complete."""
+    """The validation score (metric, value) of a complete run's reported adapter; None while it is not
+    complete."""
     from fedlora_cli.runs.query import load_run
 
     if not (folder / RUN_RECORD).is_file():
@@ -106,7 +109,8 @@ def choose(scores: list[PointScore]) -> PointScore | None:
 def choice_record(
     sweep: Sweep, cell: Cell, metric: str | None, scores: list[PointScore], chosen: PointScore
 ) -> dict:
-    """What sweep.json keeps of a choice: the point, and everything it was chosen from (checked on every rerun)."""
+    """What sweep.json keeps of a choice: the point, and everything it was chosen from (checked on every
+    rerun)."""
     assert sweep.tune is not None
     return {
         "point": chosen.point.options, "name": chosen.point.name, "metric": metric, "score": chosen.mean,
@@ -117,8 +121,8 @@ def choice_record(
 
 
 def recorded_choices(sweep: Sweep, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The choices sweep.json holds for the cells the file tunes; one made from other points, tune seeds, metric
-    or cell options than the file now gives is refused (a rerun never mixes two tunings)."""
+    """The choices sweep.json holds for the cells the file tunes; one made from other points, tune seeds,
+    metric or cell options than the file now gives is refused (a rerun never mixes two tunings)."""
     saved = record.get(CHOICES)
     saved = saved if isinstance(saved, dict) else {}
     out = {}
