@@ -486,8 +486,8 @@ def _check_clients(clients: Sequence[ClientUpdate]) -> _Checked:
         if other != key_set:
             missing, extra = sorted(key_set - other), sorted(other - key_set)
             raise ValueError(
-                f"{_who(clients, i)} has different keys from {_who(clients, 0)}: missing {missing[:3]}, extra {extra[:3]}"
-                f" ({len(missing)} missing, {len(extra)} extra)"
+                f"{_who(clients, i)} has different keys from {_who(clients, 0)}: missing {missing[:3]}, "
+                f"extra {extra[:3]} ({len(missing)} missing, {len(extra)} extra)"
             )
         for key, t in c.state.items():
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -520,13 +520,15 @@ def _check_clients(clients: Sequence[ClientUpdate]) -> _Checked:
         for i, c in enumerate(clients):
             if c.state[key].shape != shape:
                 raise ValueError(
-                    f"{_who(clients, i)}: {key!r} has shape {tuple(c.state[key].shape)}, {_who(clients, 0)} has {tuple(shape)}"
+                    f"{_who(clients, i)}: {key!r} has shape {tuple(c.state[key].shape)}, {_who(clients, 0)} "
+                    f"has {tuple(shape)}"
                 )
 
     for i, c in enumerate(clients):
         if not _positive_number(c.weight):
             raise ValueError(
-                f"{_who(clients, i)}: weight must be a finite number > 0 (training examples), got {c.weight!r}"
+                f"{_who(clients, i)}: weight must be a finite number > 0 (training examples), got "
+                f"{c.weight!r}"
             )
     weights = normalise_weights([c.weight for c in clients])
     # Mixed precisions across clients resolve to the wider dtype, so nothing is rounded twice.

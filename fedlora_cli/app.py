@@ -20,7 +20,8 @@ from fedlora_cli.commands.train import train
 app = typer.Typer(
     name="fedlora",
     cls=c.FedloraGroup,
-    help="Federated fine-tuning of small language models with LoRA: shard GLUE, train, FedAvg adapters, evaluate.",
+    help="Federated fine-tuning of small language models with LoRA: shard GLUE, train, FedAvg adapters, "
+    "evaluate.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -256,8 +256,9 @@ def _train(
     held = f" ({len(data.holdout.validation):,} held out for validation)" if data.holdout is not None else ""
     progress.log(
         f"{task.name}: {n_train:,} training examples{held}, "
-        f"{steps_per_epoch(n_train, config.train.batch_size)} steps/epoch; LoRA r={lora_spec.r} alpha={lora_spec.alpha:g} on {','.join(lora_spec.target_modules)}: "
-        f"{trainable:,} trainable of {total:,} parameters; {device.type}, {precision}"
+        f"{steps_per_epoch(n_train, config.train.batch_size)} steps/epoch; LoRA r={lora_spec.r} "
+        f"alpha={lora_spec.alpha:g} on {','.join(lora_spec.target_modules)}: {trainable:,} trainable of "
+        f"{total:,} parameters; {device.type}, {precision}"
     )
     tracker = as_tracker(progress)
     watch = EpochWatch(config, model, data, device, precision)

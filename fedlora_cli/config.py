@@ -222,8 +222,8 @@ def select_option() -> Any:
         check=one_of(("last", "best")),
         panel="Evaluation",
         resume_free=True,
-        help="which adapter is the result: the last, or the best on the validation split (kept as best/adapter; "
-        "needs --validation-fraction or --validation-examples)",
+        help="which adapter is the result: the last, or the best on the validation split (kept as "
+        "best/adapter; needs --validation-fraction or --validation-examples)",
     )
 
 
@@ -465,8 +465,8 @@ class LoraSpec(Spec):
         choices=LORA_INITS,
         check=one_of(LORA_INITS),
         compare=False,
-        help="how a fresh adapter starts: default (A Kaiming-uniform, B = 0: a no-op), gaussian (A ~ N(0, 1/r²), "
-        "B = 0), or orthogonal (A and B from one orthogonal basis; even ranks)",
+        help="how a fresh adapter starts: default (A Kaiming-uniform, B = 0: a no-op), gaussian (A ~ "
+        "N(0, 1/r²), B = 0), or orthogonal (A and B from one orthogonal basis; even ranks)",
     )
 
     use_rslora: bool = option(
@@ -682,7 +682,8 @@ def check_schedule(train: TrainSpec, allowed: tuple[str, ...], command: str) -> 
     """The --lr-schedule values that mean something to `command`."""
     _check(
         train.lr_schedule in allowed,
-        f"--lr-schedule {train.lr_schedule} does not apply to `fedlora {command}`: use one of {', '.join(allowed)}",
+        f"--lr-schedule {train.lr_schedule} does not apply to `fedlora {command}`: use one of "
+        f"{', '.join(allowed)}",
     )
 
 
@@ -1420,21 +1421,21 @@ class RoundsConfig(Spec):
         )
         _check(
             self.clients_at_once == 1 or self.engine == "local",
-            f"--clients-at-once {self.clients_at_once} needs --engine local (a Flower ClientApp trains one client "
-            f"per message)",
+            f"--clients-at-once {self.clients_at_once} needs --engine local (a Flower ClientApp trains one "
+            "client per message)",
         )
         _check(
             self.clients_at_once == 1 or not get_method(self.aggregation.method).personal,
-            f"--clients-at-once {self.clients_at_once} with --aggregation {self.aggregation.method}: clients that "
-            f"keep parts of their own train one at a time (drop --clients-at-once)",
+            f"--clients-at-once {self.clients_at_once} with --aggregation {self.aggregation.method}: clients "
+            "that keep parts of their own train one at a time (drop --clients-at-once)",
         )
         cpr, ff = self.clients_per_round, self.fraction_fit
         _check(cpr is None or ff is None, "give --clients-per-round or --fraction-fit, not both")
         _check(
             not (self.norm_bound.enabled and self.privacy.enabled),
-            f"{self.norm_bound.flags} with --dp-clip: differential privacy's clip already bounds every update "
-            "(and a bound that depends on the other clients would break its guarantee); drop the norm bound, "
-            "or lower --dp-clip",
+            f"{self.norm_bound.flags} with --dp-clip: differential privacy's clip already bounds every "
+            "update (and a bound that depends on the other clients would break its guarantee); drop the norm "
+            "bound, or lower --dp-clip",
         )
         if self.resuming:
             named = self.output.run_name is not None or self.output.output_dir is not None

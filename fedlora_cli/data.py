@@ -189,8 +189,8 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise InputError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); GLUE files are UTF-8: re-encode the "
-            f"file (e.g. iconv -f latin1 -t utf-8)"
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); GLUE files are UTF-8: re-encode "
+            "the file (e.g. iconv -f latin1 -t utf-8)"
         ) from None
 
 

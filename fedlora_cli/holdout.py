@@ -52,8 +52,8 @@ def validation_size(total: int, fraction: float | None, examples: int | None) ->
             else f"--validation-fraction {fraction:g}"
         )
         raise InputError(
-            f"{asked} holds out {wanted} of the {total:,} training examples: keep at least one to train on and "
-            f"hold out at least one"
+            f"{asked} holds out {wanted} of the {total:,} training examples: keep at least one to train on "
+            "and hold out at least one"
         )
     return wanted
 

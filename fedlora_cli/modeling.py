@@ -95,10 +95,11 @@ def _check_local_model(spec: ModelSpec, what: str) -> None:
     pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
     if pickled:
         raise InputError(
-            f"--model {name} has only pickled weights ({pickled[0]}), which fedlora does not load (unpickling "
-            f'runs arbitrary code): convert them once, where you trust the file, with `python -c "from '
-            f"transformers import AutoModel; AutoModel.from_pretrained('{folder}').save_pretrained('{folder}')\"` "
-            f"(writes model.safetensors)"
+            f"--model {name} has only pickled weights ({pickled[0]}), which fedlora does not load "
+            "(unpickling runs arbitrary code): convert them once, where you trust the file, with "
+            '`python -c "from transformers import AutoModel; '
+            f"AutoModel.from_pretrained('{folder}').save_pretrained('{folder}')\"` "
+            "(writes model.safetensors)"
         )
     raise InputError(f"--model {name}: the folder has no *.safetensors weights")
 
@@ -219,8 +220,8 @@ def check_lora_fits(model: torch.nn.Module, spec: LoraSpec) -> None:
         d_out, d_in = weight.shape
         if spec.r > min(d_out, d_in):
             raise InputError(
-                f"LoRA rank {spec.r} is too large for {name} ({d_out} x {d_in}): use --lora-r {min(d_out, d_in)} "
-                f"or less"
+                f"LoRA rank {spec.r} is too large for {name} ({d_out} x {d_in}): use --lora-r "
+                f"{min(d_out, d_in)} or less"
             )
 
 
@@ -383,7 +384,8 @@ class LoraModel:
                     change = p.to(self.device, torch.float64) @ q.to(self.device, torch.float64)
                     if tuple(change.shape) != tuple(w0.shape):
                         raise InputError(
-                            f"base delta for {prefix} has shape {tuple(change.shape)}, the weight {tuple(w0.shape)}"
+                            f"base delta for {prefix} has shape {tuple(change.shape)}, the weight "
+                            f"{tuple(w0.shape)}"
                         )
                     weight.copy_((w0.double() + change).to(w0.dtype))
                 else:
@@ -588,8 +590,8 @@ def check_adapter_tensors(state: dict[str, torch.Tensor], lora: LoraSpec, where:
         raise InputError(f"{where}: {e}") from None
     if rank != lora.r:
         raise InputError(
-            f"{where}: {ADAPTER_CONFIG} says r={lora.r} but the LoRA tensors have rank {rank}; the folder mixes "
-            f"files of different adapters"
+            f"{where}: {ADAPTER_CONFIG} says r={lora.r} but the LoRA tensors have rank {rank}; the folder "
+            "mixes files of different adapters"
         )
 
 

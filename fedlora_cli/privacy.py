@@ -132,7 +132,8 @@ def require_accounting() -> None:
         import dp_accounting  # noqa: F401
     except ImportError:
         raise ValueError(
-            "--dp-clip needs Google's dp-accounting for the privacy accountant: pip install 'fedlora[privacy]'"
+            "--dp-clip needs Google's dp-accounting for the privacy accountant: pip install "
+            "'fedlora[privacy]'"
         ) from None
 
 

@@ -55,4 +55,7 @@ class Selection:
         if self.chosen is None:
             return "no evaluation on the validation split"
         word = "best" if self.rule == "best" else "last"
-        return f"{word} validation {self.metric} {self.best_value if self.rule == 'best' else self.seen[-1][1]:.4f}"
+        return (
+            f"{word} validation {self.metric} "
+            f"{self.best_value if self.rule == 'best' else self.seen[-1][1]:.4f}"
+        )

@@ -31,8 +31,8 @@ def clientapp(
         Path | None,
         typer.Option(
             "--superexec-auth-secret-file",
-            help="the shared secret the SuperNode was given with --superexec-auth-secret-file (Flower's SuperExec "
-            "authentication: only processes that know it may take the SuperNode's messages)",
+            help="the shared secret the SuperNode was given with --superexec-auth-secret-file (Flower's "
+            "SuperExec authentication: only processes that know it may take the SuperNode's messages)",
         ),
     ] = None,
 ) -> None:

@@ -31,8 +31,8 @@ OPTIONS = c.Command(
         "train.lr_schedule": c.Rename(
             choices=ROUNDS_SCHEDULES,
             help="per-turn (= linear), cosine or constant: every client turn warms up and decays afresh; "
-            "global-linear / global-cosine: one schedule over all rounds, each client turn trains on its round's "
-            "slice",
+            "global-linear / global-cosine: one schedule over all rounds, each client turn trains on its "
+            "round's slice",
         ),
     },
     extras=[c.MODEL_SIZE, c.LOG_EVERY, c.REPORT_TO, RESUME],

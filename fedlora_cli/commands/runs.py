@@ -233,7 +233,8 @@ adapters are."""
     if rounds:
         c.print_path(
             "round adapters",
-            f"{info.path}/round_NNN/global/adapter ({len(rounds)} rounds; clients in round_NNN/client_NNN/adapter)",
+            f"{info.path}/round_NNN/global/adapter ({len(rounds)} rounds; clients in "
+            "round_NNN/client_NNN/adapter)",
         )
 
 
@@ -250,8 +251,8 @@ def compare(
         str | None,
         typer.Option(
             "--plot-clients",
-            help="draw each run's per-client metric on the clients' local test splits (a box and the clients) "
-            "into FILE.png",
+            help="draw each run's per-client metric on the clients' local test splits (a box and the "
+            "clients) into FILE.png",
         ),
     ] = None,
     as_json: JsonOpt = False,

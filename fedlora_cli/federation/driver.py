@@ -190,8 +190,9 @@ class RoundDriver:
     def _stop_message(self) -> str:
         sel = self.selection
         return (
-            f"--early-stop {sel.patience}: no better validation {sel.metric} for {sel.since_best} evaluations "
-            f"after round {sel.best_step} ({sel.best_value:.4f}); stopped after round {sel.last_step}"
+            f"--early-stop {sel.patience}: no better validation {sel.metric} for {sel.since_best} "
+            f"evaluations after round {sel.best_step} ({sel.best_value:.4f}); stopped after round "
+            f"{sel.last_step}"
         )
 
     def plan_round(self, round_no: int) -> RoundPlan:
@@ -216,7 +217,10 @@ class RoundDriver:
         sent = client_plan.adapter.state
         if set(report.state) != set(sent):
             extra, missing = sorted(set(report.state) - set(sent)), sorted(set(sent) - set(report.state))
-            return f"the adapter's keys differ from the broadcast (missing {missing[:2]}, unexpected {extra[:2]})"
+            return (
+                f"the adapter's keys differ from the broadcast (missing {missing[:2]}, unexpected "
+                f"{extra[:2]})"
+            )
         for key, tensor in report.state.items():
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
                 return f"{key} is not a floating-point tensor"

@@ -88,9 +88,9 @@ def with_personal(plan: ClientPlan, personal: Mapping[str, torch.Tensor] | None)
         return plan
     if plan.personal_round and personal is None:
         raise InputError(
-            f"client {plan.client_id} has no personal parts from round {plan.personal_round}: the client that "
-            f"trained them is gone (a Flower ClientApp keeps them in its Context.state, which a restarted node or "
-            f"simulation starts empty); start the run again"
+            f"client {plan.client_id} has no personal parts from round {plan.personal_round}: the client "
+            "that trained them is gone (a Flower ClientApp keeps them in its Context.state, which a "
+            "restarted node or simulation starts empty); start the run again"
         )
     own = dict(personal) if plan.personal_round else dict(plan.personal_start)
     shared, mine = split_parts(own, plan.personal)
@@ -141,7 +141,8 @@ class PersonalStore:
         if not path.is_file():
             raise damaged(
                 path,
-                "is missing (a run made with --engine flower keeps its clients' personal parts on the clients)",
+                "is missing (a run made with --engine flower keeps its clients' personal parts on the "
+                "clients)",
                 round_no,
             )
         # a complete round's file is checked against its seal; the round in progress (no record yet) wrote it

@@ -155,8 +155,8 @@ def with_shard_limits(config: RoundsConfig) -> RoundsConfig:
         return replace(config, data=replace(config.data, max_train_samples=made_with))
     if given != made_with:
         raise InputError(
-            f"--max-train-samples {given}, but the shards in {config.shards} were made from the first {made_with} "
-            f"training examples: use --max-train-samples {made_with} (or leave it out)"
+            f"--max-train-samples {given}, but the shards in {config.shards} were made from the first "
+            f"{made_with} training examples: use --max-train-samples {made_with} (or leave it out)"
         )
     return config
 
@@ -202,8 +202,8 @@ def check_holdout(shards: Any, data: Any, config: RoundsConfig) -> None:
                 else f"--validation-fraction {d.validation_fraction:g}")  # fmt: skip
         first = next(iter(bad))
         raise InputError(
-            f"the shards hold held-out validation examples ({sum(bad.values())} in {len(bad)} client(s), e.g. "
-            f"{bad[first]} in client {first}): make them with `fedlora shard … {flag} --validation-seed "
+            f"the shards hold held-out validation examples ({sum(bad.values())} in {len(bad)} client(s), "
+            f"e.g. {bad[first]} in client {first}): make them with `fedlora shard … {flag} --validation-seed "
             f"{d.validation_seed}`, or let `rounds --clients K` shard the rest itself"
         )
 
@@ -307,9 +307,10 @@ def _prepare(
     progress.log(
         f"{task.name}: {len(sizes)} clients ({sizes.min()}–{sizes.max()} examples, mean {sizes.mean():.0f}), "
         f"{per_round} per round, {min(steps)}–{max(steps)} local steps; {config.aggregation.method}; LoRA "
-        f"r={','.join(map(str, ranks))} alpha/r={client_lora.scaling:g} on {','.join(client_lora.target_modules)}: "
-        f"{trainable:,} trainable of {total:,} parameters; adapter {initial.num_bytes / 2**20:.2f} MB; "
-        f"{device.type}, {precision}; lr {config.train.learning_rate:g} {config.train.lr_schedule}"
+        f"r={','.join(map(str, ranks))} alpha/r={client_lora.scaling:g} on "
+        f"{','.join(client_lora.target_modules)}: {trainable:,} trainable of {total:,} parameters; adapter "
+        f"{initial.num_bytes / 2**20:.2f} MB; {device.type}, {precision}; lr {config.train.learning_rate:g} "
+        f"{config.train.lr_schedule}"
         + (
             f"; {len(data.holdout.validation):,} training examples held out for validation"
             if data.holdout
@@ -317,7 +318,8 @@ def _prepare(
         )
         + (f"; keeps the {config.select} round" if config.select == "best" else "")
         + (
-            f"; {sum(len(s.test) for s in splits.splits.values()):,} examples held out as the clients' local tests"
+            f"; {sum(len(s.test) for s in splits.splits.values()):,} examples held out as the clients' local "
+            "tests"
             if splits is not None
             else ""
         )

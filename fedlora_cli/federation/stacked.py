@@ -362,8 +362,8 @@ class _Group:
             value = values[j]
             if not math.isfinite(value):
                 raise FedloraError(
-                    f"training diverged at step {c.step + 1} of {c.label} (loss {value}): lower --learning-rate "
-                    f"or use --precision fp32"
+                    f"training diverged at step {c.step + 1} of {c.label} (loss {value}): lower "
+                    "--learning-rate or use --precision fp32"
                 )
             c.order.update(idx.tobytes())
             c.losses[c.step] = value
@@ -521,7 +521,7 @@ def check_memory(estimate: MemoryEstimate, k: int) -> None:
     fit = max(1, int((estimate.available_mb / SAFETY - estimate.fixed_mb) / max(estimate.per_row_mb, 1e-9)))
     raise InputError(
         f"--clients-at-once {k}: a pass of {estimate.rows} rows × {estimate.width} tokens needs about "
-        f"{estimate.total_mb:,.0f} MB of activations (×{SAFETY:g} for the backward pass), but {estimate.available_mb:,.0f} MB "
-        f"{estimate.where} is available: use a smaller --clients-at-once, or --max-tokens {fit * estimate.width} "
-        f"(passes of {fit} rows)"
+        f"{estimate.total_mb:,.0f} MB of activations (×{SAFETY:g} for the backward pass), but "
+        f"{estimate.available_mb:,.0f} MB {estimate.where} is available: use a smaller --clients-at-once, or "
+        f"--max-tokens {fit * estimate.width} (passes of {fit} rows)"
     )

@@ -167,7 +167,8 @@ def identify_clients(
     missing = sorted(set(shards.client_ids) - set(served))
     if missing:
         progress.log(
-            f"no SuperNode serves client(s) {', '.join(map(str, missing))}: they count as failed when selected"
+            f"no SuperNode serves client(s) {', '.join(map(str, missing))}: they count as failed when "
+            "selected"
         )
     return served
 

@@ -60,8 +60,8 @@ def check_flower() -> None:
 
     if not package_version.startswith(SUPPORTED_FLOWER):
         raise InputError(
-            f"`fedlora clientapp` speaks Flower {SUPPORTED_FLOWER}x's Runtime API, this is Flower {package_version}: "
-            "run the SuperNode with its default --isolation subprocess instead"
+            f"`fedlora clientapp` speaks Flower {SUPPORTED_FLOWER}x's Runtime API, this is Flower "
+            f"{package_version}: run the SuperNode with its default --isolation subprocess instead"
         )
 
 

@@ -28,16 +28,16 @@ class PersonalSpec(Spec):
         0.0,
         "--client-test-fraction",
         check=half_open(0, 1),
-        help="hold out this share of each client's shard as its local test split (seeded, stratified by label; "
-        "never trained on): every evaluation scores each client's own model on it (0: off)",
+        help="hold out this share of each client's shard as its local test split (seeded, stratified by "
+        "label; never trained on): every evaluation scores each client's own model on it (0: off)",
     )
     personalize_epochs: float = option(
         0.0,
         "--personalize-epochs",
         check=number(0, MAX_PERSONALIZE_EPOCHS),
         resume_free=True,  # only the end of the run depends on it: a finished run may be resumed to add it
-        help="after the last round, each client fine-tunes the final global adapter on its local training split "
-        "for E epochs and keeps it (final/clients/); 0: off",
+        help="after the last round, each client fine-tunes the final global adapter on its local training "
+        "split for E epochs and keeps it (final/clients/); 0: off",
     )
 
     @property
@@ -63,16 +63,17 @@ def check_personal(config: Any) -> None:
     if config.select == "best" or config.early_stop is not None:
         flag = "--select best" if config.select == "best" else f"--early-stop {config.early_stop}"
         raise ValueError(
-            f"{flag} chooses a round by the global adapter's validation score, but {method}'s clients keep parts of "
-            f"their adapters, so there is no global adapter to score: drop {flag}"
+            f"{flag} chooses a round by the global adapter's validation score, but {method}'s clients keep "
+            f"parts of their adapters, so there is no global adapter to score: drop {flag}"
         )
     if config.privacy.enabled:
         raise ValueError(
-            f"--dp-clip with --aggregation {method}: differential privacy is implemented for global methods only"
+            f"--dp-clip with --aggregation {method}: differential privacy is implemented for global methods "
+            "only"
         )
     if config.engine == "flower" and config.resuming and config.resume_from_round != 0:
         raise ValueError(
-            f"--resume of a {method} run on --engine flower: its clients' personal parts lived in the ClientApps' "
-            f"Context.state, which ends with the run, and never reached the server; start it again "
-            f"(--resume-from-round 0), or resume personalised runs made with --engine local"
+            f"--resume of a {method} run on --engine flower: its clients' personal parts lived in the "
+            "ClientApps' Context.state, which ends with the run, and never reached the server; start it "
+            "again (--resume-from-round 0), or resume personalised runs made with --engine local"
         )

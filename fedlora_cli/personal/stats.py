@@ -59,7 +59,7 @@ def describe(stats: Mapping[str, Any]) -> str:
     if not n:
         return f"{head}: none scored"
     return (
-        f"{head} ({stats.get('model')}): mean {stats['mean']:.4f} ± {stats['std']:.4f}, worst {stats['worst']:.4f} "
-        f"(client {stats['worst_client']}), worst 10 % {stats['worst10']:.4f}, best {stats['best']:.4f} "
-        f"(client {stats['best_client']})"
+        f"{head} ({stats.get('model')}): mean {stats['mean']:.4f} ± {stats['std']:.4f}, worst "
+        f"{stats['worst']:.4f} (client {stats['worst_client']}), worst 10 % {stats['worst10']:.4f}, best "
+        f"{stats['best']:.4f} (client {stats['best_client']})"
     )

@@ -96,7 +96,10 @@ def interrupted_rounds_message(run_dir: Path, complete: int) -> str:
 
     `--output-dir` names the run whether it was started with `--run-name` or `--output-dir`.
     """
-    return f"interrupted: {complete_rounds(run_dir, complete)}; continue with `fedlora rounds … --output-dir {run_dir} --resume`"
+    return (
+        f"interrupted: {complete_rounds(run_dir, complete)}; continue with `fedlora rounds … "
+        f"--output-dir {run_dir} --resume`"
+    )
 
 
 def complete_rounds(run_dir: Path, complete: int) -> str:

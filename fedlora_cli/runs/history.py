@@ -147,7 +147,7 @@ def read_history(folder: str | os.PathLike) -> list[HistoryRow]:
                 break
             reason = first_line(e) if not isinstance(e, RecursionError) else "nested too deeply"
             raise InputError(
-                f"{path}:{number}: not a history row ({reason}): the file was damaged or edited (each round's "
-                f"own record is its round_NNN/global/{METRICS})"
+                f"{path}:{number}: not a history row ({reason}): the file was damaged or edited (each "
+                f"round's own record is its round_NNN/global/{METRICS})"
             ) from None
     return rows

@@ -72,9 +72,9 @@ class PrivacyStrategy(Wrapper):
         z = spec.noise_multiplier
         if not self.noise_std <= MAX_NOISE_STD:
             raise ValueError(
-                f"--dp-noise-multiplier {z:g}: the noise std z·C = {self.noise_std:g} is beyond any number an adapter "
-                f"holds (float32 ends at {MAX_NOISE_STD:.3g}); noise that size drowns every update: use a "
-                f"multiplier of a few units (z = 1 is common)"
+                f"--dp-noise-multiplier {z:g}: the noise std z·C = {self.noise_std:g} is beyond any number "
+                f"an adapter holds (float32 ends at {MAX_NOISE_STD:.3g}); noise that size drowns every "
+                "update: use a multiplier of a few units (z = 1 is common)"
             )
         try:  # the accountant once, before any work: a z it cannot take fails here, not after round 1
             self.epsilon(1)
@@ -85,8 +85,9 @@ class PrivacyStrategy(Wrapper):
             ) from None
         if spec.target_epsilon is not None and self.epsilon(1) > spec.target_epsilon:
             raise ValueError(
-                f"--dp-target-epsilon {spec.target_epsilon:g}: one round already spends ε = {self.epsilon(1):.3g} "
-                f"at δ = {self.delta:.3g}; raise --dp-noise-multiplier, sample fewer clients per round, or raise the target"
+                f"--dp-target-epsilon {spec.target_epsilon:g}: one round already spends ε = "
+                f"{self.epsilon(1):.3g} at δ = {self.delta:.3g}; raise --dp-noise-multiplier, sample fewer "
+                "clients per round, or raise the target"
             )
 
     def describe(self) -> str:
@@ -117,14 +118,15 @@ class PrivacyStrategy(Wrapper):
             else f"--dp-delta, N = {n} clients"
         )
         why = (
-            f"at least 1/N = {1 / n:.3g}, which a mechanism that publishes one client's update in the clear also meets"
+            f"at least 1/N = {1 / n:.3g}, which a mechanism that publishes one client's update in the clear "
+            "also meets"
             if delta >= 1 / n
             else f"above {SMALL_DELTA:g}: the guarantee may fail outright with probability δ"
         )
         return (
-            f"warning: δ = {delta:.3g} ({source}) is not small: it is {why}; the ε reported at this δ means little. "
-            f"Client-level DP needs many clients (the default δ is at most {SMALL_DELTA:g} from N = 32) or a smaller "
-            f"--dp-delta"
+            f"warning: δ = {delta:.3g} ({source}) is not small: it is {why}; the ε reported at this δ means "
+            f"little. Client-level DP needs many clients (the default δ is at most {SMALL_DELTA:g} from "
+            "N = 32) or a smaller --dp-delta"
         )
 
     # --- accounting --------------------------------------------------------------------------------

@@ -67,7 +67,10 @@ class ServerOptStrategy(Wrapper):
         if not (r.keeps_momentum or r.adaptive):
             consts, keeps = "", "no state"
         space = self.update_space.removesuffix("s")
-        return f"server optimizer: {r.name} (η {r.lr:g}{', ' + consts if consts else ''}) in {space} space; {keeps}"
+        return (
+            f"server optimizer: {r.name} (η {r.lr:g}{', ' + consts if consts else ''}) in {space} "
+            f"space; {keeps}"
+        )
 
     # --- what the wrapped method decides ------------------------------------------------------------
 
@@ -150,8 +153,8 @@ class ServerOptStrategy(Wrapper):
         new = out.adapter.state
         if set(new) != set(previous.state) or any(new[k].shape != t.shape for k, t in previous.state.items()):
             raise ValueError(
-                f"{self.inner.name} changed the global adapter's shape (r {previous.lora.r} -> {out.adapter.lora.r}): "
-                "a server optimiser in factor space needs it fixed"
+                f"{self.inner.name} changed the global adapter's shape (r {previous.lora.r} -> "
+                f"{out.adapter.lora.r}): a server optimiser in factor space needs it fixed"
             )
         state, delta_sq, step_sq = {}, 0.0, 0.0
         for key, x in previous.state.items():

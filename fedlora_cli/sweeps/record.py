@@ -49,8 +49,8 @@ def check_reports(sweep: Sweep) -> None:
             path.is_file() and not path.is_symlink() and owned.get(path.name) == file_sha256(path)
         ):
             raise InputError(
-                f"{path} was not written by this sweep (or was changed since): fedlora never replaces what it "
-                f"did not write; move it away, or give the sweep another name"
+                f"{path} was not written by this sweep (or was changed since): fedlora never replaces what "
+                "it did not write; move it away, or give the sweep another name"
             )
 
 

@@ -206,9 +206,10 @@ def report_tables(sweep: Sweep, cells: list[CellReport]) -> list[ReportTable]:
                 f"tuning: validation {chooser} over tune seeds {', '.join(map(str, sweep.tune.seeds))}",
                 *tuning_rows(sweep, choices),
                 notes=(
-                    "Each point of a cell runs on every tune seed and is scored on the validation split (the reported "
-                    "adapter's score: what --select chose); the cell's choice (✓) has the best mean (ties: the first in "
-                    "grid order) and runs on the [sweep] seeds. The dev split never enters the choice.",
+                    "Each point of a cell runs on every tune seed and is scored on the validation split (the "
+                    "reported adapter's score: what --select chose); the cell's choice (✓) has the best mean "
+                    "(ties: the first in grid order) and runs on the [sweep] seeds. The dev split never "
+                    "enters the choice.",
                 ),
             )
         )
@@ -219,8 +220,8 @@ def _reported_notes(has_last: bool) -> tuple[str, ...]:
     if not has_last:
         return ()
     return (
-        "The reported adapter of each run: the round (epoch) --select chose on the validation split, or the last; "
-        "the last round's values follow in their own table.",
+        "The reported adapter of each run: the round (epoch) --select chose on the validation split, or the "
+        "last; the last round's values follow in their own table.",
     )
 
 
@@ -382,8 +383,8 @@ def pivot_table(sweep: Sweep, cells: list[CellReport], *, last: bool = False) ->
     which = "the last round" if last else "reported"
     seeds = ", ".join(map(str, sweep.seeds))
     notes = [
-        f"× 100, mean ± sample std over seeds {seeds}; the average is the mean ± std over seeds of each seed's "
-        f"average over the columns."
+        f"× 100, mean ± sample std over seeds {seeds}; the average is the mean ± std over seeds of each "
+        "seed's average over the columns."
     ]
     if t.reference:
         notes.append(_learning_note(t.reference, t.columns, t.learn_margin, learning, columns))
@@ -470,8 +471,9 @@ def compare_table(sweep: Sweep, cells: list[CellReport]) -> ReportTable:
                          "" if test.t is None else f"{test.t:.2f}", "" if test.p is None else f"{test.p:.3g}",
                          test.verdict])  # fmt: skip
     notes = (
-        f"Each {by} against the best mean of its group (the cells that agree on every other grid key), × 100: "
-        f"the {TEST} over the seeds both completed — the same seed gives both the same shards and validation "
-        f"split. Within noise: p ≥ {ALPHA:g}; n/a: fewer than 2 paired seeds (or differences without spread).",
+        f"Each {by} against the best mean of its group (the cells that agree on every other grid key), × "
+        f"100: the {TEST} over the seeds both completed — the same seed gives both the same shards and "
+        f"validation split. Within noise: p ≥ {ALPHA:g}; n/a: fewer than 2 paired seeds (or differences "
+        "without spread).",
     )
     return ReportTable("compare", "table", f"paired comparison of {by}", header, rows, notes)

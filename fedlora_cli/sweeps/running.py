@@ -86,8 +86,9 @@ def _action(
         return "run"
     if not check_options:  # a run of a cell not tuned yet: made before [tune] was added, with other options
         raise InputError(
-            f"{folder} exists, but its cell's tuning is not recorded in {sweep.folder / SWEEP_RECORD}: it was made "
-            f"without the point tuning will choose; give the sweep another name, or move that run away"
+            f"{folder} exists, but its cell's tuning is not recorded in {sweep.folder / SWEEP_RECORD}: it "
+            "was made without the point tuning will choose; give the sweep another name, or move that run "
+            "away"
         )
     before = recorded.get(_key(sweep, folder))
     now_options = {**cell.options, "seed": seed}
@@ -277,7 +278,7 @@ def _tuned(
     outcome.chosen[cell.name] = chosen.point.name
     score = "–" if chosen.mean is None else f"{chosen.mean:.4f}"
     log(
-        f"sweep {sweep.name}: {cell.name}: tuning chose {chosen.point.name} (validation {metric} {score}, mean over "
-        f"tune seeds {', '.join(map(str, sweep.tune.seeds if sweep.tune else ()))})"
+        f"sweep {sweep.name}: {cell.name}: tuning chose {chosen.point.name} (validation {metric} {score}, "
+        f"mean over tune seeds {', '.join(map(str, sweep.tune.seeds if sweep.tune else ()))})"
     )
     save()

@@ -149,7 +149,8 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
     unknown = sorted(set(data) - known)
     if unknown:
         raise InputError(
-            f"sweep {path}: unknown table [{unknown[0]}]; a sweep has [sweep], [base], [arms.<name>] and [tune]"
+            f"sweep {path}: unknown table [{unknown[0]}]; a sweep has [sweep], [base], [arms.<name>] and "
+            "[tune]"
         )
     head = data.get("sweep", {})
     base = data.get("base", {})
@@ -159,7 +160,8 @@ def load_sweep(path: str | os.PathLike, data: dict[str, Any]) -> Sweep:
     bad_head = sorted(set(head) - {"name", "root", "seeds", "metric", "table", "max-runs"})
     if bad_head:
         raise InputError(
-            f"sweep {path}: unknown key {bad_head[0]!r} in [sweep] (name, root, seeds, metric, table, max-runs)"
+            f"sweep {path}: unknown key {bad_head[0]!r} in [sweep] (name, root, seeds, metric, table, "
+            "max-runs)"
         )
     table_spec = _table_spec(head.get("table"), f"sweep {path} [sweep.table]")
     base, arms = _expand_env(base, f"sweep {path}"), _expand_env(arms, f"sweep {path}")
@@ -283,8 +285,8 @@ def _tune_grids(
     shared = sorted(set(seeds) & set(sweep_seeds))
     if shared:
         raise InputError(
-            f"{where}: seed {shared[0]} is also a [sweep] seed: tune on other seeds, so that the reported runs are "
-            f"not the very runs that won the tuning"
+            f"{where}: seed {shared[0]} is also a [sweep] seed: tune on other seeds, so that the reported "
+            "runs are not the very runs that won the tuning"
         )
     metric = data.get("metric")
     if metric is not None and (not isinstance(metric, str) or not metric):
@@ -304,8 +306,8 @@ def _tune_grids(
         both = sorted({option_key(k) for k in arm_grid} & set(grid)) if isinstance(arm_grid, dict) else []
         if both:
             raise InputError(
-                f"{where}: {both[0]!r} is both in the grid of [arms.{arm}] and tuned: a cell either sets an option "
-                f"or has it chosen (drop it from one, or set `{both[0]} = []` in [tune.arms.{arm}])"
+                f"{where}: {both[0]!r} is both in the grid of [arms.{arm}] and tuned: a cell either sets an "
+                f"option or has it chosen (drop it from one, or set `{both[0]} = []` in [tune.arms.{arm}])"
             )
         if grid:
             grids[arm] = grid
@@ -374,8 +376,8 @@ def _check_size(
     if total > limit:
         tuned = f" + {tuning:,} tune runs" if tuning else ""
         raise InputError(
-            f"sweep {path}: {cells:,} cells × {seeds} seed(s){tuned} = {total:,} runs, more than the limit of "
-            f"{limit:,}: shrink the grid, or set max-runs = {total} in [sweep] if you mean it"
+            f"sweep {path}: {cells:,} cells × {seeds} seed(s){tuned} = {total:,} runs, more than the limit "
+            f"of {limit:,}: shrink the grid, or set max-runs = {total} in [sweep] if you mean it"
         )
 
 

@@ -71,8 +71,8 @@ def validation_score(folder: Path, metric: str | None) -> tuple[str, float] | No
     value = validation.get(metric) if metric else None
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise InputError(
-            f"{folder}: its validation split has no {metric!r} score (it has {', '.join(sorted(validation))}): "
-            f"set [tune] metric to one of those"
+            f"{folder}: its validation split has no {metric!r} score (it has "
+            f"{', '.join(sorted(validation))}): set [tune] metric to one of those"
         )
     return metric, float(value)
 
@@ -142,8 +142,8 @@ def recorded_choices(sweep: Sweep, record: dict[str, Any]) -> dict[str, dict[str
             if canonical({"v": choice.get(key)}) != canonical({"v": value}):
                 raise InputError(
                     f"{sweep.folder / 'sweep.json'}: cell {cell.name} was tuned with other {key} "
-                    f"({choice.get(key)!r} -> {value!r}): the sweep file changed; give the sweep another name, or "
-                    f"move its folder away"
+                    f"({choice.get(key)!r} -> {value!r}): the sweep file changed; give the sweep another "
+                    "name, or move its folder away"
                 )
         if choice.get("name") not in now_made_from["points"] or not isinstance(choice.get("point"), dict):
             raise InputError(
