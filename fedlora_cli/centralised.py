@@ -113,10 +113,19 @@ class _RunFolder:
 def _start_record(run_dir: Path, command: str, config, argv, data: TaskData, device, precision: str,
                   progress: Progress) -> None:  # fmt: skip
     """Write run.json (status running) and tell the trackers the run has begun."""
-    record = new_record(command=command, config=config, argv=argv, seeds={"seed": config.train.seed},
-                        extra={"data_fingerprints": data.fingerprints, "sizes": data.sizes,
-                               "device": str(device), "precision": precision,
-                               **({"validation": data.holdout.record()} if data.holdout is not None else {})})  # fmt: skip
+    record = new_record(
+        command=command,
+        config=config,
+        argv=argv,
+        seeds={"seed": config.train.seed},
+        extra={
+            "data_fingerprints": data.fingerprints,
+            "sizes": data.sizes,
+            "device": str(device),
+            "precision": precision,
+            **({"validation": data.holdout.record()} if data.holdout is not None else {}),
+        },
+    )
     write_record(run_dir, record)
     tracker = as_tracker(progress)
     tracker.start_run(run_dir, run_dir.name)
@@ -221,8 +230,10 @@ class EpochWatch:
             self.best = Kept(epoch, state, dev, val)
         if self.selection.stop:
             sel = self.selection
-            self.stopped = (f"--early-stop {sel.patience}: no better validation {sel.metric} for {sel.since_best} "
-                            f"epochs after epoch {sel.best_step}; stopped after epoch {epoch}")  # fmt: skip
+            self.stopped = (
+                f"--early-stop {sel.patience}: no better validation {sel.metric} for {sel.since_best} "
+                f"epochs after epoch {sel.best_step}; stopped after epoch {epoch}"
+            )
         return self.selection.stop
 
     def final(self) -> tuple[EvalResult, EvalResult | None]:
@@ -276,8 +287,14 @@ def _train(
                 evaluation, validation = watch.final() if config.do_eval else (None, None)
                 adapter_dir = external_adapter or run_dir / "adapter"
                 meta = {"task": task.name, "label_names": list(task.label_names), "origin": "train"}
-                save_adapter(adapter_dir, model.state(), lora_spec, base_model=config.model.resolved, meta=meta,
-                             option="--adapter-output-dir")  # fmt: skip
+                save_adapter(
+                    adapter_dir,
+                    model.state(),
+                    lora_spec,
+                    base_model=config.model.resolved,
+                    meta=meta,
+                    option="--adapter-output-dir",
+                )
                 reported = adapter_dir
                 if watch.best is not None:  # --select best: the chosen epoch's adapter beside the last one
                     reported = run_dir / "best" / "adapter"
@@ -391,8 +408,18 @@ def _prediction_targets(config: EvalConfig) -> dict[str, Path]:
     return targets
 
 
-def _write_predictions(model, task, config: EvalConfig, data: TaskData, evaluation: EvalResult, tokenizer,
-                       targets: dict[str, Path], device, precision: str, progress: Progress) -> list[str]:  # fmt: skip
+def _write_predictions(
+    model,
+    task,
+    config: EvalConfig,
+    data: TaskData,
+    evaluation: EvalResult,
+    tokenizer,
+    targets: dict[str, Path],
+    device,
+    precision: str,
+    progress: Progress,
+) -> list[str]:
     """Dev predictions (with labels) from the evaluation just made; test predictions computed here."""
     written = []
     for split, preds in evaluation.predictions.items():

@@ -135,8 +135,15 @@ def run_merge(config: MergeConfig, *, argv: list[str] | None = None) -> MergeRes
     final = FinalMetrics(command="merge", task=config.task, main_metric=None,
                          metrics={"aggregation_error": record_agg["error"]}, adapter=str(out),
                          adapter_sha256=state_digest(merged.state))  # fmt: skip
-    save_adapter(out, merged.state, merged.lora, base_model=adapters[0].base_model, meta=meta, option="--save-adapter",
-                 extra_json={FUSE_MANIFEST: manifest, RUN_RECORD: record.to_json(), METRICS: final.to_json()})  # fmt: skip
+    save_adapter(
+        out,
+        merged.state,
+        merged.lora,
+        base_model=adapters[0].base_model,
+        meta=meta,
+        option="--save-adapter",
+        extra_json={FUSE_MANIFEST: manifest, RUN_RECORD: record.to_json(), METRICS: final.to_json()},
+    )
     return MergeResult(
         out, weights, merged.lora.r, merged.lora.alpha, record_agg["error"], num_labels, manifest
     )

@@ -66,8 +66,10 @@ def claim(path: str | os.PathLike, output: Output, *, overwrite: bool, option: s
         return path
     foreign = output.foreign(path)
     if foreign:
-        raise InputError(f"{path} {_describe(foreign, output)}: fedlora never replaces what it did not write; "
-                         f"choose another {option}")  # fmt: skip
+        raise InputError(
+            f"{path} {_describe(foreign, output)}: fedlora never replaces what it did not write; "
+            f"choose another {option}"
+        )
     if not overwrite:
         raise InputError(
             f"{path} already holds a fedlora {output.noun}: choose another {option}, or pass --overwrite to "

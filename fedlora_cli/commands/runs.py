@@ -192,8 +192,16 @@ adapters are."""
         metric = info.main_metric
         table = Table(title="rounds", title_justify="left")
         personal = any(row.extra.get("per_client") for row in history)
-        names = ["round", "clients", metric or "metric", *(("clients mean", "worst 10 %") if personal else ()),
-                 "train loss", "agg error", "MB up", "seconds"]  # fmt: skip
+        names = [
+            "round",
+            "clients",
+            metric or "metric",
+            *(("clients mean", "worst 10 %") if personal else ()),
+            "train loss",
+            "agg error",
+            "MB up",
+            "seconds",
+        ]
         for name in names:
             table.add_column(name, justify="right")
         for row in history:

@@ -87,19 +87,34 @@ def train(msg: Message, context: Context) -> Message:
         worker.check(shard)
         train_indices, _ = _split(config, shard, worker)
         report = train_client(
-            worker.model, worker.data, train_indices, plan, config.train, round_no=round_no, rounds=config.rounds,
-            run_seed=config.train.seed, device=worker.device, precision=worker.precision,
-            task=worker.task if config.eval_clients else None, eval_batch_size=config.eval_batch_size,
-            progress=deadline, personal=stored_personal(context, plan),
-        )  # fmt: skip
+            worker.model,
+            worker.data,
+            train_indices,
+            plan,
+            config.train,
+            round_no=round_no,
+            rounds=config.rounds,
+            run_seed=config.train.seed,
+            device=worker.device,
+            precision=worker.precision,
+            task=worker.task if config.eval_clients else None,
+            eval_batch_size=config.eval_batch_size,
+            progress=deadline,
+            personal=stored_personal(context, plan),
+        )
         if report.personal is not None:  # kept here, never sent
             keep_personal(context, round_no, report.personal, since=plan.personal_round)
-        content = RecordDict({
-            ARRAYS: codec.state_to_arrays(report.state),
-            METRICS: MetricRecord({"num-examples": report.examples, "train-loss": float(report.train["loss"])}),
-            REPORT: codec.report_to_config(report.client_id, report.examples, report.seed, report.lora,
-                                           report.train, report.eval),
-        })  # fmt: skip
+        content = RecordDict(
+            {
+                ARRAYS: codec.state_to_arrays(report.state),
+                METRICS: MetricRecord(
+                    {"num-examples": report.examples, "train-loss": float(report.train["loss"])}
+                ),
+                REPORT: codec.report_to_config(
+                    report.client_id, report.examples, report.seed, report.lora, report.train, report.eval
+                ),
+            }
+        )
         return Message(content, reply_to=msg)
 
     return _answer(msg, answer)
@@ -281,8 +296,10 @@ class Deadline(NullProgress):
 
     def check(self) -> None:
         if self.deadline is not None and time.time() > self.deadline:
-            raise FedloraError(f"stopped: round {self.round_no}'s --round-timeout has passed, so the server no "
-                               f"longer waits for this client")  # fmt: skip
+            raise FedloraError(
+                f"stopped: round {self.round_no}'s --round-timeout has passed, so the server no "
+                f"longer waits for this client"
+            )
 
     def start(self, key: str, description: str, total: int | None = None) -> None:
         self.check()

@@ -370,13 +370,23 @@ def plan_to_content(
     """Everything a client needs for its turn: the adapter (its shared parts), its shape, what trains, the
     base delta, and which of its own turns its personal parts continue from (their initial values for its
     first). `extra`: more CONFIG fields (a final turn's epochs)."""
-    meta = ConfigRecord({"server-round": round_no, "client-id": plan.client_id, **lora_to_config(plan.adapter.lora),
-                         "train-parts": sorted(plan.train), "prox-mu": float(plan.prox_mu),
-                         "base-delta-key": plan.base_delta_key,
-                         "clip-norm": "" if plan.clip_norm is None else float(plan.clip_norm),
-                         "clip-space": plan.clip_space, "tail-penalty": float(plan.tail_penalty),
-                         "tail-from": int(plan.tail_from), "personal-parts": sorted(plan.personal),
-                         "personal-round": int(plan.personal_round), **(extra or {})})  # fmt: skip
+    meta = ConfigRecord(
+        {
+            "server-round": round_no,
+            "client-id": plan.client_id,
+            **lora_to_config(plan.adapter.lora),
+            "train-parts": sorted(plan.train),
+            "prox-mu": float(plan.prox_mu),
+            "base-delta-key": plan.base_delta_key,
+            "clip-norm": "" if plan.clip_norm is None else float(plan.clip_norm),
+            "clip-space": plan.clip_space,
+            "tail-penalty": float(plan.tail_penalty),
+            "tail-from": int(plan.tail_from),
+            "personal-parts": sorted(plan.personal),
+            "personal-round": int(plan.personal_round),
+            **(extra or {}),
+        }
+    )
     content = RecordDict({ARRAYS: state_to_arrays(plan.adapter.state), CONFIG: meta, RUN_CONFIG: run_config})
     if plan.personal_start:
         content[PERSONAL_START] = state_to_arrays(plan.personal_start)

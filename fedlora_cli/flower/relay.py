@@ -255,8 +255,10 @@ def error_from_json(data: dict[str, Any]) -> Exception:
         name = data.get("type", "error")
         return FedloraError(f"the Flower simulation failed: {name}: {text}" if text else
                             f"the Flower simulation failed: {name}")  # fmt: skip
-    known = {c.__name__: c for c in (FedloraError, InputError, OutputError, Interrupted, RoundFailed, DamagedRun,
-                                     RunBusy)}  # fmt: skip
+    known = {
+        c.__name__: c
+        for c in (FedloraError, InputError, OutputError, Interrupted, RoundFailed, DamagedRun, RunBusy)
+    }
     cls = known.get(str(data.get("type")), FedloraError)
     error = cls.__new__(cls)
     Exception.__init__(error, message)

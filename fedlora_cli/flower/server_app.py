@@ -201,9 +201,11 @@ def query_nodes(
         if reply.has_error():
             crash = crash_reason(reply.error.code, reply.error.reason)
             if crash is not None:  # not the input's fault: exit 1, as any failure of the machine
-                raise FedloraError(f"SuperNode {node} failed while starting its client ({crash}); if the machine ran "
-                                   "out of memory, run fewer clients at once (a larger --client-cpus) or give "
-                                   "it more memory")  # fmt: skip
+                raise FedloraError(
+                    f"SuperNode {node} failed while starting its client ({crash}); if the machine ran "
+                    "out of memory, run fewer clients at once (a larger --client-cpus) or give "
+                    "it more memory"
+                )
             raise InputError(f"SuperNode {node} cannot serve a client: {one_line(reply.error.reason)}")
         try:
             identity = reply.content.config_records[IDENTITY]

@@ -159,14 +159,25 @@ def write_app(folder: Path, client_app: str) -> Path:
     from fedlora_cli.flower import codec
 
     lines = [
-        "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",
-        "[project]", 'name = "fedlora"', f"version = {codec.toml_value(__version__)}", "dependencies = []", "",
-        "[tool.flwr.app]", 'publisher = "fedlora"', "",
-        "[tool.flwr.app.components]", f"serverapp = {codec.toml_value(SERVER_APP)}",
-        f"clientapp = {codec.toml_value(client_app)}", "",
+        "[build-system]",
+        'requires = ["setuptools>=68"]',
+        'build-backend = "setuptools.build_meta"',
+        "",
+        "[project]",
+        'name = "fedlora"',
+        f"version = {codec.toml_value(__version__)}",
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedlora"',
+        "",
+        "[tool.flwr.app.components]",
+        f"serverapp = {codec.toml_value(SERVER_APP)}",
+        f"clientapp = {codec.toml_value(client_app)}",
+        "",
         "[tool.flwr.app.config]",
         *(f"{key} = {codec.toml_value(value)}" for key, value in codec.default_run_config().items()),
-    ]  # fmt: skip
+    ]
     folder.mkdir(parents=True)
     (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
     return folder
@@ -270,13 +281,31 @@ class _SuperLink:
     # -- start ------------------------------------------------------------------------------------
 
     def launch(self) -> None:
-        command = [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-                   "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        command = [
+            _tool("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         with open(self.log, "ab") as log:
             # a session of its own: Ctrl-C in the terminal reaches this process only, which stops the run in
             # order
-            self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
-                                         stdin=subprocess.DEVNULL, start_new_session=True, **_die_with_parent())  # fmt: skip
+            self.proc = subprocess.Popen(
+                command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.work,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                **_die_with_parent(),
+            )
         self._watch.start()
 
     def wait_until_listening(self) -> None:
@@ -294,11 +323,27 @@ class _SuperLink:
 
     def submit(self, app: Path, federation: dict[str, Any]) -> None:
         """`flwr run APP CONNECTION --federation-config …`; keeps the run id."""
-        command = [_tool("flwr"), "run", str(app), CONNECTION, "--federation-config", _config_args(federation),
-                   "--format", "json"]  # fmt: skip
+        command = [
+            _tool("flwr"),
+            "run",
+            str(app),
+            CONNECTION,
+            "--federation-config",
+            _config_args(federation),
+            "--format",
+            "json",
+        ]
         try:
-            done = subprocess.run(command, env=self.env, cwd=self.work, capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL, timeout=START_SECONDS, start_new_session=True)  # fmt: skip
+            done = subprocess.run(
+                command,
+                env=self.env,
+                cwd=self.work,
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                timeout=START_SECONDS,
+                start_new_session=True,
+            )
         except subprocess.TimeoutExpired:
             raise FedloraError(
                 f"`flwr run` did not submit the simulation within {START_SECONDS:g} s"
@@ -357,9 +402,16 @@ class _SuperLink:
         if self.run_id is None:
             return "it was not started"
         with contextlib.suppress(Exception):
-            done = subprocess.run([_tool("flwr"), "ls", CONNECTION, "--run-id", self.run_id, "--format", "json"],
-                                  env=self.env, cwd=self.work, capture_output=True, text=True, timeout=30,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+            done = subprocess.run(
+                [_tool("flwr"), "ls", CONNECTION, "--run-id", self.run_id, "--format", "json"],
+                env=self.env,
+                cwd=self.work,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             run = json.loads(done.stdout[done.stdout.find("{") :])["runs"][0]
             details = str(run.get("status-details") or "").strip()
             if details and details != "N/A":
@@ -495,8 +547,10 @@ def _check_resources(config: RoundsConfig) -> None:
                 f"--client-gpus {config.client_gpus:g}: this machine has no GPU; use --client-gpus 0"
             )
         if config.client_gpus > gpus:
-            raise InputError(f"--client-gpus {config.client_gpus:g}: this machine has {gpus} GPU(s); give each "
-                             f"virtual client at most {gpus} (0.5 = two clients per GPU)")  # fmt: skip
+            raise InputError(
+                f"--client-gpus {config.client_gpus:g}: this machine has {gpus} GPU(s); give each "
+                f"virtual client at most {gpus} (0.5 = two clients per GPU)"
+            )
 
 
 @contextlib.contextmanager

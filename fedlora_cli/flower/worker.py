@@ -143,9 +143,11 @@ def serve(
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             except httpx.HTTPStatusError as e:
                 if e.response.status_code in (401, 403):
-                    raise InputError(f"the SuperNode at {address} refuses this process's requests for tasks "
-                                     f"(HTTP {e.response.status_code}): give `fedlora clientapp` the SuperNode's "
-                                     "--superexec-auth-secret-file") from None  # fmt: skip
+                    raise InputError(
+                        f"the SuperNode at {address} refuses this process's requests for tasks "
+                        f"(HTTP {e.response.status_code}): give `fedlora clientapp` the SuperNode's "
+                        "--superexec-auth-secret-file"
+                    ) from None
                 raise
             except httpx.TransportError as e:
                 if not waiting and on_wait is not None:
@@ -193,8 +195,10 @@ def run_task(address: str, token: str, *, root_certificates: str | None = None) 
         kind, run_id, group = message.metadata.message_type, run.run_id, message.metadata.group_id
         component = fab_client_app(fab.content)
         if component != CLIENT_APP:
-            raise FedloraError(f"this SuperNode serves fedlora's ClientApp ({CLIENT_APP}) only; the run's app "
-                               f"names {component or 'none'}: run its SuperNode without `fedlora clientapp`")  # fmt: skip
+            raise FedloraError(
+                f"this SuperNode serves fedlora's ClientApp ({CLIENT_APP}) only; the run's app "
+                f"names {component or 'none'}: run its SuperNode without `fedlora clientapp`"
+            )
         reply = client_app.app(message, context)
         status, details = SubStatus.COMPLETED, ""
     except BaseException as e:  # Ctrl-C too: the task gets its answer before this process stops

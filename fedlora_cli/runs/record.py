@@ -448,10 +448,17 @@ class FinalMetrics:
         metrics = {k: float(v) for k, v in source.items() if isinstance(v, int | float) and k not in _STATS}
         per_split = source.get("per_split") if isinstance(source.get("per_split"), dict) else {}
         rounds = data.get("round") if isinstance(data.get("round"), int) else None
-        return cls(command=command, task=task, main_metric=_main_metric(task), metrics=metrics,
-                   per_split=per_split, train=data.get("train") if isinstance(data.get("train"), dict) else None,
-                   adapter=data.get("adapter") if isinstance(data.get("adapter"), str) else None,
-                   rounds=rounds, format=1)  # fmt: skip
+        return cls(
+            command=command,
+            task=task,
+            main_metric=_main_metric(task),
+            metrics=metrics,
+            per_split=per_split,
+            train=data.get("train") if isinstance(data.get("train"), dict) else None,
+            adapter=data.get("adapter") if isinstance(data.get("adapter"), str) else None,
+            rounds=rounds,
+            format=1,
+        )
 
 
 _STATS = {"examples", "seconds", "samples_per_second", "round", "loss"}

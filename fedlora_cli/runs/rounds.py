@@ -73,8 +73,10 @@ def resume_config(run_dir: Path, recorded: dict[str, Any], changes: dict[str, An
     if refused:
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in sorted(refused.items())[:4])
         allowed = ", ".join(sorted(k for k in RESUME_FREE_KEYS if not k.startswith(("output.", "resume"))))
-        raise InputError(f"--resume {run_dir}: {detail} would make it another experiment; a resume may change only "
-                         f"{allowed}")  # fmt: skip
+        raise InputError(
+            f"--resume {run_dir}: {detail} would make it another experiment; a resume may change only "
+            f"{allowed}"
+        )
     merged = apply_changes(recorded, {k: [None, v] for k, v in changes.items()})
     merged["resume"] = True
     output = merged.get("output")
@@ -160,8 +162,10 @@ class RoundRecorder:
         last = last_recorded_round(self.tree)
         done = last if config.resume_from_round is None else config.resume_from_round
         if done > config.rounds:
-            raise InputError(f"--rounds {config.rounds}, but {complete_rounds(root, done)}: ask for more rounds, or "
-                             f"go back with --resume-from-round N")  # fmt: skip
+            raise InputError(
+                f"--rounds {config.rounds}, but {complete_rounds(root, done)}: ask for more rounds, or "
+                f"go back with --resume-from-round N"
+            )
         if done > last:
             complete = f"its last complete round is {last}" if last else "no round of it is complete"
             raise InputError(f"--resume-from-round {done}: {root} has no complete round {done} ({complete})")
@@ -201,8 +205,13 @@ class RoundRecorder:
         folder = self.tree.client_dir(round_no, report.client_id)
         size = 0
         if report.state:
-            size = save_adapter(folder / ADAPTER_DIR, report.state, report.lora, base_model=self.base_model,
-                                meta=self._meta("client", round_no, client=report.client_id, examples=report.examples))  # fmt: skip
+            size = save_adapter(
+                folder / ADAPTER_DIR,
+                report.state,
+                report.lora,
+                base_model=self.base_model,
+                meta=self._meta("client", round_no, client=report.client_id, examples=report.examples),
+            )
         atomic.write_json(folder / METRICS, report.summary())
         return size
 

@@ -45,7 +45,8 @@ PARTITIONERS: dict[str, Partitioner] = {
                     "category plus ~--overlap-ratio of each shard from a pool of all the data",
                     ("category_key", "overlap_ratio")),
         Partitioner("dirichlet", "fedlora_cli.sharding.dirichlet:split",
-                    "label skew, per-label client shares from Dir(--dirichlet-alpha); smaller alpha, more skew",
+                    "label skew, per-label client shares from Dir(--dirichlet-alpha); "
+                    "smaller alpha, more skew",
                     ("dirichlet_alpha", "min_size", "max_redraws")),
         Partitioner("quantity", "fedlora_cli.sharding.quantity:split",
                     "size skew, client sizes from Dir(--dirichlet-alpha); labels balanced within each",

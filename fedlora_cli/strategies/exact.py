@@ -57,17 +57,27 @@ class ExactStrategy(Strategy):
         if max(lora_rank(u.state) for u in updates) > self.global_rank:
             # A (noised, DP) pseudo-update of a rank above the adapter's: its best rank-R part goes in
             # the adapter, the rest in the residual — the global model is still exactly the mean.
-            mean = aggregate_svd(updates, rank=self.global_rank, alpha=self.lora.at_rank(self.global_rank).alpha,
-                                 scaling=scaling)  # fmt: skip
+            mean = aggregate_svd(
+                updates,
+                rank=self.global_rank,
+                alpha=self.lora.at_rank(self.global_rank).alpha,
+                scaling=scaling,
+            )
         else:
             mean = aggregate_naive(updates, rank=self.global_rank)
         new, error = accumulate_residual(self.residual, updates, mean.state, scaling)
         sent = {p: (pq[0].float(), pq[1].float()) for p, pq in new.items()}
         increment = increment_bytes(self.residual, sent)
         self._set_residual(sent)
-        return Aggregated.of(self.name, replace(mean, error=error, module_errors={}), self.lora,
-                             adapter_error=mean.error, residual_rank=self.residual_rank,
-                             residual_bytes=factor_bytes(self.residual), increment_bytes=increment)  # fmt: skip
+        return Aggregated.of(
+            self.name,
+            replace(mean, error=error, module_errors={}),
+            self.lora,
+            adapter_error=mean.error,
+            residual_rank=self.residual_rank,
+            residual_bytes=factor_bytes(self.residual),
+            increment_bytes=increment,
+        )
 
     @property
     def residual_rank(self) -> int:

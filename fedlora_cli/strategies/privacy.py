@@ -138,8 +138,13 @@ class PrivacyStrategy(Wrapper):
         return 0.0 if z == 0 else z * c
 
     def epsilon(self, rounds: int) -> float:
-        return privacy.epsilon(clients=self.clients, per_round=self.per_round,
-                               noise_multiplier=self.dp.noise_multiplier or 0.0, rounds=rounds, delta=self.delta)  # fmt: skip
+        return privacy.epsilon(
+            clients=self.clients,
+            per_round=self.per_round,
+            noise_multiplier=self.dp.noise_multiplier or 0.0,
+            rounds=rounds,
+            delta=self.delta,
+        )
 
     def rounds_allowed(self, rounds: int) -> tuple[int, str | None]:
         """How many of `rounds` fit in --dp-target-epsilon, and the line that says why the run stops early."""
@@ -181,8 +186,13 @@ class PrivacyStrategy(Wrapper):
         reason = self.inner.check_update(plan, update)
         if reason is not None or self.dp.where != "client":
             return reason
-        norm = privacy.update_norm(update.state, plan.adapter.state, space=self.update_space,
-                                   scaling=update.scaling, reference_scaling=plan.adapter.lora.scaling)  # fmt: skip
+        norm = privacy.update_norm(
+            update.state,
+            plan.adapter.state,
+            space=self.update_space,
+            scaling=update.scaling,
+            reference_scaling=plan.adapter.lora.scaling,
+        )
         clip = self.dp.clip or 0.0
         if norm > clip * (1 + NORM_SLACK):
             return f"its update has norm {norm:.6g} > --dp-clip {clip:g}: it did not clip (--dp-where client)"
@@ -237,8 +247,16 @@ class PrivacyStrategy(Wrapper):
         failed = [plans[shape] for shape in sorted(missing.elements())]  # count as zero updates
 
         space, clip = self.update_space, self.dp.clip or 0.0
-        norms = [privacy.update_norm(u.state, p.adapter.state, space=space, scaling=u.scaling,
-                                     reference_scaling=p.adapter.lora.scaling) for u, p in replied]  # fmt: skip
+        norms = [
+            privacy.update_norm(
+                u.state,
+                p.adapter.state,
+                space=space,
+                scaling=u.scaling,
+                reference_scaling=p.adapter.lora.scaling,
+            )
+            for u, p in replied
+        ]
         factors = [privacy.clip_factor(n, clip) for n in norms]
         trained = frozenset().union(*(p.train for p in plans.values()))
         # Equal weights 1/m, computed as the methods compute normalised weights (bit-identical arithmetic).

@@ -105,13 +105,16 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("svd", "fedlora_cli.strategies.svd:SvdStrategy",
-               "mean of the updates ΔW_i = s·B_i·A_i, truncated by SVD to --svd-rank (FlexLoRA with mixed ranks)",
+               "mean of the updates ΔW_i = s·B_i·A_i, truncated by SVD to --svd-rank "
+               "(FlexLoRA with mixed ranks)",
                label="ΔW+SVD; FlexLoRA with mixed ranks", options=SvdOptions),
         Method("naive", "fedlora_cli.strategies.naive:NaiveStrategy",
-               "mean of A and mean of B with example weights (mixed ranks: zero-padding only); not the mean of the products",
+               "mean of A and mean of B with example weights (mixed ranks: zero-padding only); "
+               "not the mean of the products",
                label="FedIT: mean A, mean B"),
         Method("hetlora", "fedlora_cli.strategies.hetlora:HetloraStrategy",
-               "HetLoRA: zero-padding, factors weighted by each client's ‖B_i A_i‖_F, local rank self-pruning",
+               "HetLoRA: zero-padding, factors weighted by each client's ‖B_i A_i‖_F, "
+               "local rank self-pruning",
                label="HetLoRA", options=HetloraOptions),
         Method("exact", "fedlora_cli.strategies.exact:ExactStrategy",
                "FedEx-LoRA: mean of A and of B, plus the residual folded into a frozen low-rank base delta",
@@ -121,9 +124,11 @@ METHODS: dict[str, Method] = {
                label="FFA-LoRA", one_factor=True),
         Method("rolora", "fedlora_cli.strategies.rolora:RoloraStrategy",
                "RoLoRA: rounds alternate training B and A (the other frozen); every average is exact",
-               label="RoLoRA", one_factor=True, merge="it alternates factors over rounds; merge with svd, naive, exact or ffa"),
+               label="RoLoRA", one_factor=True,
+               merge="it alternates factors over rounds; merge with svd, naive, exact or ffa"),
         Method("fedsa", "fedlora_cli.strategies.fedsa:FedsaStrategy",
-               "FedSA-LoRA: A shared and averaged (A = Σ w_i A_i), B and the head kept by each client; personalised",
+               "FedSA-LoRA: A shared and averaged (A = Σ w_i A_i), B and the head kept by each client; "
+               "personalised",
                label="FedSA-LoRA: shared A, personal B and head", personal=("B", "head"),
                merge="its clients keep B and the head: there is no one adapter to merge",
                defaults={"personal.client_test_fraction": 0.2}),

@@ -68,7 +68,7 @@ from fedlora_cli.sweeps.tuning import PointScore, choose, score_cell
 __all__ = [
     "COMMANDS", "MAX_RUNS", "OWNED", "REPORTS", "RESUMABLE", "SWEEP_RECORD", "Cell", "CellReport", "Paired",
     "PlannedRun", "PointScore", "ReportTable", "Sweep", "SweepOutcome", "TableSpec", "TunePoint", "TuneSpec",
-    "_legend", "check_reports", "choose", "compare_table", "load_sweep", "markdown_table", "paired_test", "pivot",
-    "pivot_table", "plan", "plot_sweep", "report", "report_rows", "report_tables", "run_sweep", "score_cell",
-    "write_report",
+    "_legend", "check_reports", "choose", "compare_table", "load_sweep", "markdown_table", "paired_test",
+    "pivot", "pivot_table", "plan", "plot_sweep", "report", "report_rows", "report_tables", "run_sweep",
+    "score_cell", "write_report",
 ]  # fmt: skip

@@ -58,9 +58,18 @@ def plot_sweep(
             m = [mean_std(by_round_metric.get(r, [])) for r in rounds]
             lo = [mean_std(by_round_loss.get(r, [])) for r in rounds]
             er = [mean_std(by_round_error.get(r, [])) for r in rounds]
-            curves.append(Curve(_legend(report_.cell.name, drop), rounds, [x[0] for x in m], [x[0] for x in lo],
-                                [x[1] for x in m], [x[1] for x in lo], error=[x[0] for x in er],
-                                error_std=[x[1] for x in er]))  # fmt: skip
+            curves.append(
+                Curve(
+                    _legend(report_.cell.name, drop),
+                    rounds,
+                    [x[0] for x in m],
+                    [x[0] for x in lo],
+                    [x[1] for x in m],
+                    [x[1] for x in lo],
+                    error=[x[0] for x in er],
+                    error_std=[x[1] for x in er],
+                )
+            )
         elif dev_rounds:
             curves.append(Curve(_legend(report_.cell.name, drop), final=report_.mean, final_std=report_.std))
         else:  # a centralised reference on the same axis: its validation score

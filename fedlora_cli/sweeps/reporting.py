@@ -143,14 +143,34 @@ def report_rows(sweep: Sweep, cells: list[CellReport]) -> tuple[list[str], list[
     for c in sweep.cells:
         grid_keys += [k for k in c.point if k not in grid_keys]
     tuned = _tuned_keys(cells)
-    header = ["cell", "arm", "command", *grid_keys, *(f"{k} (tuned)" for k in tuned), "metric", "n", "mean", "std",
-              *(f"seed {s}" for s in sweep.seeds)]  # fmt: skip
+    header = [
+        "cell",
+        "arm",
+        "command",
+        *grid_keys,
+        *(f"{k} (tuned)" for k in tuned),
+        "metric",
+        "n",
+        "mean",
+        "std",
+        *(f"seed {s}" for s in sweep.seeds),
+    ]
     rows = []
     for r in cells:
-        rows.append([r.cell.name, r.cell.arm, r.cell.command, *(str(r.cell.point.get(k, "")) for k in grid_keys),
-                     *(str((r.tuned or {}).get(k, "")) for k in tuned),
-                     r.metric or "", f"{r.n}/{r.runs}", _fmt(r.mean), _fmt(r.std),
-                     *(_fmt(r.values.get(s)) for s in sweep.seeds)])  # fmt: skip
+        rows.append(
+            [
+                r.cell.name,
+                r.cell.arm,
+                r.cell.command,
+                *(str(r.cell.point.get(k, "")) for k in grid_keys),
+                *(str((r.tuned or {}).get(k, "")) for k in tuned),
+                r.metric or "",
+                f"{r.n}/{r.runs}",
+                _fmt(r.mean),
+                _fmt(r.std),
+                *(_fmt(r.values.get(s)) for s in sweep.seeds),
+            ]
+        )
     return header, rows
 
 

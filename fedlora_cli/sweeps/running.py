@@ -145,15 +145,28 @@ def run_sweep(
         if isinstance(r, dict) and r.get("stage") == "tune" and str(r.get("cell")) in choices
     ]
     record: dict[str, Any] = {
-        "name": sweep.name, "file": str(sweep.file), "spec": sweep.spec, "seeds": list(sweep.seeds),
-        "metric": sweep.metric, "cells": [{"name": c.name, "arm": c.arm, "command": c.command, "options": c.options,
-                                           "grid": c.point} for c in sweep.cells],
-        "started": previous.get("started") or now(), "updated": now(), "status": RUNNING,
-        "argv": list(argv or []), "versions": package_versions(), REPORTS: previous.get(REPORTS, {}),
-        **({"tune": {"seeds": list(sweep.tune.seeds), "metric": sweep.tune.metric}, CHOICES: choices}
-           if sweep.tune is not None else {}),
+        "name": sweep.name,
+        "file": str(sweep.file),
+        "spec": sweep.spec,
+        "seeds": list(sweep.seeds),
+        "metric": sweep.metric,
+        "cells": [
+            {"name": c.name, "arm": c.arm, "command": c.command, "options": c.options, "grid": c.point}
+            for c in sweep.cells
+        ],
+        "started": previous.get("started") or now(),
+        "updated": now(),
+        "status": RUNNING,
+        "argv": list(argv or []),
+        "versions": package_versions(),
+        REPORTS: previous.get(REPORTS, {}),
+        **(
+            {"tune": {"seeds": list(sweep.tune.seeds), "metric": sweep.tune.metric}, CHOICES: choices}
+            if sweep.tune is not None
+            else {}
+        ),
         "runs": [],
-    }  # fmt: skip
+    }
 
     def entry(p: PlannedRun) -> dict[str, Any]:
         key = _key(sweep, p.folder)
