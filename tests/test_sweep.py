@@ -306,3 +306,29 @@ def test_a_report_the_sweep_did_not_write_is_never_replaced(swept, tmp_path):
     assert edited.read_text() == before + "my extra row\n"
     edited.write_text(before)  # put back as the sweep wrote it: the sweep's again
     assert run("sweep", file, "--report").exit_code == 0
+
+
+def test_a_report_made_while_the_sweep_runs_stays_the_sweeps_own(tmp_path):
+    """`fedlora sweep F --report` while `fedlora sweep F` runs: the report records the files it wrote in
+    sweep.json, and the running sweep's next save keeps them, so the sweep may replace them later."""
+    import tomllib
+
+    from fedlora_cli.sweeps import load_sweep, report, run_sweep, write_report
+    from fedlora_cli.sweeps.record import REPORTS, SWEEP_RECORD, check_reports
+
+    file = tmp_path / "s.toml"
+    file.write_text(f'[sweep]\nname = "race"\nroot = "{tmp_path}"\nseeds = [1, 2]\n'
+                    '[arms.a]\ncommand = "train"\ntask = "sst2"\n')  # fmt: skip
+    sweep = load_sweep(file, tomllib.loads(file.read_text()))
+    calls = []
+
+    def execute(command, options):  # each "run": the first one while a --report is made beside it
+        if not calls:
+            write_report(sweep, report(sweep), figure=False)
+        calls.append(options["seed"])
+
+    run_sweep(sweep, execute)
+    assert calls == [1, 2]
+    owned = json.loads((sweep.folder / SWEEP_RECORD).read_text())[REPORTS]
+    assert "report.csv" in owned
+    check_reports(sweep)  # no refusal: every report file there is the sweep's

@@ -189,6 +189,11 @@ def run_sweep(
 
     def save(status: str = RUNNING) -> None:
         record["status"], record["updated"] = status, now()
+        # the report files as sweep.json says now: a `--report` made while this sweep runs records what it
+        # wrote there, and a save from the record read at the start would forget it
+        owned = read_sweep_record(sweep).get(REPORTS) if (sweep.folder / SWEEP_RECORD).is_file() else None
+        if isinstance(owned, dict):
+            record[REPORTS] = owned
         atomic.write_json(sweep.folder / SWEEP_RECORD, record)
 
     save()
