@@ -153,9 +153,10 @@ def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, ti
             if errors:
                 error = curve.error or [None] * len(curve.rounds)
                 _band(axes[2], curve.rounds, error, curve.error_std, curve.label)
-        elif errors:
-            axes[2].plot([], [])  # keep the colours of the three panels in step
-        elif curve.final is not None:
+            continue
+        for ax in axes[1:]:  # a flat reference is drawn on the left only: keep every panel's colours in step
+            ax.plot([], [])
+        if curve.final is not None:
             line = left.axhline(curve.final, linestyle="--", label=f"{curve.label} (final)")
             if curve.final_std:
                 left.axhspan(curve.final - curve.final_std, curve.final + curve.final_std, alpha=0.15,

@@ -332,3 +332,25 @@ def test_a_report_made_while_the_sweep_runs_stays_the_sweeps_own(tmp_path):
     owned = json.loads((sweep.folder / SWEEP_RECORD).read_text())[REPORTS]
     assert "report.csv" in owned
     check_reports(sweep)  # no refusal: every report file there is the sweep's
+
+
+def test_the_centralised_reference_is_drawn_beside_curves_with_an_aggregation_error(tmp_path, monkeypatch):
+    """Three panels (metric, loss, aggregation error) when a curve carries the error; the flat reference
+    (a run without rounds) is still drawn on the metric panel, in the colour it has in the legend."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from fedlora_cli import plots
+    from fedlora_cli.plots import Curve
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    fed = Curve("fed", [1, 2], [0.6, 0.7], [0.5, 0.4], error=[0.05, 0.04])
+    central = Curve("central", final=0.8, final_std=0.01)
+    plots.plot_curves([fed, central], tmp_path / "f.png", metric="accuracy", title="t")
+    left, _, error = figures[-1].axes[:3]
+    assert error.get_title() == "aggregation error per round"
+    assert list(error.lines[0].get_ydata()) == [0.05, 0.04]
+    flat = [line for line in left.lines if list(line.get_ydata()) == [0.8, 0.8]]
+    assert len(flat) == 1 and flat[0].get_label() == "central (final)"
+    assert flat[0].get_color() != left.lines[0].get_color()
