@@ -354,3 +354,36 @@ def test_the_centralised_reference_is_drawn_beside_curves_with_an_aggregation_er
     flat = [line for line in left.lines if list(line.get_ydata()) == [0.8, 0.8]]
     assert len(flat) == 1 and flat[0].get_label() == "central (final)"
     assert flat[0].get_color() != left.lines[0].get_color()
+
+
+def test_the_clients_table_gives_each_statistic_over_seeds_and_the_global_model_before_fine_tuning(tmp_path):
+    """Runs evaluated on the clients' local tests: a row per cell with the clients' mean, worst 10 %, worst and
+    best (mean ± std over seeds, × 100), and for fine-tuned runs the global adapter's mean before it."""
+    from fedlora_cli import sweeps
+    from fedlora_cli.sweeps.clients import client_stats
+
+    data = {"sweep": {"name": "p", "seeds": [1, 2]}, "base": {"task": "sst2"},
+            "arms": {"ft": {"command": "rounds"}, "fedsa": {"command": "rounds"}, "central": {"command": "train"}}}  # fmt: skip
+    sweep = sweeps.load_sweep(tmp_path / "p.toml", data)
+    final = {  # final/metrics.json's fields as `rounds` writes them
+        ("ft", 1): {"per_client": {"model": "personal", "mean": 0.9, "worst10": 0.7, "worst": 0.7, "best": 1.0},
+                    "per_client_global": {"model": "global", "mean": 0.8}},
+        ("ft", 2): {"per_client": {"model": "personal", "mean": 0.8, "worst10": 0.5, "worst": 0.5, "best": 1.0},
+                    "per_client_global": {"model": "global", "mean": 0.7}},
+        ("fedsa", 1): {"per_client": {"model": "personal", "mean": 0.85, "worst10": 0.6, "worst": 0.6,
+                                      "best": float("nan")}},
+    }  # fmt: skip
+    cells = [
+        sweeps.CellReport(c, "accuracy", {}, 2, clients={
+            seed: client_stats(final[(c.name, seed)]) for seed in (1, 2) if (c.name, seed) in final})
+        for c in sweep.cells
+    ]  # fmt: skip
+    table = next(t for t in sweeps.report_tables(sweep, cells) if t.name == "clients")
+    assert table.header == ["cell", "model", "seeds", "clients' mean", "worst 10 %", "worst client",
+                            "best client", "before fine-tuning (mean)"]  # fmt: skip
+    assert table.rows == [
+        ["ft", "personal", "2", "85.0 ± 7.1", "60.0 ± 14.1", "60.0 ± 14.1", "100.0 ± 0.0", "75.0 ± 7.1"],
+        ["fedsa", "personal", "1", "85.0", "60.0", "60.0", "", ""],  # a NaN is no value; central has no row
+    ]
+    assert client_stats({"metrics": {"accuracy": 0.9}}) == {}  # no local tests: no statistics
+    assert not any(t.name == "clients" for t in sweeps.report_tables(sweep, [c.at_last() for c in cells[2:]]))

@@ -28,7 +28,7 @@ def canonical(options: dict[str, Any]) -> str:
 
 
 REPORT_FILES = ("report.csv", "report.md", "report.png", "report-last.csv", "table.csv", "table.md",
-                "table-last.csv", "compare.csv", "tuning.csv", "tuning.md")  # fmt: skip
+                "table-last.csv", "compare.csv", "clients.csv", "tuning.csv", "tuning.md")  # fmt: skip
 
 
 def _is_report(name: str) -> bool:

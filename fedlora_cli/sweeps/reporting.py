@@ -22,6 +22,7 @@ from fedlora_cli import atomic
 from fedlora_cli.errors import InputError
 from fedlora_cli.ownership import RUN_RECORD
 from fedlora_cli.runs.record import COMPLETE, FinalMetrics
+from fedlora_cli.sweeps.clients import client_stats, clients_rows
 from fedlora_cli.sweeps.figures import plot_sweep
 from fedlora_cli.sweeps.record import REPORTS, SWEEP_RECORD, check_reports, file_sha256, read_sweep_record
 from fedlora_cli.sweeps.spec import Cell, Sweep, label
@@ -41,6 +42,7 @@ class CellReport:
     majority: float | None = None  # what the majority-class answer scores on dev (mean over the seeds' runs)
     tuned: dict[str, Any] | None = None  # the point tuning chose for this cell
     has_last: bool = False  # whether its runs record the last round apart from the reported one
+    clients: dict[int, dict[str, Any]] = field(default_factory=dict)  # seed -> per-client stats (clients.py)
 
     @property
     def n(self) -> int:
@@ -71,6 +73,7 @@ def report(sweep: Sweep) -> list[CellReport]:
         values: dict[int, float] = {}
         last: dict[int, float] = {}
         floors: list[float] = []
+        per_client: dict[int, dict[str, Any]] = {}
         has_last = False
         metric = sweep.metric
         for seed in sweep.seeds:
@@ -90,12 +93,16 @@ def report(sweep: Sweep) -> list[CellReport]:
             )
             if (value := _last_value(info.final, metric)) is not None:
                 last[seed] = value
+            if stats := client_stats(info.final.extra):
+                per_client[seed] = stats
             majority = info.final.extra.get("majority")
             if isinstance(majority, dict) and (floor := _finite(majority.get(metric))) is not None:
                 floors.append(floor)
         tuned = choices.get(cell.name, {}).get("point")
         floor = statistics.fmean(floors) if floors else None
-        out.append(CellReport(cell, metric, values, len(sweep.seeds), last, floor, tuned, has_last))
+        out.append(
+            CellReport(cell, metric, values, len(sweep.seeds), last, floor, tuned, has_last, per_client)
+        )
     return out
 
 
@@ -216,6 +223,21 @@ def report_tables(sweep: Sweep, cells: list[CellReport]) -> list[ReportTable]:
             tables.append(pivot_table(sweep, cells, last=True))
         if sweep.table.compare:
             tables.append(compare_table(sweep, cells))
+    if (per_client := clients_rows(cells, list(sweep.seeds), plus_minus)) is not None:
+        tables.append(
+            ReportTable(
+                "clients",
+                "table",
+                f"each client's model on its own local test split: {metric}",
+                *per_client,
+                notes=(
+                    f"× 100, mean ± sample std over seeds {seeds} of each run's statistic over its "
+                    "clients: the mean, the mean of the worst 10 % of clients, the worst and the best "
+                    "client. model: personal (each client's own adapter) or global (the one global adapter "
+                    "on every client's test).",
+                ),
+            )
+        )
     if sweep.tune is not None:
         choices = recorded_choices(sweep, read_sweep_record(sweep))
         chooser = tune_metric(sweep) or "score (each task's main metric)"
