@@ -121,7 +121,10 @@ METHODS: dict[str, Method] = {
                label="FedEx-LoRA"),
         Method("ffa", "fedlora_cli.strategies.ffa:FfaStrategy",
                "FFA-LoRA: A frozen from the seed, only B (and the head) train; averaging B is exact",
-               label="FFA-LoRA", one_factor=True),
+               label="FFA-LoRA", one_factor=True,
+               # chosen on validation in benchmarks/regime.toml (alpha 16 or 64 at r=8, both settings): with A
+               # frozen at its random start, B's steps move ΔW less than LoRA's at one alpha (docs/results.md)
+               defaults={"lora.alpha": 64.0}),
         Method("rolora", "fedlora_cli.strategies.rolora:RoloraStrategy",
                "RoLoRA: rounds alternate training B and A (the other frozen); every average is exact",
                label="RoLoRA", one_factor=True,
