@@ -98,7 +98,12 @@ class Curve:
 
 
 def _band(
-    ax: Any, xs: list[int], mean: list[float | None], std: list[float | None] | None, label: str
+    ax: Any,
+    xs: list[int],
+    mean: list[float | None],
+    std: list[float | None] | None,
+    label: str,
+    color: Any = None,
 ) -> None:
     points = [
         (x, m, (std[i] if std else None))
@@ -109,7 +114,7 @@ def _band(
         return
     x = [p[0] for p in points]
     y = [p[1] for p in points]
-    (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
+    (line,) = ax.plot(x, y, marker="o", markersize=3, label=label, color=color)
     if std and any(p[2] for p in points):
         lo = [p[1] - (p[2] or 0.0) for p in points]
         hi = [p[1] + (p[2] or 0.0) for p in points]
@@ -143,21 +148,21 @@ def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, ti
     left, right = axes[0], axes[1]
     if labels > 10:  # matplotlib's default cycle repeats after 10 colours
         pairs = plt.get_cmap("tab20").colors  # dark/light pairs: the ten dark hues first, then the light
-        colors = [*pairs[0::2], *pairs[1::2]]
-        for ax in axes:
-            ax.set_prop_cycle(color=colors)
-    for curve in curves:
+        palette = [*pairs[0::2], *pairs[1::2]]
+    else:
+        palette = plt.get_cmap("tab10").colors
+    # each curve its own colour, the same in every panel (a flat reference is drawn on the left only)
+    for i, curve in enumerate(curves):
+        color = palette[i % len(palette)]
         if curve.rounds:
-            _band(left, curve.rounds, curve.metric, curve.metric_std, curve.label)
-            _band(right, curve.rounds, curve.loss, curve.loss_std, curve.label)
+            _band(left, curve.rounds, curve.metric, curve.metric_std, curve.label, color)
+            _band(right, curve.rounds, curve.loss, curve.loss_std, curve.label, color)
             if errors:
                 error = curve.error or [None] * len(curve.rounds)
-                _band(axes[2], curve.rounds, error, curve.error_std, curve.label)
+                _band(axes[2], curve.rounds, error, curve.error_std, curve.label, color)
             continue
-        for ax in axes[1:]:  # a flat reference is drawn on the left only: keep every panel's colours in step
-            ax.plot([], [])
         if curve.final is not None:
-            line = left.axhline(curve.final, linestyle="--", label=f"{curve.label} (final)")
+            line = left.axhline(curve.final, linestyle="--", label=f"{curve.label} (final)", color=color)
             if curve.final_std:
                 left.axhspan(curve.final - curve.final_std, curve.final + curve.final_std, alpha=0.15,
                              color=line.get_color())  # fmt: skip

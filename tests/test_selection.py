@@ -271,5 +271,11 @@ def test_dev_scored_only_at_the_end_reports_what_every_round_scoring_reports(tin
     rows = history(both["end"])
     assert [r["eval"] is None for r in rows] == [True, True, True, False]  # dev only after the last round
     assert all(r["validation"] is not None for r in rows)
+    # a sweep's figure draws such runs on the validation split, the others on dev
+    from fedlora_cli.runs.history import read_history
+    from fedlora_cli.sweeps.figures import dev_each_round
+
+    assert dev_each_round([read_history(both["each"])], "accuracy")
+    assert not dev_each_round([read_history(both["each"]), read_history(both["end"])], "accuracy")
     one_error_line(run("rounds", "--task", "sst2", "--shards", tmp_path, "--no-dev-each-round"), 2,
                    "--no-dev-each-round scores only the validation split")  # fmt: skip

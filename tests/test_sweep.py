@@ -354,6 +354,12 @@ def test_the_centralised_reference_is_drawn_beside_curves_with_an_aggregation_er
     flat = [line for line in left.lines if list(line.get_ydata()) == [0.8, 0.8]]
     assert len(flat) == 1 and flat[0].get_label() == "central (final)"
     assert flat[0].get_color() != left.lines[0].get_color()
+    # each curve keeps its colour in every panel, whatever the order
+    plots.plot_curves([central, fed], tmp_path / "g.png", metric="accuracy", title="t")
+    left, loss, error = figures[-1].axes[:3]
+    fed_color = next(line.get_color() for line in left.lines if line.get_label() == "fed")
+    assert loss.lines[0].get_color() == error.lines[0].get_color() == fed_color
+    assert next(line.get_color() for line in left.lines if line.get_label() == "central (final)") != fed_color
 
 
 def test_the_clients_table_gives_each_statistic_over_seeds_and_the_global_model_before_fine_tuning(tmp_path):

@@ -29,9 +29,7 @@ def plot_sweep(
     }
     # The dev split per round when the runs scored it; else (--no-dev-each-round) the validation split, and
     # the axis says which: the curves show how a run got there, the tables what it reports.
-    dev_rounds = any(
-        row.round >= 1 and row.metric(metric) is not None for rows in histories.values() for row in rows
-    )
+    dev_rounds = dev_each_round(histories.values(), metric)
     label = metric if dev_rounds else f"validation {metric}"
 
     def value(row):
@@ -102,3 +100,13 @@ def _legend(name: str, drop: str | None) -> str:
         return name
     parts = [p for p in name.split("_") if p != drop]
     return "_".join(parts) or name
+
+
+def dev_each_round(histories, metric: str) -> bool:
+    """Whether the runs scored the dev split every round: not when any round was scored on the validation
+    split alone (--no-dev-each-round, whose runs score dev at their last round only)."""
+    return not any(
+        row.round >= 1 and row.metric(metric) is None and (row.validation or {}).get(metric) is not None
+        for rows in histories
+        for row in rows
+    )
