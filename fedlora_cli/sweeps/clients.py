@@ -9,9 +9,10 @@ adapter before it). The table gives each statistic as mean ± std over the seeds
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
+
+from fedlora_cli.sweeps.stats import finite, plus_minus
 
 STATS = ("mean", "worst10", "worst", "best")
 HEADERS = {"mean": "clients' mean", "worst10": "worst 10 %", "worst": "worst client", "best": "best client"}
@@ -25,15 +26,15 @@ def client_stats(extra: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {"model": str(per_client.get("model", ""))}
     for key in STATS:
-        if (value := _finite(per_client.get(key))) is not None:
+        if (value := finite(per_client.get(key))) is not None:
             out[key] = value
     before = extra.get("per_client_global")
-    if isinstance(before, dict) and (value := _finite(before.get("mean"))) is not None:
+    if isinstance(before, dict) and (value := finite(before.get("mean"))) is not None:
         out[BEFORE] = value
     return out
 
 
-def clients_rows(cells: list[Any], seeds: list[int], plus_minus) -> tuple[list[str], list[list[str]]] | None:
+def clients_rows(cells: list[Any], seeds: list[int]) -> tuple[list[str], list[list[str]]] | None:
     """Header and rows (a cell per row, each statistic as mean ± std over seeds), or None when no run of the
     sweep recorded per-client results. `cells` carry `.cell` and `.clients` (seed -> client_stats)."""
     if not any(r.clients for r in cells):
@@ -58,11 +59,3 @@ def clients_rows(cells: list[Any], seeds: list[int], plus_minus) -> tuple[list[s
             row.append(plus_minus([s[BEFORE] for s in runs if BEFORE in s]))
         rows.append(row)
     return header, rows
-
-
-def _finite(value: Any) -> float | None:
-    return (
-        float(value)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        else None
-    )

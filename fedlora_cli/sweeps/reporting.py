@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from fedlora_cli.sweeps.clients import client_stats, clients_rows
 from fedlora_cli.sweeps.figures import plot_sweep
 from fedlora_cli.sweeps.record import REPORTS, SWEEP_RECORD, check_reports, file_sha256, read_sweep_record
 from fedlora_cli.sweeps.spec import Cell, Sweep, label
-from fedlora_cli.sweeps.stats import ALPHA, TEST, learns, paired_test, plus_minus
+from fedlora_cli.sweeps.stats import ALPHA, TEST, finite, learns, paired_test, plus_minus
 from fedlora_cli.sweeps.tuning import recorded_choices, tune_metric, tuning_rows
 
 NOT_LEARNED = "does not learn at this budget"
@@ -86,7 +85,7 @@ def report(sweep: Sweep) -> list[CellReport]:
             metric = metric or info.main_metric
             if not metric:
                 continue
-            if (value := _finite(info.final.metrics.get(metric))) is not None:
+            if (value := finite(info.final.metrics.get(metric))) is not None:
                 values[seed] = value
             has_last = (
                 has_last or isinstance(info.final.extra.get("last"), dict) or "epochs" in info.final.extra
@@ -96,7 +95,7 @@ def report(sweep: Sweep) -> list[CellReport]:
             if stats := client_stats(info.final.extra):
                 per_client[seed] = stats
             majority = info.final.extra.get("majority")
-            if isinstance(majority, dict) and (floor := _finite(majority.get(metric))) is not None:
+            if isinstance(majority, dict) and (floor := finite(majority.get(metric))) is not None:
                 floors.append(floor)
         tuned = choices.get(cell.name, {}).get("point")
         floor = statistics.fmean(floors) if floors else None
@@ -106,29 +105,21 @@ def report(sweep: Sweep) -> list[CellReport]:
     return out
 
 
-def _finite(value: Any) -> float | None:
-    return (
-        float(value)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        else None
-    )
-
-
 def _last_value(final: FinalMetrics, metric: str) -> float | None:
     """The last round's (rounds: `last`) or epoch's (train --select best: `epochs`) dev metric; a run that
     reported its last adapter (no --select best) has it as its metrics."""
     last, epochs, selected = final.extra.get("last"), final.extra.get("epochs"), final.extra.get("selected")
     if isinstance(last, dict) and isinstance(last.get("dev"), dict):
-        return _finite(last["dev"].get(metric))
+        return finite(last["dev"].get(metric))
     if (
         isinstance(epochs, list)
         and epochs
         and isinstance(epochs[-1], dict)
         and isinstance(epochs[-1].get("dev"), dict)
     ):
-        return _finite(epochs[-1]["dev"].get(metric))
+        return finite(epochs[-1]["dev"].get(metric))
     if not isinstance(selected, dict) or selected.get("rule") != "best":
-        return _finite(final.metrics.get(metric))
+        return finite(final.metrics.get(metric))
     return None
 
 
@@ -223,7 +214,7 @@ def report_tables(sweep: Sweep, cells: list[CellReport]) -> list[ReportTable]:
             tables.append(pivot_table(sweep, cells, last=True))
         if sweep.table.compare:
             tables.append(compare_table(sweep, cells))
-    if (per_client := clients_rows(cells, list(sweep.seeds), plus_minus)) is not None:
+    if (per_client := clients_rows(cells, list(sweep.seeds))) is not None:
         tables.append(
             ReportTable(
                 "clients",
@@ -345,7 +336,7 @@ def _value_of(folder: Path, metric: str, *, last: bool = False) -> float | None:
     info = load_run(folder)
     if info.final is None or info.status != COMPLETE:
         return None
-    return _last_value(info.final, metric) if last else _finite(info.final.metrics.get(metric))
+    return _last_value(info.final, metric) if last else finite(info.final.metrics.get(metric))
 
 
 def pivot(sweep: Sweep, cells: list[CellReport], *, last: bool = False) -> tuple[list[str], list[list[str]]]:

@@ -16,6 +16,15 @@ ALPHA = 0.05  # a difference is "within noise" when the paired test's p-value is
 TEST = "paired t-test (scipy.stats.ttest_rel, two-sided)"
 
 
+def finite(value: object) -> float | None:
+    """A number that is finite (not a bool, NaN or inf) as a float; None for anything else."""
+    return (
+        float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+    )
+
+
 def plus_minus(values: list[float]) -> str:
     """mean ± sample std over seeds, × 100 (one decimal); the mean alone for one seed."""
     if not values:
