@@ -110,8 +110,9 @@ class _RunFolder:
                 self.path.rmdir()
 
 
-def _start_record(run_dir: Path, command: str, config, argv, data: TaskData, device, precision: str,
-                  progress: Progress) -> None:  # fmt: skip
+def _start_record(
+    run_dir: Path, command: str, config, argv, data: TaskData, device, precision: str, progress: Progress
+) -> None:
     """Write run.json (status running) and tell the trackers the run has begun."""
     record = new_record(
         command=command,
@@ -133,8 +134,10 @@ def _start_record(run_dir: Path, command: str, config, argv, data: TaskData, dev
 
 
 def _interrupted(run_dir: Path) -> Interrupted:
-    return Interrupted(f"interrupted: {run_dir} is marked interrupted; run the same command again to "
-                       f"start it over (the folder is reused), or see `fedlora runs list`")  # fmt: skip
+    return Interrupted(
+        f"interrupted: {run_dir} is marked interrupted; run the same command again to "
+        f"start it over (the folder is reused), or see `fedlora runs list`"
+    )
 
 
 def _claim_outputs(config: TrainConfig | BaselineConfig, out: Path) -> Path | None:
@@ -278,10 +281,17 @@ def _train(
             _start_record(run_dir, "train", config, argv, data, device, precision, progress)
             with run_session(run_dir):
                 training = train_model(
-                    model.module, data.train, config.train, device=device, precision=precision,
-                    seed=config.train.seed, progress=progress, description="training",
-                    indices=data.train_indices, on_epoch=watch.on_epoch if watch.every_epoch else None,
-                )  # fmt: skip
+                    model.module,
+                    data.train,
+                    config.train,
+                    device=device,
+                    precision=precision,
+                    seed=config.train.seed,
+                    progress=progress,
+                    description="training",
+                    indices=data.train_indices,
+                    on_epoch=watch.on_epoch if watch.every_epoch else None,
+                )
                 if watch.stopped:
                     progress.log(watch.stopped)
                 evaluation, validation = watch.final() if config.do_eval else (None, None)
@@ -298,13 +308,22 @@ def _train(
                 reported = adapter_dir
                 if watch.best is not None:  # --select best: the chosen epoch's adapter beside the last one
                     reported = run_dir / "best" / "adapter"
-                    save_adapter(reported, watch.best.state, lora_spec, base_model=config.model.resolved,
-                                 meta={**meta, "epoch": watch.best.epoch})  # fmt: skip
+                    save_adapter(
+                        reported,
+                        watch.best.state,
+                        lora_spec,
+                        base_model=config.model.resolved,
+                        meta={**meta, "epoch": watch.best.epoch},
+                    )
                     evaluation, validation = watch.best.dev, watch.best.validation
                 final = final_metrics(
-                    "train", task, evaluation, train=train_stats(training), adapter=reported,
+                    "train",
+                    task,
+                    evaluation,
+                    train=train_stats(training),
+                    adapter=reported,
                     extra=watch.record(validation),
-                )  # fmt: skip
+                )
                 write_metrics(run_dir / METRICS, final)
                 _report_final(tracker, training.steps, final, reported)
     except KeyboardInterrupt:
@@ -357,10 +376,16 @@ def _baseline(config: BaselineConfig, out: Path, progress: Progress, argv) -> Ru
                 training = None
                 if config.do_train:
                     training = train_model(
-                        base, data.train, config.train, device=device, precision=precision,
-                        seed=config.train.seed, progress=progress, description="full fine-tuning",
+                        base,
+                        data.train,
+                        config.train,
+                        device=device,
+                        precision=precision,
+                        seed=config.train.seed,
+                        progress=progress,
+                        description="full fine-tuning",
                         indices=data.train_indices,
-                    )  # fmt: skip
+                    )
                 evaluation = evaluate(base, task, data.evals, config.eval_batch_size, device, precision)
                 held = data.validation_splits
                 validation = (
@@ -372,8 +397,10 @@ def _baseline(config: BaselineConfig, out: Path, progress: Progress, argv) -> Ru
                         tokenizer.save_pretrained(str(tmp))
                         atomic.honour_umask(tmp)  # model.safetensors comes 0600 from save_pretrained
                 stats = train_stats(training) if training is not None else None
-                extra = {"validation": validation.metrics if validation is not None else None,
-                         "majority": majority_metrics(task, data.evals)}  # fmt: skip
+                extra = {
+                    "validation": validation.metrics if validation is not None else None,
+                    "majority": majority_metrics(task, data.evals),
+                }
                 final = final_metrics("baseline", task, evaluation, train=stats, extra=extra)
                 write_metrics(run_dir / METRICS, final)
                 _report_final(tracker, training.steps if training else 0, final, None)
@@ -425,8 +452,9 @@ def _write_predictions(
     for split, preds in evaluation.predictions.items():
         text = predictions_tsv(task, preds, data.evals[split].labels)
         written.append(str(atomic.write_text(targets[split], text)))
-    tests, missing = load_test_splits(config.data, tokenizer, hub_cache_dir=config.model.cache_dir,
-                                      progress=progress)  # fmt: skip
+    tests, missing = load_test_splits(
+        config.data, tokenizer, hub_cache_dir=config.model.cache_dir, progress=progress
+    )
     for split, split_data in tests.items():
         logits, _, _ = predict(model, split_data, config.eval_batch_size, device, precision)
         text = predictions_tsv(task, to_predictions(task, logits), None)
@@ -458,9 +486,13 @@ def run_eval(
     start = Start.resolve(config.model, config.precision, config.adapter, task, progress)
     device, precision, adapter = start.device, start.precision, start.adapter
     base, data, tokenizer = load_model_and_data(
-        config.model, config.data, config.seed, train=False, progress=progress,
+        config.model,
+        config.data,
+        config.seed,
+        train=False,
+        progress=progress,
         lora=adapter.lora if adapter is not None else None,
-    )  # fmt: skip
+    )
     if adapter is not None:
         lora = LoraModel(base, adapter.lora, device, base_name=config.model.resolved)
         lora.load_state(adapter.state, adapter.lora)
@@ -470,14 +502,29 @@ def run_eval(
     evaluation = evaluate(model, task, data.evals, config.eval_batch_size, device, precision)
     written: list[str] = []
     if config.predictions:
-        written = _write_predictions(model, task, config, data, evaluation, tokenizer, targets, device,
-                                     precision, progress)  # fmt: skip
+        written = _write_predictions(
+            model, task, config, data, evaluation, tokenizer, targets, device, precision, progress
+        )
     if output_json is not None:
-        final = final_metrics("eval", task, evaluation, adapter=config.adapter,
-                              extra={"model": config.model.name, "predictions": written})  # fmt: skip
-        record = new_record(command="eval", config=config, argv=argv, seeds={"seed": config.seed},
-                            extra={"data_fingerprints": data.fingerprints, "sizes": data.sizes,
-                                   "device": str(device), "precision": precision})  # fmt: skip
+        final = final_metrics(
+            "eval",
+            task,
+            evaluation,
+            adapter=config.adapter,
+            extra={"model": config.model.name, "predictions": written},
+        )
+        record = new_record(
+            command="eval",
+            config=config,
+            argv=argv,
+            seeds={"seed": config.seed},
+            extra={
+                "data_fingerprints": data.fingerprints,
+                "sizes": data.sizes,
+                "device": str(device),
+                "precision": precision,
+            },
+        )
         record.status, record.ended = COMPLETE, now()
         record.duration_s = round(time.monotonic() - started, 3)
         atomic.write_json(

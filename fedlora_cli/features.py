@@ -296,8 +296,9 @@ def load_test_splits(
         if spec.data_dir and not local_file(task, split, spec.data_dir).is_file():
             missing.append(split)
             continue
-        raw = load_split(task, split, data_dir=spec.data_dir, cache_dir=hub_cache_dir,
-                         max_samples=spec.max_eval_samples)  # fmt: skip
+        raw = load_split(
+            task, split, data_dir=spec.data_dir, cache_dir=hub_cache_dir, max_samples=spec.max_eval_samples
+        )
         splits[split] = tokenize_split(raw, tokenizer, spec.max_seq_length, spec.tokenized_cache, progress)
     return splits, missing
 

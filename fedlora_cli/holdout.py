@@ -33,8 +33,12 @@ class Holdout:
         return hashlib.sha256(self.validation.astype(np.int64).tobytes()).hexdigest()[:16]
 
     def record(self) -> dict[str, object]:
-        return {"examples": int(len(self.validation)), "train_examples": int(len(self.train)),
-                "seed": self.seed, "sha256": self.digest}  # fmt: skip
+        return {
+            "examples": int(len(self.validation)),
+            "train_examples": int(len(self.train)),
+            "seed": self.seed,
+            "sha256": self.digest,
+        }
 
 
 def validation_size(total: int, fraction: float | None, examples: int | None) -> int:

@@ -132,9 +132,14 @@ def run_merge(config: MergeConfig, *, argv: list[str] | None = None) -> MergeRes
         command="merge", config=config, argv=argv, extra={"base_model": adapters[0].base_model}
     )
     record.status, record.ended, record.duration_s = COMPLETE, now(), round(time.monotonic() - started, 3)
-    final = FinalMetrics(command="merge", task=config.task, main_metric=None,
-                         metrics={"aggregation_error": record_agg["error"]}, adapter=str(out),
-                         adapter_sha256=state_digest(merged.state))  # fmt: skip
+    final = FinalMetrics(
+        command="merge",
+        task=config.task,
+        main_metric=None,
+        metrics={"aggregation_error": record_agg["error"]},
+        adapter=str(out),
+        adapter_sha256=state_digest(merged.state),
+    )
     save_adapter(
         out,
         merged.state,

@@ -123,8 +123,11 @@ def _load_pretrained(loader: Any, spec: ModelSpec, what: str, **kwargs: Any) -> 
             )
     except SafetensorError as e:  # a damaged or truncated *.safetensors: its header cannot be read
         where = "the folder" if spec.is_local else "the Hugging Face cache"
-        fix = ("copy or save the model again" if spec.is_local else
-               f"delete it from the cache and run `fedlora download --model {name}` again")  # fmt: skip
+        fix = (
+            "copy or save the model again"
+            if spec.is_local
+            else f"delete it from the cache and run `fedlora download --model {name}` again"
+        )
         raise InputError(
             f"--model {name}: the {what} in {where} are damaged ({first_line(e)}); {fix}"
         ) from None

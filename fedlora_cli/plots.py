@@ -164,8 +164,12 @@ def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, ti
         if curve.final is not None:
             line = left.axhline(curve.final, linestyle="--", label=f"{curve.label} (final)", color=color)
             if curve.final_std:
-                left.axhspan(curve.final - curve.final_std, curve.final + curve.final_std, alpha=0.15,
-                             color=line.get_color())  # fmt: skip
+                left.axhspan(
+                    curve.final - curve.final_std,
+                    curve.final + curve.final_std,
+                    alpha=0.15,
+                    color=line.get_color(),
+                )
     left.set_xlabel("round")
     left.set_ylabel(metric)
     left.set_title(f"{metric} per round")
@@ -180,8 +184,12 @@ def plot_curves(curves: list[Curve], path: str | os.PathLike, *, metric: str, ti
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if curves and below:
-        fig.legend(*left.get_legend_handles_labels(), loc="outside lower center", ncol=LEGEND_COLUMNS,
-                   fontsize="small")  # fmt: skip
+        fig.legend(
+            *left.get_legend_handles_labels(),
+            loc="outside lower center",
+            ncol=LEGEND_COLUMNS,
+            fontsize="small",
+        )
     elif curves:
         left.legend(fontsize="small")
     fig.suptitle(title)

@@ -170,8 +170,9 @@ def rounds_within(
     would reach (inf when all `rounds` fit). ε never decreases with rounds, so a bisection finds it."""
 
     def eps(t: int) -> float:
-        return epsilon(clients=clients, per_round=per_round, noise_multiplier=noise_multiplier, rounds=t,
-                       delta=delta)  # fmt: skip
+        return epsilon(
+            clients=clients, per_round=per_round, noise_multiplier=noise_multiplier, rounds=t, delta=delta
+        )
 
     if eps(rounds) <= target:
         return rounds, eps(rounds), math.inf

@@ -30,8 +30,13 @@ class RunBusy(FedloraError):
 
 
 def holder_record(command: str) -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "since": _dt.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[:8]}  # fmt: skip
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "since": _dt.datetime.now().isoformat(timespec="seconds"),
+        "argv": sys.argv[:8],
+    }
 
 
 def describe_holder(folder: Path) -> str:

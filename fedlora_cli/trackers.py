@@ -75,16 +75,18 @@ def round_metrics(row: dict[str, Any]) -> dict[str, float]:
         out[f"eval/{key}"] = value
     aggregation = row.get("aggregation") or {}
     seconds = row.get("seconds") or {}
-    out.update({
-        "round/train_loss": row.get("train_loss"),
-        "round/aggregation_error": aggregation.get("error"),
-        "round/bytes_up": row.get("bytes_up"),
-        "round/bytes_down": row.get("bytes_down"),
-        "round/bytes_written": row.get("bytes_written"),
-        "round/clients": len(row.get("clients") or []),
-        "round/failed_clients": len(row.get("failed") or []),
-        "round/seconds": seconds.get("wall"),
-    })  # fmt: skip
+    out.update(
+        {
+            "round/train_loss": row.get("train_loss"),
+            "round/aggregation_error": aggregation.get("error"),
+            "round/bytes_up": row.get("bytes_up"),
+            "round/bytes_down": row.get("bytes_down"),
+            "round/bytes_written": row.get("bytes_written"),
+            "round/clients": len(row.get("clients") or []),
+            "round/failed_clients": len(row.get("failed") or []),
+            "round/seconds": seconds.get("wall"),
+        }
+    )
     return _finite(out)
 
 
@@ -151,8 +153,9 @@ class MLflowTracker:
         from mlflow.entities import Param
 
         flat = flatten(params)
-        items = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v))
-                 for k, v in sorted(flat.items())]  # fmt: skip
+        items = [
+            Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in sorted(flat.items())
+        ]
         items = [Param(p.key, p.value[:_MLFLOW_PARAM_LIMIT]) for p in items]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])

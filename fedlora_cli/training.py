@@ -101,8 +101,14 @@ def hold_frozen_weights(model: torch.nn.Module, precision: str) -> None:
 # The learning-rate shapes after warm-up. `train`/`baseline` run one schedule over their whole training;
 # `rounds` runs either a fresh one every client turn (per-turn = linear, cosine, constant) or one over all
 # rounds (global-*), of which each client's turn in round t trains on the t-th slice (`schedule_window`).
-SHAPES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "per-turn": "linear",
-          "global-linear": "linear", "global-cosine": "cosine"}  # fmt: skip
+SHAPES = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant",
+    "per-turn": "linear",
+    "global-linear": "linear",
+    "global-cosine": "cosine",
+}
 GLOBAL_SCHEDULES = ("global-linear", "global-cosine")
 
 
@@ -326,14 +332,17 @@ def train_model(
         padded += sum(len(part) * int(lengths[part].max()) for part in parts)
         progress.advance(progress_key, 1, info=f"loss {value:.4f}")
         lr = scheduler.get_last_lr()[0]  # the rate the next step will use
-        tracker.log_metrics(step, {"train/loss": value, "train/learning_rate": lr,
-                                   "train/epoch": step / per_epoch})  # fmt: skip
+        tracker.log_metrics(
+            step, {"train/loss": value, "train/learning_rate": lr, "train/epoch": step / per_epoch}
+        )
         epoch_end = step % per_epoch == 0 or step == total_steps
         if total_steps > per_epoch and epoch_end:
             epoch = math.ceil(step / per_epoch)
             done = losses[(epoch - 1) * per_epoch : step]
-            progress.log(f"{description}: epoch {epoch}/{math.ceil(total_steps / per_epoch)} · "
-                         f"loss {float(done.mean()):.4f} · {time.perf_counter() - start:.1f} s")  # fmt: skip
+            progress.log(
+                f"{description}: epoch {epoch}/{math.ceil(total_steps / per_epoch)} · "
+                f"loss {float(done.mean()):.4f} · {time.perf_counter() - start:.1f} s"
+            )
         if on_epoch is not None and epoch_end:
             t = time.perf_counter()
             model.eval()

@@ -70,8 +70,10 @@ def _with_recommended(config: RoundsConfig, values: c.Values, resume: bool) -> R
         return config
     flags = {f.dotted: f.option.flag for f in c.walk_options(RoundsConfig)}
     said = ", ".join(f"{flags.get(k, k)} {v}" for k, v in extra.items())
-    c.print_line(f"note: {config.aggregation.method} recommends {said} (give the option to choose otherwise)",
-                 c.err_console())  # fmt: skip
+    c.print_line(
+        f"note: {config.aggregation.method} recommends {said} (give the option to choose otherwise)",
+        c.err_console(),
+    )
     return values.config(RoundsConfig, resume=resume, **extra)
 
 
@@ -114,10 +116,20 @@ def show_rounds(result) -> None:
     bounded = any("norm_bound" in row.aggregation for row in result.history)
     personal = any(_per_client(row) for row in result.history)  # --client-test-fraction
     metric = result.main_metric
-    columns = ["round", "clients", f"dev {metric}", *((f"validation {metric}",) if held else ()),
-               *(("clients mean", "worst 10 %") if personal else ()), "train loss",
-               "agg error", *(("ε", "clipped") if dp else ()), *(("bound", "clipped") if bounded else ()),
-               "MB down", "MB up", "seconds"]  # fmt: skip
+    columns = [
+        "round",
+        "clients",
+        f"dev {metric}",
+        *((f"validation {metric}",) if held else ()),
+        *(("clients mean", "worst 10 %") if personal else ()),
+        "train loss",
+        "agg error",
+        *(("ε", "clipped") if dp else ()),
+        *(("bound", "clipped") if bounded else ()),
+        "MB down",
+        "MB up",
+        "seconds",
+    ]
     for name in columns:
         table.add_column(name, justify="right")
     chosen = (result.selected or {}).get("round") if (result.selected or {}).get("rule") == "best" else None

@@ -317,8 +317,10 @@ worst client,
             table.add_row("clients", *(str(own.get("n", "–")) for own in owns))
             before = [_per_client(i, "per_client_global") for i in infos]  # --personalize-epochs: before it
             if any(b.get("n") for b in before):
-                table.add_row(f"clients {metric} mean, global adapter",
-                              *(f"{b['mean']:.4f}" if b.get("n") else "–" for b in before))  # fmt: skip
+                table.add_row(
+                    f"clients {metric} mean, global adapter",
+                    *(f"{b['mean']:.4f}" if b.get("n") else "–" for b in before),
+                )
         c.console().print(table)
         if not diff:
             c.console().print("the configs are identical")

@@ -75,8 +75,14 @@ then report."""
     last = any(r.has_last for r in cells)
     tuned = any(r.tuned for r in cells)
     table = Table(title=f"sweep {spec.name}: {metric}, mean ± std over seeds", title_justify="left")
-    columns = ["cell", "command", "runs", f"{metric} mean ± std", *(["last round"] if last else []),
-               *(["tuned"] if tuned else [])]  # fmt: skip
+    columns = [
+        "cell",
+        "command",
+        "runs",
+        f"{metric} mean ± std",
+        *(["last round"] if last else []),
+        *(["tuned"] if tuned else []),
+    ]
     for name in columns:
         table.add_column(
             name, justify="left" if name in ("cell", "command", "tuned") else "right", overflow="fold"

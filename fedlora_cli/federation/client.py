@@ -63,9 +63,16 @@ def train_client(
         window=client_window(train_spec, round_no, rounds, len(indices)),
     )
     return client_report(
-        model, data, plan, result, seed, task=task, eval_batch_size=eval_batch_size, device=device,
+        model,
+        data,
+        plan,
+        result,
+        seed,
+        task=task,
+        eval_batch_size=eval_batch_size,
+        device=device,
         precision=precision,
-    )  # fmt: skip
+    )
 
 
 def client_window(

@@ -487,10 +487,19 @@ class RoundDriver:
                 else (self.metrics if chosen == last_round else self._dev_of(adapter))
             )
             reported, report_validation = dict(dev), row.validation
-        selected = {"rule": s.config.select, "metric": self.selection.metric, "round": chosen or last_round,
-                    "dev": reported, "validation": report_validation}  # fmt: skip
-        extra.update(selected=selected, last=last, validation=report_validation,
-                     majority=majority_metrics(s.task, s.data.evals))  # fmt: skip
+        selected = {
+            "rule": s.config.select,
+            "metric": self.selection.metric,
+            "round": chosen or last_round,
+            "dev": reported,
+            "validation": report_validation,
+        }
+        extra.update(
+            selected=selected,
+            last=last,
+            validation=report_validation,
+            majority=majority_metrics(s.task, s.data.evals),
+        )
         if self.stopped:
             extra["stopped"] = self.stopped
         # per-client results: the reported round's evaluation, or (a personalised run) each client's final

@@ -58,7 +58,7 @@ def local_rounds(driver: RoundDriver) -> None:
                     config.train,
                     personal=driver.personal_state(plan.plans[cid]),
                     **common,
-                )  # fmt: skip
+                )
                 for cid in plan.selected
             ]
         driver.close_round(plan, reports, [])

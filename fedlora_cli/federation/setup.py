@@ -176,8 +176,13 @@ def _shards(config: RoundsConfig, run_dir: Path, progress: Progress) -> tuple[An
     spec = config.partition.shard_config(
         config.data, config.train.seed, str(own), cache_dir=config.model.cache_dir
     )
-    raw = load_split(spec.task, "train", data_dir=spec.data_dir, cache_dir=spec.cache_dir,
-                     max_samples=spec.max_train_samples)  # fmt: skip
+    raw = load_split(
+        spec.task,
+        "train",
+        data_dir=spec.data_dir,
+        cache_dir=spec.cache_dir,
+        max_samples=spec.max_train_samples,
+    )
     shards = make_shards(raw, spec)
     for note in (shards.summary or {}).get("notes", []):
         progress.log(f"note: {note}")
@@ -198,8 +203,11 @@ def check_holdout(shards: Any, data: Any, config: RoundsConfig) -> None:
     bad = {cid: n for cid, n in overlap.items() if n}
     if bad:
         d = config.data
-        flag = (f"--validation-examples {d.validation_examples}" if d.validation_examples is not None
-                else f"--validation-fraction {d.validation_fraction:g}")  # fmt: skip
+        flag = (
+            f"--validation-examples {d.validation_examples}"
+            if d.validation_examples is not None
+            else f"--validation-fraction {d.validation_fraction:g}"
+        )
         first = next(iter(bad))
         raise InputError(
             f"the shards hold held-out validation examples ({sum(bad.values())} in {len(bad)} client(s), "
@@ -352,8 +360,14 @@ def client_splits(shards: Any, data: TaskData, config: RoundsConfig) -> Any:
     if fraction <= 0:
         return None
     task = config.data.glue_task
-    return split_clients(shards.client_ids, shards.clients, data.train.labels, fraction, config.train.seed,
-                         regression=task.is_regression)  # fmt: skip
+    return split_clients(
+        shards.client_ids,
+        shards.clients,
+        data.train.labels,
+        fraction,
+        config.train.seed,
+        regression=task.is_regression,
+    )
 
 
 def _largest(strategy: Strategy, client_ids: list[int]) -> LoraSpec:

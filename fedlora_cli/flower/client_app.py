@@ -131,8 +131,14 @@ def evaluate(msg: Message, context: Context) -> Message:
         lora = codec.lora_from_config(msg.content.config_records[CONFIG])
         worker = _worker(config, lora)
         worker.model.load_state(codec.arrays_to_state(msg.content.array_records[ARRAYS]), lora)
-        result = evaluate_model(worker.model.module, worker.task, worker.data.evals, config.eval_batch_size,
-                                worker.device, worker.precision)  # fmt: skip
+        result = evaluate_model(
+            worker.model.module,
+            worker.task,
+            worker.data.evals,
+            config.eval_batch_size,
+            worker.device,
+            worker.precision,
+        )
         metrics = {k: float(v) for k, v in result.metrics.items()}
         metrics["num-examples"] = int(result.examples)
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
@@ -364,8 +370,12 @@ class Shard:
         return shard_fingerprint([self.client_id], [self.indices])
 
     def identity(self) -> dict[str, Any]:
-        return {"client-id": self.client_id, "num-examples": int(len(self.indices)),
-                "fingerprint": self.fingerprint, "dataset": self.task or ""}  # fmt: skip
+        return {
+            "client-id": self.client_id,
+            "num-examples": int(len(self.indices)),
+            "fingerprint": self.fingerprint,
+            "dataset": self.task or "",
+        }
 
 
 _SHARDS: dict[tuple, Shard] = {}
@@ -390,8 +400,10 @@ def _read_shard(config: RoundsConfig, node: Mapping[str, Any]) -> Shard:
         if explicit is None:
             m = CLIENT_FILE.match(path.name)
             if not m:
-                raise InputError(f"node config: cannot tell the client id from {path.name}: name the "
-                                 f"manifest client_<i>.json or add client-id=<i>")  # fmt: skip
+                raise InputError(
+                    f"node config: cannot tell the client id from {path.name}: name the "
+                    f"manifest client_<i>.json or add client-id=<i>"
+                )
             explicit = m.group(1)
         from fedlora_cli.sharding import read_manifest
 
@@ -399,20 +411,25 @@ def _read_shard(config: RoundsConfig, node: Mapping[str, Any]) -> Shard:
         return Shard(_int("client-id", explicit), manifest.indices, manifest.dataset, str(path))
     folder = node.get("shards") or config.shards
     if not folder:
-        raise InputError("node config: give shard-manifest='/path/client_<i>.json' (or partition-id / "
-                         "client-id with the run config's shards folder)")  # fmt: skip
+        raise InputError(
+            "node config: give shard-manifest='/path/client_<i>.json' (or partition-id / "
+            "client-id with the run config's shards folder)"
+        )
     shards = read_shards(str(folder))
     if explicit is not None:
         client_id = _int("client-id", explicit)
         if client_id not in shards.client_ids:
-            raise InputError(f"node config: client-id {client_id} is not in {folder} "
-                             f"(clients {shards.client_ids[0]}..{shards.client_ids[-1]})")  # fmt: skip
+            raise InputError(
+                f"node config: client-id {client_id} is not in {folder} "
+                f"(clients {shards.client_ids[0]}..{shards.client_ids[-1]})"
+            )
         position = shards.client_ids.index(client_id)
     elif "partition-id" in node:
         position = _int("partition-id", node["partition-id"])
         if not 0 <= position < len(shards.client_ids):
-            raise InputError(f"node config: partition-id {position}, but {folder} has "
-                             f"{len(shards.client_ids)} clients")  # fmt: skip
+            raise InputError(
+                f"node config: partition-id {position}, but {folder} has {len(shards.client_ids)} clients"
+            )
     else:
         raise InputError("node config: give shard-manifest, client-id or partition-id")
     return Shard(shards.client_ids[position], shards.clients[position], shards.task, str(shards.directory))
@@ -489,8 +506,9 @@ def _worker(config: RoundsConfig, lora: Any) -> _Worker:
         _WORKERS.clear()  # one base model per process
         device = resolve_device(config.model.device)
         precision = resolve_precision(config.train.precision, device)
-        base, data, _ = load_model_and_data(config.model, config.data, config.train.seed, train=True,
-                                            progress=NullProgress())  # fmt: skip
+        base, data, _ = load_model_and_data(
+            config.model, config.data, config.train.seed, train=True, progress=NullProgress()
+        )
         model = LoraModel(base, lora, device, base_name=config.model.resolved)
         _WORKERS[key] = _Worker(model, data, config.data.glue_task, device, precision, set())
     return _WORKERS[key]

@@ -289,8 +289,14 @@ def run_config_record(config: RoundsConfig) -> ConfigRecord:
 _EVAL_PREFIX = "eval."
 
 
-def report_to_config(client_id: int, examples: int, seed: int, lora: LoraSpec, train: Mapping[str, Any],
-                     evaluation: Mapping[str, float] | None) -> ConfigRecord:  # fmt: skip
+def report_to_config(
+    client_id: int,
+    examples: int,
+    seed: int,
+    lora: LoraSpec,
+    train: Mapping[str, Any],
+    evaluation: Mapping[str, float] | None,
+) -> ConfigRecord:
     record: dict[str, Any] = {
         "client-id": client_id,
         "examples": examples,
@@ -305,8 +311,15 @@ def report_to_config(client_id: int, examples: int, seed: int, lora: LoraSpec, t
 # What a client's `train` statistics must hold (federation.train_client writes them): name -> kind.
 # "number": a finite real number; "count": a whole number >= 0; "text": a short string. update_norm is
 # there only when the plan clips the update (client-side DP).
-TRAIN_FIELDS = {"loss": "number", "last_loss": "number", "steps": "count", "seconds": "number",
-                "samples_per_second": "number", "tokens_per_second": "number", "order": "text"}  # fmt: skip
+TRAIN_FIELDS = {
+    "loss": "number",
+    "last_loss": "number",
+    "steps": "count",
+    "seconds": "number",
+    "samples_per_second": "number",
+    "tokens_per_second": "number",
+    "order": "text",
+}
 OPTIONAL_TRAIN_FIELDS = {"update_norm": "number", "lr_range": "pair"}
 MAX_EXAMPLES = 2**63 - 1  # the range of a count; the server then compares it with the shard's size
 
@@ -420,11 +433,21 @@ def plan_from_content(content: RecordDict) -> Any:
                 delta[prefix] = (p, flat[f"{prefix}|Q"])
     adapter = GlobalAdapter(arrays_to_state(content.array_records[ARRAYS]), lora)
     clip = meta.get("clip-norm", "")
-    return ClientPlan(int(meta["client-id"]), adapter, parts, float(meta.get("prox-mu", 0.0)), delta,
-                      str(meta.get("base-delta-key", "")), None if clip == "" else float(clip),
-                      str(meta.get("clip-space", "factors")), float(meta.get("tail-penalty", 0.0)),
-                      int(meta.get("tail-from", 0)), personal, int(meta.get("personal-round", 0)),
-                      start)  # fmt: skip
+    return ClientPlan(
+        int(meta["client-id"]),
+        adapter,
+        parts,
+        float(meta.get("prox-mu", 0.0)),
+        delta,
+        str(meta.get("base-delta-key", "")),
+        None if clip == "" else float(clip),
+        str(meta.get("clip-space", "factors")),
+        float(meta.get("tail-penalty", 0.0)),
+        int(meta.get("tail-from", 0)),
+        personal,
+        int(meta.get("personal-round", 0)),
+        start,
+    )
 
 
 if __name__ == "__main__":  # python -m fedlora_cli.flower.codec: the run-config block of pyproject.toml

@@ -253,8 +253,11 @@ def error_from_json(data: dict[str, Any]) -> Exception:
     if not data.get("expected"):
         text = message.strip().splitlines()[0] if message.strip() else ""
         name = data.get("type", "error")
-        return FedloraError(f"the Flower simulation failed: {name}: {text}" if text else
-                            f"the Flower simulation failed: {name}")  # fmt: skip
+        return FedloraError(
+            f"the Flower simulation failed: {name}: {text}"
+            if text
+            else f"the Flower simulation failed: {name}"
+        )
     known = {
         c.__name__: c
         for c in (FedloraError, InputError, OutputError, Interrupted, RoundFailed, DamagedRun, RunBusy)
@@ -356,8 +359,13 @@ class Link:
 
         try:
             config = codec.from_run_config(self.config_record)
-            result = run(config, self.argv, RelayProgress(self), self.abort,
-                         lambda run_dir: self.send({"prepared": str(run_dir)}))  # fmt: skip
+            result = run(
+                config,
+                self.argv,
+                RelayProgress(self),
+                self.abort,
+                lambda run_dir: self.send({"prepared": str(run_dir)}),
+            )
         except BaseException as e:
             self.send({"error": error_to_json(e)})
             if not _is_fedlora_error(e):

@@ -61,8 +61,14 @@ POLL_SECONDS = 0.25
 RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # folders the processes below find through the environment: relative ones would resolve in the temporary
 # folder
-CACHE_VARIABLES = ("FEDLORA_CACHE", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
-                   "TRANSFORMERS_CACHE")  # fmt: skip
+CACHE_VARIABLES = (
+    "FEDLORA_CACHE",
+    "XDG_CACHE_HOME",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_DATASETS_CACHE",
+    "TRANSFORMERS_CACHE",
+)
 
 
 def run_flower_simulation(
@@ -135,8 +141,10 @@ def _follow(link: Any, superlink: _SuperLink, abort: threading.Event) -> None:
             return
         superlink.check_alive()
         if not link.connected and not superlink.simulations and time.monotonic() - submitted > START_SECONDS:
-            raise FedloraError(f"Flower's SuperExec did not start the simulation within {START_SECONDS:g} s: "
-                               f"{superlink.last_log_line() or 'no error logged'}")  # fmt: skip
+            raise FedloraError(
+                f"Flower's SuperExec did not start the simulation within {START_SECONDS:g} s: "
+                f"{superlink.last_log_line() or 'no error logged'}"
+            )
 
 
 def _interrupted(run_dir: Path | None) -> Exception:
@@ -313,8 +321,10 @@ class _SuperLink:
         while not self._listening():
             self.check_alive()
             if time.monotonic() > deadline:
-                raise FedloraError(f"Flower's SuperLink did not start within {START_SECONDS:g} s: "
-                                   f"{self.last_log_line() or 'no output'}")  # fmt: skip
+                raise FedloraError(
+                    f"Flower's SuperLink did not start within {START_SECONDS:g} s: "
+                    f"{self.last_log_line() or 'no output'}"
+                )
             time.sleep(0.1)
 
     def _listening(self) -> bool:
@@ -380,8 +390,10 @@ class _SuperLink:
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise FedloraError(f"Flower's SuperLink exited (code {self.proc.returncode}): "
-                               f"{self.last_log_line() or 'no output'}")  # fmt: skip
+            raise FedloraError(
+                f"Flower's SuperLink exited (code {self.proc.returncode}): "
+                f"{self.last_log_line() or 'no output'}"
+            )
 
     def simulation_ended(self) -> bool:
         """A flwr-simulation process ran and has exited (its parent, the SuperExec, leaves it a zombie)."""
@@ -536,8 +548,10 @@ def _check_resources(config: RoundsConfig) -> None:
     """Ray cannot place a virtual client that asks for more than the machine has: say so before it hangs."""
     cpus = _cpu_count()
     if config.client_cpus > cpus:
-        raise InputError(f"--client-cpus {config.client_cpus:g}: this machine has {cpus} CPUs, so no virtual "
-                         f"client would fit; use --client-cpus {cpus} or less")  # fmt: skip
+        raise InputError(
+            f"--client-cpus {config.client_cpus:g}: this machine has {cpus} CPUs, so no virtual "
+            f"client would fit; use --client-cpus {cpus} or less"
+        )
     if config.client_gpus > 0:
         import torch
 

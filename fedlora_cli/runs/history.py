@@ -92,21 +92,36 @@ def _optional_number(v: Any) -> bool:
 
 # what each field must hold (how a message names it), and the value of one an older row does not have
 _SHAPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "round": (lambda v: _of(int)(v) and v >= 0, "a round number >= 0"), "clients": (_of(list), "a list"),
-    "failed": (_of(list), "a list"), "client_metrics": (_of(list), "a list"),
-    "examples": (_of(int), "a whole number"), "train_loss": (_optional_number, "a number or null"),
-    "aggregation": (_of(dict), "a JSON object"), "eval": (_of(dict, type(None)), "a JSON object or null"),
-    "bytes_down": (_of(int), "a whole number"), "bytes_up": (_of(int), "a whole number"),
-    "bytes_written": (_of(int), "a whole number"), "seconds": (_of(dict), "a JSON object"),
-    "time": (_of(str), "a string"), "learning_rate": (_optional_number, "a number or null"),
+    "round": (lambda v: _of(int)(v) and v >= 0, "a round number >= 0"),
+    "clients": (_of(list), "a list"),
+    "failed": (_of(list), "a list"),
+    "client_metrics": (_of(list), "a list"),
+    "examples": (_of(int), "a whole number"),
+    "train_loss": (_optional_number, "a number or null"),
+    "aggregation": (_of(dict), "a JSON object"),
+    "eval": (_of(dict, type(None)), "a JSON object or null"),
+    "bytes_down": (_of(int), "a whole number"),
+    "bytes_up": (_of(int), "a whole number"),
+    "bytes_written": (_of(int), "a whole number"),
+    "seconds": (_of(dict), "a JSON object"),
+    "time": (_of(str), "a string"),
+    "learning_rate": (_optional_number, "a number or null"),
     "eval_loss": (_optional_number, "a number or null"),
     "validation": (_of(dict, type(None)), "a JSON object or null"),
-}  # fmt: skip
+}
 _MISSING: dict[str, Callable[[], Any]] = {
-    "clients": list, "failed": list, "client_metrics": list, "examples": int, "train_loss": lambda: None,
-    "aggregation": dict, "eval": lambda: None, "bytes_down": int, "bytes_up": int, "bytes_written": int,
+    "clients": list,
+    "failed": list,
+    "client_metrics": list,
+    "examples": int,
+    "train_loss": lambda: None,
+    "aggregation": dict,
+    "eval": lambda: None,
+    "bytes_down": int,
+    "bytes_up": int,
+    "bytes_written": int,
     "seconds": dict,
-}  # fmt: skip
+}
 
 
 def write_history(folder: str | os.PathLike, rows: list[HistoryRow]) -> Path:

@@ -76,8 +76,10 @@ def damaged(path: Path, what: str, round_no: int) -> DamagedRun:
     if round_no <= 1:
         way_out = "start it again from the beginning with `--resume-from-round 0` (discards every round)"
     else:
-        way_out = (f"continue from round {round_no - 1} with `--resume-from-round {round_no - 1}` "
-                   f"(discards the rounds after it)")  # fmt: skip
+        way_out = (
+            f"continue from round {round_no - 1} with `--resume-from-round {round_no - 1}` "
+            f"(discards the rounds after it)"
+        )
     return DamagedRun(f"--resume: {path} {what}, so round {round_no} of the run is damaged: {way_out}")
 
 

@@ -249,17 +249,25 @@ def _resume_list(v: Any) -> bool:
 _TEXT, _OPTIONAL_TEXT = _is((str,)), _is((str, type(None)))
 # what each field of a run record must hold, and how a message names it
 _SHAPES: dict[str, tuple[Any, str]] = {
-    "command": (_TEXT, "a command name"), "argv": (_string_list, "a list of strings"),
-    "config": (_is((dict,)), "a JSON object"), "shell": (_TEXT, "a string"),
-    "versions": (_is((dict,)), "a JSON object"), "seeds": (_is((dict,)), "a JSON object"),
-    "started": (_OPTIONAL_TEXT, "a time or null"), "ended": (_OPTIONAL_TEXT, "a time or null"),
-    "duration_s": (_is((int, float)), "a number of seconds"), "status": (_TEXT, "a string"),
-    "error": (_OPTIONAL_TEXT, "a string or null"), "git_commit": (_OPTIONAL_TEXT, "a string or null"),
-    "cwd": (_OPTIONAL_TEXT, "a folder or null"), "host": (_OPTIONAL_TEXT, "a string or null"),
-    "pid": (_is((int, type(None))), "a process id or null"), "platform": (_OPTIONAL_TEXT, "a string or null"),
+    "command": (_TEXT, "a command name"),
+    "argv": (_string_list, "a list of strings"),
+    "config": (_is((dict,)), "a JSON object"),
+    "shell": (_TEXT, "a string"),
+    "versions": (_is((dict,)), "a JSON object"),
+    "seeds": (_is((dict,)), "a JSON object"),
+    "started": (_OPTIONAL_TEXT, "a time or null"),
+    "ended": (_OPTIONAL_TEXT, "a time or null"),
+    "duration_s": (_is((int, float)), "a number of seconds"),
+    "status": (_TEXT, "a string"),
+    "error": (_OPTIONAL_TEXT, "a string or null"),
+    "git_commit": (_OPTIONAL_TEXT, "a string or null"),
+    "cwd": (_OPTIONAL_TEXT, "a folder or null"),
+    "host": (_OPTIONAL_TEXT, "a string or null"),
+    "pid": (_is((int, type(None))), "a process id or null"),
+    "platform": (_OPTIONAL_TEXT, "a string or null"),
     "resumes": (_resume_list, 'a list of {"at", "argv", "changes": {key: [before, after]}} objects'),
     "format": (_is((int,)), "a whole number"),
-}  # fmt: skip
+}
 
 
 def _check_shape(key: str, value: Any) -> None:
@@ -494,8 +502,11 @@ def final_metrics(
     if evaluation is not None:
         values = {**evaluation.metrics, **values}
         per_split = evaluation.per_split
-        ev_stats = {"examples": evaluation.examples, "seconds": evaluation.seconds,
-                    "samples_per_second": evaluation.samples_per_second}  # fmt: skip
+        ev_stats = {
+            "examples": evaluation.examples,
+            "seconds": evaluation.seconds,
+            "samples_per_second": evaluation.samples_per_second,
+        }
         if getattr(evaluation, "loss", None) is not None:
             ev_stats["loss"] = evaluation.loss
     return FinalMetrics(

@@ -113,8 +113,9 @@ class RoundRecorder:
         does)."""
         root = self.tree.root
         if config.resuming and not root.is_dir():
-            raise InputError(f"--resume: there is no run at {root}: check {RUN_OPTION}, or start the run "
-                             f"without --resume")  # fmt: skip
+            raise InputError(
+                f"--resume: there is no run at {root}: check {RUN_OPTION}, or start the run without --resume"
+            )
         if root.exists() and not root.is_dir():
             raise InputError(f"{root} exists and is not a folder: choose another {RUN_OPTION}")
         self.lock.acquire()
@@ -156,8 +157,9 @@ class RoundRecorder:
         root = self.tree.root
         previous = read_record(root)
         if previous.command != "rounds":
-            raise InputError(f"--resume: {root} is not a `fedlora rounds` run (its run.json says "
-                             f"{previous.command!r})")  # fmt: skip
+            raise InputError(
+                f"--resume: {root} is not a `fedlora rounds` run (its run.json says {previous.command!r})"
+            )
         _check_same_run(previous, record)
         last = last_recorded_round(self.tree)
         done = last if config.resume_from_round is None else config.resume_from_round
@@ -197,8 +199,13 @@ class RoundRecorder:
             ) from None
 
     def _meta(self, origin: str, round_no: int, **extra: Any) -> dict[str, Any]:
-        return {"task": self.task.name, "label_names": list(self.task.label_names), "origin": origin,
-                "round": round_no, **extra}  # fmt: skip
+        return {
+            "task": self.task.name,
+            "label_names": list(self.task.label_names),
+            "origin": origin,
+            "round": round_no,
+            **extra,
+        }
 
     def save_client(self, round_no: int, report: ClientReport) -> int:
         """The update a client sent (its metrics only when it sent nothing: `--aggregation local`)."""
@@ -219,8 +226,13 @@ class RoundRecorder:
         self, round_no: int, adapter: GlobalAdapter, server_state: dict[str, torch.Tensor]
     ) -> int:
         folder = self.tree.global_dir(round_no)
-        size = save_adapter(folder / ADAPTER_DIR, adapter.state, adapter.lora, base_model=self.base_model,
-                            meta=self._meta("global", round_no))  # fmt: skip
+        size = save_adapter(
+            folder / ADAPTER_DIR,
+            adapter.state,
+            adapter.lora,
+            base_model=self.base_model,
+            meta=self._meta("global", round_no),
+        )
         if server_state:
             from safetensors.torch import save
 
@@ -258,16 +270,27 @@ class RoundRecorder:
         """final/: the last global model as ONE plain PEFT adapter; best/ (--select best): the chosen round's;
         final/metrics.json: the final metrics (the shared shape) of the adapter the run reports."""
         final = self.tree.final_dir
-        save_adapter(final / ADAPTER_DIR, adapter.state, adapter.lora, base_model=self.base_model,
-                     meta=self._meta("final", rounds))  # fmt: skip
+        save_adapter(
+            final / ADAPTER_DIR,
+            adapter.state,
+            adapter.lora,
+            base_model=self.base_model,
+            meta=self._meta("final", rounds),
+        )
         reported = final / ADAPTER_DIR
         if best is not None:
             chosen, best_adapter = best
             reported = self.tree.best_dir / ADAPTER_DIR
-            save_adapter(reported, best_adapter.state, best_adapter.lora, base_model=self.base_model,
-                         meta=self._meta("best", chosen))  # fmt: skip
-        shape = final_metrics("rounds", self.task, metrics=metrics, adapter=reported, rounds=rounds,
-                              extra=extra)  # fmt: skip
+            save_adapter(
+                reported,
+                best_adapter.state,
+                best_adapter.lora,
+                base_model=self.base_model,
+                meta=self._meta("best", chosen),
+            )
+        shape = final_metrics(
+            "rounds", self.task, metrics=metrics, adapter=reported, rounds=rounds, extra=extra
+        )
         write_metrics(final / METRICS, shape)
         return reported
 
@@ -300,8 +323,10 @@ def _check_same_run(previous: RunRecord, record: dict[str, Any]) -> None:
         )
     for key in ("data_fingerprints", "shards_fingerprint"):
         if previous.extra.get(key) != record.get(key):
-            raise InputError(f"--resume: the {key.replace('_', ' ')} changed since the run started; "
-                             f"resume with the same data and shards, or start a new run")  # fmt: skip
+            raise InputError(
+                f"--resume: the {key.replace('_', ' ')} changed since the run started; "
+                f"resume with the same data and shards, or start a new run"
+            )
 
 
 def _check_schedule_span(old: dict[str, Any], new: dict[str, Any]) -> None:

@@ -39,6 +39,11 @@ def split(
 
     counts, redraws = redraw_sizes(draw, k, min_size, max_redraws, "dirichlet", alpha)
     clients = deal_counts(keys.items, order, counts)
-    params = {"dirichlet_alpha": alpha, "min_size": min_size, "max_redraws": max_redraws, "redraws": redraws,
-              "labels": len(n_g)}  # fmt: skip
+    params = {
+        "dirichlet_alpha": alpha,
+        "min_size": min_size,
+        "max_redraws": max_redraws,
+        "redraws": redraws,
+        "labels": len(n_g),
+    }
     return ShardPlan(clients, redraw_note(redraws, min_size), params)

@@ -61,8 +61,10 @@ def _regular_file(path: Path, where: str) -> None:
         mode = path.stat().st_mode
     except FileNotFoundError:
         if path.is_symlink():
-            raise InputError(f"{where} is a dangling symbolic link (its target {os.readlink(path)} does not "
-                             f"exist): fix or remove it") from None  # fmt: skip
+            raise InputError(
+                f"{where} is a dangling symbolic link (its target {os.readlink(path)} does not "
+                f"exist): fix or remove it"
+            ) from None
         raise InputError(f"{where}: no such file") from None
     except OSError as e:
         raise InputError(f"cannot read {where}: {e.strerror or e}") from None
@@ -120,8 +122,10 @@ def read_manifest(path: str | os.PathLike, *, option: str = "") -> Manifest:
     arr = np.asarray(values, dtype=np.int64) if values else np.empty(0, dtype=np.int64)
     unique, counts = np.unique(arr, return_counts=True)
     if unique.size != arr.size:
-        raise InputError(f'{where}: index {int(unique[counts > 1][0])} appears {int(counts.max())} times in '
-                         f'"indices"; a client holds each example once: re-run `fedlora shard`')  # fmt: skip
+        raise InputError(
+            f"{where}: index {int(unique[counts > 1][0])} appears {int(counts.max())} times in "
+            f'"indices"; a client holds each example once: re-run `fedlora shard`'
+        )
     return Manifest(path, dataset, arr)
 
 
@@ -171,8 +175,10 @@ def read_shards(directory: str | os.PathLike) -> ShardSet:
         for key, types in (("task", str), ("total_train", int), ("size_per_client", list)):
             value = summary.get(key)
             if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-                raise InputError(f'{summary_path}: "{key}" has the wrong type ({type(value).__name__} '
-                                 f"{value!r:.40}): re-run `fedlora shard`")  # fmt: skip
+                raise InputError(
+                    f'{summary_path}: "{key}" has the wrong type ({type(value).__name__} '
+                    f"{value!r:.40}): re-run `fedlora shard`"
+                )
         recorded = summary.get("size_per_client")
         sizes = [len(c) for c in clients]
         if isinstance(recorded, list) and recorded != sizes:

@@ -36,6 +36,11 @@ def split(
     sizes, redraws = redraw_sizes(draw, k, min_size, max_redraws, "quantity", alpha)
     n_g = np.bincount(codes)
     clients = deal_counts(items, grouped_order(rng, codes), stratified_counts(rng, n_g, sizes))
-    params = {"dirichlet_alpha": alpha, "min_size": min_size, "max_redraws": max_redraws, "redraws": redraws,
-              "strata": int(codes.max()) + 1}  # fmt: skip
+    params = {
+        "dirichlet_alpha": alpha,
+        "min_size": min_size,
+        "max_redraws": max_redraws,
+        "redraws": redraws,
+        "strata": int(codes.max()) + 1,
+    }
     return ShardPlan(clients, redraw_note(redraws, min_size), params)

@@ -114,9 +114,15 @@ class ClientReport:
         )
 
     def summary(self) -> dict[str, Any]:
-        return {"client": self.client_id, "examples": self.examples, "seed": self.seed, "rank": self.lora.r,
-                "bytes_up": self.num_bytes, **self.train,
-                **({"eval": self.eval} if self.eval is not None else {})}  # fmt: skip
+        return {
+            "client": self.client_id,
+            "examples": self.examples,
+            "seed": self.seed,
+            "rank": self.lora.r,
+            "bytes_up": self.num_bytes,
+            **self.train,
+            **({"eval": self.eval} if self.eval is not None else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -131,8 +137,14 @@ class Aggregated:
         new_lora = lora.at_rank(
             result.rank, result.scaling
         )  # alpha in the clients' convention (rsLoRA or not)
-        record = {"method": method, "rank": result.rank, "alpha": new_lora.alpha, "error": result.error,
-                  "module_errors": result.module_errors, **extra}  # fmt: skip
+        record = {
+            "method": method,
+            "rank": result.rank,
+            "alpha": new_lora.alpha,
+            "error": result.error,
+            "module_errors": result.module_errors,
+            **extra,
+        }
         return cls(GlobalAdapter(result.state, new_lora), record)
 
 
@@ -205,8 +217,13 @@ class Strategy:
         """Default: the global adapter at the client's rank, everything trains; the personal parts are not
         sent."""
         lora = self.client_lora(client_id)
-        plan = ClientPlan(client_id, fit(current, lora.r, lora.scaling, lora), prox_mu=self.spec.prox_mu,
-                          base_delta=self.base_delta(), base_delta_key=self.base_delta_key())  # fmt: skip
+        plan = ClientPlan(
+            client_id,
+            fit(current, lora.r, lora.scaling, lora),
+            prox_mu=self.spec.prox_mu,
+            base_delta=self.base_delta(),
+            base_delta_key=self.base_delta_key(),
+        )
         return keep_personal(plan, self.personal_parts)
 
     def aggregate(
@@ -289,8 +306,14 @@ class Wrapper(Strategy):
     def check_update(self, plan: ClientPlan, update: ClientUpdate) -> str | None:
         return self.inner.check_update(plan, update)
 
-    def aggregate(self, round_no: int, previous: GlobalAdapter | None, updates: Sequence[ClientUpdate], *,
-                  sampled: int | None = None) -> Aggregated:  # fmt: skip
+    def aggregate(
+        self,
+        round_no: int,
+        previous: GlobalAdapter | None,
+        updates: Sequence[ClientUpdate],
+        *,
+        sampled: int | None = None,
+    ) -> Aggregated:
         return self.inner.aggregate(round_no, previous, updates, sampled=sampled)
 
     def base_delta(self) -> BaseDelta:

@@ -105,9 +105,16 @@ class NormBoundStrategy(Wrapper):
                 raise ValueError(f"{who} is not from a client planned in round {round_no}")
             plans.append(plan)
         space = self.update_space
-        norms = [privacy.update_norm(u.state, p.adapter.state, space=space, scaling=u.scaling,
-                                     reference_scaling=p.adapter.lora.scaling)
-                 for u, p in zip(updates, plans, strict=True)]  # fmt: skip
+        norms = [
+            privacy.update_norm(
+                u.state,
+                p.adapter.state,
+                space=space,
+                scaling=u.scaling,
+                reference_scaling=p.adapter.lora.scaling,
+            )
+            for u, p in zip(updates, plans, strict=True)
+        ]
         bound, median = round_bound(norms, fixed=self.bound.fixed, multiple=self.bound.median_multiple)
         bounded: list[ClientUpdate] = []
         clipped: list[int] = []
@@ -115,8 +122,9 @@ class NormBoundStrategy(Wrapper):
             if not norm > bound:
                 bounded.append(update)  # untouched: the same tensors the method would have had
                 continue
-            state, _ = privacy.clip_client_update(update.state, plan.adapter.state, bound, space=space,
-                                                  scaling=update.scaling)  # fmt: skip
+            state, _ = privacy.clip_client_update(
+                update.state, plan.adapter.state, bound, space=space, scaling=update.scaling
+            )
             bounded.append(replace(update, state=state))
             clipped.append(int(update.client))  # type: ignore[arg-type]  # matched to a plan above
         out = self.inner.aggregate(round_no, previous, bounded, sampled=sampled)

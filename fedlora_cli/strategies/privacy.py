@@ -94,12 +94,17 @@ class PrivacyStrategy(Wrapper):
         """What the start of a run says: one line for the mechanism, the accountant's inputs and the noise
         seed, and a second one, a warning, when δ is too large to mean much (delta_warning)."""
         d = self.dp
-        noise = ("the noise is drawn from a secret key (--dp-secret-noise)" if d.secret_noise else
-                 "the noise is derived from --seed (reproducible: anyone who knows the seed can remove it; "
-                 "use --dp-secret-noise when the adapters leave your hands)")  # fmt: skip
-        line = (f"differential privacy: clip {d.clip:g} on the {d.where} in {self.update_space} space, noise "
-                f"std {self.noise_std:g} on the sum of {self.per_round} of {self.clients} clients per round, "
-                f"ε at δ = {self.delta:.3g}; {noise}")  # fmt: skip
+        noise = (
+            "the noise is drawn from a secret key (--dp-secret-noise)"
+            if d.secret_noise
+            else "the noise is derived from --seed (reproducible: anyone who knows the seed can remove it; "
+            "use --dp-secret-noise when the adapters leave your hands)"
+        )
+        line = (
+            f"differential privacy: clip {d.clip:g} on the {d.where} in {self.update_space} space, noise "
+            f"std {self.noise_std:g} on the sum of {self.per_round} of {self.clients} clients per round, "
+            f"ε at δ = {self.delta:.3g}; {noise}"
+        )
         warning = self.delta_warning()
         return line if warning is None else f"{line}\n{warning}"
 
@@ -152,9 +157,13 @@ class PrivacyStrategy(Wrapper):
         if target is None:
             return rounds, None
         last, spent, next_eps = privacy.rounds_within(
-            target, clients=self.clients, per_round=self.per_round,
-            noise_multiplier=self.dp.noise_multiplier or 0.0, delta=self.delta, rounds=rounds,
-        )  # fmt: skip
+            target,
+            clients=self.clients,
+            per_round=self.per_round,
+            noise_multiplier=self.dp.noise_multiplier or 0.0,
+            delta=self.delta,
+            rounds=rounds,
+        )
         if last >= rounds:
             return rounds, None
         return last, (
@@ -177,8 +186,10 @@ class PrivacyStrategy(Wrapper):
         if first is not plan and (
             first.train != plan.train or not _same_state(first.adapter.state, plan.adapter.state)
         ):
-            raise ValueError(f"{self.inner.name} plans clients of one LoRA shape differently: differential "
-                             "privacy needs one broadcast per shape")  # fmt: skip
+            raise ValueError(
+                f"{self.inner.name} plans clients of one LoRA shape differently: differential "
+                "privacy needs one broadcast per shape"
+            )
         self._shapes[client_id] = shape
         return plan
 
@@ -268,8 +279,10 @@ class PrivacyStrategy(Wrapper):
 
         # The method computed in float64 from the pseudo-update: back to the clients' dtypes.
         dtypes = {k: t.dtype for k, t in previous.state.items()}
-        state = {k: (v if v.dtype == dtypes.get(k, v.dtype) else v.to(dtypes[k]).contiguous())
-                 for k, v in out.adapter.state.items()}  # fmt: skip
+        state = {
+            k: (v if v.dtype == dtypes.get(k, v.dtype) else v.to(dtypes[k]).contiguous())
+            for k, v in out.adapter.state.items()
+        }
         record = dict(out.record)
         record["privacy"] = {
             "epsilon": self.epsilon(round_no),
@@ -393,8 +406,10 @@ def _pseudo_product(
                 as_.append(_to64(update.state[a_key]))
             else:
                 s0 = plan.adapter.lora.scaling
-                bs += [w * factor * update.scaling * _to64(update.state[b_key]),
-                       w * (1.0 - factor) * s0 * _to64(plan.adapter.state[b_key])]  # fmt: skip
+                bs += [
+                    w * factor * update.scaling * _to64(update.state[b_key]),
+                    w * (1.0 - factor) * s0 * _to64(plan.adapter.state[b_key]),
+                ]
                 as_ += [_to64(update.state[a_key]), _to64(plan.adapter.state[a_key])]
         for plan in failed:
             bs.append(w * plan.adapter.lora.scaling * _to64(plan.adapter.state[b_key]))

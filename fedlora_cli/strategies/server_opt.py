@@ -113,8 +113,12 @@ class ServerOptStrategy(Wrapper):
         return Aggregated(out.adapter, {**out.record, "server_optimizer": info})
 
     def _info(self, delta_sq: float, step_sq: float) -> dict[str, Any]:
-        return {"name": self.rule.name, "lr": self.rule.lr, "delta_norm": math.sqrt(delta_sq),
-                "step_norm": math.sqrt(step_sq)}  # fmt: skip
+        return {
+            "name": self.rule.name,
+            "lr": self.rule.lr,
+            "delta_norm": math.sqrt(delta_sq),
+            "step_norm": math.sqrt(step_sq),
+        }
 
     def _dense(self, key: str, delta: torch.Tensor) -> torch.Tensor:
         """The step of one dense tensor (a factor, the head), updating its moments."""

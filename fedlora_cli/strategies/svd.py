@@ -62,8 +62,13 @@ class SvdStrategy(Strategy):
         alpha = self.alpha_at(rank)
         scaling = alpha / self.lora.rank_divisor(rank)
         result = aggregate_svd(updates, rank=rank, alpha=alpha, scaling=scaling)
-        return Aggregated.of(self.name, result, self.lora, server_rank=self.spec.svd.server_rank,
-                             rank_scaling=self.spec.svd.rank_scaling)  # fmt: skip
+        return Aggregated.of(
+            self.name,
+            result,
+            self.lora,
+            server_rank=self.spec.svd.server_rank,
+            rank_scaling=self.spec.svd.rank_scaling,
+        )
 
 
 def full_rank(updates: Sequence[ClientUpdate]) -> int:

@@ -27,8 +27,19 @@ def canonical(options: dict[str, Any]) -> str:
     return json.dumps({str(k).replace("_", "-"): v for k, v in options.items()}, sort_keys=True, default=str)
 
 
-REPORT_FILES = ("report.csv", "report.md", "report.png", "report-last.csv", "table.csv", "table.md",
-                "table-last.csv", "compare.csv", "clients.csv", "tuning.csv", "tuning.md")  # fmt: skip
+REPORT_FILES = (
+    "report.csv",
+    "report.md",
+    "report.png",
+    "report-last.csv",
+    "table.csv",
+    "table.md",
+    "table-last.csv",
+    "compare.csv",
+    "clients.csv",
+    "tuning.csv",
+    "tuning.md",
+)
 
 
 def _is_report(name: str) -> bool:

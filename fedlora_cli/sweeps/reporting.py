@@ -494,15 +494,26 @@ def compare_table(sweep: Sweep, cells: list[CellReport]) -> ReportTable:
                 best = r
         for r in group:
             value = r.cell.arm if by == "arm" else r.cell.options.get(by)
-            head = [*("–" if v is None else str(v) for v in key), str(value), r.metric or "", str(r.n),
-                    plus_minus([*r.values.values()])]  # fmt: skip
+            head = [
+                *("–" if v is None else str(v) for v in key),
+                str(value),
+                r.metric or "",
+                str(r.n),
+                plus_minus([*r.values.values()]),
+            ]
             if best is None or r is best:
                 rows.append([*head, "", "", "", "best" if r is best else "n/a"])
                 continue
             test = paired_test(r.values, best.values)
-            rows.append([*head, "" if test.difference is None else f"{100 * test.difference:+.1f}",
-                         "" if test.t is None else f"{test.t:.2f}", "" if test.p is None else f"{test.p:.3g}",
-                         test.verdict])  # fmt: skip
+            rows.append(
+                [
+                    *head,
+                    "" if test.difference is None else f"{100 * test.difference:+.1f}",
+                    "" if test.t is None else f"{test.t:.2f}",
+                    "" if test.p is None else f"{test.p:.3g}",
+                    test.verdict,
+                ]
+            )
     notes = (
         f"Each {by} against the best mean of its group (the cells that agree on every other grid key), × "
         f"100: the {TEST} over the seeds both completed — the same seed gives both the same shards and "

@@ -431,12 +431,21 @@ def _table_spec(data: Any, where: str) -> TableSpec | None:
         raise InputError(
             f"{where}: learn-margin must be a number in [0, 1) (0.02 = 2 points), got {margin!r}"
         )
-    return TableSpec(tuple(rows), columns, str(reference) if reference else None, dict(also),
-                     str(figures) if figures else None, compare, float(margin))  # fmt: skip
+    return TableSpec(
+        tuple(rows),
+        columns,
+        str(reference) if reference else None,
+        dict(also),
+        str(figures) if figures else None,
+        compare,
+        float(margin),
+    )
 
 
 def _check_owned(options: dict[str, Any], where: str) -> None:
     for key in options:
         if str(key).replace("_", "-") in OWNED:
-            raise InputError(f"{where}: {key!r} is set by the sweep (seeds go in [sweep] seeds; runs go to "
-                             f"<root>/<name>/<cell>-seed<k>)")  # fmt: skip
+            raise InputError(
+                f"{where}: {key!r} is set by the sweep (seeds go in [sweep] seeds; runs go to "
+                f"<root>/<name>/<cell>-seed<k>)"
+            )

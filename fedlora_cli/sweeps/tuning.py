@@ -113,11 +113,17 @@ def choice_record(
     rerun)."""
     assert sweep.tune is not None
     return {
-        "point": chosen.point.options, "name": chosen.point.name, "metric": metric, "score": chosen.mean,
-        "seeds": list(sweep.tune.seeds), "points": [s.point.name for s in scores],
+        "point": chosen.point.options,
+        "name": chosen.point.name,
+        "metric": metric,
+        "score": chosen.mean,
+        "seeds": list(sweep.tune.seeds),
+        "points": [s.point.name for s in scores],
         "scores": {s.point.name: {str(k): v for k, v in s.values.items()} for s in scores},
-        "options": cell.options, "configured_metric": tune_metric(sweep), "chosen": now(),
-    }  # fmt: skip
+        "options": cell.options,
+        "configured_metric": tune_metric(sweep),
+        "chosen": now(),
+    }
 
 
 def recorded_choices(sweep: Sweep, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -162,8 +168,17 @@ def tuning_rows(sweep: Sweep, choices: dict[str, dict[str, Any]]) -> tuple[list[
     for points in sweep.tune.points.values():
         for p in points:
             keys += [k for k in p.options if k not in keys]
-    header = ["cell", "arm", *keys, "metric", "n", "validation mean", "validation std",
-              *(f"seed {s}" for s in sweep.tune.seeds), "chosen"]  # fmt: skip
+    header = [
+        "cell",
+        "arm",
+        *keys,
+        "metric",
+        "n",
+        "validation mean",
+        "validation std",
+        *(f"seed {s}" for s in sweep.tune.seeds),
+        "chosen",
+    ]
     rows = []
     for cell in sweep.cells:
         if not sweep.tune_points(cell):
@@ -171,10 +186,19 @@ def tuning_rows(sweep: Sweep, choices: dict[str, dict[str, Any]]) -> tuple[list[
         metric, scores = score_cell(sweep, cell)
         chosen = choices.get(cell.name, {}).get("name")
         for s in scores:
-            rows.append([cell.name, cell.arm, *(str(s.point.options.get(k, "")) for k in keys), metric or "",
-                         f"{s.n}/{s.runs}", _fmt(s.mean), _fmt(s.std),
-                         *(_fmt(s.values.get(seed)) for seed in sweep.tune.seeds),
-                         "✓" if s.point.name == chosen else ""])  # fmt: skip
+            rows.append(
+                [
+                    cell.name,
+                    cell.arm,
+                    *(str(s.point.options.get(k, "")) for k in keys),
+                    metric or "",
+                    f"{s.n}/{s.runs}",
+                    _fmt(s.mean),
+                    _fmt(s.std),
+                    *(_fmt(s.values.get(seed)) for seed in sweep.tune.seeds),
+                    "✓" if s.point.name == chosen else "",
+                ]
+            )
     return header, rows
 
 
