@@ -81,6 +81,34 @@ def test_each_shard_splits_into_local_train_and_test_seeded_stratified_and_disjo
     assert record["sizes"] == {"1": [75, 25], "2": [9, 3]} and record["fraction"] == 0.25 and record["sha256"]
 
 
+def test_a_local_validation_split_is_carved_from_what_the_test_left_and_leaves_the_test_as_it_was():
+    labels = np.array([0] * 300 + [1] * 300)
+    shard = np.concatenate([np.arange(0, 80), np.arange(300, 320)])
+    plain = split_client(3, shard, labels, 0.25, seed=7, regression=False)
+    split = split_client(3, shard, labels, 0.25, seed=7, regression=False, validation_fraction=0.2)
+    assert plain.validation is None and len(plain.held) == 0
+    assert np.array_equal(split.test, plain.test)  # the same local tests, with or without validation
+    assert (len(split.train), len(split.test), len(split.validation)) == (55, 25, 20)
+    parts = [split.train, split.test, split.validation]
+    assert sorted(np.concatenate(parts).tolist()) == sorted(shard.tolist())  # disjoint, nothing lost
+    assert np.bincount(labels[split.validation]).tolist() == [16, 4]  # stratified
+    again = split_client(3, shard, labels, 0.25, seed=7, regression=False, validation_fraction=0.2)
+    assert np.array_equal(again.validation, split.validation)
+    tiny = split_client(1, shard[:3], labels, 0.34, seed=7, regression=False, validation_fraction=0.5)
+    assert (len(tiny.train), len(tiny.test), len(tiny.validation)) == (1, 1, 1)  # a training example stays
+    two = split_clients(
+        [1, 2], [shard, shard[:12]], labels, 0.25, 7, regression=False, validation_fraction=0.2
+    )
+    record = two.record()
+    assert record["sizes"] == {"1": [55, 25, 20], "2": [7, 3, 2]} and record["validation_fraction"] == 0.2
+    assert record["sha256"] == split_clients([1, 2], [shard, shard[:12]], labels, 0.25, 7,
+                                             regression=False).record()["sha256"]  # fmt: skip
+    with pytest.raises(ValueError, match="set --client-test-fraction too"):
+        PersonalSpec(client_validation_fraction=0.1)
+    with pytest.raises(ValueError, match="keep their sum below 1"):
+        PersonalSpec(client_test_fraction=0.5, client_validation_fraction=0.5)
+
+
 def test_per_client_statistics_by_hand():
     values = {
         c: v for c, v in enumerate([0.9, 0.5, 0.7, 1.0, 0.6, 0.8, 0.75, 0.85, 0.95, 0.65, 0.55, 0.7], 1)
@@ -404,6 +432,32 @@ def test_local_only_training_is_each_client_training_alone(tiny_model, glue_dir,
     assert three_stats["values"]["2"] == alone_stats["values"]["2"] and three_stats["n"] == 3
 
 
+def test_local_validation_splits_are_scored_per_client_and_never_trained_on(tiny_model, glue_dir, tmp_path):
+    order = np.random.default_rng(5).permutation(600).tolist()
+    shards = write_manifests(tmp_path / "k3", [order[:60], order[60:140], order[140:240]])
+    held = ["--client-test-fraction", "0.25", "--client-validation-fraction", "0.2"]
+    for method in ("naive", "local"):  # the global model scored by the server; each client's own model
+        args = rounds_args(tiny_model, glue_dir, tmp_path, method, "--shards", shards, "--aggregation", method,
+                           "--rounds", "1", *held, *FAST)  # fmt: skip
+        result = run(*args)
+        assert result.exit_code == 0, result.stderr
+        run_dir = tmp_path / "sst2_tiny-roberta" / method
+        split = json.loads((run_dir / "run.json").read_text())["client_test"]
+        assert split["validation_fraction"] == 0.2
+        for c, (train, test, validation) in split["sizes"].items():
+            n = {"1": 60, "2": 80, "3": 100}[c]
+            assert (test, validation, train) == (round(0.25 * n), round(0.2 * n), n - test - validation)
+        for row in history(run_dir)[1:]:
+            for client in row["client_metrics"]:  # trained on its local train split only
+                assert client["examples"] == split["sizes"][str(client["client"])][0]
+        final = json.loads((run_dir / "final" / "metrics.json").read_text())["per_client"]
+        model = "global" if method == "naive" else "personal"
+        assert final["model"] == model and final["validation"]["model"] == model
+        assert final["validation"]["n"] == 3 and final["validation"]["metric"] == "accuracy"
+        assert final["validation"]["values"] != final["values"]  # other examples
+        assert "local validation, " in " ".join(result.stdout.split())
+
+
 @pytest.mark.slow
 def test_personalize_epochs_changes_only_each_clients_final_model(tiny_model, glue_dir, tmp_path):
     args = rounds_args(tiny_model, glue_dir, tmp_path, "naive", "--clients", "4", "--partition", "dirichlet",
@@ -470,7 +524,7 @@ def test_fedsa_on_flower_is_local_bit_for_bit_and_nothing_personal_crosses_the_w
             data=DataSpec("sst2", str(glue_dir), max_eval_samples=50), shards=str(shards),
             model=ModelSpec(str(tiny_model)), train=TrainSpec(epochs=1.0, learning_rate=2e-2, precision="fp32"),
             output=OutputSpec(root=str(tmp_path), run_name=name), engine=engine, rounds=3, clients_per_round=3,
-            aggregation=AggregationSpec("fedsa"), personal=PersonalSpec(0.25, 1.0),
+            aggregation=AggregationSpec("fedsa"), personal=PersonalSpec(0.25, 1.0, 0.2),
         )  # fmt: skip
 
     with one_thread():
@@ -485,6 +539,7 @@ def test_fedsa_on_flower_is_local_bit_for_bit_and_nothing_personal_crosses_the_w
     assert {k: v for k, v in ours.items() if k not in personal} == theirs  # every adapter, bit for bit
     assert sum(k.startswith("final/clients/") for k in theirs) == 4  # saved by the ClientApps themselves
     assert flower.per_client == local.per_client and flower.per_client["n"] == 4
+    assert flower.per_client["validation"]["n"] == 4  # the local validation splits, scored on the SuperNodes
     for x, y in zip(history(a), history(b), strict=True):
         assert x["per_client"] == y["per_client"] and x["clients"] == y["clients"]
 

@@ -456,3 +456,35 @@ grid = {{ learning-rate = [2e-3, 2e-2] }}
     assert records["real"]["tuning"]["central"]["name"] == f"learning-rate={best}"
     run_options = json.loads((folders["real"] / "central-seed1" / "run.json").read_text())["shell"]
     assert f"--learning-rate {float(best)}" in run_options or f"--learning-rate {best}" in run_options
+
+
+def test_a_per_client_comparison_chooses_on_the_clients_local_validation_splits(tmp_path):
+    """With --client-validation-fraction the score is the clients' mean on their own validation splits (local
+    tests and dev rank the points the other way round)."""
+    clients = {0.001: (0.9, 0.6), 0.002: (0.7, 0.8)}  # lr -> (validation mean, local-test mean)
+
+    def execute(command: str, options: dict) -> None:
+        folder = Path(options["output-dir"])
+        (folder / "final").mkdir(parents=True, exist_ok=True)
+        (folder / "run.json").write_text(json.dumps({"command": command, "status": "complete",
+                                                     "config": {"data": {"task": "sst2"}}}))  # fmt: skip
+        held, test = clients[options["learning-rate"]]
+        stats = {"metric": "accuracy", "model": "personal", "n": 3, "mean": test,
+                 "validation": {"metric": "accuracy", "model": "personal", "n": 3, "mean": held}}  # fmt: skip
+        (folder / "final" / "metrics.json").write_text(json.dumps(
+            {"command": command, "task": "sst2", "main_metric": "accuracy", "metrics": {},
+             "validation": {"accuracy": 1.0 - held}, "per_client": stats}))  # fmt: skip
+
+    data = {
+        "sweep": {"name": "p", "root": str(tmp_path / "runs"), "seeds": [1]},
+        "base": {"task": "sst2", "client-test-fraction": 0.2, "client-validation-fraction": 0.2},
+        "arms": {"fedsa": {"command": "rounds", "aggregation": "fedsa"}},
+        "tune": {"seeds": [11], "grid": {"learning-rate": [0.001, 0.002]}},
+    }
+    sweep = load_sweep(tmp_path / "p.toml", data)
+    assert not run_sweep(sweep, execute).failed
+    record = json.loads((sweep.folder / "sweep.json").read_text())["tuning"]["fedsa"]
+    assert record["point"] == {"learning-rate": 0.001} and record["score"] == pytest.approx(0.9)
+    del data["base"]["client-validation-fraction"]
+    with pytest.raises(InputError, match="client-validation-fraction"):
+        load_sweep(tmp_path / "q.toml", {**data, "sweep": {**data["sweep"], "name": "q"}})

@@ -185,6 +185,8 @@ def show_rounds(result) -> None:
 
         final = "final models" if result.per_client.get("model") == "personal" else "the reported adapter"
         out.print(f"local test, {final}: {describe(result.per_client)}", markup=False, highlight=False)
+        if isinstance(held := result.per_client.get("validation"), dict):
+            out.print(f"local validation, {final}: {describe(held)}", markup=False, highlight=False)
     if result.resumed_after:
         out.print(f"resumed after round {result.resumed_after}")
     c.print_path("final adapter" if chosen is None else "selected adapter", result.final_adapter)

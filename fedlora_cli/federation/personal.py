@@ -9,12 +9,12 @@ sent (`round_NNN/client_NNN/personal.safetensors`, sealed with the round, so `--
 bit-identically); a Flower ClientApp keeps them in its `Context.state`.
 
 Per-client evaluation (`--client-test-fraction`): every evaluation scores each client's own model on its
-local test split — the global adapter for a global method (the server does it, one pass over every local
-test split), the client's personal model otherwise (`ClientRunner.evaluate`: in this process for engine
-local, on the SuperNodes for Flower). At the end, a personalised run (personal parts, or
-`--personalize-epochs E`) gives every client its final model (`ClientRunner.personalize`: fine-tuned for E
-epochs on its local training split, scored on its local test split, saved as a plain PEFT adapter,
-`final/clients/client_NNN/adapter`).
+local test split (and local validation split, `--client-validation-fraction`) — the global adapter for a
+global method (the server does it, one pass over every local split), the client's personal model otherwise
+(`ClientRunner.evaluate`: in this process for engine local, on the SuperNodes for Flower). At the end, a
+personalised run (personal parts, or `--personalize-epochs E`) gives every client its final model
+(`ClientRunner.personalize`: fine-tuned for E epochs on its local training split, scored on its local test
+split, saved as a plain PEFT adapter, `final/clients/client_NNN/adapter`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ PERSONAL_FILE = "personal.safetensors"  # round_NNN/client_NNN/: the client's pe
 CLIENTS_DIR = "clients"  # final/clients/client_NNN/adapter: each client's own final model
 # A client's fine-tuning (--personalize-epochs) trains with derive_seed(--seed, 0, client): no round is 0.
 PERSONALIZE_ROUND = 0
+VALIDATION_PREFIX = "validation_"  # a client's local-validation scores beside its local-test ones
 
 Outcome = dict[str, float] | str  # a client's metrics, or why it gave none
 
@@ -170,15 +171,37 @@ def evaluate_client(
     batch_size: int,
     device: torch.device,
     precision: str,
+    validation: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """The client's own model (the plan's shared parts and its personal parts) on its local test split."""
+    """The client's own model (the plan's shared parts and its personal parts) on its local test split (and
+    its local validation split: `validation_<metric>` keys)."""
+    model.apply_plan(with_personal(plan, personal))
+    return score_client(model.module, task, data, test, validation, batch_size, device, precision)
+
+
+def score_client(
+    module: Any,
+    task: Any,
+    data: Any,
+    test: np.ndarray,
+    validation: np.ndarray | None,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+) -> dict[str, float]:
+    """One client's model as it is on its local test split (`examples` and the task's metrics) and, when it
+    has one, its local validation split (the same, each key prefixed `validation_`): flat numbers, as a
+    Flower MetricRecord carries them."""
     from fedlora_cli.evaluation import evaluate
 
-    model.apply_plan(with_personal(plan, personal))
-    result = evaluate(
-        model.module, task, {"client_test": data.train.subset(test)}, batch_size, device, precision
-    )
-    return {**result.metrics, "examples": float(result.examples)}
+    out: dict[str, float] = {}
+    for prefix, indices in (("", test), (VALIDATION_PREFIX, validation)):
+        if indices is None or not len(indices):
+            continue
+        result = evaluate(module, task, {"client": data.train.subset(indices)}, batch_size, device, precision)
+        out.update({f"{prefix}{k}": float(v) for k, v in result.metrics.items()})
+        out[f"{prefix}examples"] = float(result.examples)
+    return out
 
 
 def personalize_client(
@@ -197,11 +220,11 @@ def personalize_client(
     device: torch.device,
     precision: str,
     progress: Any = None,
+    validation: np.ndarray | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """A client's final model: its own (or the final global adapter) fine-tuned for `epochs` on its local
-    training split (0: as it is), then scored on its local test split (no metrics without one); returns
-    (state, metrics)."""
-    from fedlora_cli.evaluation import evaluate
+    training split (0: as it is), then scored on its local test (and validation) split (no metrics without
+    one); returns (state, metrics)."""
     from fedlora_cli.federation.driver import derive_seed
     from fedlora_cli.training import train_model
 
@@ -223,10 +246,7 @@ def personalize_client(
         )
         metrics.update(train_loss=float(result.loss), train_steps=float(result.steps))
     state = model.state()
-    if len(test):
-        split = {"client_test": data.train.subset(test)}
-        result = evaluate(model.module, task, split, batch_size, device, precision)
-        metrics.update({**result.metrics, "examples": float(result.examples)})
+    metrics.update(score_client(model.module, task, data, test, validation, batch_size, device, precision))
     return state, metrics
 
 
@@ -301,6 +321,7 @@ class InProcessClients:
                     batch_size=s.config.eval_batch_size,
                     device=s.device,
                     precision=s.precision,
+                    validation=s.client_validation(cid),
                 )
         return out
 
@@ -323,6 +344,7 @@ class InProcessClients:
                 batch_size=s.config.eval_batch_size,
                 device=s.device,
                 precision=s.precision,
+                validation=s.client_validation(cid),
             )
             save_client_adapter(
                 client_adapter_dir(s.recorder.tree.final_dir, cid),
@@ -339,7 +361,8 @@ class InProcessClients:
 def evaluate_global_per_client(
     setup: Any, adapter: GlobalAdapter, base_delta: Any, key: str
 ) -> dict[int, Outcome]:
-    """One global model on every client's local test split: one pass over all of them, scored per client."""
+    """One global model on every client's local test (and validation) split: one pass over all of them, scored
+    per client and split."""
     from fedlora_cli.evaluation import compute_metrics, predict, to_predictions
 
     s = setup
@@ -347,24 +370,34 @@ def evaluate_global_per_client(
     if not clients:
         return {}
     s.model.apply_global(adapter, base_delta, key)
-    tests = [s.splits.test(c) for c in clients]
-    data = s.data.train.subset(np.concatenate(tests))
+    parts = [(c, "", s.splits.test(c)) for c in clients]
+    parts += [(c, VALIDATION_PREFIX, s.splits.validation(c)) for c in clients if len(s.splits.validation(c))]
+    data = s.data.train.subset(np.concatenate([indices for _, _, indices in parts]))
     logits, _, _ = predict(s.model.module, data, s.config.eval_batch_size, s.device, s.precision)
     predictions = to_predictions(s.task, logits)
-    out: dict[int, Outcome] = {}
+    out: dict[int, dict[str, float]] = {c: {} for c in clients}
     start = 0
-    for cid, test in zip(clients, tests, strict=True):
-        end = start + len(test)
+    for cid, prefix, indices in parts:
+        end = start + len(indices)
         metrics = compute_metrics(s.task, predictions[start:end], data.labels[start:end])
-        out[cid] = {**metrics, "examples": float(len(test))}
+        out[cid].update({f"{prefix}{k}": float(v) for k, v in metrics.items()})
+        out[cid][f"{prefix}examples"] = float(len(indices))
         start = end
-    return out
+    return dict(out)
 
 
 def summarise(outcomes: Mapping[int, Outcome], metric: str, model: str) -> dict[str, Any]:
-    """The per-client statistics of a history row or final/metrics.json (`personal.stats.client_stats`)."""
+    """The per-client statistics of a history row or final/metrics.json (`personal.stats.client_stats`) on the
+    local tests; with local validation splits, theirs too under `validation` (what a sweep tunes on)."""
     from fedlora_cli.personal.stats import client_stats
 
-    values = {c: o.get(metric, float("nan")) for c, o in outcomes.items() if isinstance(o, dict)}
+    scored = {c: o for c, o in outcomes.items() if isinstance(o, dict)}
     failed = {c: o for c, o in outcomes.items() if isinstance(o, str)}
-    return client_stats(values, metric, model=model, failed=failed)
+    stats = client_stats(
+        {c: o.get(metric, float("nan")) for c, o in scored.items()}, metric, model=model, failed=failed
+    )
+    held = f"{VALIDATION_PREFIX}{metric}"
+    if any(held in o for o in scored.values()):
+        values = {c: o.get(held, float("nan")) for c, o in scored.items()}
+        stats["validation"] = client_stats(values, metric, model=model, failed=failed)
+    return stats

@@ -81,6 +81,12 @@ class Setup:
             return idx, idx[:0]
         return self.splits.train(client_id), self.splits.test(client_id)
 
+    def client_validation(self, client_id: int) -> np.ndarray:
+        """One client's local validation split (--client-validation-fraction; empty without one)."""
+        if self.splits is None:
+            return np.zeros(0, dtype=np.int64)
+        return self.splits.validation(client_id)
+
 
 def prepare(
     config: RoundsConfig,
@@ -367,6 +373,7 @@ def client_splits(shards: Any, data: TaskData, config: RoundsConfig) -> Any:
         fraction,
         config.train.seed,
         regression=task.is_regression,
+        validation_fraction=config.personal.client_validation_fraction,
     )
 
 

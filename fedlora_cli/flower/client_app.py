@@ -85,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
         deadline.check()  # a message that waited past its round (a busy node, a queue): no work at all
         worker = _worker(config, plan.adapter.lora)
         worker.check(shard)
-        train_indices, _ = _split(config, shard, worker)
+        train_indices = _split(config, shard, worker).train
         report = train_client(
             worker.model,
             worker.data,
@@ -157,19 +157,20 @@ def evaluate_personal(msg: Message, context: Context) -> Message:
         config, shard, plan, round_no = _personal_message(msg, context)
         worker = _worker(config, plan.adapter.lora)
         worker.check(shard)
-        _, test = _split(config, shard, worker)
+        split = _split(config, shard, worker)
         metrics: dict[str, float] = {}
-        if len(test):
+        if len(split.test):
             metrics = evaluate_client(
                 worker.model,
                 worker.data,
-                test,
+                split.test,
                 plan,
                 stored_personal(context, plan),
                 worker.task,
                 batch_size=config.eval_batch_size,
                 device=worker.device,
                 precision=worker.precision,
+                validation=split.held,
             )
         return _metrics_reply(msg, shard.client_id, metrics, "")
 
@@ -191,12 +192,12 @@ def personalize(msg: Message, context: Context) -> Message:
         deadline = Deadline.of(msg, config, round_no)
         worker = _worker(config, plan.adapter.lora)
         worker.check(shard)
-        train_indices, test = _split(config, shard, worker)
+        split = _split(config, shard, worker)
         state, metrics = personalize_client(
             worker.model,
             worker.data,
-            train_indices,
-            test,
+            split.train,
+            split.test,
             plan,
             stored_personal(context, plan),
             config.train,
@@ -207,6 +208,7 @@ def personalize(msg: Message, context: Context) -> Message:
             device=worker.device,
             precision=worker.precision,
             progress=deadline,
+            validation=split.held,
         )
         folder = _personal_folder(context.node_config, str(meta.get("save-to", "")), shard.client_id)
         if folder is not None:
@@ -446,28 +448,34 @@ def _int(name: str, value: Any) -> int:
 # the model and data, built once per process
 
 
-_SPLITS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_SPLITS: dict[tuple, Any] = {}  # personal.split.ClientSplit by (client, shard, fractions, seed)
 
 
-def _split(config: RoundsConfig, shard: Shard, worker: _Worker) -> tuple[np.ndarray, np.ndarray]:
-    """(local train, local test) of this node's shard, carved as the server carves it
-    (--client-test-fraction)."""
-    fraction = config.personal.client_test_fraction
-    if fraction <= 0:
-        return shard.indices, shard.indices[:0]
-    key = (shard.client_id, shard.fingerprint, fraction, config.train.seed)
+def _split(config: RoundsConfig, shard: Shard, worker: _Worker) -> Any:
+    """This node's shard carved as the server carves it (--client-test-fraction,
+    --client-validation-fraction): a personal.split.ClientSplit (`.train`, `.test`, `.held`)."""
+    from fedlora_cli.personal.split import ClientSplit, split_client
+
+    personal = config.personal
+    if personal.client_test_fraction <= 0:
+        return ClientSplit(shard.client_id, shard.indices, shard.indices[:0])
+    key = (
+        shard.client_id,
+        shard.fingerprint,
+        personal.client_test_fraction,
+        personal.client_validation_fraction,
+        config.train.seed,
+    )
     if key not in _SPLITS:
-        from fedlora_cli.personal.split import split_client
-
-        split = split_client(
+        _SPLITS[key] = split_client(
             shard.client_id,
             shard.indices,
             worker.data.train.labels,
-            fraction,
+            personal.client_test_fraction,
             config.train.seed,
             regression=worker.task.is_regression,
+            validation_fraction=personal.client_validation_fraction,
         )
-        _SPLITS[key] = (split.train, split.test)
     return _SPLITS[key]
 
 

@@ -39,10 +39,30 @@ class PersonalSpec(Spec):
         help="after the last round, each client fine-tunes the final global adapter on its local training "
         "split for E epochs and keeps it (final/clients/); 0: off",
     )
+    client_validation_fraction: float = option(
+        0.0,
+        "--client-validation-fraction",
+        check=half_open(0, 1),
+        help="hold out this share of each client's shard as its local validation split (seeded, stratified; "
+        "never trained on), scored beside the local test: what a sweep tunes a per-client comparison on "
+        "(0: off; needs --client-test-fraction)",
+    )
 
     @property
     def evaluates_clients(self) -> bool:
         return self.client_test_fraction > 0
+
+    def validate(self) -> None:
+        if self.client_validation_fraction > 0 and not self.evaluates_clients:
+            raise ValueError(
+                "--client-validation-fraction is scored with the clients' local tests: set "
+                "--client-test-fraction too"
+            )
+        if self.client_test_fraction + self.client_validation_fraction >= 1:
+            raise ValueError(
+                f"--client-test-fraction {self.client_test_fraction:g} and --client-validation-fraction "
+                f"{self.client_validation_fraction:g} leave no training examples: keep their sum below 1"
+            )
 
 
 def personal_parts(method: str) -> tuple[str, ...]:

@@ -18,7 +18,8 @@ MAX_RUNS = 10_000  # cells × seeds a sweep may plan unless its [sweep] max-runs
 COMMANDS = ("train", "baseline", "rounds")  # what a cell may run: the commands that make run folders
 OWNED = ("output-dir", "output-root", "run-name", "overwrite", "resume", "seed", "config")  # set by the sweep
 TUNE_DIR = "tune"  # tune runs: <root>/<sweep>/tune/<cell>__<point>-seed<k>
-HOLDOUT = ("validation-fraction", "validation-examples")  # what gives a run the validation split tuning reads
+# what gives a run the validation split tuning reads (the last: each client's own, scored per client)
+HOLDOUT = ("validation-fraction", "validation-examples", "client-validation-fraction")
 
 
 def label(value: Any) -> str:
@@ -243,7 +244,8 @@ def _check_tunable(where: str, options: dict[str, Any], metric: str | None) -> N
     if not holds_out(options):
         raise InputError(
             f"{where} is tuned, and tuning chooses on the validation split, which its runs do not have: set "
-            f"validation-fraction (or validation-examples) in [base] or in its arm"
+            f"validation-fraction (or validation-examples), or client-validation-fraction for a per-client "
+            f"comparison, in [base] or in its arm"
         )
     task = next((v for k, v in options.items() if option_key(k) == "task"), None)
     if metric and isinstance(task, str):

@@ -3,11 +3,14 @@ record.
 
 A point's score on one tune seed is the validation metric of that run's reported adapter (final metrics'
 `validation`: the selected round or epoch with --select best, else the last), never a dev score: the dev split
-only reports. The cell's choice is the point with the best mean over the tune seeds; a point whose mean is not
-finite (a diverged run's NaN) never wins; ties go to the first in grid order. Once made, the choice is
-recorded in sweep.json (`tuning`) with what it was made from, and a sweep run again uses it and never tunes
-that cell again: a recorded choice whose points, tune seeds, metric or cell options differ from the file's is
-refused.
+only reports. A run that scores its clients on local validation splits (--client-validation-fraction) is
+scored by the mean over its clients of their final models on those instead (`per_client.validation`): a
+per-client comparison reports the clients' local tests, and chooses on their validation splits.
+
+The cell's choice is the point with the best mean over the tune seeds; a point whose mean is not finite (a
+diverged run's NaN) never wins; ties go to the first in grid order. Once made, the choice is recorded in
+sweep.json (`tuning`) with what it was made from, and a sweep run again uses it and never tunes that cell
+again: a recorded choice whose points, tune seeds, metric or cell options differ from the file's is refused.
 """
 
 from __future__ import annotations
@@ -63,10 +66,19 @@ def validation_score(folder: Path, metric: str | None) -> tuple[str, float] | No
         return None
     metric = metric or info.final.main_metric
     validation = info.final.extra.get("validation")
+    clients = (info.final.extra.get("per_client") or {}).get("validation")
+    if isinstance(clients, dict):
+        if clients.get("metric") != metric or not isinstance(clients.get("mean"), int | float):
+            raise InputError(
+                f"{folder}: its clients' validation splits have no {metric!r} score: set [tune] metric to "
+                f"{clients.get('metric')!r}"
+            )
+        return metric, float(clients["mean"])
     if not isinstance(validation, dict):
         raise InputError(
             f"{folder} has no validation score, and tuning chooses on the validation split: set "
-            f"validation-fraction (or validation-examples) for the tuned cells"
+            f"validation-fraction (or validation-examples), or client-validation-fraction for a per-client "
+            f"comparison, for the tuned cells"
         )
     value = validation.get(metric) if metric else None
     if not isinstance(value, int | float) or isinstance(value, bool):
