@@ -8,8 +8,9 @@ fp32; fp32 alone where bf16 would be emulated, unless --precisions names both) i
 (8) of `--per-client` examples (128) for one local epoch at batch 16, LoRA r=8 on query,value, each K in
 turn, `--repeats` times (2) in an interleaved order (so that a shared machine's drift hits every K alike),
 and prints per K the round's training time (median wall and CPU time), samples/s, the ratio to K = 1
-measured in the same run, and the padded tokens computed against K = 1's. On CUDA it also prints the achieved TFLOP/s of the frozen base's matrix products (forward and
-activation gradients: 4 × matrix parameters × padded tokens) and, with --peak-tflops, the share of the peak.
+measured in the same run, and the padded tokens computed against K = 1's. On CUDA it also prints the
+achieved TFLOP/s of the frozen base's matrix products (forward and activation gradients: 4 × matrix
+parameters × padded tokens) and, with --peak-tflops, the share of the peak.
 
 Results go to --out (JSON, one entry per measurement, written as they come): a second call with the same
 --out skips what is done, so an interrupted run continues. --profile K prints torch.profiler's table of one
