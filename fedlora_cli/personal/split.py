@@ -121,10 +121,10 @@ class ClientSplits:
     def record(self) -> dict[str, object]:
         """What run.json keeps (`client_test`): the fraction, the seed, each client's train/test sizes, the
         digest; with local validation splits, their fraction and each client's [train, test, validation]."""
-        out: dict[str, object] = {"fraction": self.fraction, "seed": self.seed}
-        if self.validation_fraction > 0:
-            out["validation_fraction"] = self.validation_fraction
         held = self.validation_fraction > 0
+        out: dict[str, object] = {"fraction": self.fraction, "seed": self.seed}
+        if held:
+            out["validation_fraction"] = self.validation_fraction
         out["sizes"] = {
             str(c): [int(len(s.train)), int(len(s.test))] + ([int(len(s.held))] if held else [])
             for c, s in sorted(self.splits.items())
@@ -143,10 +143,15 @@ def split_clients(
     regression: bool,
     validation_fraction: float = 0.0,
 ) -> ClientSplits:
-    held = validation_fraction
     splits = {
         int(c): split_client(
-            int(c), idx, labels, fraction, seed, regression=regression, validation_fraction=held
+            int(c),
+            idx,
+            labels,
+            fraction,
+            seed,
+            regression=regression,
+            validation_fraction=validation_fraction,
         )
         for c, idx in zip(client_ids, shards, strict=True)
     }
