@@ -851,11 +851,13 @@ def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(
 
     order = np.random.default_rng(6).permutation(600).tolist()
     shards = write_manifests(tmp_path / "shards", [order[30 * i : 30 * (i + 1)] for i in range(4)])
-    timeout = 15.0
+    # 30 s: the healthy clients' first turn includes starting Ray workers, which on a loaded 2-core machine
+    # took more than 15 s
+    timeout = 30.0
     behaviour = {
-        3: {1: "slow:5"},
+        3: {1: "slow:10"},
         4: {1: f"sleep:{timeout + 5:g}"},
-    }  # 4 steps of 5 s; a stall past the deadline
+    }  # 4 steps of 10 s; a stall past the deadline
     config = flower_config(tiny_model, glue_dir, shards, tmp_path, "slow", rounds=3, min_clients=2,
                            round_timeout=timeout, client_cpus=0.5)  # fmt: skip
     config = replace(config, train=replace(config.train, batch_size=8))
@@ -865,7 +867,7 @@ def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["clients"][:2] == [1, 2] for r in rows)
     first = {f["client"]: f["reason"] for f in rows[0]["failed"]}
-    missed = "no reply within 15 s (--round-timeout)"
+    missed = f"no reply within {timeout:g} s (--round-timeout)"
     assert sorted(first) == [3, 4] and first[4] == missed
     # the slow client stopped its own turn at the deadline: its error reply may just make it in time
     assert first[3] in (
