@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,17 @@ def update_norm(
     for key in state.keys() - lora_keys:
         total += float((_to64(state[key]) - _to64(reference[key])).square().sum())
     return math.sqrt(total)
+
+
+def plan_update_norms(pairs: Iterable[tuple[Any, Any]], *, space: str) -> list[float]:
+    """‖update − what its plan broadcast‖ in `space` for each (ClientUpdate, ClientPlan) pair, each side at
+    its own scaling: what the norm bound and DP measure a client's update by."""
+    return [
+        update_norm(
+            u.state, p.adapter.state, space=space, scaling=u.scaling, reference_scaling=p.adapter.lora.scaling
+        )
+        for u, p in pairs
+    ]
 
 
 def clip_factor(norm: float, max_norm: float) -> float:

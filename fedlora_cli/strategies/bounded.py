@@ -105,16 +105,7 @@ class NormBoundStrategy(Wrapper):
                 raise ValueError(f"{who} is not from a client planned in round {round_no}")
             plans.append(plan)
         space = self.update_space
-        norms = [
-            privacy.update_norm(
-                u.state,
-                p.adapter.state,
-                space=space,
-                scaling=u.scaling,
-                reference_scaling=p.adapter.lora.scaling,
-            )
-            for u, p in zip(updates, plans, strict=True)
-        ]
+        norms = privacy.plan_update_norms(zip(updates, plans, strict=True), space=space)
         bound, median = round_bound(norms, fixed=self.bound.fixed, multiple=self.bound.median_multiple)
         bounded: list[ClientUpdate] = []
         clipped: list[int] = []

@@ -258,16 +258,7 @@ class PrivacyStrategy(Wrapper):
         failed = [plans[shape] for shape in sorted(missing.elements())]  # count as zero updates
 
         space, clip = self.update_space, self.dp.clip or 0.0
-        norms = [
-            privacy.update_norm(
-                u.state,
-                p.adapter.state,
-                space=space,
-                scaling=u.scaling,
-                reference_scaling=p.adapter.lora.scaling,
-            )
-            for u, p in replied
-        ]
+        norms = privacy.plan_update_norms(replied, space=space)
         factors = [privacy.clip_factor(n, clip) for n in norms]
         trained = frozenset().union(*(p.train for p in plans.values()))
         # Equal weights 1/m, computed as the methods compute normalised weights (bit-identical arithmetic).
