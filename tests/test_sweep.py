@@ -364,12 +364,14 @@ def test_the_centralised_reference_is_drawn_beside_curves_with_an_aggregation_er
 
 def test_the_clients_table_gives_each_statistic_over_seeds_and_the_global_model_before_fine_tuning(tmp_path):
     """Runs evaluated on the clients' local tests: a row per cell with the clients' mean, worst 10 %, worst and
-    best (mean ± std over seeds, × 100), and for fine-tuned runs the global adapter's mean before it."""
+    best (mean ± std over seeds, × 100), for fine-tuned runs the global adapter's mean before it, and the paired
+    test against the best cell scored on the same local tests (same seed, same split fingerprint)."""
     from fedlora_cli import sweeps
     from fedlora_cli.sweeps.clients import client_stats
 
-    data = {"sweep": {"name": "p", "seeds": [1, 2]}, "base": {"task": "sst2"},
-            "arms": {"ft": {"command": "rounds"}, "fedsa": {"command": "rounds"}, "central": {"command": "train"}}}  # fmt: skip
+    data = {"sweep": {"name": "p", "seeds": [1, 2, 3]}, "base": {"task": "sst2"},
+            "arms": {"ft": {"command": "rounds"}, "fedsa": {"command": "rounds"}, "naive": {"command": "rounds"},
+                     "other": {"command": "rounds"}, "central": {"command": "train"}}}  # fmt: skip
     sweep = sweeps.load_sweep(tmp_path / "p.toml", data)
     final = {  # final/metrics.json's fields as `rounds` writes them
         ("ft", 1): {"per_client": {"model": "personal", "mean": 0.9, "worst10": 0.7, "worst": 0.7, "best": 1.0},
@@ -378,18 +380,37 @@ def test_the_clients_table_gives_each_statistic_over_seeds_and_the_global_model_
                     "per_client_global": {"model": "global", "mean": 0.7}},
         ("fedsa", 1): {"per_client": {"model": "personal", "mean": 0.85, "worst10": 0.6, "worst": 0.6,
                                       "best": float("nan")}},
+        ("naive", 1): {"per_client": {"model": "global", "mean": 0.8, "worst10": 0.4, "worst": 0.4, "best": 1.0}},
+        ("naive", 2): {"per_client": {"model": "global", "mean": 0.75, "worst10": 0.45, "worst": 0.5, "best": 1.0}},
+        ("other", 1): {"per_client": {"model": "global", "mean": 0.99, "worst10": 0.9, "worst": 0.9, "best": 1.0}},
     }  # fmt: skip
+    splits = {1: "aaa", 2: "bbb"}  # each seed's local splits, the same for every arm of that seed
+
+    def stats(name, seed):
+        return client_stats(final[(name, seed)], "zzz" if name == "other" else splits[seed])
+
     cells = [
-        sweeps.CellReport(c, "accuracy", {}, 2, clients={
-            seed: client_stats(final[(c.name, seed)]) for seed in (1, 2) if (c.name, seed) in final})
+        sweeps.CellReport(c, "accuracy", {}, 3, clients={
+            seed: stats(c.name, seed) for seed in (1, 2) if (c.name, seed) in final})
         for c in sweep.cells
     ]  # fmt: skip
     table = next(t for t in sweeps.report_tables(sweep, cells) if t.name == "clients")
     assert table.header == ["cell", "model", "seeds", "clients' mean", "worst 10 %", "worst client",
-                            "best client", "before fine-tuning (mean)"]  # fmt: skip
+                            "best client", "before fine-tuning (mean)", "vs best: clients' mean",
+                            "vs best: worst 10 %"]  # fmt: skip
+    # ft is the best on seeds 1 and 2's tests; naive pairs with it on both seeds, fedsa on seed 1 alone (n/a);
+    # `other` scored different tests, so nothing is compared with it, however high it scores
     assert table.rows == [
-        ["ft", "personal", "2", "85.0 ± 7.1", "60.0 ± 14.1", "60.0 ± 14.1", "100.0 ± 0.0", "75.0 ± 7.1"],
-        ["fedsa", "personal", "1", "85.0", "60.0", "60.0", "", ""],  # a NaN is no value; central has no row
-    ]
+        ["ft", "personal", "2", "85.0 ± 7.1", "60.0 ± 14.1", "60.0 ± 14.1", "100.0 ± 0.0", "75.0 ± 7.1", "best",
+         "best"],
+        ["fedsa", "personal", "1", "85.0", "60.0", "60.0", "", "", "-5.0 (n = 1)", "-10.0 (n = 1)"],
+        ["naive", "global", "2", "77.5 ± 3.5", "42.5 ± 3.5", "45.0 ± 7.1", "100.0 ± 0.0", "", "-7.5, p = 0.2 (n = 2)",
+         "-17.5, p = 0.39 (n = 2)"],
+        ["other", "global", "1", "99.0", "90.0", "90.0", "100.0", "", "", ""],
+    ]  # a NaN is no value; central has no row  # fmt: skip
+    from scipy.stats import ttest_rel
+
+    assert f"{ttest_rel([0.8, 0.75], [0.9, 0.8]).pvalue:.2g}" == "0.2"  # the p-values above, by hand
+    assert f"{ttest_rel([0.4, 0.45], [0.7, 0.5]).pvalue:.2g}" == "0.39"
     assert client_stats({"metrics": {"accuracy": 0.9}}) == {}  # no local tests: no statistics
-    assert not any(t.name == "clients" for t in sweeps.report_tables(sweep, [c.at_last() for c in cells[2:]]))
+    assert not any(t.name == "clients" for t in sweeps.report_tables(sweep, [c.at_last() for c in cells[4:]]))

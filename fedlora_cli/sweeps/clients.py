@@ -4,7 +4,10 @@
 A run evaluated on the clients' local tests records, in final/metrics.json, `per_client` (mean, worst10,
 worst and best over its clients, of the final models: each client's own for personal methods and after
 `--personalize-epochs`, the global adapter otherwise) and, after fine-tuning, `per_client_global` (the global
-adapter before it). The table gives each statistic as mean ± std over the seeds.
+adapter before it). The table gives each statistic as mean ± std over the seeds, and the clients' mean and
+worst 10 % of each cell against the best clients' mean among the cells scored on the same local tests — seed
+by seed the same clients' same examples (the run record's `client_test.sha256`), so the paired test compares
+methods, not data.
 """
 
 from __future__ import annotations
@@ -12,19 +15,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedlora_cli.sweeps.stats import finite, plus_minus
+from fedlora_cli.sweeps.stats import finite, paired_test, plus_minus
 
 STATS = ("mean", "worst10", "worst", "best")
 HEADERS = {"mean": "clients' mean", "worst10": "worst 10 %", "worst": "worst client", "best": "best client"}
 BEFORE = "before fine-tuning"  # the global adapter's clients' mean, where a run fine-tuned it
+PAIRED = ("mean", "worst10")  # the statistics tested against the best cell on the same local tests
+SPLITS = "splits"  # the fingerprint of the run's local splits (run record: client_test.sha256)
 
 
-def client_stats(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """One run's per-client statistics from its final metrics' extra fields ({}: none recorded)."""
+def client_stats(extra: Mapping[str, Any], splits: str | None = None) -> dict[str, Any]:
+    """One run's per-client statistics from its final metrics' extra fields ({}: none recorded); `splits`:
+    the fingerprint of its clients' local splits, what pairs it with another cell's run of the same seed."""
     per_client = extra.get("per_client")
     if not isinstance(per_client, dict):
         return {}
     out: dict[str, Any] = {"model": str(per_client.get("model", ""))}
+    if splits:
+        out[SPLITS] = splits
     for key in STATS:
         if (value := finite(per_client.get(key))) is not None:
             out[key] = value
@@ -37,25 +45,77 @@ def client_stats(extra: Mapping[str, Any]) -> dict[str, Any]:
 def clients_rows(cells: list[Any], seeds: list[int]) -> tuple[list[str], list[list[str]]] | None:
     """Header and rows (a cell per row, each statistic as mean ± std over seeds), or None when no run of the
     sweep recorded per-client results. `cells` carry `.cell` and `.clients` (seed -> client_stats)."""
-    if not any(r.clients for r in cells):
+    scored = [r for r in cells if r.clients]
+    if not scored:
         return None
-    before = any(BEFORE in s for r in cells for s in r.clients.values())
+    before = any(BEFORE in s for r in scored for s in r.clients.values())
     header = [
         "cell",
         "model",
         "seeds",
         *(HEADERS[k] for k in STATS),
         *([f"{BEFORE} (mean)"] if before else []),
+        *(f"vs best: {HEADERS[k]}" for k in PAIRED),
     ]
+    best = _best_on_the_same_tests(scored, seeds)
     rows = []
-    for r in cells:
-        if not r.clients:
-            continue
+    for r in scored:
         runs = [r.clients[s] for s in seeds if s in r.clients]
         models = sorted({s["model"] for s in runs if s.get("model")})
         row = [r.cell.name, "/".join(models), str(len(runs))]
         row += [plus_minus([s[k] for s in runs if k in s]) for k in STATS]
         if before:
             row.append(plus_minus([s[BEFORE] for s in runs if BEFORE in s]))
+        row += [_versus(r, best.get(id(r)), key, seeds) for key in PAIRED]
         rows.append(row)
     return header, rows
+
+
+def _same_tests(a: Any, b: Any, seeds: list[int]) -> bool:
+    """Whether two cells scored every seed both ran on the same local splits (a known fingerprint each)."""
+    common = [s for s in seeds if s in a.clients and s in b.clients]
+    return bool(common) and all(
+        a.clients[s].get(SPLITS) is not None and a.clients[s].get(SPLITS) == b.clients[s].get(SPLITS)
+        for s in common
+    )
+
+
+def _mean_over_seeds(r: Any, key: str, seeds: list[int]) -> float | None:
+    values = [r.clients[s][key] for s in seeds if key in r.clients.get(s, {})]
+    return sum(values) / len(values) if values else None
+
+
+def _best_on_the_same_tests(cells: list[Any], seeds: list[int]) -> dict[int, Any]:
+    """For each cell (by id) scored on the same local tests as some other cell, the one among them (itself
+    included) with the highest clients' mean; a tie keeps the first."""
+    out: dict[int, Any] = {}
+    for r in cells:
+        group = [o for o in cells if o is r or _same_tests(r, o, seeds)]
+        if len(group) < 2:
+            continue
+        best = None
+        for o in group:
+            value = _mean_over_seeds(o, "mean", seeds)
+            if value is not None and (best is None or value > best[0]):
+                best = (value, o)
+        if best is not None:
+            out[id(r)] = best[1]
+    return out
+
+
+def _versus(r: Any, best: Any, key: str, seeds: list[int]) -> str:
+    """`r`'s statistic against the best cell's, paired by seed (× 100): "best", "Δ, p = … (n = …)", or ""
+    when no other cell was scored on the same tests."""
+    if best is None:
+        return ""
+    if best is r:
+        return "best"
+
+    def values(c: Any) -> dict[int, float]:
+        return {s: c.clients[s][key] for s in seeds if key in c.clients.get(s, {})}
+
+    test = paired_test(values(r), values(best))
+    if test.difference is None:
+        return ""
+    text = f"{100 * test.difference:+.1f}"
+    return f"{text}, p = {test.p:.2g} (n = {test.n})" if test.p is not None else f"{text} (n = {test.n})"

@@ -92,7 +92,7 @@ def report(sweep: Sweep) -> list[CellReport]:
             )
             if (value := _last_value(info.final, metric)) is not None:
                 last[seed] = value
-            if stats := client_stats(info.final.extra):
+            if stats := client_stats(info.final.extra, _splits_fingerprint(info.record.extra)):
                 per_client[seed] = stats
             majority = info.final.extra.get("majority")
             if isinstance(majority, dict) and (floor := finite(majority.get(metric))) is not None:
@@ -103,6 +103,13 @@ def report(sweep: Sweep) -> list[CellReport]:
             CellReport(cell, metric, values, len(sweep.seeds), last, floor, tuned, has_last, per_client)
         )
     return out
+
+
+def _splits_fingerprint(record_extra: dict[str, Any]) -> str | None:
+    """A run's clients' local splits' fingerprint (run.json `client_test.sha256`); None if unrecorded."""
+    client_test = record_extra.get("client_test")
+    value = client_test.get("sha256") if isinstance(client_test, dict) else None
+    return str(value) if value else None
 
 
 def _last_value(final: FinalMetrics, metric: str) -> float | None:
@@ -226,6 +233,10 @@ def report_tables(sweep: Sweep, cells: list[CellReport]) -> list[ReportTable]:
                     "clients: the mean, the mean of the worst 10 % of clients, the worst and the best "
                     "client. model: personal (each client's own adapter) or global (the one global adapter "
                     "on every client's test).",
+                    "vs best: the clients' mean and worst 10 % against the cell with the best clients' "
+                    "mean among those scored on the same local tests (the same seed's same split), × 100: "
+                    f"the {TEST} over the seeds both completed; p ≥ {ALPHA:g} is within noise. Empty: no "
+                    "other cell was scored on the same tests.",
                 ),
             )
         )
