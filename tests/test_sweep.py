@@ -414,3 +414,15 @@ def test_the_clients_table_gives_each_statistic_over_seeds_and_the_global_model_
     assert f"{ttest_rel([0.4, 0.45], [0.7, 0.5]).pvalue:.2g}" == "0.39"
     assert client_stats({"metrics": {"accuracy": 0.9}}) == {}  # no local tests: no statistics
     assert not any(t.name == "clients" for t in sweeps.report_tables(sweep, [c.at_last() for c in cells[4:]]))
+
+
+@pytest.mark.parametrize(
+    "file", sorted((Path(__file__).parent.parent / "benchmarks").glob("*.toml")), ids=lambda p: p.name
+)
+def test_every_sweep_file_in_benchmarks_names_only_options_its_commands_have(file, tmp_path, monkeypatch):
+    """The results' sweep files stay runnable as the options move: `--dry-run` checks every cell's and tune
+    point's options against its command, and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    listed = run("sweep", file, "--dry-run", env={"MINILM": "some/model", "GLUE": str(tmp_path / "glue")})
+    assert listed.exit_code == 0, listed.stderr
+    assert "fedlora " in listed.stderr and not any(tmp_path.iterdir())
