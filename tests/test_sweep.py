@@ -426,3 +426,39 @@ def test_every_sweep_file_in_benchmarks_names_only_options_its_commands_have(fil
     listed = run("sweep", file, "--dry-run", env={"MINILM": "some/model", "GLUE": str(tmp_path / "glue")})
     assert listed.exit_code == 0, listed.stderr
     assert "fedlora " in listed.stderr and not any(tmp_path.iterdir())
+
+
+def test_the_clients_figure_pools_every_seeds_clients_per_cell(tmp_path, monkeypatch):
+    """clients.png: one box per cell over the clients of all its seeds' runs, written and owned like every
+    report file."""
+    pytest.importorskip("matplotlib")
+    from fedlora_cli import plots, sweeps
+    from fedlora_cli.sweeps.clients import client_stats
+
+    data = {"sweep": {"name": "p", "seeds": [1, 2]}, "base": {"task": "sst2"},
+            "arms": {"fedsa": {"command": "rounds"}, "central": {"command": "train"}}}  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    sweep = sweeps.load_sweep(tmp_path / "p.toml", data)
+    per_seed = {1: {"1": 0.5, "2": 1.0}, 2: {"1": 0.25, "3": float("nan"), "4": 0.75}}
+    cells = [
+        sweeps.CellReport(sweep.cells[0], "accuracy", {}, 2, clients={
+            s: client_stats({"per_client": {"model": "personal", "mean": 0.5, "values": v}}, f"split{s}")
+            for s, v in per_seed.items()}),
+        sweeps.CellReport(sweep.cells[1], "accuracy", {1: 0.8}, 2),
+    ]  # fmt: skip
+    drawn, real = [], plots.plot_client_distribution
+
+    def recording(groups, *args, **kwargs):
+        drawn.append(groups)
+        return real(groups, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_client_distribution", recording)
+    written = sweeps.write_report(sweep, cells)
+    assert drawn == [[("fedsa", [0.5, 1.0, 0.25, 0.75])]]  # both seeds' clients, a NaN left out; central none
+    png = sweep.folder / "clients.png"
+    assert written["clients png"] == png and png.read_bytes()[:4] == b"\x89PNG"
+    assert "clients.png" in json.loads((sweep.folder / "sweep.json").read_text())["reports"]
+    sweeps.write_report(sweep, cells)  # its own figure is replaced on the next report …
+    png.write_bytes(b"the user's")
+    with pytest.raises(Exception, match="was not written by this sweep"):  # … a changed one never
+        sweeps.write_report(sweep, cells)

@@ -36,6 +36,9 @@ def client_stats(extra: Mapping[str, Any], splits: str | None = None) -> dict[st
     for key in STATS:
         if (value := finite(per_client.get(key))) is not None:
             out[key] = value
+    values = per_client.get("values")
+    if isinstance(values, dict):  # each client's own score: what the clients figure draws
+        out["values"] = [v for v in map(finite, values.values()) if v is not None]
     before = extra.get("per_client_global")
     if isinstance(before, dict) and (value := finite(before.get("mean"))) is not None:
         out[BEFORE] = value

@@ -110,3 +110,21 @@ def dev_each_round(histories, metric: str) -> bool:
         for rows in histories
         for row in rows
     )
+
+
+def plot_clients(sweep: Sweep, cells: list[CellReport], path: Path) -> Path | None:
+    """One box per cell over every client of every seed's run (each client's own model on its local test
+    split), the clients drawn as points, the mean as a diamond; None when no run scored its clients."""
+    from fedlora_cli.plots import plot_client_distribution
+
+    groups = [
+        (r.cell.name, [v for seed in sorted(r.clients) for v in r.clients[seed].get("values", [])])
+        for r in cells
+        if r.clients
+    ]
+    if not any(values for _, values in groups):
+        return None
+    metric = next((r.metric for r in cells if r.metric), None) or "metric"
+    seeds = sorted({seed for r in cells for seed in r.clients})
+    title = f"{sweep.name}: the clients of seeds {', '.join(map(str, seeds))}"
+    return plot_client_distribution(groups, path, metric=metric, title=title)

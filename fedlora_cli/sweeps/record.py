@@ -37,6 +37,7 @@ REPORT_FILES = (
     "table-last.csv",
     "compare.csv",
     "clients.csv",
+    "clients.png",
     "tuning.csv",
     "tuning.md",
 )

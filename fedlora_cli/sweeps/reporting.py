@@ -22,7 +22,7 @@ from fedlora_cli.errors import InputError
 from fedlora_cli.ownership import RUN_RECORD
 from fedlora_cli.runs.record import COMPLETE, FinalMetrics
 from fedlora_cli.sweeps.clients import client_stats, clients_rows
-from fedlora_cli.sweeps.figures import plot_sweep
+from fedlora_cli.sweeps.figures import plot_clients, plot_sweep
 from fedlora_cli.sweeps.record import REPORTS, SWEEP_RECORD, check_reports, file_sha256, read_sweep_record
 from fedlora_cli.sweeps.spec import Cell, Sweep, label
 from fedlora_cli.sweeps.stats import ALPHA, TEST, finite, learns, paired_test, plus_minus
@@ -313,6 +313,8 @@ def _write_reports(sweep: Sweep, cells: list[CellReport], figure: bool, written:
         except InputError:
             return
         written["png"] = plot_sweep(sweep, cells, sweep.folder / "report.png")
+        if (clients := plot_clients(sweep, cells, sweep.folder / "clients.png")) is not None:
+            written["clients png"] = clients
         by = sweep.table.figures if sweep.table is not None else None
         for value in _ordered(c.cell.options[by] for c in cells if by in c.cell.options) if by else []:
             # cells without the option (a centralised reference without --partition) go in every figure
