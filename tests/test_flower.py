@@ -867,7 +867,7 @@ def test_a_client_that_times_out_keeps_no_worker_from_later_rounds(
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["clients"][:2] == [1, 2] for r in rows)
     first = {f["client"]: f["reason"] for f in rows[0]["failed"]}
-    missed = f"no reply within {timeout:g} s (--round-timeout)"
+    missed = "no reply within 30 s (--round-timeout)"
     assert sorted(first) == [3, 4] and first[4] == missed
     # the slow client stopped its own turn at the deadline: its error reply may just make it in time
     assert first[3] in (

@@ -83,8 +83,13 @@ def _same_tests(a: Any, b: Any, seeds: list[int]) -> bool:
     )
 
 
+def _per_seed(r: Any, key: str, seeds: list[int]) -> dict[int, float]:
+    """seed -> the cell's statistic `key`, for the seeds whose run recorded it."""
+    return {s: r.clients[s][key] for s in seeds if key in r.clients.get(s, {})}
+
+
 def _mean_over_seeds(r: Any, key: str, seeds: list[int]) -> float | None:
-    values = [r.clients[s][key] for s in seeds if key in r.clients.get(s, {})]
+    values = list(_per_seed(r, key, seeds).values())
     return sum(values) / len(values) if values else None
 
 
@@ -113,11 +118,7 @@ def _versus(r: Any, best: Any, key: str, seeds: list[int]) -> str:
         return ""
     if best is r:
         return "best"
-
-    def values(c: Any) -> dict[int, float]:
-        return {s: c.clients[s][key] for s in seeds if key in c.clients.get(s, {})}
-
-    test = paired_test(values(r), values(best))
+    test = paired_test(_per_seed(r, key, seeds), _per_seed(best, key, seeds))
     if test.difference is None:
         return ""
     text = f"{100 * test.difference:+.1f}"
